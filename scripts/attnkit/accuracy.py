@@ -1,0 +1,270 @@
+"""Is the candidate's output as close to the truth as the baseline's? Judged, not guessed.
+
+Both outputs (logits [B, S, V] for language models, else the last hidden state
+[B, S, hidden]) are compared with a float64 run of the same model and the same inputs
+(``reference_output``: weights cast to float64 in place and restored bit for bit, eager
+attention). The rule, from flash-attn's tests (``tests/test_flash_attn.py`` asserts
+``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``)::
+
+    err_candidate <= 2 * err_baseline + eps(dtype) * max|reference|
+
+``err`` is the max absolute error against the float64 reference over real tokens;
+``eps(dtype)`` is ``torch.finfo(dtype).eps`` (machine epsilon: 1.2e-7 fp32, 7.8e-3 bf16,
+9.8e-4 fp16), so the floor is one unit in the last place at the output's scale and the
+tolerance follows from the dtype and the baseline's own error, not from a magic number.
+
+Padding positions (``Inputs.valid`` False) are left out of the judgement and reported
+apart: what a model writes at a padded query is not defined and differs by backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+
+RULE = "err <= 2 x baseline err + eps(dtype) x max|ref| (flash-attn tests)"
+
+
+@contextlib.contextmanager
+def exact_cast(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator[nn.Module]:
+    """Cast the model's floating parameters and buffers to ``dtype`` inside the block.
+
+    Each tensor gets back its own original dtype afterwards (a bf16 model keeps its fp32
+    rotary ``inv_freq``); float64 holds every fp32/bf16/fp16 value exactly, so the
+    round trip restores the weights bit for bit.
+    """
+    saved: list[tuple[nn.Module, str, str, torch.dtype]] = []
+    for module in model.modules():
+        for kind, table in (("p", module._parameters), ("b", module._buffers)):
+            for name, t in table.items():
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    saved.append((module, kind, name, t.dtype))
+                    if kind == "p":
+                        t.data = t.data.to(dtype)
+                    else:
+                        table[name] = t.to(dtype)
+    try:
+        yield model
+    finally:
+        for module, kind, name, original in saved:
+            if kind == "p":
+                t = module._parameters[name]
+                t.data = t.data.to(original)
+            else:
+                module._buffers[name] = module._buffers[name].to(original)
+
+
+@dataclass
+class Accuracy:
+    """The candidate's error against float64, judged against the baseline's own error."""
+
+    max_abs_err: float | None  # candidate vs float64 reference, real tokens
+    max_rel_err: float | None  # max_abs_err / max|reference|
+    mean_abs_err: float | None
+    tolerance: float | None
+    passed: bool
+    baseline_max_abs_err: float | None
+    candidate_vs_baseline_max_abs_err: float | None
+    top1_agreement: float | None  # share of real tokens whose argmax matches the baseline's (LMs)
+    compared_positions: int
+    padding_positions: int
+    padding_max_abs_err: float | None  # candidate vs baseline at padding: reported, not judged
+    reference: str
+    rule: str = RULE
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def evidence(self) -> str:
+        if self.max_abs_err is None:
+            return self.note
+        sign = "<=" if self.passed else ">"
+        text = (f"max_abs_err {self.max_abs_err:.1e} {sign} tol {self.tolerance:.1e} "
+                f"(2 x baseline {self.baseline_max_abs_err:.1e} + eps) vs {self.reference}")
+        if self.top1_agreement is not None:
+            text += f"; top-1 agreement {100 * self.top1_agreement:.2f} %"
+        return text
+
+
+def _rows(t: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split [B, S, ...] into real-token rows [N, ...] and padding rows [P, ...]."""
+    if valid is None or t.dim() < 2 or tuple(t.shape[:2]) != tuple(valid.shape):
+        return t.reshape(-1, *t.shape[2:]) if t.dim() >= 2 else t.reshape(1, -1), None
+    valid = valid.to(t.device)
+    return t[valid], t[~valid]
+
+
+def compare(candidate: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor, *,
+            valid: torch.Tensor | None, dtype: torch.dtype, language_model: bool,
+            reference_name: str = "float64 eager") -> Accuracy:
+    """Judge ``candidate`` against ``baseline`` using the float64 ``reference`` (all [B, S, ...]).
+
+    Errors are computed in float64 on the outputs' device. Non-finite values in the
+    candidate at real tokens fail the check.
+    """
+    cand, cand_pad = _rows(candidate.double(), valid)
+    base, base_pad = _rows(baseline.double(), valid)
+    ref, _ = _rows(reference.double().to(candidate.device), valid)
+    n = cand.shape[0]
+    if n == 0:
+        return Accuracy(None, None, None, None, False, None, None, None, 0, 0, None, reference_name,
+                        note="no real tokens to compare")
+    if not bool(torch.isfinite(ref).all()):
+        return Accuracy(None, None, None, None, False, None, None, None, n, 0, None, reference_name,
+                        note=f"not compared: the {reference_name} reference has NaN or inf at real tokens")
+    diff = (cand - ref).abs()
+    finite = bool(torch.isfinite(cand).all())
+    err = float(diff.max()) if finite else float("inf")
+    err_base = float((base - ref).abs().max())
+    scale = float(ref.abs().max())
+    tol = 2.0 * err_base + torch.finfo(dtype).eps * scale
+    top1 = None
+    if language_model and cand.dim() == 2:
+        top1 = float((cand.argmax(-1) == base.argmax(-1)).double().mean())
+    pad_err = None
+    if cand_pad is not None and cand_pad.numel():
+        pad_err = float((cand_pad - base_pad).abs().nan_to_num(nan=float("inf")).max())
+    return Accuracy(
+        max_abs_err=err, max_rel_err=err / scale if scale else None,
+        mean_abs_err=float(diff.mean()) if finite else float("inf"), tolerance=tol,
+        passed=finite and err <= tol, baseline_max_abs_err=err_base,
+        candidate_vs_baseline_max_abs_err=float((cand - base).abs().max()) if finite else float("inf"),
+        top1_agreement=top1, compared_positions=n,
+        padding_positions=0 if cand_pad is None else int(cand_pad.shape[0]), padding_max_abs_err=pad_err,
+        reference=reference_name, note="" if finite else "the candidate's output has NaN or inf at real tokens")
+
+
+def not_compared(reason: str, padding_positions: int = 0) -> Accuracy:
+    """An accuracy record for a run where no comparison could be made (``passed`` False)."""
+    return Accuracy(None, None, None, None, False, None, None, None, 0, padding_positions, None, "", note=reason)
+
+
+def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.Tensor:
+    """The model's output in float64 with ``backend`` attention (a ``models.LoadedModel``).
+
+    The weights are cast in place and restored exactly (``exact_cast``), so no copy of the
+    model is made; the model's attention implementation is put back afterwards.
+
+    For a causal LM the reference runs without the padding mask. With right padding this
+    is exact for every real token (causal attention never looks right, so a real token's
+    row of the mask is the same either way), and it avoids a float64 artefact: padded
+    queries past a sliding window have every key masked, transformers' eager attention
+    takes its softmax in float32 (``softmax(..., dtype=torch.float32)``), where float64's
+    mask value ``finfo(float64).min`` overflows to -inf, and the NaN of such a row then
+    reaches real tokens through the masked keys of the next layer.
+
+    Raises what the forward pass raises (an out-of-memory error included).
+    """
+    from . import switch
+
+    if loaded.family == "causal-lm" and "attention_mask" in inputs.kwargs:
+        inputs = type(inputs)(inputs.batch_size, inputs.seq_len, inputs.args,
+                              {k: v for k, v in inputs.kwargs.items() if k != "attention_mask"}, inputs.valid,
+                              inputs.description)
+    previous = switch.apply(loaded.model, backend) if loaded.is_transformers else None
+    try:
+        with exact_cast(loaded.model), torch.inference_mode():
+            return loaded.forward(inputs.cast(torch.float64)).double()
+    finally:
+        if previous is not None:
+            switch.revert(loaded.model, previous)
+
+
+# ----------------------------------------------------------------------------- the step
+
+@dataclass
+class AccuracyOptions:
+    """What ``compare_accuracy.py`` takes (see its --help)."""
+
+    model: str | None = None
+    against: str | None = None
+    baseline: str | None = None  # None: eager for one model; as loaded for two
+    candidate: str | None = None  # None: auto's choice for one model; as loaded for two
+    batch_size: int = 1
+    seq_len: int = 1024
+    pad_fraction: float | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    sdpa_kernels: list[str] | None = None
+    trust_remote_code: bool = False
+    report_dir: str | None = None
+    write_report: bool = True
+
+
+def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
+    """Compare the outputs of two backends of one model, or of two model specs (for example
+    a checkpoint and its switched copy from ``enable_flash.py --save``), on the same inputs,
+    against the float64 eager run of the first (see the module docstring for the rule).
+
+    Passes when the candidate is within tolerance. Raises ``CannotRun`` when it cannot run
+    (an out-of-memory error included: there is nothing to compare then).
+    """
+    from pathlib import Path
+
+    from .backends import BACKENDS, choose, dtype_name
+    from .profile import is_oom, oom_message, run_backend
+    from .session import open_session, resolve
+
+    for name in (o.baseline, o.candidate):
+        if name not in (None, "auto") and name not in BACKENDS:
+            raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}", "")
+    env, device, dtype = resolve(o.device, o.dtype)
+    kw = dict(device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=o.seq_len, pad_fraction=o.pad_fraction,
+              trust_remote_code=o.trust_remote_code, reporter=reporter, env=env)
+    first = open_session(o.model, **kw)
+    second = open_session(o.against, **kw) if o.against else first
+
+    def pick(session, requested, default):
+        name = requested or default or "eager"
+        if name == "auto":
+            return choose("auto", env=env, device=device, dtype=dtype, model=session.loaded.model).backend
+        return name
+
+    if o.against:
+        baseline = pick(first, o.baseline, first.loaded.original_backend)
+        candidate = pick(second, o.candidate, second.loaded.original_backend)
+        labels = (f"{first.loaded.name}: {baseline}", f"{second.loaded.name}: {candidate}")
+    else:
+        baseline, candidate = pick(first, o.baseline, "eager"), pick(first, o.candidate, "auto")
+        labels = (baseline, candidate)
+    inputs = first.inputs
+    try:
+        with reporter.stage(f"running {labels[0]}"):
+            base_out = run_backend(first.loaded, inputs, baseline, o.sdpa_kernels)
+        with reporter.stage(f"running {labels[1]}"):
+            cand_out = run_backend(second.loaded, inputs, candidate, o.sdpa_kernels)
+        with reporter.stage("computing the float64 reference"):
+            ref = reference_output(first.loaded, inputs, "eager" if first.loaded.is_transformers else baseline)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        raise CannotRun(f"out of memory at batch {o.batch_size}, seq_len {inputs.seq_len}: {oom_message(exc)}",
+                        "lower --batch-size or --seq-len") from None
+    data = first.data()
+    data.update({"against": o.against, "baseline": {"backend": baseline, "label": labels[0]},
+                 "candidate": {"backend": candidate, "label": labels[1]}, "report_dir": None,
+                 "sdpa_kernels_allowed": o.sdpa_kernels})
+    if cand_out.shape != base_out.shape:
+        raise CannotRun(f"the outputs differ in shape: {labels[0]} gives {list(base_out.shape)}, {labels[1]} gives "
+                        f"{list(cand_out.shape)}", "compare two models with the same architecture and vocabulary")
+    acc = compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
+                  language_model=first.loaded.family == "causal-lm")
+    data["accuracy"] = acc.to_dict()
+    check = Check("accuracy", acc.passed, acc.evidence())
+    verdict = "outputs match" if acc.passed else "outputs differ"
+    summary = f"{labels[0]} -> {labels[1]}: {verdict} ({acc.evidence().split(' vs ')[0]})"
+    result = StepResult("compare_accuracy", "pass" if acc.passed else "fail", summary, [check], data,
+                        f"{candidate} computes the same function within {dtype_name(dtype)} error" if acc.passed else
+                        "do not keep this switch: compare at --dtype float32 to tell kernel error from precision, "
+                        "and read data.accuracy")
+    if o.write_report:
+        write_run_folder(result, Path(o.report_dir) if o.report_dir else
+                         default_run_folder("compare_accuracy", first.loaded.name))
+    return result

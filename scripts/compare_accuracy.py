@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""compare_accuracy: do the outputs still match after the switch?
+
+Runs the same inputs through a baseline and a candidate (two backends of one model, or two
+model specs with --against, e.g. a checkpoint and its switched copy) and through a float64
+eager run of the model, the reference. The candidate passes when its max error against
+the reference stays within 2 x the baseline's own error + eps(dtype) x max|reference|
+(the rule of flash-attn's tests; eps is torch.finfo(dtype).eps). Logits are compared for
+language models (with top-1 token agreement), the last hidden state otherwise; padding
+positions are left out and reported apart. No timing: see profile_attention.py.
+
+examples:
+  python scripts/compare_accuracy.py
+  python scripts/compare_accuracy.py --model demo:minilm --batch-size 8 --seq-len 128 --json
+  python scripts/compare_accuracy.py --model ./ckpt --against ./ckpt-sdpa
+  python scripts/compare_accuracy.py --model demo:llama-1b --device cuda --dtype bfloat16 --candidate sdpa
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attnkit import cli  # noqa: E402
+from attnkit.accuracy import AccuracyOptions, compare_accuracy  # noqa: E402
+from attnkit.backends import BACKENDS  # noqa: E402
+
+
+def build_parser():
+    doc = __doc__.split("\n\n")
+    p = cli.parser("compare_accuracy.py", doc[0], "\n\n".join(doc[1:]))
+    cli.add_model_args(p)
+    p.add_argument("--against", metavar="SPEC", help="a second model spec whose outputs are compared with --model's")
+    g = p.add_argument_group("backends")
+    g.add_argument("--baseline", choices=BACKENDS, help="backend of the baseline (default: eager; with --against, "
+                                                        "the first model as loaded)")
+    g.add_argument("--candidate", choices=("auto",) + BACKENDS,
+                   help="backend of the candidate (default: auto; with --against, the second model as loaded)")
+    g.add_argument("--sdpa-kernel", action="append", dest="sdpa_kernels", metavar="NAME",
+                   choices=["flash", "efficient", "cudnn", "math"],
+                   help="allow only this SDPA kernel (repeatable), through torch.nn.attention.sdpa_kernel")
+    g = p.add_argument_group("output")
+    g.add_argument("--report-dir", metavar="DIR",
+                   help="run folder (default: ./attention-reports/compare_accuracy-<time>-<model>)")
+    g.add_argument("--no-report", action="store_true", help="write no run folder")
+    return p
+
+
+def run(args, reporter):
+    return compare_accuracy(AccuracyOptions(
+        model=args.model, against=args.against, baseline=args.baseline, candidate=args.candidate,
+        batch_size=args.batch_size, seq_len=args.seq_len, pad_fraction=args.pad_fraction, dtype=args.dtype,
+        device=args.device, sdpa_kernels=args.sdpa_kernels, trust_remote_code=args.trust_remote_code,
+        report_dir=args.report_dir, write_report=not args.no_report), reporter)
+
+
+def main(argv=None):
+    return cli.run("compare_accuracy", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
