@@ -36,22 +36,13 @@ def build_parser():
                                                         "the first model as loaded)")
     g.add_argument("--candidate", choices=("auto",) + BACKENDS,
                    help="backend of the candidate (default: auto; with --against, the second model as loaded)")
-    g.add_argument("--sdpa-kernel", action="append", dest="sdpa_kernels", metavar="NAME",
-                   choices=["flash", "efficient", "cudnn", "math"],
-                   help="allow only this SDPA kernel (repeatable), through torch.nn.attention.sdpa_kernel")
-    g = p.add_argument_group("output")
-    g.add_argument("--report-dir", metavar="DIR",
-                   help="run folder (default: ./attention-reports/compare_accuracy-<time>-<model>)")
-    g.add_argument("--no-report", action="store_true", help="write no run folder")
+    cli.add_sdpa_kernel_arg(g)
+    cli.add_output_args(p, "compare_accuracy")
     return p
 
 
 def run(args, reporter):
-    return compare_accuracy(AccuracyOptions(
-        model=args.model, against=args.against, baseline=args.baseline, candidate=args.candidate,
-        batch_size=args.batch_size, seq_len=args.seq_len, pad_fraction=args.pad_fraction, dtype=args.dtype,
-        device=args.device, sdpa_kernels=args.sdpa_kernels, trust_remote_code=args.trust_remote_code,
-        report_dir=args.report_dir, write_report=not args.no_report), reporter)
+    return compare_accuracy(cli.options(AccuracyOptions, args), reporter)
 
 
 def main(argv=None):

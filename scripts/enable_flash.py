@@ -47,23 +47,12 @@ def build_parser():
     g.add_argument("--baseline", default="eager", choices=BACKENDS,
                    help="backend measured as 'before' (default: eager)")
     cli.add_measure_args(p)
-    g = p.add_argument_group("output")
-    g.add_argument("--report-dir", metavar="DIR",
-                   help="run folder for report.json / report.md / report.png "
-                        "(default: ./attention-reports/enable_flash-<time>-<model>)")
-    g.add_argument("--no-report", action="store_true", help="write no run folder")
-    g.add_argument("--save", metavar="DIR",
-                   help="save the switched model (save_pretrained, attn_implementation recorded in config.json) into "
-                        "DIR, a new or empty folder, only when every check passed")
+    cli.add_output_args(p, "enable_flash", save=True)
     return p
 
 
 def run(args, reporter):
-    return enable_flash(EnableOptions(
-        model=args.model, backend=args.backend, baseline=args.baseline, batch_size=args.batch_size,
-        seq_len=args.seq_len, pad_fraction=args.pad_fraction, dtype=args.dtype, device=args.device,
-        min_run_time=args.min_run_time, sdpa_kernels=args.sdpa_kernels, report_dir=args.report_dir,
-        write_report=not args.no_report, save=args.save, trust_remote_code=args.trust_remote_code), reporter)
+    return enable_flash(cli.options(EnableOptions, args), reporter)
 
 
 def main(argv=None):

@@ -36,20 +36,14 @@ def build_parser():
                    help="comma-separated backends in order, first = before, last = after (auto allowed; "
                         "repeatable); default: eager,auto, or each model as loaded with --against")
     cli.add_measure_args(p)
-    g = p.add_argument_group("output")
-    g.add_argument("--report-dir", metavar="DIR",
-                   help="run folder (default: ./attention-reports/profile_attention-<time>-<model>)")
-    g.add_argument("--no-report", action="store_true", help="write no run folder")
+    cli.add_output_args(p, "profile_attention")
     return p
 
 
 def run(args, reporter):
     backends = [b.strip() for item in (args.backends or []) for b in item.split(",") if b.strip()] or None
-    return profile_attention(ProfileOptions(
-        model=args.model, against=args.against, backends=backends, batch_size=args.batch_size,
-        seq_lens=args.seq_len or [1024], pad_fraction=args.pad_fraction, dtype=args.dtype, device=args.device,
-        min_run_time=args.min_run_time, sdpa_kernels=args.sdpa_kernels, trust_remote_code=args.trust_remote_code,
-        report_dir=args.report_dir, write_report=not args.no_report), reporter)
+    return profile_attention(cli.options(ProfileOptions, args, backends=backends, seq_lens=args.seq_len or [1024]),
+                             reporter)
 
 
 def main(argv=None):

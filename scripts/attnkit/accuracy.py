@@ -209,7 +209,6 @@ def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
     from pathlib import Path
 
     from .backends import BACKENDS, choose, dtype_name
-    from .profile import is_oom, oom_message, run_backend
     from .session import open_session, resolve
 
     for name in (o.baseline, o.candidate):
@@ -235,27 +234,12 @@ def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
         baseline, candidate = pick(first, o.baseline, "eager"), pick(first, o.candidate, "auto")
         labels = (baseline, candidate)
     inputs = first.inputs
-    try:
-        with reporter.stage(f"running {labels[0]}"):
-            base_out = run_backend(first.loaded, inputs, baseline, o.sdpa_kernels)
-        with reporter.stage(f"running {labels[1]}"):
-            cand_out = run_backend(second.loaded, inputs, candidate, o.sdpa_kernels)
-        with reporter.stage("computing the float64 reference"):
-            ref = reference_output(first.loaded, inputs, "eager" if first.loaded.is_transformers else baseline)
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        raise CannotRun(f"out of memory at batch {o.batch_size}, seq_len {inputs.seq_len}: {oom_message(exc)}",
-                        "lower --batch-size or --seq-len") from None
+    acc = judge_outputs(first.loaded, second.loaded, inputs, baseline, candidate, labels, reporter, dtype,
+                        o.sdpa_kernels)
     data = first.data()
     data.update({"against": o.against, "baseline": {"backend": baseline, "label": labels[0]},
                  "candidate": {"backend": candidate, "label": labels[1]}, "report_dir": None,
                  "sdpa_kernels_allowed": o.sdpa_kernels})
-    if cand_out.shape != base_out.shape:
-        raise CannotRun(f"the outputs differ in shape: {labels[0]} gives {list(base_out.shape)}, {labels[1]} gives "
-                        f"{list(cand_out.shape)}", "compare two models with the same architecture and vocabulary")
-    acc = compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
-                  language_model=first.loaded.family == "causal-lm")
     data["accuracy"] = acc.to_dict()
     check = Check("accuracy", acc.passed, acc.evidence())
     verdict = "outputs match" if acc.passed else "outputs differ"
@@ -268,3 +252,31 @@ def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else
                          default_run_folder("compare_accuracy", first.loaded.name))
     return result
+
+
+def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate: str, labels: tuple[str, str],
+                  reporter: Any, dtype: torch.dtype, sdpa_kernels: list[str] | None = None) -> Accuracy:
+    """Run ``inputs`` through ``first`` with ``baseline`` and ``second`` (``models.LoadedModel``,
+    possibly the same) with ``candidate``, and through ``first`` in float64; ``compare``.
+
+    Raises ``CannotRun`` on out-of-memory (nothing to compare then) or when the two
+    outputs differ in shape.
+    """
+    from .profile import is_oom, oom_message, run_backend
+
+    try:
+        with reporter.stage(f"running {labels[0]}"):
+            base_out = run_backend(first, inputs, baseline, sdpa_kernels)
+        with reporter.stage(f"running {labels[1]}"):
+            cand_out = run_backend(second, inputs, candidate, sdpa_kernels)
+        with reporter.stage("computing the float64 reference"):
+            ref = reference_output(first, inputs, "eager" if first.is_transformers else baseline)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        raise CannotRun(f"out of memory at batch {inputs.batch_size}, seq_len {inputs.seq_len}: {oom_message(exc)}",
+                        "lower --batch-size or --seq-len") from None
+    if cand_out.shape != base_out.shape:
+        raise CannotRun(f"the outputs differ in shape: {labels[0]} gives {list(base_out.shape)}, {labels[1]} gives "
+                        f"{list(cand_out.shape)}", "compare two models with the same architecture and vocabulary")
+    return compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=first.family == "causal-lm")

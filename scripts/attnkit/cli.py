@@ -16,9 +16,11 @@ import os
 import sys
 from typing import Callable, Sequence
 
-# torch's profiler (kineto) prints a line per start/stop at its default log level;
-# 6 silences it unless the user chose a level.
-os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+# torch's profiler (kineto) prints a line per start/stop at its default log level; 6
+# silences it unless the user chose a level. kineto reads it from the C environment when
+# torch loads, so this runs before any torch import.
+if os.environ.get("KINETO_LOG_LEVEL") is None:
+    os.putenv("KINETO_LOG_LEVEL", "6")
 
 from .report import CannotRun, Reporter, StepResult  # noqa: E402
 
@@ -76,10 +78,39 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-run-time", type=float, default=1.0, metavar="SEC",
                    help="seconds of timed runs per backend for torch.utils.benchmark's blocked_autorange, after a "
                         "warm-up pass (default: 1.0)")
+    add_sdpa_kernel_arg(g)
+
+
+def add_sdpa_kernel_arg(g: argparse._ActionsContainer) -> None:
     g.add_argument("--sdpa-kernel", action="append", dest="sdpa_kernels", metavar="NAME",
                    choices=["flash", "efficient", "cudnn", "math"],
                    help="allow only this SDPA kernel (repeatable: flash, efficient, cudnn, math), through "
                         "torch.nn.attention.sdpa_kernel; default: torch's own choice")
+
+
+def options(cls: type, args: argparse.Namespace, **overrides: object) -> object:
+    """The step's options dataclass ``cls`` filled from ``args`` by field name;
+    ``write_report`` from --no-report; ``overrides`` win."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if hasattr(args, "no_report"):
+        values["write_report"] = not args.no_report
+    values.update(overrides)
+    return cls(**values)
+
+
+def add_output_args(p: argparse.ArgumentParser, step: str, save: bool = False) -> None:
+    """--report-dir and --no-report (and --save for the main job)."""
+    g = p.add_argument_group("output")
+    g.add_argument("--report-dir", metavar="DIR",
+                   help=f"run folder for report.json / report.md / report.png "
+                        f"(default: ./attention-reports/{step}-<time>-<model>)")
+    g.add_argument("--no-report", action="store_true", help="write no run folder")
+    if save:
+        g.add_argument("--save", metavar="DIR",
+                       help="save the switched model (save_pretrained, attn_implementation recorded in config.json) "
+                            "into DIR, a new or empty folder, only when every check passed")
 
 
 def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],

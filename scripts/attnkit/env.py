@@ -23,9 +23,11 @@ import torch
 
 from .report import CannotRun, Check, StepResult
 
-#: SDPA's fused kernels and ``torch.nn.attention.sdpa_kernel`` arrived in PyTorch 2.2
-#: ("scaled_dot_product_attention (SDPA) now supports FlashAttention-2", PyTorch 2.2
-#: release notes, Jan 2024; torch.nn.attention docs "Created On: Jan 24, 2024").
+#: SDPA's FlashAttention-2 kernel arrived in PyTorch 2.2 ("scaled_dot_product_attention
+#: (SDPA) now supports FlashAttention-2", PyTorch 2.2 release notes, Jan 2024). The
+#: ``torch.nn.attention.sdpa_kernel`` context manager that replaced the deprecated
+#: ``torch.backends.cuda.sdp_kernel`` came with pytorch/pytorch PR #114689 (merged
+#: 2024-01-24, after the 2.2 branch cut), so it is in 2.3 and later.
 MIN_TORCH_FOR_SDPA = (2, 2)
 
 #: Marketing names of NVIDIA compute capabilities (CUDA C Programming Guide, "Compute
@@ -270,7 +272,7 @@ def _requirement_check(name: str, env: Environment, device: str) -> Check:
         ok = env.torch_sdpa_ok and bool(fused)
         return Check("sdpa", ok, f"torch {env.torch_version}; fused SDPA kernels on {device}: "
                                  f"{', '.join(fused) or 'none'}" + ("" if env.torch_sdpa_ok else
-                                 f"; torch < {'.'.join(map(str, MIN_TORCH_FOR_SDPA))} has no FlashAttention-2 in SDPA and no torch.nn.attention.sdpa_kernel"))
+                                 f"; torch < {'.'.join(map(str, MIN_TORCH_FOR_SDPA))} has no FlashAttention-2 kernel in SDPA"))
     if name == "cuda":
         return Check("cuda", env.cuda_available, f"torch.cuda.is_available() = {env.cuda_available} "
                                                  f"(torch CUDA build: {env.cuda_version or 'none, CPU-only'})")

@@ -279,6 +279,20 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
     if isinstance(d.get("rejected"), list) and d["rejected"]:
         out.append(("backends not chosen", ["backend", "reason"],
                     [[r["backend"], r["reason"]] for r in d["rejected"]]))
+    if isinstance(d.get("steps"), list) and d["steps"] and "mark" in d["steps"][0]:
+        out.append((d.get("title", "checklist"), ["", "step", "result"],
+                    [[f"[{r['mark']}]", r["title"], r["summary"] + (f" (rule: {r['evidence']})" if r["mark"] == "!"
+                                                                    and r["evidence"] else "")]
+                     for r in d["steps"]]))
+    if isinstance(d.get("workflows"), list):
+        out.append(("workflows", ["workflow", "step", "command"],
+                    [[f"{w['number']} {w['workflow']}" if i == 0 else "", s["title"], s["run"]]
+                     for w in d["workflows"] for i, s in enumerate(w["steps"])]))
+    if isinstance(d.get("features"), list):
+        out.append((f"features ({d.get('backend', '')})", ["feature", "model uses it", "backend provides it", "how",
+                                                           "source"],
+                    [[f["feature"], f["detail"] or "no", "yes" if f["supported"] else "NO", f["how"], f["source"]]
+                     for f in d["features"]]))
     if isinstance(d.get("facts"), list):
         out.append(("environment", ["fact", "value"], [[f["name"], f["value"]] for f in d["facts"]]))
     return out

@@ -51,3 +51,14 @@ def wide_llama():
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=65536)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def gemma2_softcap():
+    """Gemma-2 soft-caps its attention logits: a feature SDPA does not provide."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0,
+                          max_position_embeddings=1024)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""run_checklist: run one of SKILL.md's workflows step by step, as an agent would.
+
+Each step of the workflow (from skill.yaml) runs as its own command, exactly as written
+in SKILL.md with ${HERMES_SKILL_DIR} set to this skill's folder. Its JSON object is judged
+by the step's pass rule, and the checklist is printed with each line checked [x], failed
+[!], skipped [-] or not run [ ], with its one-line result. It stops at the first failure
+unless --keep-going. The model options given here (--model, --batch-size, --seq-len,
+--pad-fraction, --dtype, --device, --trust-remote-code) are passed on to the steps that
+take them.
+
+The step passes when every step passed or was skipped.
+
+examples:
+  python scripts/run_checklist.py --list
+  python scripts/run_checklist.py enable
+  python scripts/run_checklist.py enable --model ./my-checkpoint --seq-len 2048 --json
+  python scripts/run_checklist.py flash-attn --keep-going
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attnkit import cli  # noqa: E402
+from attnkit.checklist import listing, run_workflow  # noqa: E402
+from attnkit.report import CannotRun  # noqa: E402
+
+SKILL_DIR = Path(__file__).resolve().parents[1]
+
+
+def build_parser():
+    doc = __doc__.split("\n\n")
+    p = cli.parser("run_checklist.py", doc[0], "\n\n".join(doc[1:]))
+    p.add_argument("workflow", nargs="?", help="workflow id or number (see --list)")
+    p.add_argument("--list", action="store_true", help="list the workflows and their steps")
+    p.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
+    g = p.add_argument_group("passed on to the steps that take them")
+    g.add_argument("--model", metavar="SPEC", help="model spec (see enable_flash.py --help)")
+    g.add_argument("--batch-size", type=int, metavar="B")
+    g.add_argument("--seq-len", type=int, metavar="S")
+    g.add_argument("--pad-fraction", type=float, metavar="F")
+    g.add_argument("--dtype")
+    g.add_argument("--device")
+    g.add_argument("--trust-remote-code", action="store_true")
+    return p
+
+
+def run(args, reporter):
+    if args.list:
+        return listing(SKILL_DIR)
+    if not args.workflow:
+        raise CannotRun("name a workflow to run, or pass --list", "run_checklist.py --list")
+    options = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "pad_fraction", "dtype", "device",
+                                             "trust_remote_code")}
+    return run_workflow(SKILL_DIR, args.workflow, options, args.keep_going, reporter)
+
+
+def main(argv=None):
+    return cli.run("run_checklist", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
