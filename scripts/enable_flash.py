@@ -3,8 +3,10 @@
 
 Loads --model, finds its attention, chooses a backend (--backend auto: FlashAttention-3 on
 Hopper, else FlashAttention-2, else PyTorch SDPA, whichever is installed and right for the
-device and dtype), switches through transformers' own attn_implementation API, and
-verifies in this run, on the same inputs, before (the eager baseline) and after:
+device and dtype), switches a transformers model through its own attn_implementation API
+and a model with hand-written attention by swapping each verified site for
+F.scaled_dot_product_attention at run time (find_attention.py lists them), and verifies in
+this run, on the same inputs, before (the eager baseline) and after:
 
   kernels    the attention ops and GPU kernels torch.profiler saw run
   latency    median forward time, torch.utils.benchmark, after a warm-up (ms)
@@ -22,7 +24,8 @@ examples:
   python scripts/enable_flash.py --seq-len 2048 --json
   python scripts/enable_flash.py --model demo:minilm --batch-size 8 --seq-len 128
   python scripts/enable_flash.py --model ./my-checkpoint --save ./my-checkpoint-sdpa
-  python scripts/enable_flash.py --model my_model.py:build --backend sdpa
+  python scripts/enable_flash.py --model my_model.py:build --write-patch sdpa.patch
+  python scripts/enable_flash.py --model my_model.py:build --train --seq-len 1024
   python scripts/enable_flash.py --model demo:llama-1b --device cuda --dtype bfloat16 --seq-len 4096
 """
 
@@ -46,6 +49,12 @@ def build_parser():
                         "the step fails with the reason when it cannot run here")
     g.add_argument("--baseline", default="eager", choices=BACKENDS,
                    help="backend measured as 'before' (default: eager)")
+    g.add_argument("--train", action="store_true",
+                   help="measure forward + backward in training mode, and check the gradients of the parameters and "
+                        "floating inputs as well as the outputs (dropout set to 0 for the comparison)")
+    g.add_argument("--write-patch", metavar="FILE",
+                   help="for hand-written attention: write the source change of the swapped sites, a unified diff, to "
+                        "FILE (a new file); it is always written to swap.patch in the run folder")
     cli.add_measure_args(p)
     cli.add_output_args(p, "enable_flash", save=True)
     return p

@@ -59,8 +59,9 @@ def test_model_with_no_attention():
     assert_one_line_error(["--model", f"{ZOO}:no_attention"], "no attention in", "ran no softmax, SDPA or flash-attn op")
 
 
-def test_plain_module_with_attention_but_no_switch():
-    assert_one_line_error(["--model", f"{ZOO}:mha"], "MhaEncoder has attention", "no transformers attn_implementation")
+def test_plain_module_whose_attention_cannot_be_swapped():
+    assert_one_line_error(["--model", f"{MODELS / 'attention_zoo.py'}:scaledaftermask"],
+                          "ZooModel has attention but no site could be swapped", "scale applied after an additive mask")
 
 
 def test_backend_not_installed_says_what_to_install():

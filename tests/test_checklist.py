@@ -7,11 +7,11 @@ from attnkit import checklist
 from conftest import ROOT, run_script
 
 
-def test_list_shows_the_three_workflows():
+def test_list_shows_the_workflows():
     run = run_script("run_checklist.py", "--list")
     assert run.rc == 0
     workflows = run.result["data"]["workflows"]
-    assert [w["workflow"] for w in workflows] == ["enable", "flash-attn", "fp8-hopper"]
+    assert [w["workflow"] for w in workflows] == ["enable", "flash-attn", "fp8-hopper", "handwritten"]
     assert all(len(w["steps"]) == 4 for w in workflows)
 
 
@@ -65,3 +65,19 @@ def test_people_see_the_checklist(tmp_path):
 def test_unknown_workflow_is_a_usage_error():
     run = run_script("run_checklist.py", "nope")
     assert run.rc == 2 and "unknown workflow 'nope'" in run.result["summary"]
+
+
+def test_workflow_4_runs_on_a_hand_written_model(tmp_path):
+    from conftest import MODELS
+
+    run = run_script("run_checklist.py", "handwritten", "--model", f"{MODELS / 'attention_zoo.py'}:nanogpt_bench",
+                     "--seq-len", "1024", "--keep-going", cwd=tmp_path)
+    steps = {s["id"]: s for s in run.result["data"]["steps"]}
+    assert set(steps) == {"find_attention", "swap", "swap_training", "write_patch"}
+    assert all(s["result"] is not None for s in steps.values())  # every step printed its JSON object
+    for sid in ("find_attention", "swap", "write_patch"):
+        assert steps[sid]["mark"] == "x", steps[sid]
+    assert steps["swap_training"]["result"]["data"]["gradients"]["passed"]
+    assert "--model" in steps["swap"]["command"] and "--seq-len 1024" in steps["swap"]["command"]
+    patch = (tmp_path / "attention-sdpa.patch").read_text()
+    assert "+        y = F.scaled_dot_product_attention(" in patch

@@ -60,6 +60,24 @@ def exact_cast(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator
                 module._buffers[name] = module._buffers[name].to(original)
 
 
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every nn.Dropout's p and every float attribute of a module named
+    like a dropout rate (``dropout``, ``attention_dropout``, ``attn_pdrop``, ``p``, ...) is 0,
+    so two training-mode passes compute the same function and can be compared."""
+    saved = []
+    for m in model.modules():
+        for name, value in list(vars(m).items()):
+            if isinstance(value, float) and value > 0 and ("drop" in name or name == "p"):
+                saved.append((m, name, value))
+                setattr(m, name, 0.0)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
 @dataclass
 class Accuracy:
     """The candidate's error against float64, judged against the baseline's own error."""
@@ -168,7 +186,7 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
         inputs = type(inputs)(inputs.batch_size, inputs.seq_len, inputs.args,
                               {k: v for k, v in inputs.kwargs.items() if k != "attention_mask"}, inputs.valid,
                               inputs.description)
-    previous = switch.apply(loaded.model, backend) if loaded.is_transformers else None
+    previous = switch.apply(loaded.model, backend) if switch.has_switch(loaded.model) else None
     try:
         with exact_cast(loaded.model), torch.inference_mode():
             return loaded.forward(inputs.cast(torch.float64)).double()
@@ -270,7 +288,7 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
         with reporter.stage(f"running {labels[1]}"):
             cand_out = run_backend(second, inputs, candidate, sdpa_kernels)
         with reporter.stage("computing the float64 reference"):
-            ref = reference_output(first, inputs, "eager" if first.is_transformers else baseline)
+            ref = reference_output(first, inputs, "eager")
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -280,3 +298,48 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
         raise CannotRun(f"the outputs differ in shape: {labels[0]} gives {list(base_out.shape)}, {labels[1]} gives "
                         f"{list(cand_out.shape)}", "compare two models with the same architecture and vocabulary")
     return compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=first.family == "causal-lm")
+
+
+def reference_train(loaded: Any, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward + backward in float64 with eager attention and the runs' own loss weights:
+    (output, gradients), both float64. The model's weights are restored exactly."""
+    from . import switch
+    from .profile import train_fn
+
+    previous = switch.apply(loaded.model, "eager") if switch.has_switch(loaded.model) else None
+    try:
+        with exact_cast(loaded.model):
+            out, grads = train_fn(loaded, inputs.cast(torch.float64))()
+        for p in loaded.model.parameters():
+            p.grad = None
+        return out.double(), {k: v.double() for k, v in grads.items()}
+    finally:
+        if previous is not None:
+            switch.revert(loaded.model, previous)
+
+
+def compare_gradients(candidate: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor],
+                      reference: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
+    """The rule of ``compare`` applied to every gradient (parameters and floating inputs):
+    passed when each one holds; reports the worst (largest error / tolerance)."""
+    worst, failed, compared = None, [], 0
+    for name, ref in reference.items():
+        if name not in candidate or name not in baseline:
+            failed.append(f"{name}: missing")
+            continue
+        acc = compare(candidate[name].reshape(1, -1), baseline[name].reshape(1, -1), ref.reshape(1, -1), valid=None,
+                      dtype=dtype, language_model=False, reference_name="float64 eager")
+        compared += 1
+        ratio = (acc.max_abs_err or 0.0) / acc.tolerance if acc.tolerance else float("inf")
+        if worst is None or ratio > worst["ratio"]:
+            worst = {"name": name, "ratio": ratio, "max_abs_err": acc.max_abs_err, "tolerance": acc.tolerance,
+                     "baseline_max_abs_err": acc.baseline_max_abs_err}
+        if not acc.passed:
+            failed.append(name)
+    evidence = (f"{compared} gradients; worst {worst['name']}: max_abs_err {worst['max_abs_err']:.1e} vs tol "
+                f"{worst['tolerance']:.1e} (2 x baseline {worst['baseline_max_abs_err']:.1e} + eps)") if worst else \
+        "no gradients to compare"
+    if failed:
+        evidence += "; outside tolerance: " + ", ".join(failed[:5]) + (" ..." if len(failed) > 5 else "")
+    return {"compared": compared, "passed": not failed and compared > 0, "worst": worst, "failed": failed,
+            "evidence": evidence}

@@ -29,8 +29,10 @@ from typing import Any
 from . import accuracy as acc_mod
 from . import models, switch
 from .backends import CATALOGUE, availability, choose
-from .profile import (Measurement, comparison_summary, is_oom, kernel_check, measure_backend, memory_check,
-                      oom_message, speed_check)
+import torch
+
+from .profile import (Measurement, comparison_summary, forward_flops, forward_fn, is_oom, kernel_check,
+                      measure_backend, memory_check, oom_message, speed_check)
 from .report import CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_mb, fmt_ms, write_run_folder
 from .session import check_shape, open_session, resolve
 
@@ -55,6 +57,8 @@ class EnableOptions:
     write_report: bool = True
     save: str | None = None
     trust_remote_code: bool = False
+    train: bool = False
+    write_patch: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +72,9 @@ def validate(o: EnableOptions) -> None:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise CannotRun(f"--save {o.save} already exists and is not an empty folder; nothing was written",
                             "pass a new folder: the job never overwrites your files")
+    if o.write_patch and Path(o.write_patch).expanduser().exists():
+        raise CannotRun(f"--write-patch {o.write_patch} already exists; nothing was written",
+                        "pass a new file name: the job never overwrites your files")
 
 
 def _checks(base: Measurement, cand: Measurement, acc: acc_mod.Accuracy, model: Any, backend: str,
@@ -78,6 +85,26 @@ def _checks(base: Measurement, cand: Measurement, acc: acc_mod.Accuracy, model: 
     checks.append(speed_check(base, cand))
     mem = memory_check(base, cand)
     return checks + ([mem] if mem else []) + [Check("accuracy", acc.passed, acc.evidence())]
+
+
+def _train_accuracy(loaded, inputs, backend: str, dtype, sdpa_kernels) -> tuple[acc_mod.Accuracy, dict]:
+    """Training mode: outputs and every gradient of one forward + backward pass, baseline
+    (eager) and candidate against float64, with dropout set to 0 so the passes compare."""
+    from .profile import train_fn
+
+    runs = {}
+    with acc_mod.dropout_off(loaded.model):
+        for name in ("eager", backend):
+            switch.apply(loaded.model, name)
+            runs[name] = train_fn(loaded, inputs, sdpa_kernels)()
+        switch.apply(loaded.model, backend)
+        ref_out, ref_grads = acc_mod.reference_train(loaded, inputs)
+    for p in loaded.model.parameters():
+        p.grad = None
+    (base_out, base_grads), (cand_out, cand_grads) = runs["eager"], runs[backend]
+    accuracy = acc_mod.compare(cand_out, base_out, ref_out, valid=inputs.valid, dtype=dtype,
+                               language_model=loaded.family == "causal-lm")
+    return accuracy, acc_mod.compare_gradients(cand_grads, base_grads, ref_grads, dtype)
 
 
 NEXT_FAIL = {
@@ -120,10 +147,24 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         raise CannotRun(f"--baseline {o.baseline} cannot run here: {base_av.reason}", "use --baseline eager")
     session = open_session(o.model, device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=o.seq_len,
                            pad_fraction=o.pad_fraction, trust_remote_code=o.trust_remote_code, baseline=o.baseline,
-                           reporter=reporter, env=env)
+                           reporter=reporter, env=env, train=o.train)
     loaded, inputs, notes = session.loaded, session.inputs, session.notes
     seq_len = inputs.seq_len
     choice = choose(o.backend, env=env, device=device, dtype=dtype, model=loaded.model)
+    swapper, flops, patch = session.swapper, None, ""
+    if swapper is not None:
+        if choice.backend != swapper.target:
+            with reporter.stage(f"swapping hand-written attention for {choice.backend} and verifying each site"):
+                swapper.prepare(dtype, choice.backend)
+                swapper.verify_model(loaded, loaded.inputs(2, min(32, loaded.max_seq_len() or 32)), dtype)
+            if not any(s.status == "swapped" for s in swapper.sites.values()):
+                raise CannotRun(f"no hand-written attention site could be swapped for {choice.backend}: " + "; ".join(
+                    sorted({f"{s.file}:{s.line}: {s.reason}" for s in swapper.sites.values()})), "use --backend sdpa")
+        with reporter.stage(f"recording the attention calls at batch {o.batch_size}, seq_len {seq_len}"):
+            calls = swapper.capture(forward_fn(loaded, inputs))
+        flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, None, o.train,
+                              swapper.attention_flops(calls))
+        patch = swapper.patch()
 
     data: dict[str, Any] = session.data()
     data.update({
@@ -132,7 +173,14 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         "rejected": [r.to_dict() for r in choice.rejected if r.backend != o.baseline]
                     + [{"backend": o.baseline, "available": True, "reason": "the baseline this run measures against"}],
         "sdpa_kernels_allowed": o.sdpa_kernels, "report_dir": None, "saved_to": None,
+        "mode": "forward+backward (training)" if o.train else "forward (inference)",
     })
+    if swapper is not None:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        biggest = max((d[0] * d[1] * d[2] for _, d in calls if len(d) == 4), default=0)
+        data.update({"sites": [s.to_dict() for s in swapper.sites.values()], "patch": patch, "patch_file": None,
+                     "attention_matrix_mb": biggest * itemsize / 2**20, "attention_modules": None,
+                     "sites_swapped": sum(s.status == "swapped" for s in swapper.sites.values())})
     base = cand = None
     base_out = cand_out = ref = None
     stage = ""
@@ -141,18 +189,30 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         stage = f"measuring the baseline, {o.baseline}"
         with reporter.stage(stage):
             base, base_out = measure_backend(loaded, inputs, o.baseline, min_run_time=o.min_run_time,
-                                             sdpa_kernels=o.sdpa_kernels)
+                                             sdpa_kernels=o.sdpa_kernels, train=o.train, flops=flops)
         data["baseline"] = base.to_dict()
         stage = f"measuring the candidate, {choice.backend}"
         with reporter.stage(stage):
             cand, cand_out = measure_backend(loaded, inputs, choice.backend, min_run_time=o.min_run_time,
-                                             sdpa_kernels=o.sdpa_kernels)
+                                             sdpa_kernels=o.sdpa_kernels, train=o.train, flops=flops)
         data["candidate"] = cand.to_dict()
+        if swapper is not None and not cand.error:
+            stage = "timing each attention module alone"
+            with reporter.stage(stage):
+                timings = swapper.module_timings(max(0.05, o.min_run_time / 2))
+                swapper.apply(choice.backend)
+            before, after = sum(t["eager_ms"] for t in timings), sum(t["swapped_ms"] for t in timings)
+            data["attention_modules"] = {"per_module": timings, "eager_ms": before, "swapped_ms": after,
+                                         "speedup": before / after if after else None}
         if base_out is not None and cand_out is not None:
             stage = "computing the float64 reference"
             with reporter.stage(stage):
                 try:
-                    ref = acc_mod.reference_output(loaded, inputs, "eager" if loaded.is_transformers else o.baseline)
+                    if o.train:
+                        train_acc, gradients = _train_accuracy(loaded, inputs, choice.backend, dtype, o.sdpa_kernels)
+                        data["gradients"] = gradients
+                    else:
+                        ref = acc_mod.reference_output(loaded, inputs, "eager")
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
@@ -161,7 +221,9 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         interrupted = True
 
     lm = loaded.family == "causal-lm"
-    if ref is not None:
+    if o.train and data.get("gradients") is not None:
+        accuracy = train_acc
+    elif ref is not None:
         accuracy = acc_mod.compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=lm)
     elif base is not None and base.error:
         accuracy = acc_mod.not_compared(f"not compared: the baseline {o.baseline} could not run ({base.error})",
@@ -180,6 +242,9 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
 
     trail = f"config._attn_implementation: {loaded.original_backend} (as loaded) -> {o.baseline} (baseline) -> " \
             f"{switch.current(loaded.model)}"
+    if swapper is not None:
+        trail = (f"hand-written attention: {data['sites_swapped']} of {len(swapper.sites)} sites swapped to "
+                 f"{switch.current(loaded.model)} at run time ({', '.join(sorted({s.function for s in swapper.sites.values() if s.status == 'swapped'}))})")
     arrow = f"{o.baseline} -> {choice.backend}"
     if interrupted:
         kept = ", ".join(k for k in ("baseline", "candidate") if data.get(k)) or "nothing"
@@ -194,22 +259,42 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                                       "smaller --batch-size or --seq-len")
     else:
         checks = _checks(base, cand, accuracy, loaded.model, choice.backend, trail)
+        if swapper is not None and data.get("attention_matrix_mb"):
+            for c in checks:
+                if c.name == "memory":
+                    c.evidence += (f"; eager's largest score matrix [B, H, S, S] is {data['attention_matrix_mb']:.1f} MB "
+                                   + ("and the swapped peak is below it: never materialised"
+                                      if cand.peak_memory_mb < data["attention_matrix_mb"] else ""))
+        if data.get("gradients") is not None:
+            checks.append(Check("gradients", data["gradients"]["passed"], data["gradients"]["evidence"]))
         failed = [c for c in checks if not c.passed]
         if not failed:
             summary = (f"{arrow}: {comparison_summary(base, cand)}, "
                        f"outputs match ({accuracy.evidence().split(' vs ')[0]})")
             nxt = (f"keep {choice.backend}: load the model with attn_implementation=\"{choice.backend}\""
                    + ("" if o.save else ", or rerun with --save DIR to write the switched model"))
+            if swapper is not None:
+                nxt = ("make the swap permanent: review and apply the source change (git apply), written to "
+                       + (o.write_patch or "swap.patch in the run folder; --write-patch FILE writes it elsewhere"))
         else:
             summary = f"{arrow}: " + "; ".join(f"{c.name} failed ({c.evidence})" for c in failed)
             nxt = " ".join(NEXT_FAIL[c.name] for c in failed)
         result = StepResult(STEP, "fail" if failed else "pass", summary, checks, data, nxt)
-        if o.save and result.status == "pass":
+        if o.save and swapper is not None:
+            notes.append("--save: nothing written for a model without a transformers switch; the permanent change "
+                         "is the source patch")
+        elif o.save and result.status == "pass":
             with reporter.stage(f"saving the switched model to {o.save}"):
                 data["saved_to"] = str(_save(loaded, choice.backend, Path(o.save).expanduser()))
             result.next = f"saved to {data['saved_to']}: from_pretrained() loads it with {choice.backend}"
         elif o.save:
             notes.append(f"--save {o.save}: nothing written, because a check failed")
+    if swapper is not None and o.write_patch and patch:
+        path = Path(o.write_patch).expanduser()
+        path.write_text(patch)
+        data["patch_file"] = str(path.resolve())
     if o.write_report:
-        write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name))
+        folder = write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name))
+        if patch:
+            (folder / "swap.patch").write_text(patch)
     return result

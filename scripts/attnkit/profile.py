@@ -22,6 +22,7 @@ caller goes on with the next one.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import warnings
@@ -100,14 +101,20 @@ def matmul_params(model: nn.Module) -> int:
     return total
 
 
-def forward_flops(model: nn.Module, batch: int, seq_len: int, attention: dict[str, Any] | None) -> float | None:
-    """Useful forward FLOPs: 2 * matmul_params * B * S + attention_flops. None when the
-    attention shape is unknown (a figure without attention would mislead)."""
-    if not attention:
-        return None
-    att = attention_flops(batch, seq_len, attention["heads"], attention["head_dim"], attention["layers"],
-                          attention["causal"], attention.get("sliding_window"))
-    return 2.0 * matmul_params(model) * batch * seq_len + att
+def forward_flops(model: nn.Module, batch: int, seq_len: int, attention: dict[str, Any] | None,
+                  train: bool = False, attention_total: float | None = None) -> float | None:
+    """Useful FLOPs of a forward pass: 2 * matmul_params * B * S + attention FLOPs (from the
+    config's ``attention`` shape, or ``attention_total`` measured from the sites). With
+    ``train``, forward + backward: 3x for the linear layers (the backward computes two
+    products per forward one) and 3.5x for attention (flash-attn's benchmark counts its
+    backward as 2.5 forwards). None when the attention FLOPs are unknown."""
+    if attention_total is None:
+        if not attention:
+            return None
+        attention_total = attention_flops(batch, seq_len, attention["heads"], attention["head_dim"],
+                                          attention["layers"], attention["causal"], attention.get("sliding_window"))
+    linear = 2.0 * matmul_params(model) * batch * seq_len
+    return 3.0 * linear + 3.5 * attention_total if train else linear + attention_total
 
 
 @dataclass
@@ -191,20 +198,27 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def profile_once(run: Callable[[], Any], device: str, measurement: Measurement) -> Any:
-    """Run ``run()`` once under torch.profiler; fill kernels and peak memory; return its output."""
+@contextlib.contextmanager
+def profiled(device: str = "cpu", memory: bool = False):
+    """``torch.profiler.profile`` over CPU (and CUDA on a GPU), without torch 2.11's
+    once-per-profile "Profiler clears events" warning."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Profiler clears events")
+        with profile(activities=activities, profile_memory=memory) as prof:
+            yield prof
+
+
+def profile_once(run: Callable[[], Any], device: str, measurement: Measurement) -> Any:
+    """Run ``run()`` once under torch.profiler; fill kernels and peak memory; return its output."""
     if device.startswith("cuda"):
-        activities.append(ProfilerActivity.CUDA)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Profiler clears events")  # torch 2.11 warns once per profile
-        with profile(activities=activities, profile_memory=not device.startswith("cuda")) as prof:
-            out = run()
-            synchronize(device)
+    with profiled(device, memory=not device.startswith("cuda")) as prof:
+        out = run()
+        synchronize(device)
     if device.startswith("cuda"):
         measurement.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
@@ -279,37 +293,39 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
 
 
 def find_attention(loaded: Any, baseline: str = "eager") -> dict[str, int]:
-    """One forward pass of ``loaded`` (a ``models.LoadedModel``) at [1, 16] under the
+    """One forward pass of ``loaded`` (a ``models.LoadedModel``) at a small shape under the
     profiler, with ``baseline`` attention; returns the attention ops it ran.
 
-    Raises ``CannotRun`` when the pass fails, when no attention runs, or when the model
-    has attention but no transformers switch.
-    """
-    from torch.profiler import ProfilerActivity, profile
+    A model without a transformers switch is run under ``rewrite.Swapper.discover``
+    instead, which records its attention sites for the swap (see ``rewrite``).
 
+    Raises ``CannotRun`` when the pass fails or when no attention runs.
+    """
     from . import switch
 
     if loaded.is_transformers:
         switch.apply(loaded.model, baseline)
-    probe = loaded.inputs(1, min(16, loaded.max_seq_len() or 16))
+    limit = loaded.max_seq_len() or 32
+    probe = loaded.inputs(1 if loaded.is_transformers else 2, min(16 if loaded.is_transformers else 32, limit))
     try:
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            loaded.forward(probe)
+        if not loaded.is_transformers:
+            from .rewrite import Swapper
+
+            sites = Swapper(loaded.model).discover(forward_fn(loaded, probe))
+            counts = {f"{s.kind} site at {s.file}:{s.line}": s.calls for s in sites}
+        else:
+            with torch.inference_mode(), profiled() as prof:
+                loaded.forward(probe)
+            counts = dict(attention_kernels(prof.events()))
     except CannotRun:
         raise
     except Exception as exc:
         raise CannotRun(f"a forward pass of {loaded.spec} on {probe.description} raised {type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}", "check that the model runs on its own; a factory "
                         "may define example_inputs(batch_size, seq_len)") from None
-    counts = dict(attention_kernels(prof.events()))
     if not counts:
         raise CannotRun(f"no attention in {loaded.spec}: a forward pass ran no softmax, SDPA or flash-attn op",
                         "this job speeds up attention; the model has none to switch")
-    if not loaded.is_transformers:
-        raise CannotRun(f"{type(loaded.model).__name__} has attention ({fmt_kernels(counts)}) but no transformers "
-                        "attn_implementation switch; swapping hand-written attention is not built yet",
-                        "write the attention with torch.nn.functional.scaled_dot_product_attention, or wrap the "
-                        "model as a transformers PreTrainedModel")
     return counts
 
 
@@ -324,6 +340,37 @@ def forward_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) 
     return run
 
 
+def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None,
+             probe: dict[str, torch.Tensor] | None = None) -> Callable[[], tuple]:
+    """A closure running one forward + backward pass, with the loss sum(output * G) for a
+    fixed random G (seed 0, the output's shape, made in the output's dtype the first time
+    and shared through ``probe`` so every run, the float64 reference included, uses the
+    same values). Returns (output, gradients): parameter name -> grad, and "input:i" ->
+    grad for floating positional inputs."""
+    from . import switch
+
+    model = loaded.model
+    probe = probe if probe is not None else loaded.__dict__.setdefault("_train_probe", {})
+
+    def run() -> tuple:
+        for p in model.parameters():
+            p.grad = None
+        args = tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in inputs.args)
+        with torch.enable_grad(), switch.sdpa_kernels(sdpa_kernels):
+            out = loaded.forward(type(inputs)(inputs.batch_size, inputs.seq_len, args, inputs.kwargs, inputs.valid))
+            if "g" not in probe or probe["g"].shape != out.shape:
+                gen = torch.Generator().manual_seed(0)
+                probe["g"] = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+            (out * probe["g"].to(out.dtype)).sum().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads.update({f"input:{i}": a.grad.detach().clone() for i, a in enumerate(args)
+                      if isinstance(a, torch.Tensor) and a.grad is not None})
+        return out.detach(), grads
+
+    return run
+
+
 def run_backend(loaded: Any, inputs: Any, backend: str, sdpa_kernels: list[str] | None = None) -> torch.Tensor:
     """Switch ``loaded`` to ``backend`` and run one forward pass (no timing); the output.
 
@@ -331,25 +378,31 @@ def run_backend(loaded: Any, inputs: Any, backend: str, sdpa_kernels: list[str] 
     """
     from . import switch
 
-    if loaded.is_transformers:
+    if switch.has_switch(loaded.model):
         switch.apply(loaded.model, backend)
     return forward_fn(loaded, inputs, sdpa_kernels)()
 
 
 def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: float = 1.0,
-                    sdpa_kernels: list[str] | None = None, label: str | None = None) -> tuple[Measurement, Any]:
+                    sdpa_kernels: list[str] | None = None, label: str | None = None, train: bool = False,
+                    flops: float | None = None) -> tuple[Measurement, Any]:
     """Switch ``loaded`` (a ``models.LoadedModel``) to ``backend`` and ``measure`` its forward
-    pass on ``inputs``; returns the measurement and the output tensor (None on OOM).
+    pass on ``inputs`` (forward + backward with ``train``); returns the measurement and the
+    output (with ``train``: the pair (output, gradients)), None on OOM. ``flops`` overrides
+    the model's own count (``forward_flops``; x3 for linear layers and x3.5 for attention
+    with ``train``, flash-attn's benchmark counts a backward as 2.5 forwards).
 
     Raises ``CannotRun`` when the switch is refused (see ``switch.apply``).
     """
     from . import switch
 
-    if loaded.is_transformers:
+    if switch.has_switch(loaded.model):
         switch.apply(loaded.model, backend)
-    flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, loaded.attention_shape())
-    m, out = measure(forward_fn(loaded, inputs, sdpa_kernels), backend=backend, device=loaded.device,
-                     min_run_time=min_run_time, flops=flops)
+    if flops is None:
+        flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, loaded.attention_shape(), train)
+    run = train_fn(loaded, inputs, sdpa_kernels) if train else forward_fn(loaded, inputs, sdpa_kernels)
+    m, out = measure(run, backend=backend, device=loaded.device, min_run_time=min_run_time, flops=flops,
+                     mode="forward+backward" if train else "forward")
     m.label, m.seq_len = label, inputs.seq_len
     return m, out
 

@@ -30,6 +30,13 @@ class Session:
     attention_ops: dict[str, int]
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def swapper(self):
+        """The hand-written attention swapper of a model without a transformers switch (or None)."""
+        from .rewrite import swapper_of
+
+        return swapper_of(self.loaded.model)
+
     def data(self) -> dict[str, Any]:
         """The fields every model step reports (DESIGN.md names)."""
         return {
@@ -63,8 +70,9 @@ def resolve(device: str, dtype: str, env: Environment | None = None) -> tuple[En
 def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
                  seq_len: int = 1024, pad_fraction: float | None = None, trust_remote_code: bool = False,
                  baseline: str = "eager", reporter: Reporter | None = None,
-                 env: Environment | None = None) -> Session:
-    """Load ``spec`` and prepare inputs [B, S] (see the module docstring).
+                 env: Environment | None = None, train: bool = False) -> Session:
+    """Load ``spec`` and prepare inputs [B, S] (see the module docstring); ``train`` puts the
+    model in training mode before its attention is found.
 
     Raises ``CannotRun`` for bad sizes, a device or dtype that does not exist here, any
     load failure (see ``models.load``), a model with no attention, or attention with no
@@ -78,8 +86,29 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     with reporter.stage(f"loading {spec} on {dev} in {dtype_name(dt)}"):
         loaded = models.load(spec, device=dev, dtype=dt, trust_remote_code=trust_remote_code)
     notes = list(loaded.notes)
+    if train:
+        loaded.model.train()
     with reporter.stage("finding the attention"):
         ops = find_attention(loaded, baseline)
+    from .rewrite import swapper_of
+
+    swapper = swapper_of(loaded.model)
+    if swapper is not None:
+        with reporter.stage("swapping hand-written attention for SDPA and verifying each site"):
+            swapper.prepare(dt, "sdpa")
+            probe = loaded.inputs(2, min(32, loaded.max_seq_len() or 32))
+            swapper.verify_model(loaded, probe, dt)
+        swapped = [s for s in swapper.sites.values() if s.status == "swapped"]
+        if not swapped:
+            name = type(loaded.model).__name__
+            if all(s.status == "fast" for s in swapper.sites.values()):
+                raise CannotRun(f"{name}'s attention already runs SDPA (" + "; ".join(sorted(
+                    {f"{s.file}:{s.line} {s.reason}" for s in swapper.sites.values()})) + "): nothing to switch",
+                    "profile it with profile_attention.py --backends eager,eager to see its kernels")
+            reasons = "; ".join(sorted({f"{s.file}:{s.line}: {s.reason}" for s in swapper.sites.values()
+                                        if s.status != "fast"}))
+            raise CannotRun(f"{name} has attention but no site could be swapped: {reasons}",
+                            "find_attention.py --model SPEC lists each site; the reasons say what to change")
     limit = loaded.max_seq_len()
     if limit and seq_len > limit:
         notes.append(f"--seq-len {seq_len} capped to the model's maximum, {limit} positions")

@@ -25,9 +25,23 @@ SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", 
                 "math": "MATH"}
 
 
+def has_switch(model: nn.Module) -> bool:
+    """A transformers model, or a model whose hand-written attention ``rewrite`` swapped."""
+    from transformers import PreTrainedModel
+
+    from .rewrite import swapper_of
+
+    return isinstance(model, PreTrainedModel) or swapper_of(model) is not None
+
+
 def current(model: nn.Module) -> str | None:
-    """The model's attention implementation (``config._attn_implementation``), or None for
-    a model without a transformers config."""
+    """The model's attention implementation: ``config._attn_implementation`` for transformers,
+    what ``rewrite`` has installed for a swapped model, else None."""
+    from .rewrite import swapper_of
+
+    swapper = swapper_of(model)
+    if swapper is not None:
+        return swapper.backend
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) if config is not None else None
 
@@ -35,14 +49,23 @@ def current(model: nn.Module) -> str | None:
 def apply(model: nn.Module, backend: str) -> str | None:
     """Switch ``model`` to ``backend`` in place; return the previous implementation.
 
-    Raises ``CannotRun`` when the model has no transformers switch, when transformers
+    A transformers model switches with ``set_attn_implementation``; a model whose
+    hand-written attention ``rewrite`` swapped installs (or, for ``eager``, removes) the
+    verified swaps. Raises ``CannotRun`` when the model has no switch, when transformers
     refuses the backend (its message kept), or when the switch did not take.
     """
     from transformers import PreTrainedModel
 
+    from .rewrite import swapper_of
+
+    swapper = swapper_of(model)
+    if swapper is not None:
+        previous = swapper.backend
+        swapper.apply(backend)
+        return previous
     if not isinstance(model, PreTrainedModel):
-        raise CannotRun(f"{type(model).__name__} is not a transformers model: it has no attn_implementation switch",
-                        "hand-written attention is found and swapped by find_attention.py")
+        raise CannotRun(f"{type(model).__name__} is not a transformers model and its attention was not swapped",
+                        "run find_attention.py --model SPEC to see its attention sites")
     previous = current(model)
     if previous == backend:
         return previous

@@ -1,0 +1,179 @@
+"""The find_attention step: every attention site in source code or in a live model.
+
+``--source PATH`` reads .py files without importing them (``sites.analyze_path``): each
+hand-written site with file:line, its form, mask, scale, dropout, GQA and softmax upcast,
+whether it can be swapped and why not; the calls that already use a fast path with what
+keeps them off the flash kernel; ``nn.MultiheadAttention`` calls that materialise the
+attention weights. ``--model SPEC`` runs the model (``rewrite.Swapper``): the same facts
+per attention-bearing submodule, with its qualified name, and, for a model without a
+transformers switch, each swap verified on the module's own inputs.
+
+The source change of the swappable sites is a unified diff (``--write-patch FILE``);
+nothing of the user's is edited.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+
+STEP = "find_attention"
+
+
+@dataclass
+class FindOptions:
+    """What ``find_attention.py`` takes (see its --help)."""
+
+    source: str | None = None
+    model: str | None = None
+    batch_size: int = 2
+    seq_len: int = 32
+    pad_fraction: float | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    write_patch: str | None = None
+    report_dir: str | None = None
+    write_report: bool = True
+
+
+def source_patch(sites: list) -> str:
+    """A unified diff of the edits of ``sites`` (``sites.Site``), file by file."""
+    from .sites import apply_edits
+
+    by_file: dict[str, list] = {}
+    for s in sites:
+        by_file.setdefault(s.file, []).extend(s.edits)
+    chunks = []
+    for file, edits in sorted(by_file.items()):
+        old = Path(file).read_text()
+        new = apply_edits(old, list({e[0]: e for e in edits}.values()))
+        rel = os.path.relpath(file)
+        rel = file if rel.startswith("..") else rel
+        chunks += difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                       fromfile=f"a/{rel}", tofile=f"b/{rel}")
+    return "".join(chunks)
+
+
+def _summarise(found: list[dict], where: str) -> tuple[str, list[Check], str]:
+    hand = [s for s in found if s["kind"] in ("manual", "mha")]
+    fast = [s for s in found if s["kind"] in ("sdpa", "flash_attn") or s.get("status") == "fast"]
+    ok = [s for s in hand if s.get("status", "swapped" if s.get("swappable") else "kept") == "swapped"]
+    kept = [s for s in hand if s not in ok]
+    blocked = [s for s in fast if s.get("blockers")]
+    parts = [f"{len(hand)} hand-written attention site(s)", f"{len(ok)} swappable", f"{len(fast)} already fused"]
+    summary = f"{where}: " + ", ".join(parts)
+    checks = [Check("swappable", not kept, "; ".join(f"{s['where']} ({s.get('module_name') or s['function']}): "
+                                                     f"{s['reason']}" for s in kept) or
+                    f"every hand-written site can be swapped ({len(ok)})")]
+    if blocked:
+        summary += f"; {len(blocked)} fused call(s) kept off the flash kernel"
+    hint = ("run enable_flash.py --model SPEC to swap and measure; --write-patch FILE writes the source change"
+            if not kept else "the reasons say what keeps each site from SDPA; the rest can still be swapped")
+    return summary, checks, hint
+
+
+def find_attention(o: FindOptions, reporter: Any) -> StepResult:
+    """Run the step (see the module docstring). Raises ``CannotRun`` for a missing path, a
+    model that does not load, or both/neither of --source and --model."""
+    if o.source and o.model:
+        raise CannotRun("pass --source PATH or --model SPEC, not both", "see find_attention.py --help")
+    if not o.source and not o.model:
+        from .models import DEFAULT_MODEL
+
+        o.model = DEFAULT_MODEL
+    if o.write_patch and Path(o.write_patch).expanduser().exists():
+        raise CannotRun(f"--write-patch {o.write_patch} already exists; nothing was written",
+                        "pass a new file name: the step never overwrites your files")
+    if o.source:
+        result, patch, name = _from_source(o, reporter)
+    else:
+        result, patch, name = _from_model(o, reporter)
+    if o.write_patch and patch:
+        path = Path(o.write_patch).expanduser()
+        path.write_text(patch)
+        result.data["patch_file"] = str(path.resolve())
+    if o.write_report:
+        folder = write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, name))
+        if patch:
+            (folder / "swap.patch").write_text(patch)
+    return result
+
+
+def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
+    from .sites import analyze_path
+
+    path = Path(o.source).expanduser()
+    if not path.exists():
+        raise CannotRun(f"source path {o.source} does not exist", "pass a .py file or a folder of them")
+    if path.is_file() and path.suffix != ".py":
+        raise CannotRun(f"source path {o.source} is not a .py file", "pass a .py file or a folder of them")
+    with reporter.stage(f"reading {o.source}"):
+        sites, unparsed = analyze_path(path)
+    found = [s.to_dict() for s in sites]
+    patch = source_patch([s for s in sites if s.swappable])
+    summary, checks, hint = _summarise(found, str(o.source))
+    data = {"source": str(path.resolve()), "mode": "source (not imported)", "sites": found, "unparsed": unparsed,
+            "patch": patch, "patch_file": None, "report_dir": None,
+            "verified": False}
+    if any("causal_buffer" in s["needs"] for s in found):
+        data["notes"] = ["a causal buffer (self.bias[..., :T, :T] == 0) is assumed lower-triangular here; "
+                         "--model checks it on the live module"]
+    if unparsed:
+        summary += f"; {len(unparsed)} file(s) did not parse"
+    status = "pass" if all(c.passed for c in checks) else "fail"
+    return StepResult(STEP, status, summary, checks, data, hint), patch, path.stem
+
+
+def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
+    from . import models, switch
+    from .profile import forward_fn
+    from .rewrite import Swapper
+    from .session import check_shape, resolve
+
+    check_shape(o.batch_size, o.seq_len, o.pad_fraction)
+    env, device, dtype = resolve(o.device, o.dtype)
+    models.classify(o.model)
+    with reporter.stage(f"loading {o.model} on {device}"):
+        loaded = models.load(o.model, device=device, dtype=dtype, trust_remote_code=o.trust_remote_code)
+    inputs = loaded.inputs(o.batch_size, min(o.seq_len, loaded.max_seq_len() or o.seq_len), o.pad_fraction)
+    if loaded.is_transformers:
+        switch.apply(loaded.model, "eager")  # its own hand-written path, which the switch replaces
+    swapper = Swapper(loaded.model, register=not loaded.is_transformers)
+    with reporter.stage("running the model and tracing its attention"):
+        try:
+            swapper.discover(forward_fn(loaded, inputs))
+        except CannotRun:
+            raise
+        except Exception as exc:
+            raise CannotRun(f"a forward pass of {o.model} raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+                            "check that the model runs on its own") from None
+    if not swapper.sites:
+        raise CannotRun(f"no attention in {o.model}: a forward pass ran no softmax, SDPA or flash-attn op",
+                        "there is nothing to swap")
+    patch = ""
+    if not loaded.is_transformers:
+        with reporter.stage("swapping each site and verifying it on the module's own inputs"):
+            swapper.prepare(dtype, "sdpa")
+            swapper.verify_model(loaded, inputs, dtype)
+        patch = swapper.patch()
+    found = [s.to_dict() for s in swapper.sites.values()]
+    for s in found:
+        if loaded.is_transformers and s["status"] == "kept" and not s["reason"]:
+            s["status"], s["reason"] = "switch", "a transformers model: enable_flash.py switches it with " \
+                                                 "attn_implementation"
+    summary, checks, hint = _summarise(
+        [{**s, "status": "swapped" if s["status"] == "switch" else s["status"]} for s in found], o.model)
+    data = {"model": o.model, "model_class": type(loaded.model).__name__, "mode": "live model (traced by running)",
+            "device": device, "dtype": str(dtype).replace("torch.", ""),
+            "shape": {"batch_size": inputs.batch_size, "seq_len": inputs.seq_len}, "sites": found,
+            "patch": patch, "patch_file": None, "report_dir": None, "verified": not loaded.is_transformers}
+    if loaded.is_transformers:
+        hint = "a transformers model: run enable_flash.py --model SPEC to switch it through attn_implementation"
+    status = "pass" if all(c.passed for c in checks) else "fail"
+    return StepResult(STEP, status, summary, checks, data, hint), patch, loaded.name

@@ -1,0 +1,618 @@
+"""Swap hand-written attention in a live model for SDPA; verify each swap; keep a way back.
+
+1. **Discover** (``Swapper.discover``): one forward pass under a ``TorchDispatchMode`` with
+   module hooks records, for every softmax and SDPA op, the innermost module that ran
+   it, the line of user code that issued it (the first stack frame outside torch), the
+   score shape and that module's inputs. This traces by running, not symbolically:
+   ``torch.fx`` cannot trace the commonest hand-written attention (nanoGPT slices a
+   registered buffer with a traced size, ``self.bias[:, :, :T, :T]``: "slice indices must
+   be integers"), while running finds attention in any module.
+2. **Read** each site's source (``sites.analyze_source``), and confirm what only the live
+   model can tell: that a causal buffer is lower-triangular, the rank a transpose assumes,
+   that the softmax runs over the last dimension.
+3. **Compile** the rewritten function from that source, with the same globals (and the
+   same closure cells, ``__class__`` for ``super()`` included), and install it on the
+   module *instance*: a method is shadowed in the instance's ``__dict__``; a module-level
+   function (transformers' ``eager_attention_forward``) is reached by rebinding the calling
+   method with a globals dict in which the function's name points to the rewritten one.
+   Nothing of the user's files or classes is changed; ``revert`` removes the instance
+   attributes again.
+4. **Verify** every swap on that module's own captured inputs, in eval mode: the swapped
+   output against the original's, judged with ``accuracy.compare`` against a float64 run
+   of the original. A swap that raises or differs is reverted and reported with the
+   reason; the model keeps working either way.
+
+``patch()`` gives the source change of every verified swap as a unified diff.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import linecache
+import os
+import sys
+import textwrap
+import types
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .report import CannotRun
+from .sites import Site, analyze_source, apply_edits
+
+TORCH_DIR = os.path.dirname(torch.__file__)
+OUR_DIR = os.path.dirname(os.path.abspath(__file__))
+SOFTMAX_OPS = ("aten._softmax", "aten.softmax", "aten._safe_softmax", "aten._masked_softmax")
+SDPA_OPS = ("aten._scaled_dot_product", "aten.scaled_dot_product_attention",
+            "aten._transformer_encoder_layer_fwd")  # the fused encoder layer runs SDPA inside
+NATIVE_MHA = "aten._native_multi_head_attention"  # nn.MultiheadAttention's eval fast path; arg 10 is need_weights
+
+#: model -> its Swapper, so switch.apply can turn swaps on and off by backend name
+_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, Swapper]" = weakref.WeakKeyDictionary()
+
+
+def swapper_of(model: nn.Module) -> "Swapper | None":
+    return _REGISTRY.get(model)
+
+
+@dataclass
+class LiveSite:
+    """One attention site found by running the model."""
+
+    module_name: str
+    module_type: str
+    file: str
+    line: int
+    function: str
+    kind: str  # manual | mha | sdpa (already fused)
+    calls: int = 0
+    score_shape: list[int] = field(default_factory=list)  # [batch, S_q, S_k, D] of its first call
+    static: bool = False  # the reason comes from the source, not from a verification
+    site: Site | None = None
+    owner: str = ""  # method | function
+    method: str = ""  # the instance attribute that is rebound
+    global_name: str = ""  # for a module-level function: its name in the caller's globals
+    status: str = "kept"  # swapped | kept | fast
+    reason: str = ""
+    accuracy: dict | None = None
+    kernel_after: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "site"}
+        d["where"] = f"{self.file}:{self.line}"
+        if self.site is not None:
+            s = self.site.to_dict()
+            d.update({k: s[k] for k in ("form", "mask", "scale", "dropout", "gqa", "softmax_upcast", "call", "notes",
+                                        "blockers")})
+            d["site_lines"] = [self.site.line, self.site.end_line]
+        return d
+
+
+def _user_frames(limit: int = 12) -> list[types.FrameType]:
+    """Stack frames outside torch and this package, innermost first."""
+    out, frame = [], sys._getframe(1)
+    while frame is not None and len(out) < limit:
+        name = frame.f_code.co_filename
+        if not (name.startswith(TORCH_DIR) or name.startswith(OUR_DIR) or name.startswith("<frozen")):
+            out.append(frame)
+        frame = frame.f_back
+    return out
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, swapper: "Swapper"):
+        super().__init__()
+        self.swapper = swapper
+        self.last_product: list[int] = []  # the first operand's shape of the latest batched matmul
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name.startswith(("aten.bmm", "aten.mm", "aten.baddbmm", "aten.matmul")) and args:
+            first = args[1] if name.startswith("aten.baddbmm") else args[0]
+            if isinstance(first, torch.Tensor):
+                self.last_product = list(first.shape)
+        kind = "manual" if name.startswith(SOFTMAX_OPS) else "sdpa" if name.startswith(SDPA_OPS) else None
+        if name.startswith(NATIVE_MHA):
+            need_weights = args[10] if len(args) > 10 else (kwargs or {}).get("need_weights", True)
+            kind = "manual" if need_weights else "sdpa"
+        if kind and self.swapper.stack:
+            self.swapper.rank = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 0
+            self.swapper.record(kind, _attention_dims(name, args, kwargs or {}, self.last_product), _user_frames())
+        return out
+
+
+def _attention_dims(op: str, args: tuple, kwargs: dict, last_product: list[int]) -> list[int]:
+    """[batch (all leading dims), S_q, S_k, D] of one attention call, from its op's inputs."""
+    def numel(dims):
+        out = 1
+        for d in dims:
+            out *= int(d)
+        return out
+
+    t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if t is None:
+        return []
+    if op.startswith(NATIVE_MHA):  # query [B, S_q, E] (batch_first), key [B, S_k, E], embed_dim, num_heads
+        embed, heads = int(args[3]), int(args[4])
+        return [t.shape[0] * heads, t.shape[-2], args[1].shape[-2], embed // heads]
+    if op.startswith("aten._transformer_encoder_layer_fwd"):  # src [B, S, E], embed_dim, num_heads
+        embed, heads = int(args[1]), int(args[2])
+        return [t.shape[0] * heads, t.shape[-2], t.shape[-2], embed // heads]
+    if op.startswith(SDPA_OPS):  # query [..., S_q, D], key [..., S_k, D]
+        return [numel(t.shape[:-2]), t.shape[-2], args[1].shape[-2], t.shape[-1]]
+    # a softmax over scores [..., S_q, S_k]; D from the score product's first operand
+    d = last_product[-1] if last_product else 0
+    return [numel(t.shape[:-2]), t.shape[-2], t.shape[-1], d]
+
+
+def _method_name(cls: type, code: types.CodeType) -> str:
+    """The name under which ``cls`` (or a base) defines a function with this code."""
+    for klass in cls.__mro__:
+        for name, attr in vars(klass).items():
+            if getattr(attr, "__code__", None) is code:
+                return name
+    return ""
+
+
+def _compile(code: types.CodeType, func: Callable | None, edits: list, filename: str,
+             extra_globals: dict | None = None) -> Callable:
+    """The function ``code`` comes from, recompiled from its source with ``edits`` applied,
+    with the same globals (a copy with ``extra_globals`` added, when given) and closure
+    values. Raises CannotRun when that is impossible."""
+    lines, start = inspect.getsourcelines(code)
+    source = "".join(lines)
+    local_edits = [(a - start + 1, b - start + 1, new) for a, b, new in edits]
+    new_source = textwrap.dedent(apply_edits(source, local_edits))
+    freevars = code.co_freevars
+    if freevars and (func is None or func.__closure__ is None):
+        raise CannotRun(f"{code.co_qualname} uses closure variables {freevars} that cannot be recovered", "")
+    glob = func.__globals__ if func is not None else {}
+    if extra_globals:
+        glob = {**glob, **extra_globals}
+    name = code.co_name
+    if freevars:
+        body = textwrap.indent(new_source, "    ")
+        factory = f"def __attnkit_factory__({', '.join(freevars)}):\n{body}\n    return {name}\n"
+        namespace: dict[str, Any] = {}
+        exec(compile(factory, filename, "exec"), glob, namespace)
+        cells = [c.cell_contents for c in func.__closure__]
+        return namespace["__attnkit_factory__"](*cells)
+    namespace = {}
+    exec(compile(new_source, filename, "exec"), glob, namespace)
+    return namespace[name]
+
+
+class Swapper:
+    """Discovery, swaps, verification and the way back for one model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, register: bool = True):
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        self.stack: list[nn.Module] = []
+        self.inputs: dict[nn.Module, tuple[tuple, dict]] = {}
+        self.sites: dict[tuple, LiveSite] = {}
+        self.calls: list[tuple[LiveSite, list[int]]] = []  # every attention call of the last recorded pass
+        self.frames: dict[tuple, list[tuple[types.CodeType, dict]]] = {}
+        self.installed: dict[tuple[int, str], tuple[nn.Module, str]] = {}  # (module id, attr) -> (module, attr)
+        self.compiled: dict[tuple, Callable] = {}
+        self.rank = 0  # the rank of the latest recorded attention op's input
+        self.backend = "eager"  # what is installed now
+        self.target = "sdpa"  # what the swaps compile to: sdpa or flash_attention_2
+        if register:
+            _REGISTRY[model] = self
+
+    # --- discovery
+    def record(self, kind: str, dims: list[int], frames: list[types.FrameType]) -> None:
+        if not frames:
+            return
+        top = frames[0]
+        # an nn.MultiheadAttention whose internals ran the softmax: the site is its caller's call
+        if kind == "manual" and any(isinstance(m, nn.MultiheadAttention) for m in self.stack):
+            kind = "mha"
+        # the innermost module of the user's (or a library's) own code: torch.nn's modules
+        # (nn.Softmax, nn.Dropout, nn.MultiheadAttention) run inside the site, not around it
+        own = [m for m in self.stack if not type(m).__module__.startswith("torch.nn")]
+        module = own[-1] if own else self.stack[-1]
+        key = (id(module), top.f_code, top.f_lineno, kind)
+        site = self.sites.get(key)
+        if site is None:
+            site = LiveSite(self.names.get(module, "?"), type(module).__name__, top.f_code.co_filename, top.f_lineno,
+                            top.f_code.co_qualname, kind, score_shape=dims)
+            site._module = module  # type: ignore[attr-defined]
+            site._code = top.f_code  # type: ignore[attr-defined]
+            site._rank = self.rank  # type: ignore[attr-defined]
+            self.sites[key] = site
+            self.frames[key] = [(f.f_code, f.f_globals) for f in frames]
+        site.calls += 1
+        self.calls.append((site, dims))
+
+    def _run_recorded(self, run: Callable[[], Any]) -> None:
+        """Run ``run()`` without grad under the recorder, with every module's inputs kept."""
+        handles = []
+
+        def pre(module, args, kwargs):
+            self.stack.append(module)
+            self.inputs.setdefault(module, (args, kwargs))
+
+        def post(module, args, kwargs, out):
+            if self.stack and self.stack[-1] is module:
+                self.stack.pop()
+
+        for m in self.model.modules():
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+        try:
+            with torch.no_grad(), _Recorder(self):
+                run()
+        finally:
+            for h in handles:
+                h.remove()
+            self.stack.clear()
+
+    def discover(self, run: Callable[[], Any]) -> list[LiveSite]:
+        """Run ``run()`` (one forward pass) and record the attention sites it executes."""
+        self._run_recorded(run)
+        for key, live in self.sites.items():
+            self._understand(key, live)
+        return list(self.sites.values())
+
+    def _understand(self, key: tuple, live: LiveSite) -> None:
+        """Find the source site of a recorded op, and how its function can be rerouted (a
+        reason found here is final: ``live.static``)."""
+        self._understand_site(key, live)
+        live.static = bool(live.reason)
+
+    def _understand_site(self, key: tuple, live: LiveSite) -> None:
+        module, code = live._module, live._code  # type: ignore[attr-defined]
+        if live.kind == "sdpa":
+            live.status, live.reason = "fast", "already F.scaled_dot_product_attention"
+            return
+        try:
+            source = "".join(linecache.getlines(code.co_filename)) or Path(code.co_filename).read_text()
+        except OSError:
+            live.reason = f"no source for {code.co_filename}"
+            return
+        types_by_class = {type(m).__name__: {n: type(c).__name__ for n, c in m.named_children()}
+                          for m in self.model.modules()}
+        for m in self.model.modules():
+            for n, c in m.named_children():
+                if isinstance(c, nn.Softmax):
+                    types_by_class[type(m).__name__]["__softmax_dim__" + n] = c.dim
+        try:
+            found = analyze_source(source, code.co_filename, types_by_class)
+        except SyntaxError as exc:
+            live.reason = f"the source does not parse: {exc}"
+            return
+        want = "mha" if live.kind == "mha" else "manual"
+        for s in found:
+            if s.function == code.co_qualname and s.kind == want and (
+                    s.softmax_line == live.line or s.line <= live.line <= s.end_line):
+                live.site = s
+                break
+        if live.site is None:
+            live.reason = f"no hand-written attention chain recognised at {code.co_filename}:{live.line}"
+            return
+        s = live.site
+        live.line = s.line
+        if not s.swappable:
+            live.reason = s.reason
+            return
+        problem = self._confirm(live, module)
+        if problem:
+            live.reason = problem
+            return
+        live.method = _method_name(type(module), code)
+        if live.method:
+            live.owner = "method"
+            return
+        # a module-level function: reroute through the method of the module that calls it
+        frames = self.frames[key]
+        for caller_code, caller_globals in frames[1:]:
+            method = _method_name(type(module), caller_code)
+            if not method:
+                continue
+            names = [n for n, v in caller_globals.items() if getattr(v, "__code__", None) is code]
+            if not names:
+                live.reason = f"{code.co_qualname} is not called through a global name of {method}'s module"
+                return
+            live.owner, live.method, live.global_name = "function", method, names[0]
+            return
+        live.reason = (f"the site is in {code.co_qualname}, which no method of {type(module).__name__} calls "
+                       "directly: the source patch covers it, the run-time swap does not")
+
+    def _confirm(self, live: LiveSite, module: nn.Module) -> str:
+        """Check on the live module what the source alone could not prove; '' when all holds."""
+        s = live.site
+        rank = getattr(live, "_rank", 0)
+        if live.kind == "manual":
+            if "rank" in s.needs and rank and s.needs["rank"] != rank:
+                return f"the transpose in the score product swaps the last two dims only for rank {s.needs['rank']} " \
+                       f"inputs; these scores have rank {rank}"
+            dim = s.needs.get("softmax_dim")
+            if dim is not None and rank and dim not in (-1, rank - 1):
+                return f"the softmax runs over dim {dim} of {rank}, not the key dimension"
+            if "causal_buffer" in s.needs:
+                buf = module
+                for part in s.needs["causal_buffer"].split(".")[1:]:
+                    buf = getattr(buf, part, None)
+                if not isinstance(buf, torch.Tensor) or buf.dim() < 2 or not self._lower_triangular(buf):
+                    # not a causal buffer after all: keep it as an explicit boolean mask
+                    s.call = s.call.replace("is_causal=True", f"attn_mask={s.needs['fallback_mask']}")
+                    s.edits = [(a, b, [ln.replace("is_causal=True", f"attn_mask={s.needs['fallback_mask']}")
+                                       for ln in new]) for a, b, new in s.edits]
+                    s.mask = "boolean (buffer)"
+                    s.notes.append(f"{s.needs['causal_buffer']} is not lower-triangular: kept as an explicit mask")
+                elif live.score_shape and live.score_shape[1] != live.score_shape[2]:
+                    return "a causal buffer sliced to a non-square block: keep it as is"
+        return ""
+
+    @staticmethod
+    def _lower_triangular(buf: torch.Tensor) -> bool:
+        square = buf.reshape(-1, buf.shape[-2], buf.shape[-1])
+        want = torch.ones(buf.shape[-2:], device=buf.device, dtype=torch.bool).tril()
+        return buf.shape[-1] == buf.shape[-2] and bool(((square != 0) == want).all())
+
+    # --- swapping
+    def swappable(self) -> list[LiveSite]:
+        return [s for s in self.sites.values() if s.site is not None and s.site.swappable and s.owner and not s.static]
+
+    def edits_for(self, live: LiveSite, backend: str) -> list:
+        """The site's source edits for ``backend`` (sdpa, or flash_attention_2 where it applies)."""
+        s = live.site
+        if backend == "sdpa":
+            return s.edits
+        return [(a, b, [ln.replace(s.call, s.flash_call) for ln in new]) for a, b, new in s.edits]
+
+    def _function_for(self, live: LiveSite) -> Callable:
+        code = live._code  # type: ignore[attr-defined]
+        key = (code, live.site.call, self.target)
+        if key not in self.compiled:
+            module = live._module  # type: ignore[attr-defined]
+            original = None
+            if live.owner == "method":
+                original = inspect.unwrap(getattr(type(module), live.method))
+            else:
+                caller = getattr(type(module), live.method)
+                original = caller.__globals__.get(live.global_name)
+            extra = None
+            if self.target == "flash_attention_2":
+                from flash_attn import flash_attn_func
+
+                extra = {"flash_attn_func": flash_attn_func}
+            self.compiled[key] = _compile(code, original, self.edits_for(live, self.target),
+                                          f"<attnkit swap of {code.co_filename}:{live.line}>", extra)
+        return self.compiled[key]
+
+    def _install(self, live: LiveSite) -> None:
+        module = live._module  # type: ignore[attr-defined]
+        if live.method in module.__dict__:
+            raise CannotRun(f"{live.module_name} already has its own {live.method!r} on the instance", "")
+        new_fn = self._function_for(live)
+        if live.owner == "method":
+            bound = types.MethodType(new_fn, module)
+        else:
+            caller = getattr(type(module), live.method)
+            if inspect.unwrap(caller) is not caller:
+                raise CannotRun(f"{type(module).__name__}.{live.method} is decorated: it cannot be rebound exactly", "")
+            glob = dict(caller.__globals__)
+            glob[live.global_name] = new_fn
+            rebound = types.FunctionType(caller.__code__, glob, caller.__name__, caller.__defaults__,
+                                         caller.__closure__)
+            rebound.__kwdefaults__ = caller.__kwdefaults__
+            bound = types.MethodType(rebound, module)
+        module.__dict__[live.method] = bound
+        self.installed[(id(module), live.method)] = (module, live.method)
+
+    def apply(self, backend: str = "sdpa") -> None:
+        """Install every verified swap (``eager`` reverts them)."""
+        if backend == "eager":
+            self.revert()
+            return
+        if backend != self.target:
+            raise CannotRun(f"these swaps were verified for {self.target}, not {backend}", "")
+        for live in self.sites.values():
+            if live.status == "swapped":
+                module = live._module  # type: ignore[attr-defined]
+                if (id(module), live.method) not in self.installed:
+                    self._install(live)
+        self.backend = self.target
+
+    def revert(self) -> None:
+        for module, attr in self.installed.values():
+            module.__dict__.pop(attr, None)
+        self.installed.clear()
+        self.backend = "eager"
+
+    def prepare(self, dtype: torch.dtype, backend: str = "sdpa") -> list[LiveSite]:
+        """Install and verify every candidate site for ``backend`` (sdpa or flash_attention_2),
+        one at a time; keep those that match."""
+        from .accuracy import compare, exact_cast
+        from .models import select_output
+        from .profile import attention_kernels, profiled
+
+        self.revert()
+        self.target = backend
+        for live in self.swappable():
+            live.status, live.reason, live.accuracy, live.kernel_after = "kept", "", None, ""
+            if backend == "flash_attention_2" and not live.site.flash_call:
+                live.reason = f"flash_attn_func takes no mask but a causal one; this site has a {live.site.mask} mask"
+                continue
+            module = live._module  # type: ignore[attr-defined]
+            args, kwargs = self.inputs.get(module, ((), {}))
+            was_training = module.training
+            module.eval()
+            try:
+                with torch.no_grad():
+                    base = select_output(module(*args, **kwargs))
+                    with exact_cast(module):
+                        ref = select_output(module(*_cast(args), **_cast(kwargs))).double()
+                try:
+                    self._install(live)
+                    with torch.no_grad(), profiled() as prof:
+                        cand = select_output(module(*args, **kwargs))
+                except Exception as exc:
+                    self._uninstall(live)
+                    live.reason = f"the swapped code raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                    continue
+                acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
+                              reference_name="float64 original")
+                live.accuracy = acc.to_dict()
+                kernels = [k for k in attention_kernels(prof.events())
+                           if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
+                live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
+                self._uninstall(live)
+                if not acc.passed:
+                    live.reason = f"outputs differ after the swap: {acc.evidence()}"
+                    continue
+                live.status = "swapped"
+            finally:
+                module.train(was_training)
+        self.revert()
+        return list(self.sites.values())
+
+    def verify_model(self, loaded: Any, inputs: Any, dtype: torch.dtype) -> None:
+        """Run the whole model with every verified swap installed, against the original: a
+        swap that changes what a function returns (the attention weights, now None) is only
+        safe when no caller uses them. On a failure, such swaps are reverted and the model is
+        checked again; if it still fails, every swap is reverted."""
+        from .accuracy import compare, reference_output
+        from .profile import run_backend
+
+        def check() -> str:
+            try:
+                base = run_backend(loaded, inputs, "eager")
+                cand = run_backend(loaded, inputs, self.target)
+            except Exception as exc:
+                return f"the model raised {type(exc).__name__} with the swaps: {' '.join(str(exc).split())[:160]}"
+            finally:
+                self.revert()
+            ref = reference_output(loaded, inputs, "eager")
+            acc = compare(cand, base, ref, valid=inputs.valid, dtype=dtype, language_model=False,
+                          reference_name="float64 original")
+            return "" if acc.passed else f"the model's output differs with the swaps: {acc.evidence()}"
+
+        if not any(s.status == "swapped" for s in self.sites.values()):
+            return
+        problem = check()
+        if not problem:
+            return
+        changed = [s for s in self.sites.values() if s.status == "swapped" and s.site is not None and
+                   any("returned the attention weights" in n for n in s.site.notes)]
+        for s in changed:
+            s.status, s.reason = "kept", f"its caller uses the attention weights it returns ({problem})"
+        if changed and not check():
+            return
+        for s in self.sites.values():
+            if s.status == "swapped":
+                s.status, s.reason = "kept", problem
+
+    def _uninstall(self, live: LiveSite) -> None:
+        module = live._module  # type: ignore[attr-defined]
+        module.__dict__.pop(live.method, None)
+        self.installed.pop((id(module), live.method), None)
+
+    def capture(self, run: Callable[[], Any]) -> list[tuple[LiveSite, list[int]]]:
+        """Run ``run()`` once more (at the shape to measure), recording every attention call's
+        [batch, S_q, S_k, D] and each module's inputs (``self.inputs``)."""
+        installed = self.backend
+        self.revert()
+        self.calls.clear()
+        self.inputs.clear()
+        try:
+            self._run_recorded(run)
+        finally:
+            if installed != "eager":
+                self.apply(installed)
+        return list(self.calls)
+
+    def attention_flops(self, calls: list[tuple[LiveSite, list[int]]]) -> float:
+        """Useful forward FLOPs of every attention call: 4 x batch x pairs x D, with causal
+        sites counting only the lower triangle (as ``profile.attention_flops``)."""
+        total = 0.0
+        for live, dims in calls:
+            if len(dims) != 4 or not dims[3]:
+                continue
+            batch, sq, sk, d = dims
+            causal = live.site is not None and live.site.mask.startswith("causal") and sq == sk
+            pairs = sq * (sq + 1) // 2 if causal else sq * sk
+            total += 4.0 * batch * pairs * d
+        return total
+
+    def module_timings(self, min_run_time: float) -> list[dict[str, Any]]:
+        """Each swapped attention module alone, on its captured inputs: median forward time
+        (ms) before and after the swap (``profile.time_it``)."""
+        from .profile import time_it
+
+        out = []
+        seen = set()
+        for live in self.sites.values():
+            module = live._module  # type: ignore[attr-defined]
+            if live.status != "swapped" or id(module) in seen or module not in self.inputs:
+                continue
+            seen.add(id(module))
+            args, kwargs = self.inputs[module]
+
+            def call():
+                with torch.no_grad():
+                    return module(*args, **kwargs)
+
+            self.revert()
+            before = time_it(call, min_run_time, "eager")[0]
+            self.apply(self.target)
+            after = time_it(call, min_run_time, self.target)[0]
+            self.revert()
+            out.append({"module": live.module_name, "eager_ms": before, "swapped_ms": after,
+                        "speedup": before / after if after else None})
+        return out
+
+    # --- the permanent change
+    def patch(self) -> str:
+        """The source change of every verified swap, as one unified diff."""
+        by_file: dict[str, dict[int, tuple]] = {}
+        for live in self.sites.values():
+            if live.status == "swapped" and live.site is not None:
+                for edit in self.edits_for(live, self.target):
+                    by_file.setdefault(live.site.file, {})[edit[0]] = edit
+        chunks = []
+        for file, edits in sorted(by_file.items()):
+            old = Path(file).read_text()
+            if self.target == "flash_attention_2" and "flash_attn_func" not in old.split("\n\n\n")[0]:
+                line = _last_import_line(old)
+                anchor = old.splitlines()[line - 1]
+                edits[line] = (line, line, [anchor, "from flash_attn import flash_attn_func"])
+            new = apply_edits(old, list(edits.values()))
+            rel = os.path.relpath(file) if not os.path.relpath(file).startswith("..") else file
+            chunks += difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                           fromfile=f"a/{rel}", tofile=f"b/{rel}")
+        return "".join(chunks)
+
+
+def _last_import_line(source: str) -> int:
+    """The last line of the module's top-level imports (1 when it has none)."""
+    import ast
+
+    last = 1
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            last = node.end_lineno
+    return last
+
+
+def _cast(obj: Any, dtype: torch.dtype = torch.float64) -> Any:
+    """Floating tensors in nested args cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
