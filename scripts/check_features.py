@@ -31,13 +31,8 @@ from attnkit.features import FeatureOptions, check_features  # noqa: E402
 def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("check_features.py", doc[0], "\n\n".join(doc[1:]))
-    cli.add_model_args(p, default_seq_len=256)
-    p.set_defaults(batch_size=2, pad_fraction=0.25)
-    for action in p._actions:  # state the defaults this step uses to exercise padding
-        if action.dest == "batch_size":
-            action.help = "batch size B (default: 2, so that padding is exercised)"
-        if action.dest == "pad_fraction":
-            action.help = "right-pad rows 1..B-1 by up to F*S tokens (default: 0.25)"
+    cli.add_model_args(p, default_seq_len=256, default_batch_size=2, batch_why=", so that padding is exercised",
+                       default_pad_fraction=0.25)
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
                    help="backend to check (default: auto, the one enable_flash.py would pick)")
     cli.add_output_args(p, "check_features")

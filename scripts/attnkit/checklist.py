@@ -250,16 +250,6 @@ def run_workflow(root: Path, workflow_id: str, options: dict[str, Any], keep_goi
     return StepResult("run_checklist", status, summary, checks, data, nxt)
 
 
-def render_checklist(result: StepResult) -> str:
-    """The workflow as a markdown checklist with each line's mark and one-line evidence."""
-    lines = [f"## {result.data['title']}", ""]
-    for r in result.data["steps"]:
-        lines.append(f"- [{r['mark']}] {r['title']}: {r['summary']}")
-        if r["mark"] == "!":
-            lines += [f"      rule: {r['evidence']}"] * bool(r["evidence"]) + [f"      next: {r['hint']}"] * bool(r["hint"])
-    return "\n".join(lines)
-
-
 def listing(root: Path) -> StepResult:
     """Every workflow with its steps and commands (``run_checklist.py --list``)."""
     manifest = load_manifest(root)

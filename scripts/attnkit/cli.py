@@ -44,17 +44,21 @@ def parser(prog: str, description: str, epilog: str = "") -> Parser:
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, model_required: bool = False,
-                   sweep: bool = False) -> None:
+                   sweep: bool = False, default_batch_size: int = 1, batch_why: str = "",
+                   default_pad_fraction: float | None = None, model_help: str = "") -> None:
     """--model and the input shape, dtype and device options, shared by the model steps.
 
-    ``sweep`` makes --seq-len repeatable (a list, None when not given).
+    ``sweep`` makes --seq-len repeatable (a list, None when not given). A step with other
+    defaults passes them (``batch_why`` says why in --help); ``model_help`` replaces the
+    --model help.
     """
     g = p.add_argument_group("model and inputs")
     g.add_argument("--model", metavar="SPEC", required=model_required,
-                   help="a Hugging Face id or local folder, path/to/file.py:factory, package.module:factory, or a "
-                        "built-in demo:NAME (llama, llama-1b, qwen2, mistral, gpt2, bert, minilm); "
+                   help=model_help or "a Hugging Face id or local folder, path/to/file.py:factory, package.module:"
+                        "factory, or a built-in demo:NAME (llama, llama-1b, qwen2, mistral, gpt2, bert, minilm); "
                         "default: demo:llama, a small Llama-architecture causal LM with random weights")
-    g.add_argument("--batch-size", type=int, default=1, metavar="B", help="batch size B (default: 1)")
+    g.add_argument("--batch-size", type=int, default=default_batch_size, metavar="B",
+                   help=f"batch size B (default: {default_batch_size}{batch_why})")
     if sweep:
         g.add_argument("--seq-len", type=int, action="append", metavar="S",
                        help=f"sequence length S in tokens, capped to the model's maximum; repeat it for a sweep "
@@ -62,9 +66,11 @@ def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, m
     else:
         g.add_argument("--seq-len", type=int, default=default_seq_len, metavar="S",
                        help=f"sequence length S in tokens, capped to the model's maximum (default: {default_seq_len})")
-    g.add_argument("--pad-fraction", type=float, default=None, metavar="F",
-                   help="right-pad rows 1..B-1 by up to F*S tokens, row 0 is full (default: 0 for causal LMs, 0.5 "
-                        "for encoders); padding positions are left out of accuracy and reported apart")
+    g.add_argument("--pad-fraction", type=float, default=default_pad_fraction, metavar="F",
+                   help="right-pad rows 1..B-1 by up to F*S tokens, row 0 is full (default: " +
+                        (f"{default_pad_fraction}" if default_pad_fraction is not None else
+                         "0 for causal LMs, 0.5 for encoders") +
+                        "); padding positions are left out of accuracy and reported apart")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on sm80+ GPUs, fp16 on older GPUs, fp32 on CPU), "
                                                    "float32, bfloat16 or float16 (default: auto)")
     g.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N "

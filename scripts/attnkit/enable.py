@@ -29,11 +29,10 @@ from typing import Any
 from . import accuracy as acc_mod
 from . import models, switch
 from .backends import CATALOGUE, availability, choose
-import torch
-
 from .profile import (Measurement, comparison_summary, forward_flops, forward_fn, is_oom, kernel_check,
                       measure_backend, memory_check, oom_message, speed_check)
-from .report import CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_mb, fmt_ms, write_run_folder
+from .report import (CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_mb, fmt_ms, refuse_to_overwrite,
+                     write_patch, write_run_folder)
 from .session import check_shape, open_session, resolve
 
 STEP = "enable_flash"
@@ -72,18 +71,16 @@ def validate(o: EnableOptions) -> None:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise CannotRun(f"--save {o.save} already exists and is not an empty folder; nothing was written",
                             "pass a new folder: the job never overwrites your files")
-    if o.write_patch and Path(o.write_patch).expanduser().exists():
-        raise CannotRun(f"--write-patch {o.write_patch} already exists; nothing was written",
-                        "pass a new file name: the job never overwrites your files")
+    refuse_to_overwrite(o.write_patch, "--write-patch")
 
 
 def _checks(base: Measurement, cand: Measurement, acc: acc_mod.Accuracy, model: Any, backend: str,
-            trail: str) -> list[Check]:
+            trail: str, matrix_mb: float | None = None) -> list[Check]:
     checks = [Check("switch", switch.current(model) == backend, trail), kernel_check(base, cand, backend)]
     if cand.error:
         return checks + [Check("runs", False, f"{backend}: {cand.error}"), Check("accuracy", False, acc.evidence())]
     checks.append(speed_check(base, cand))
-    mem = memory_check(base, cand)
+    mem = memory_check(base, cand, matrix_mb)
     return checks + ([mem] if mem else []) + [Check("accuracy", acc.passed, acc.evidence())]
 
 
@@ -98,9 +95,7 @@ def _train_accuracy(loaded, inputs, backend: str, dtype, sdpa_kernels) -> tuple[
             switch.apply(loaded.model, name)
             runs[name] = train_fn(loaded, inputs, sdpa_kernels)()
         switch.apply(loaded.model, backend)
-        ref_out, ref_grads = acc_mod.reference_train(loaded, inputs)
-    for p in loaded.model.parameters():
-        p.grad = None
+        ref_out, ref_grads = acc_mod.reference_train(loaded, inputs)  # leaves no gradients behind
     (base_out, base_grads), (cand_out, cand_grads) = runs["eager"], runs[backend]
     accuracy = acc_mod.compare(cand_out, base_out, ref_out, valid=inputs.valid, dtype=dtype,
                                language_model=loaded.family == "causal-lm")
@@ -155,11 +150,8 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     if swapper is not None:
         if choice.backend != swapper.target:
             with reporter.stage(f"swapping hand-written attention for {choice.backend} and verifying each site"):
-                swapper.prepare(dtype, choice.backend)
-                swapper.verify_model(loaded, loaded.inputs(2, min(32, loaded.max_seq_len() or 32)), dtype)
-            if not any(s.status == "swapped" for s in swapper.sites.values()):
-                raise CannotRun(f"no hand-written attention site could be swapped for {choice.backend}: " + "; ".join(
-                    sorted({f"{s.file}:{s.line}: {s.reason}" for s in swapper.sites.values()})), "use --backend sdpa")
+                swapper.prepare(loaded, loaded.probe(), dtype, choice.backend)
+            swapper.require_swapped()
         with reporter.stage(f"recording the attention calls at batch {o.batch_size}, seq_len {seq_len}"):
             calls = swapper.capture(forward_fn(loaded, inputs))
         flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, None, o.train,
@@ -176,10 +168,9 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         "mode": "forward+backward (training)" if o.train else "forward (inference)",
     })
     if swapper is not None:
-        itemsize = torch.empty((), dtype=dtype).element_size()
         biggest = max((d[0] * d[1] * d[2] for _, d in calls if len(d) == 4), default=0)
         data.update({"sites": [s.to_dict() for s in swapper.sites.values()], "patch": patch, "patch_file": None,
-                     "attention_matrix_mb": biggest * itemsize / 2**20, "attention_modules": None,
+                     "attention_matrix_mb": biggest * dtype.itemsize / 2**20, "attention_modules": None,
                      "sites_swapped": sum(s.status == "swapped" for s in swapper.sites.values())})
     base = cand = None
     base_out = cand_out = ref = None
@@ -258,13 +249,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                             [], data, "the candidate runs where the baseline cannot; to compare accuracy, rerun with a "
                                       "smaller --batch-size or --seq-len")
     else:
-        checks = _checks(base, cand, accuracy, loaded.model, choice.backend, trail)
-        if swapper is not None and data.get("attention_matrix_mb"):
-            for c in checks:
-                if c.name == "memory":
-                    c.evidence += (f"; eager's largest score matrix [B, H, S, S] is {data['attention_matrix_mb']:.1f} MB "
-                                   + ("and the swapped peak is below it: never materialised"
-                                      if cand.peak_memory_mb < data["attention_matrix_mb"] else ""))
+        checks = _checks(base, cand, accuracy, loaded.model, choice.backend, trail, data.get("attention_matrix_mb"))
         if data.get("gradients") is not None:
             checks.append(Check("gradients", data["gradients"]["passed"], data["gradients"]["evidence"]))
         failed = [c for c in checks if not c.passed]
@@ -289,12 +274,8 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
             result.next = f"saved to {data['saved_to']}: from_pretrained() loads it with {choice.backend}"
         elif o.save:
             notes.append(f"--save {o.save}: nothing written, because a check failed")
-    if swapper is not None and o.write_patch and patch:
-        path = Path(o.write_patch).expanduser()
-        path.write_text(patch)
-        data["patch_file"] = str(path.resolve())
+    write_patch(result, patch, o.write_patch)
     if o.write_report:
-        folder = write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name))
-        if patch:
-            (folder / "swap.patch").write_text(patch)
+        write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name),
+                         {"swap.patch": patch})
     return result

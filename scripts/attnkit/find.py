@@ -14,13 +14,12 @@ nothing of the user's is edited.
 
 from __future__ import annotations
 
-import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+from .report import (CannotRun, Check, StepResult, default_run_folder, refuse_to_overwrite, write_patch,
+                     write_run_folder)
 
 STEP = "find_attention"
 
@@ -40,24 +39,6 @@ class FindOptions:
     write_patch: str | None = None
     report_dir: str | None = None
     write_report: bool = True
-
-
-def source_patch(sites: list) -> str:
-    """A unified diff of the edits of ``sites`` (``sites.Site``), file by file."""
-    from .sites import apply_edits
-
-    by_file: dict[str, list] = {}
-    for s in sites:
-        by_file.setdefault(s.file, []).extend(s.edits)
-    chunks = []
-    for file, edits in sorted(by_file.items()):
-        old = Path(file).read_text()
-        new = apply_edits(old, list({e[0]: e for e in edits}.values()))
-        rel = os.path.relpath(file)
-        rel = file if rel.startswith("..") else rel
-        chunks += difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
-                                       fromfile=f"a/{rel}", tofile=f"b/{rel}")
-    return "".join(chunks)
 
 
 def _summarise(found: list[dict], where: str) -> tuple[str, list[Check], str]:
@@ -87,26 +68,20 @@ def find_attention(o: FindOptions, reporter: Any) -> StepResult:
         from .models import DEFAULT_MODEL
 
         o.model = DEFAULT_MODEL
-    if o.write_patch and Path(o.write_patch).expanduser().exists():
-        raise CannotRun(f"--write-patch {o.write_patch} already exists; nothing was written",
-                        "pass a new file name: the step never overwrites your files")
+    refuse_to_overwrite(o.write_patch, "--write-patch")
     if o.source:
         result, patch, name = _from_source(o, reporter)
     else:
         result, patch, name = _from_model(o, reporter)
-    if o.write_patch and patch:
-        path = Path(o.write_patch).expanduser()
-        path.write_text(patch)
-        result.data["patch_file"] = str(path.resolve())
+    write_patch(result, patch, o.write_patch)
     if o.write_report:
-        folder = write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, name))
-        if patch:
-            (folder / "swap.patch").write_text(patch)
+        write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, name),
+                         {"swap.patch": patch})
     return result
 
 
 def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
-    from .sites import analyze_path
+    from .sites import analyze_path, unified_diff
 
     path = Path(o.source).expanduser()
     if not path.exists():
@@ -116,7 +91,11 @@ def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     with reporter.stage(f"reading {o.source}"):
         sites, unparsed = analyze_path(path)
     found = [s.to_dict() for s in sites]
-    patch = source_patch([s for s in sites if s.swappable])
+    by_file: dict[str, list] = {}
+    for s in sites:
+        if s.swappable:
+            by_file.setdefault(s.file, []).extend(s.edits)
+    patch = unified_diff(by_file)
     summary, checks, hint = _summarise(found, str(o.source))
     data = {"source": str(path.resolve()), "mode": "source (not imported)", "sites": found, "unparsed": unparsed,
             "patch": patch, "patch_file": None, "report_dir": None,
@@ -159,8 +138,7 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     patch = ""
     if not loaded.is_transformers:
         with reporter.stage("swapping each site and verifying it on the module's own inputs"):
-            swapper.prepare(dtype, "sdpa")
-            swapper.verify_model(loaded, inputs, dtype)
+            swapper.prepare(loaded, inputs, dtype, "sdpa")
         patch = swapper.patch()
     found = [s.to_dict() for s in swapper.sites.values()]
     for s in found:

@@ -160,14 +160,26 @@ class Inputs:
 
     def cast(self, dtype: torch.dtype) -> "Inputs":
         """The same inputs with floating tensors cast to ``dtype`` (token ids untouched)."""
-        def c(x):
-            return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-        return Inputs(self.batch_size, self.seq_len, tuple(c(a) for a in self.args),
-                      {k: c(v) for k, v in self.kwargs.items()}, self.valid, self.description)
+        return Inputs(self.batch_size, self.seq_len, cast_floating(self.args, dtype),
+                      cast_floating(self.kwargs, dtype), self.valid, self.description)
 
     @property
     def padding_positions(self) -> int:
         return 0 if self.valid is None else int((~self.valid).sum())
+
+
+def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating tensor in it, through nested tuples, lists and dicts, cast
+    to ``dtype``; everything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(cast_floating(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [cast_floating(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: cast_floating(v, dtype) for k, v in obj.items()}
+    return obj
 
 
 def row_lengths(batch_size: int, seq_len: int, pad_fraction: float) -> list[int]:
@@ -222,6 +234,7 @@ class LoadedModel:
     factory_module: ModuleType | None = None
     original_backend: str | None = None
     notes: list[str] = field(default_factory=list)
+    train_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # profile.train_fn's loss G
 
     @property
     def is_transformers(self) -> bool:
@@ -282,6 +295,13 @@ class LoadedModel:
         padded = sum(seq_len - n for n in lengths)
         desc = f"{source}, [B, S] = [{batch_size}, {seq_len}], {padded} padding positions (right-padded)"
         return Inputs(batch_size, seq_len, (), kwargs, mask.bool(), desc)
+
+    def probe(self) -> Inputs:
+        """The small inputs attention is found and swaps are verified on: [1, 16] for a
+        transformers model, [2, 32] (so masks are exercised) for any other, capped to the
+        model's maximum length."""
+        batch, length = (1, 16) if self.is_transformers else (2, 32)
+        return self.inputs(batch, min(length, self.max_seq_len() or length))
 
     def _module_inputs(self, batch_size: int, seq_len: int) -> Inputs:
         make = getattr(self.factory_module, "example_inputs", None)

@@ -145,10 +145,6 @@ class Measurement:
         return [k for k in self.kernels if (k in SDPA_OPS and SDPA_OPS[k] != "math")
                 or any(m in k for m in LIBRARY_MARKERS)]
 
-    @property
-    def unfused(self) -> list[str]:
-        return [k for k in self.kernels if k in UNFUSED_OPS or SDPA_OPS.get(k) == "math"]
-
 
 def _short(name: str) -> str:
     """A GPU kernel name without its return type, anonymous namespaces, template and call
@@ -305,8 +301,7 @@ def find_attention(loaded: Any, baseline: str = "eager") -> dict[str, int]:
 
     if loaded.is_transformers:
         switch.apply(loaded.model, baseline)
-    limit = loaded.max_seq_len() or 32
-    probe = loaded.inputs(1 if loaded.is_transformers else 2, min(16 if loaded.is_transformers else 32, limit))
+    probe = loaded.probe()
     try:
         if not loaded.is_transformers:
             from .rewrite import Swapper
@@ -340,17 +335,16 @@ def forward_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) 
     return run
 
 
-def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None,
-             probe: dict[str, torch.Tensor] | None = None) -> Callable[[], tuple]:
+def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) -> Callable[[], tuple]:
     """A closure running one forward + backward pass, with the loss sum(output * G) for a
     fixed random G (seed 0, the output's shape, made in the output's dtype the first time
-    and shared through ``probe`` so every run, the float64 reference included, uses the
-    same values). Returns (output, gradients): parameter name -> grad, and "input:i" ->
-    grad for floating positional inputs."""
+    and kept in ``loaded.train_weights`` so every run, the float64 reference included,
+    uses the same values). Returns (output, gradients): parameter name -> grad, and
+    "input:i" -> grad for floating positional inputs."""
     from . import switch
 
     model = loaded.model
-    probe = probe if probe is not None else loaded.__dict__.setdefault("_train_probe", {})
+    probe = loaded.train_weights
 
     def run() -> tuple:
         for p in model.parameters():
@@ -435,14 +429,18 @@ def speed_check(before: Measurement, after: Measurement) -> Check:
                                          f"({speedup:.2f}x; IQR {fmt_iqr(before)} / {fmt_iqr(after)})")
 
 
-def memory_check(before: Measurement, after: Measurement) -> Check | None:
-    """``after`` used no more peak memory; None when either peak is unknown."""
-
+def memory_check(before: Measurement, after: Measurement, matrix_mb: float | None = None) -> Check | None:
+    """``after`` used no more peak memory; None when either peak is unknown. ``matrix_mb``,
+    the largest [B, H, S, S] score matrix eager forms, is set beside the peaks when known."""
     if before.peak_memory_mb is None or after.peak_memory_mb is None:
         return None
     ratio = before.peak_memory_mb / after.peak_memory_mb if after.peak_memory_mb else float("inf")
-    return Check("memory", after.peak_memory_mb <= before.peak_memory_mb,
-                 f"peak {fmt_mb(before.peak_memory_mb)} -> {fmt_mb(after.peak_memory_mb)} ({ratio:.2f}x less)")
+    evidence = f"peak {fmt_mb(before.peak_memory_mb)} -> {fmt_mb(after.peak_memory_mb)} ({ratio:.2f}x less)"
+    if matrix_mb:
+        evidence += (f"; eager's largest score matrix [B, H, S, S] is {matrix_mb:.1f} MB "
+                     + ("and the swapped peak is below it: never materialised"
+                        if after.peak_memory_mb < matrix_mb else ""))
+    return Check("memory", after.peak_memory_mb <= before.peak_memory_mb, evidence)
 
 
 def comparison_summary(before: Measurement, after: Measurement) -> str:

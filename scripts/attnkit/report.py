@@ -86,13 +86,6 @@ class StepResult:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
-    def from_checks(cls, step: str, checks: list[Check], summary: str, data: dict, next_pass: str,
-                    next_fail: str) -> "StepResult":
-        """``pass`` when every check passed, else ``fail`` with ``next_fail`` as the hint."""
-        ok = all(c.passed for c in checks)
-        return cls(step, "pass" if ok else "fail", summary, checks, data, next_pass if ok else next_fail)
-
-    @classmethod
     def error(cls, step: str, exc: CannotRun) -> "StepResult":
         return cls(step, "error", exc.message, [], exc.data, exc.hint)
 
@@ -122,10 +115,6 @@ def fmt_ms(value: float | None) -> str:
 
 def fmt_mb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} MB"
-
-
-def fmt_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def fmt_iqr(m: Any) -> str:
@@ -396,8 +385,25 @@ def default_run_folder(step: str, model: str, root: Path = Path("attention-repor
     return root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
-def write_run_folder(result: StepResult, folder: Path) -> Path:
-    """Write report.json, report.md and (when latencies were measured) report.png.
+def refuse_to_overwrite(path: str | None, flag: str) -> None:
+    """Raise ``CannotRun`` before any work when ``path`` (the value of ``flag``) exists."""
+    if path and Path(path).expanduser().exists():
+        raise CannotRun(f"{flag} {path} already exists; nothing was written",
+                        "pass a new file name: the job never overwrites your files")
+
+
+def write_patch(result: StepResult, patch: str, path: str | None) -> None:
+    """Write ``patch`` to the new file ``path`` (when both are given) and record it as
+    ``data["patch_file"]``."""
+    if path and patch:
+        target = Path(path).expanduser()
+        target.write_text(patch)
+        result.data["patch_file"] = str(target.resolve())
+
+
+def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | None = None) -> Path:
+    """Write report.json, report.md, (when latencies were measured) report.png, and each
+    non-empty ``extra`` file (name -> text, e.g. swap.patch).
 
     ``folder`` is created; files already in it with these names are replaced, nothing
     else is touched. Its absolute path is stored in ``result.data["report_dir"]``.
@@ -421,4 +427,7 @@ def write_run_folder(result: StepResult, folder: Path) -> Path:
         result.data["plot"] = str(png)
     (folder / "report.json").write_text(result.to_json() + "\n")
     (folder / "report.md").write_text(to_markdown(result))
+    for name, text in (extra or {}).items():
+        if text:
+            (folder / name).write_text(text)
     return folder

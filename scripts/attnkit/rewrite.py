@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import linecache
 import os
@@ -44,7 +43,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .report import CannotRun
-from .sites import Site, analyze_source, apply_edits
+from .sites import Site, analyze_source, apply_edits, unified_diff
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 OUR_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -430,11 +429,13 @@ class Swapper:
         self.installed.clear()
         self.backend = "eager"
 
-    def prepare(self, dtype: torch.dtype, backend: str = "sdpa") -> list[LiveSite]:
+    def prepare(self, loaded: Any, inputs: Any, dtype: torch.dtype, backend: str = "sdpa") -> list[LiveSite]:
         """Install and verify every candidate site for ``backend`` (sdpa or flash_attention_2),
-        one at a time; keep those that match."""
+        one at a time on its module's own inputs, keep those that match, then check the
+        whole model (``loaded``, a ``models.LoadedModel``) on ``inputs`` with them all
+        installed (``verify_model``)."""
         from .accuracy import compare, exact_cast
-        from .models import select_output
+        from .models import cast_floating, select_output
         from .profile import attention_kernels, profiled
 
         self.revert()
@@ -452,7 +453,8 @@ class Swapper:
                 with torch.no_grad():
                     base = select_output(module(*args, **kwargs))
                     with exact_cast(module):
-                        ref = select_output(module(*_cast(args), **_cast(kwargs))).double()
+                        ref = select_output(module(*cast_floating(args, torch.float64),
+                                                 **cast_floating(kwargs, torch.float64))).double()
                 try:
                     self._install(live)
                     with torch.no_grad(), profiled() as prof:
@@ -475,7 +477,25 @@ class Swapper:
             finally:
                 module.train(was_training)
         self.revert()
+        self.verify_model(loaded, inputs, dtype)
         return list(self.sites.values())
+
+    def require_swapped(self) -> None:
+        """Raise ``CannotRun`` when no site was swapped: the attention already runs SDPA, or
+        each site's reason says what keeps it from being swapped."""
+        if any(s.status == "swapped" for s in self.sites.values()):
+            return
+        name = type(self.model).__name__
+        if all(s.status == "fast" for s in self.sites.values()):
+            raise CannotRun(f"{name}'s attention already runs SDPA (" + "; ".join(sorted(
+                {f"{s.file}:{s.line} {s.reason}" for s in self.sites.values()})) + "): nothing to switch",
+                "profile it with profile_attention.py --backends eager,eager to see its kernels")
+        reasons = "; ".join(sorted({f"{s.file}:{s.line}: {s.reason}" for s in self.sites.values()
+                                    if s.status != "fast"}))
+        target = "" if self.target == "sdpa" else f" for {self.target}"
+        raise CannotRun(f"{name} has attention but no site could be swapped{target}: {reasons}",
+                        "find_attention.py --model SPEC lists each site; the reasons say what to change"
+                        if self.target == "sdpa" else "use --backend sdpa")
 
     def verify_model(self, loaded: Any, inputs: Any, dtype: torch.dtype) -> None:
         """Run the whole model with every verified swap installed, against the original: a
@@ -575,23 +595,17 @@ class Swapper:
     # --- the permanent change
     def patch(self) -> str:
         """The source change of every verified swap, as one unified diff."""
-        by_file: dict[str, dict[int, tuple]] = {}
+        by_file: dict[str, list[tuple]] = {}
         for live in self.sites.values():
             if live.status == "swapped" and live.site is not None:
-                for edit in self.edits_for(live, self.target):
-                    by_file.setdefault(live.site.file, {})[edit[0]] = edit
-        chunks = []
-        for file, edits in sorted(by_file.items()):
-            old = Path(file).read_text()
-            if self.target == "flash_attention_2" and "flash_attn_func" not in old.split("\n\n\n")[0]:
-                line = _last_import_line(old)
-                anchor = old.splitlines()[line - 1]
-                edits[line] = (line, line, [anchor, "from flash_attn import flash_attn_func"])
-            new = apply_edits(old, list(edits.values()))
-            rel = os.path.relpath(file) if not os.path.relpath(file).startswith("..") else file
-            chunks += difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
-                                           fromfile=f"a/{rel}", tofile=f"b/{rel}")
-        return "".join(chunks)
+                by_file.setdefault(live.site.file, []).extend(self.edits_for(live, self.target))
+        if self.target == "flash_attention_2":
+            for file, edits in by_file.items():
+                old = Path(file).read_text()
+                if "flash_attn_func" not in old.split("\n\n\n")[0]:
+                    line = _last_import_line(old)
+                    edits.append((line, line, [old.splitlines()[line - 1], "from flash_attn import flash_attn_func"]))
+        return unified_diff(by_file)
 
 
 def _last_import_line(source: str) -> int:
@@ -603,16 +617,3 @@ def _last_import_line(source: str) -> int:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             last = node.end_lineno
     return last
-
-
-def _cast(obj: Any, dtype: torch.dtype = torch.float64) -> Any:
-    """Floating tensors in nested args cast to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(_cast(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_cast(o, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
-    return obj

@@ -95,20 +95,8 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     swapper = swapper_of(loaded.model)
     if swapper is not None:
         with reporter.stage("swapping hand-written attention for SDPA and verifying each site"):
-            swapper.prepare(dt, "sdpa")
-            probe = loaded.inputs(2, min(32, loaded.max_seq_len() or 32))
-            swapper.verify_model(loaded, probe, dt)
-        swapped = [s for s in swapper.sites.values() if s.status == "swapped"]
-        if not swapped:
-            name = type(loaded.model).__name__
-            if all(s.status == "fast" for s in swapper.sites.values()):
-                raise CannotRun(f"{name}'s attention already runs SDPA (" + "; ".join(sorted(
-                    {f"{s.file}:{s.line} {s.reason}" for s in swapper.sites.values()})) + "): nothing to switch",
-                    "profile it with profile_attention.py --backends eager,eager to see its kernels")
-            reasons = "; ".join(sorted({f"{s.file}:{s.line}: {s.reason}" for s in swapper.sites.values()
-                                        if s.status != "fast"}))
-            raise CannotRun(f"{name} has attention but no site could be swapped: {reasons}",
-                            "find_attention.py --model SPEC lists each site; the reasons say what to change")
+            swapper.prepare(loaded, loaded.probe(), dt, "sdpa")
+        swapper.require_swapped()
     limit = loaded.max_seq_len()
     if limit and seq_len > limit:
         notes.append(f"--seq-len {seq_len} capped to the model's maximum, {limit} positions")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ast
 import re
-import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,13 +116,6 @@ class Site:
 
 
 # ----------------------------------------------------------------------------- analysis
-
-
-@dataclass
-class Stmt:
-    node: ast.stmt
-    index: int  # position in its block
-    block: list[ast.stmt]
 
 
 class FunctionAnalysis:
@@ -1010,6 +1002,23 @@ def wrap(prefix: str, call: str, suffix: str, width: int = 100) -> list[str]:
     return [prefix + head + "("] + [f"{indent}{a}," for a in args if a] + [" " * (len(indent) - 4) + ")" + tail + suffix]
 
 
+def unified_diff(edits_by_file: dict[str, list[tuple[int, int, list[str]]]]) -> str:
+    """The line edits of each file as one unified diff (``git apply`` takes it). Paths are
+    relative to the working directory when under it, absolute otherwise."""
+    import difflib
+    import os
+
+    chunks: list[str] = []
+    for file, edits in sorted(edits_by_file.items()):
+        old = Path(file).read_text()
+        new = apply_edits(old, list({e[0]: e for e in edits}.values()))
+        rel = os.path.relpath(file)
+        rel = file if rel.startswith("..") else rel
+        chunks += difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                       fromfile=f"a/{rel}", tofile=f"b/{rel}")
+    return "".join(chunks)
+
+
 def apply_edits(source: str, edits: list[tuple[int, int, list[str]]]) -> str:
     """``source`` with line-range edits applied (ranges must not overlap)."""
     lines = source.splitlines(keepends=True)
@@ -1018,7 +1027,3 @@ def apply_edits(source: str, edits: list[tuple[int, int, list[str]]]) -> str:
         lines[first - 1: last] = [ln + "\n" for ln in new]
     text = "".join(lines)
     return text if text.endswith("\n") or not end else text + end
-
-
-def function_source(fn_source: str) -> str:
-    return textwrap.dedent(fn_source)
