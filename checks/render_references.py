@@ -229,7 +229,7 @@ class Bundle:
 def markdown_files(root: Path) -> list[Path]:
     if not (root / "SKILL.md").is_file():
         raise FileNotFoundError(f"no SKILL.md in {root}")
-    files = [root / "SKILL.md"] + [p for p in [root / "README.md"] if p.is_file()]
+    files = [root / "SKILL.md"] + [p for p in [root / "README.md", root / "ARCHITECTURE.md"] if p.is_file()]
     return files + sorted((root / "references").rglob("*.md"))
 
 

@@ -38,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from attnkit.checklist import CHECKLIST_LINE, checklist_lines, load_manifest  # noqa: E402
+from attnkit.steps.run_checklist import CHECKLIST_LINE, checklist_lines, load_manifest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import exists_exact, report  # noqa: E402

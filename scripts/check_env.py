@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.env import REQUIREMENTS, check_env_step  # noqa: E402
+from attnkit.steps.check_env import REQUIREMENTS, check_env_step  # noqa: E402
 
 
 def build_parser():

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.backends import BACKENDS  # noqa: E402
-from attnkit.features import FeatureOptions, check_features  # noqa: E402
+from attnkit.steps import BACKEND_NAMES  # noqa: E402
+from attnkit.steps.check_features import FeatureOptions, check_features  # noqa: E402
 
 
 def build_parser():
@@ -33,7 +33,7 @@ def build_parser():
     p = cli.parser("check_features.py", doc[0], "\n\n".join(doc[1:]))
     cli.add_model_args(p, default_seq_len=256, default_batch_size=2, batch_why=", so that padding is exercised",
                        default_pad_fraction=0.25)
-    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+    p.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES,
                    help="backend to check (default: auto, the one enable_flash.py would pick)")
     cli.add_output_args(p, "check_features")
     return p

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.accuracy import AccuracyOptions, compare_accuracy  # noqa: E402
-from attnkit.backends import BACKENDS  # noqa: E402
+from attnkit.steps import BACKEND_NAMES  # noqa: E402
+from attnkit.steps.compare_accuracy import AccuracyOptions, compare_accuracy  # noqa: E402
 
 
 def build_parser():
@@ -32,9 +32,9 @@ def build_parser():
     cli.add_model_args(p)
     p.add_argument("--against", metavar="SPEC", help="a second model spec whose outputs are compared with --model's")
     g = p.add_argument_group("backends")
-    g.add_argument("--baseline", choices=BACKENDS, help="backend of the baseline (default: eager; with --against, "
+    g.add_argument("--baseline", choices=BACKEND_NAMES, help="backend of the baseline (default: eager; with --against, "
                                                         "the first model as loaded)")
-    g.add_argument("--candidate", choices=("auto",) + BACKENDS,
+    g.add_argument("--candidate", choices=("auto",) + BACKEND_NAMES,
                    help="backend of the candidate (default: auto; with --against, the second model as loaded)")
     cli.add_sdpa_kernel_arg(g)
     cli.add_output_args(p, "compare_accuracy")

@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.backends import BACKENDS  # noqa: E402
-from attnkit.enable import EnableOptions, enable_flash  # noqa: E402
+from attnkit.steps import BACKEND_NAMES  # noqa: E402
+from attnkit.steps.enable_flash import EnableOptions, enable_flash  # noqa: E402
 
 
 def build_parser():
@@ -44,10 +44,10 @@ def build_parser():
     p = cli.parser("enable_flash.py", doc[0], "\n\n".join(doc[1:]))
     cli.add_model_args(p)
     g = p.add_argument_group("backends")
-    g.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+    g.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES,
                    help="backend to switch to: auto (default) picks the fastest available; a name forces it and "
                         "the step fails with the reason when it cannot run here")
-    g.add_argument("--baseline", default="eager", choices=BACKENDS,
+    g.add_argument("--baseline", default="eager", choices=BACKEND_NAMES,
                    help="backend measured as 'before' (default: eager)")
     g.add_argument("--train", action="store_true",
                    help="measure forward + backward in training mode, and check the gradients of the parameters and "

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.find import FindOptions, find_attention  # noqa: E402
+from attnkit.steps.find_attention import FindOptions, find_attention  # noqa: E402
 
 
 def build_parser():

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.fp8 import Fp8Options, fp8_attention  # noqa: E402
+from attnkit.steps.fp8_attention import Fp8Options, fp8_attention  # noqa: E402
 
 
 def build_parser():

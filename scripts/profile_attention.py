@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.profile import ProfileOptions, profile_attention  # noqa: E402
+from attnkit.steps.profile_attention import ProfileOptions, profile_attention  # noqa: E402
 
 
 def build_parser():

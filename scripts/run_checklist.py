@@ -24,8 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.checklist import listing, run_workflow  # noqa: E402
-from attnkit.report import CannotRun  # noqa: E402
+from attnkit.steps.run_checklist import CannotRun, listing, run_workflow  # noqa: E402
 
 SKILL_DIR = Path(__file__).resolve().parents[1]
 

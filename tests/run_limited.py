@@ -15,7 +15,8 @@ scripts = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(scripts))
 import torch  # noqa: E402,F401
 import transformers  # noqa: E402,F401
-from attnkit import cli, enable  # noqa: E402,F401
+from attnkit import cli  # noqa: E402,F401
+from attnkit.steps import enable_flash  # noqa: E402,F401
 
 extra = int(sys.argv[1]) * 2**20
 vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024

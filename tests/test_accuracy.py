@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from attnkit import accuracy, models
+from attnkit import models
+from attnkit.measure import accuracy
 
 
 def test_exact_cast_restores_every_tensor_bit_for_bit():

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from attnkit import backends, models
+from attnkit import backends, env as env_mod, models
+from attnkit.backends import BACKENDS, probe
 from attnkit.env import environment
 from attnkit.report import CannotRun
 
@@ -28,7 +29,7 @@ def test_every_reason_is_listed_in_order(env):
     assert not v.available
     parts = v.reason.split("; ")
     assert parts[0].startswith("flash_attention_2 runs fp16 and bf16 only")
-    if not env.flash_attn.importable:
+    if probe.installed(BACKENDS["flash_attention_2"]) is None:
         assert any(p.startswith("flash_attn: not installed") for p in parts)
 
 
@@ -55,8 +56,8 @@ def test_head_dim_over_256_rules_out_flash(env):
 
 
 def test_dtype_and_device_parsing(env):
-    assert backends.parse_dtype("bf16", env, "cpu") is torch.bfloat16
-    assert backends.parse_dtype("auto", env, "cpu") is torch.float32
-    assert backends.resolve_device("auto", env) == ("cuda" if env.cuda_available else "cpu")
+    assert env_mod.parse_dtype("bf16", env, "cpu") is torch.bfloat16
+    assert env_mod.parse_dtype("auto", env, "cpu") is torch.float32
+    assert env_mod.resolve_device("auto", env) == ("cuda" if env.cuda_available else "cpu")
     with pytest.raises(CannotRun):
-        backends.parse_dtype("int8", env, "cpu")
+        env_mod.parse_dtype("int8", env, "cpu")

@@ -3,7 +3,7 @@
 import sys
 
 import pytest
-from attnkit import checklist
+from attnkit.steps import run_checklist as checklist
 from conftest import ROOT, run_script
 
 

@@ -4,7 +4,9 @@ import subprocess
 import sys
 
 import torch
-from attnkit.env import environment, explain_import_error, probe_package
+from attnkit.backends import BACKENDS, probe
+from attnkit.backends.probe import package_probe as probe_package
+from attnkit.env import environment, explain_import_error
 from conftest import run_script
 
 
@@ -33,7 +35,8 @@ def test_missing_flash_attn_is_explained_not_crashed():
 def test_requiring_flash_attn_fails_with_the_reason_when_absent():
     env = environment()
     run = run_script("check_env.py", "--require", "flash_attn")
-    if env.flash_attn.importable and env.cuda_available:
+    if probe.imports(BACKENDS["flash_attention_2"]).importable and probe.installed(BACKENDS["flash_attention_2"]) \
+            and env.cuda_available:
         assert run.rc == 0
         return
     assert run.rc == 1 and run.result["status"] == "fail"

@@ -3,8 +3,8 @@
 import re
 
 import torch
-from attnkit import features
-from attnkit.fp8 import E4M3_MAX, quantize, reference
+from attnkit.backends import BACKENDS
+from attnkit.steps.fp8_attention import E4M3_MAX, quantize, reference
 from conftest import FAST, MODELS, ROOT, run_script
 
 
@@ -37,7 +37,7 @@ def test_a_needed_feature_the_backend_lacks_fails():
 
 
 def test_the_reference_table_agrees_with_the_code():
-    """references/advanced-features.md's support table says what features.SUPPORT says."""
+    """references/advanced-features.md's support table says what the backend records say."""
     text = (ROOT / "references" / "advanced-features.md").read_text()
     table = text.split("## Which backend provides what", 1)[1].split("\n\n", 2)[1]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
@@ -47,7 +47,7 @@ def test_the_reference_table_agrees_with_the_code():
         feature = names[row[0]]
         for backend, cell in zip(("sdpa", "flash_attention_2", "flash_attention_3"), row[1:]):
             documented = cell.startswith("yes")
-            assert documented == features.SUPPORT[backend][feature][0], (feature, backend, cell)
+            assert documented == BACKENDS[backend].supports(feature).supported, (feature, backend, cell)
 
 
 def test_fp8_is_skipped_with_its_reasons_where_it_cannot_run():

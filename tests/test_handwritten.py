@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from attnkit import sites as sites_mod
+from attnkit.swap import patch as patch_mod
+from attnkit.swap import scan as sites_mod
 from conftest import FAST, MODELS, ROOT, run_script
 
 ZOO = MODELS / "attention_zoo.py"
@@ -68,7 +69,7 @@ def test_unsupported_forms_are_reported_with_their_reason(zoo_sites):
 def test_the_rewritten_source_compiles_and_keeps_everything_else(zoo_sites):
     source = ZOO.read_text()
     edits = [e for s in zoo_sites.values() if s.swappable for e in s.edits]
-    new = sites_mod.apply_edits(source, edits)
+    new = patch_mod.apply_edits(source, edits)
     compile(new, "rewritten", "exec")
     assert new.count("scaled_dot_product_attention(") == sum(s.swappable and s.kind == "manual"
                                                              for s in zoo_sites.values())
@@ -160,7 +161,7 @@ def test_unsupported_forms_are_reported_and_the_model_keeps_working(style, reaso
     # in process: the model still runs, and nothing was left on it
     from attnkit import models
     from attnkit.report import CannotRun
-    from attnkit.session import open_session
+    from attnkit.steps.session import open_session
 
     with pytest.raises(CannotRun):
         open_session(f"{ZOO}:{style}", seq_len=32, batch_size=2)
@@ -170,8 +171,9 @@ def test_unsupported_forms_are_reported_and_the_model_keeps_working(style, reaso
 
 
 def test_swaps_revert_exactly():
-    from attnkit import models, switch
-    from attnkit.session import open_session
+    from attnkit import models
+    from attnkit.swap import switch
+    from attnkit.steps.session import open_session
 
     session = open_session(f"{ZOO}:groupedquery", seq_len=32, batch_size=2)
     model, inputs = session.loaded.model, session.inputs

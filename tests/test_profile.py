@@ -1,17 +1,18 @@
 """What the profiler saw, peak memory, FLOPs."""
 
 import torch
-from attnkit import models, profile
+from attnkit import models
+from attnkit.measure import flops, timing
 
 
 def test_flops_follow_the_flash_attn_benchmark_formula():
     b, s, h, d = 2, 1024, 8, 64
     # flash-attn benchmarks: 4 * batch * seqlen**2 * nheads * headdim, halved for causal
-    assert profile.attention_flops(b, s, h, d, 1, causal=False) == 4 * b * s**2 * h * d
-    causal = profile.attention_flops(b, s, h, d, 1, causal=True)
+    assert flops.attention_flops(b, s, h, d, 1, causal=False) == 4 * b * s**2 * h * d
+    causal = flops.attention_flops(b, s, h, d, 1, causal=True)
     assert causal == 4 * b * h * d * s * (s + 1) // 2  # the diagonal counted
     assert abs(causal / (4 * b * s**2 * h * d / 2) - 1) < 1 / s + 1e-12
-    window = profile.attention_flops(b, s, h, d, 1, causal=True, sliding_window=64)
+    window = flops.attention_flops(b, s, h, d, 1, causal=True, sliding_window=64)
     assert window == 4 * b * h * d * (64 * 65 // 2 + (s - 64) * 64)
 
 
@@ -20,14 +21,14 @@ def test_matmul_params_count_linear_and_gpt2_conv1d():
     from transformers.pytorch_utils import Conv1D
 
     expected = sum(m.weight.numel() for m in loaded.model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
-    assert profile.matmul_params(loaded.model) == expected > 0
+    assert flops.matmul_params(loaded.model) == expected > 0
 
 
 def test_kernels_and_peak_memory_before_and_after():
     loaded = models.load("demo:llama", device="cpu", dtype=torch.float32)
     inputs = loaded.inputs(1, 1024)
-    eager, _ = profile.measure_backend(loaded, inputs, "eager", min_run_time=0.05)
-    sdpa, out = profile.measure_backend(loaded, inputs, "sdpa", min_run_time=0.05)
+    eager, _ = timing.measure_backend(loaded, inputs, "eager", min_run_time=0.05)
+    sdpa, out = timing.measure_backend(loaded, inputs, "sdpa", min_run_time=0.05)
     layers = loaded.attention_shape()["layers"]
     assert eager.kernel_counts["aten::_softmax"] == layers and eager.kernel_counts["aten::bmm"] == 2 * layers
     assert sdpa.kernel_counts == {"aten::_scaled_dot_product_flash_attention_for_cpu": layers}
@@ -43,10 +44,10 @@ def test_oom_is_recognised_for_cpu_and_cuda_allocators():
     try:
         torch.empty(2**62, dtype=torch.uint8)
     except RuntimeError as exc:
-        assert profile.is_oom(exc)
-        assert profile.oom_message(exc).startswith("out of memory")
-    assert profile.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
-    assert not profile.is_oom(RuntimeError("shape mismatch"))
+        assert timing.is_oom(exc)
+        assert timing.oom_message(exc).startswith("out of memory")
+    assert timing.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    assert not timing.is_oom(RuntimeError("shape mismatch"))
 
 
 def test_profile_step_sweeps_sequence_lengths(tmp_path):

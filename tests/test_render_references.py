@@ -44,7 +44,7 @@ def skill(tmp_path: Path) -> Path:
     dest = tmp_path / "skill"
     dest.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("SKILL.md", "README.md", "skill.yaml"):
+    for name in ("SKILL.md", "README.md", "ARCHITECTURE.md", "skill.yaml"):
         shutil.copy2(ROOT / name, dest / name)
     for name in ("references", "scripts"):
         shutil.copytree(ROOT / name, dest / name, ignore=ignore)

@@ -1,9 +1,13 @@
-"""What this machine can run: torch, CUDA, GPUs, SDPA kernels, flash-attn, transformers.
+"""What this machine is: torch, CUDA, GPUs and their capability, SDPA's kernels, packages.
 
-``environment()`` gathers the facts once; ``check_env_step()`` turns them into the
-``check_env`` step's result. Optional packages are probed by importing them and keeping
-the exact exception (flash-attn's ``benchmark_flash_attention.py`` habit): a missing or
-broken ``flash_attn`` is a fact with a reason, never a crash.
+The ground layer: ``environment()`` gathers the facts once. It knows nothing of attention
+backends beyond torch's own SDPA kernels; what each backend needs, and whether this
+machine has it, is the backend registry's business (``attnkit.backends``), which reads
+these facts. Packages are found by their pip distribution (``importlib.metadata``) and
+probed by importing them and keeping the exact exception (flash-attn's
+``benchmark_flash_attention.py`` habit): a missing or broken package is a fact with a
+reason, never a crash. ``parse_dtype`` and ``resolve_device`` turn ``--dtype`` and
+``--device`` into what this machine has.
 
 Whether an SDPA kernel can run on this GPU is asked of torch itself
 (``torch.backends.cuda.can_use_flash_attention`` and friends, on a small bf16 probe), not
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .report import CannotRun, Check, StepResult
+from .report import CannotRun
 
 #: SDPA's FlashAttention-2 kernel arrived in PyTorch 2.2 ("scaled_dot_product_attention
 #: (SDPA) now supports FlashAttention-2", PyTorch 2.2 release notes, Jan 2024). The
@@ -67,27 +71,31 @@ class PackageProbe:
         return asdict(self)
 
 
-#: pip distribution names that provide each module (flash-attn 2 and FlashAttention-3's
-#: separate Hopper build, which installs the top-level module ``flash_attn_interface``).
-DISTRIBUTIONS = {"flash_attn": ("flash-attn", "flash_attn"), "flash_attn_interface": ("flash-attn-3", "flash_attn_3")}
+def distribution_version(name: str) -> str | None:
+    """The installed version of the pip distribution ``name`` (``importlib.metadata``), or
+    None when it is not installed. This, not a successful import, says what is installed:
+    FlashAttention-4's wheel (``flash-attn-4``) ships only ``flash_attn/cute/``, so
+    ``import flash_attn`` succeeds as a namespace package without FlashAttention-2 there."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-INSTALL_HINTS = {
-    "flash_attn": "pip install flash-attn --no-build-isolation (builds from source: needs the CUDA toolkit, "
-                  "a CUDA build of torch and an Ampere-or-newer GPU; or pip install '.[flash]')",
-    "flash_attn_interface": "build FlashAttention-3 from the flash-attention repository's hopper/ folder "
-                            "(cd hopper && python setup.py install); it needs an sm90 (Hopper) GPU and CUDA 12.3+",
-}
 
+def explain_import_error(module: str, exc: BaseException, install: str = "", distribution: str = "") -> str:
+    """What an import failure of ``module`` means, from its exception (one sentence).
 
-def explain_import_error(module: str, exc: BaseException) -> str:
-    """What an import failure of ``module`` means, from its exception (one sentence)."""
+    ``install`` is the install command shown for a missing package; ``distribution`` the
+    pip name used in the reinstall advice (default: ``module``).
+    """
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == module:
-        return f"not installed: {INSTALL_HINTS.get(module, 'pip install ' + module)}"
+    dist = distribution or module
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == module.split(".")[0]:
+        return f"not installed: {install or 'pip install ' + dist}"
     if "undefined symbol" in text:
         return (f"installed but built against another torch or CUDA than this one (torch {torch.__version__}); "
                 f"the compiled extension does not match: rebuild it for this torch "
-                f"(pip install --force-reinstall --no-build-isolation --no-cache-dir {DISTRIBUTIONS.get(module, (module,))[0]})")
+                f"(pip install --force-reinstall --no-build-isolation --no-cache-dir {dist})")
     if "cannot open shared object file" in text or "libcudart" in text or "libc10_cuda" in text:
         return (f"installed but its CUDA libraries cannot be loaded; this torch is {torch.__version__} "
                 f"(CUDA {torch.version.cuda or 'none: a CPU-only build'}); it needs a CUDA build of torch and a GPU")
@@ -96,23 +104,24 @@ def explain_import_error(module: str, exc: BaseException) -> str:
     return f"installed but its import fails ({text}); reinstall it for this torch and CUDA"
 
 
-def probe_package(module: str) -> PackageProbe:
-    """Import ``module`` and report version or the exact error and its meaning. Never raises."""
+def probe_package(module: str, distributions: tuple[str, ...] = (), install: str = "") -> PackageProbe:
+    """Import ``module`` and report its version or the exact error and what it means. The
+    first installed of ``distributions`` (default: ``module``) is reported beside it.
+    Never raises."""
     distribution = None
-    for dist in DISTRIBUTIONS.get(module, (module,)):
-        try:
-            distribution = f"{dist} {importlib.metadata.version(dist)}"
+    for dist in distributions or (module,):
+        version = distribution_version(dist)
+        if version is not None:
+            distribution = f"{dist} {version}"
             break
-        except importlib.metadata.PackageNotFoundError:
-            continue
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mod = importlib.import_module(module)
     except Exception as exc:  # ImportError, OSError from a missing .so, RuntimeError from CUDA init
         return PackageProbe(module, False, None, distribution, f"{type(exc).__name__}: {exc}",
-                            explain_import_error(module, exc))
-    version = getattr(mod, "__version__", None) or (distribution.split(" ", 1)[1] if distribution else None)
+                            explain_import_error(module, exc, install, (distributions or (module,))[0]))
+    version = (distribution.split(" ", 1)[1] if distribution else None) or getattr(mod, "__version__", None)
     return PackageProbe(module, True, version, distribution)
 
 
@@ -150,8 +159,6 @@ class Environment:
     cpu_threads: int
     gpus: list[Gpu] = field(default_factory=list)
     sdpa_kernels: dict[str, list[Kernel]] = field(default_factory=dict)  # device -> kernels
-    flash_attn: PackageProbe | None = None
-    flash_attn_interface: PackageProbe | None = None
     transformers: PackageProbe | None = None
 
     @property
@@ -174,8 +181,7 @@ class Environment:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("flash_attn", "flash_attn_interface", "transformers"):
-            d[key] = getattr(self, key).to_dict() if getattr(self, key) else None
+        d["transformers"] = self.transformers.to_dict() if self.transformers else None
         return d
 
 
@@ -224,7 +230,7 @@ def _cpu_kernels() -> list[Kernel]:
 
 
 def environment() -> Environment:
-    """Gather the facts of this machine. Imports optional packages; never raises for them."""
+    """Gather the facts of this machine. Never raises for a missing package."""
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -245,112 +251,58 @@ def environment() -> Environment:
         cpu_threads=torch.get_num_threads(),
         gpus=gpus,
         sdpa_kernels=kernels,
-        flash_attn=probe_package("flash_attn"),
-        flash_attn_interface=probe_package("flash_attn_interface"),
         transformers=probe_package("transformers"),
     )
 
 
-# ----------------------------------------------------------------------------- the step
+# ----------------------------------------------------------------------------- --dtype and --device
 
-#: What ``check_env --require`` accepts, and what each requirement means.
-REQUIREMENTS = {
-    "sdpa": "torch >= 2.2 with a fused SDPA kernel on the chosen device",
-    "cuda": "a CUDA GPU visible to torch",
-    "flash_attn": "the flash-attn package imports (FlashAttention-2) on an Ampere-or-newer GPU",
-    "flash_attn_interface": "FlashAttention-3 (module flash_attn_interface) imports",
-    "sm80": "GPU 0 is Ampere (sm80) or newer",
-    "sm90": "GPU 0 is Hopper (sm90), which FlashAttention-3 and its FP8 path need",
-}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
-def _requirement_check(name: str, env: Environment, device: str) -> Check:
-    cap = env.capability
-    if name == "sdpa":
-        fused = [k.name for k in env.sdpa_kernels.get("cuda" if device.startswith("cuda") else "cpu", [])
-                 if k.name != "math" and k.compiled and k.enabled and k.usable is not False]
-        ok = env.torch_sdpa_ok and bool(fused)
-        return Check("sdpa", ok, f"torch {env.torch_version}; fused SDPA kernels on {device}: "
-                                 f"{', '.join(fused) or 'none'}" + ("" if env.torch_sdpa_ok else
-                                 f"; torch < {'.'.join(map(str, MIN_TORCH_FOR_SDPA))} has no FlashAttention-2 kernel in SDPA"))
-    if name == "cuda":
-        return Check("cuda", env.cuda_available, f"torch.cuda.is_available() = {env.cuda_available} "
-                                                 f"(torch CUDA build: {env.cuda_version or 'none, CPU-only'})")
-    if name in ("sm80", "sm90"):
-        need = (8, 0) if name == "sm80" else (9, 0)
-        if cap is None:
-            return Check(name, False, "no CUDA GPU visible")
-        ok = cap >= need if name == "sm80" else cap[0] == 9
-        return Check(name, ok, f"GPU 0 {env.gpus[0].name} is {architecture(cap)}")
-    probe = getattr(env, name)
-    if not probe.importable:
-        return Check(name, False, f"{probe.error} -> {probe.meaning}")
-    if name == "flash_attn" and cap is not None and cap < (8, 0):
-        return Check(name, False, f"flash_attn {probe.version} imports, but GPU 0 is {architecture(cap)}: "
-                                  "FlashAttention-2 needs Ampere (sm80) or newer")
-    if not env.cuda_available:
-        return Check(name, False, f"{name} {probe.version} imports, but no CUDA GPU is visible")
-    return Check(name, True, f"{name} {probe.version} imports")
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16."""
+    return str(dtype).replace("torch.", "")
 
 
-def facts(env: Environment) -> list[dict[str, str]]:
-    """The environment as (name, value) rows for people."""
-    rows = [("python", f"{env.python} on {env.platform}"),
-            ("torch", f"{env.torch_version}" + ("" if env.torch_sdpa_ok else " (too old for SDPA's fused kernels: needs 2.2+)")),
-            ("CUDA", f"available, CUDA {env.cuda_version}" if env.cuda_available else
-             f"not available (torch CUDA build: {env.cuda_version or 'none, CPU-only'})"),
-            ("CPU", f"{env.cpu_capability}, {env.cpu_threads} threads")]
-    for g in env.gpus:
-        rows.append((f"GPU {g.index}", f"{g.name}, compute capability {g.capability} = {g.architecture}, {g.memory_mb:.0f} MB"))
-    for device, kernels in env.sdpa_kernels.items():
-        parts = []
-        for k in kernels:
-            state = "compiled" if k.compiled else "not compiled"
-            state += ", enabled" if k.enabled else ", disabled"
-            if k.usable is not None:
-                state += ", usable here" if k.usable else f", not usable here ({k.reason or 'unsupported'})"
-            parts.append(f"{k.name}: {state}")
-        rows.append((f"SDPA kernels ({device})", "; ".join(parts)))
-    for probe in (env.flash_attn, env.flash_attn_interface, env.transformers):
-        if probe.importable:
-            rows.append((probe.module, f"{probe.version} imports"))
-        else:
-            rows.append((probe.module, f"{probe.error} -> {probe.meaning}"))
-    return [{"name": n, "value": v} for n, v in rows]
+def parse_dtype(text: str, env: Environment, device: str) -> torch.dtype:
+    """``auto`` (bf16 on sm80+ GPUs, fp16 on older GPUs, fp32 on CPU) or a dtype name.
 
-
-def check_env_step(require: list[str] | None = None, device: str = "auto", dtype: str = "auto") -> StepResult:
-    """The ``check_env`` step: facts, the recommended backend, and the requested checks.
-
-    ``require`` names entries of ``REQUIREMENTS`` (default: ``["sdpa"]``); the step passes
-    when each holds. Raises ``CannotRun`` for an unknown requirement, device or dtype.
+    Raises ``CannotRun`` for an unknown name.
     """
-    from .backends import choose, parse_dtype, resolve_device
+    if text == "auto":
+        return env.default_dtype(device)
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise CannotRun(f"unknown --dtype {text!r}; choose auto, float32, bfloat16 or float16",
+                        "bfloat16 on Ampere-or-newer GPUs, float32 on CPU") from None
 
-    require = list(require or ["sdpa"])
-    unknown = [r for r in require if r not in REQUIREMENTS]
-    if unknown:
-        raise CannotRun(f"unknown requirement {', '.join(unknown)}; choose from {', '.join(REQUIREMENTS)}",
-                        "run check_env.py --help for the list")
-    env = environment()
+
+def resolve_device(text: str, env: Environment) -> str:
+    """``auto`` (cuda when a GPU is visible, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises ``CannotRun`` when the device does not exist here.
+    """
+    if text == "auto":
+        return env.default_device()
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:"):
+        if not env.cuda_available:
+            raise CannotRun(f"--device {text}: no CUDA GPU is visible to torch {env.torch_version} "
+                            f"(CUDA build: {env.cuda_version or 'none, a CPU-only build'})", "use --device cpu")
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= len(env.gpus):
+            raise CannotRun(f"--device {text}: only {len(env.gpus)} GPU(s) visible", "use --device cuda:0")
+        return text
+    raise CannotRun(f"unknown --device {text!r}; choose auto, cpu, cuda or cuda:N", "")
+
+
+def resolve(device: str, dtype: str, env: Environment | None = None) -> tuple[Environment, str, torch.dtype]:
+    """(environment, device, dtype) for ``--device`` and ``--dtype``; see ``resolve_device``
+    and ``parse_dtype`` for what they raise."""
+    env = env or environment()
     dev = resolve_device(device, env)
-    dt = parse_dtype(dtype, env, dev)
-    checks = [_requirement_check(r, env, dev) for r in require]
-    choice = choose("auto", env=env, device=dev, dtype=dt, model=None)
-    data = env.to_dict()
-    data["device"] = dev
-    data["dtype"] = str(dt).replace("torch.", "")
-    data["facts"] = facts(env)
-    data["recommendation"] = {"backend": choice.backend, "why": choice.why,
-                              "rejected": [r.to_dict() for r in choice.rejected]}
-    data["rejected"] = [r.to_dict() for r in choice.rejected]
-    data["required"] = {r: REQUIREMENTS[r] for r in require}
-    ok = all(c.passed for c in checks)
-    failed = [c for c in checks if not c.passed]
-    summary = (f"{'ready' if ok else 'not ready'}: torch {env.torch_version}, {dev} {data['dtype']}; "
-               f"recommended backend: {choice.backend}")
-    if failed:
-        summary += "; missing: " + ", ".join(c.name for c in failed)
-    hint = ("run enable_flash.py --model SPEC to switch and verify" if ok else
-            " ".join(f"{c.name}: {c.evidence}." for c in failed))
-    return StepResult("check_env", "pass" if ok else "fail", summary, checks, data, hint)
+    return env, dev, parse_dtype(dtype, env, dev)

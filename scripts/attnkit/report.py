@@ -215,7 +215,7 @@ def render_rich(result: StepResult, console) -> None:
 
 
 def measurement_rows(runs: list[dict], with_seq_len: bool = False) -> list[list[str]]:
-    """Table rows for a list of measurements (dicts of ``profile.Measurement``); with
+    """Table rows for a list of measurements (dicts of ``measure.timing.Measurement``); with
     ``with_seq_len`` the first column is the sequence length."""
     rows = []
     for m in runs:

@@ -1,4 +1,4 @@
-"""Swap hand-written attention in a live model for SDPA; verify each swap; keep a way back.
+"""Swap hand-written attention in a live model for SDPA at run time; keep a way back.
 
 1. **Discover** (``Swapper.discover``): one forward pass under a ``TorchDispatchMode`` with
    module hooks records, for every softmax and SDPA op, the innermost module that ran
@@ -7,7 +7,7 @@
    ``torch.fx`` cannot trace the commonest hand-written attention (nanoGPT slices a
    registered buffer with a traced size, ``self.bias[:, :, :T, :T]``: "slice indices must
    be integers"), while running finds attention in any module.
-2. **Read** each site's source (``sites.analyze_source``), and confirm what only the live
+2. **Read** each site's source (``scan.analyze_source``), and confirm what only the live
    model can tell: that a causal buffer is lower-triangular, the rank a transpose assumes,
    that the softmax runs over the last dimension.
 3. **Compile** the rewritten function from that source, with the same globals (and the
@@ -17,16 +17,18 @@
    method with a globals dict in which the function's name points to the rewritten one.
    Nothing of the user's files or classes is changed; ``revert`` removes the instance
    attributes again.
-4. **Verify** every swap on that module's own captured inputs, in eval mode: the swapped
-   output against the original's, judged with ``accuracy.compare`` against a float64 run
-   of the original. A swap that raises or differs is reverted and reported with the
-   reason; the model keeps working either way.
+4. **Verify**: not here. The proof that a swap computes the same function belongs to
+   the measuring layer (``measure.verify``), which installs each candidate with
+   ``Swapper.trial``, judges it, and marks it ``swapped`` or ``kept`` with the reason.
+   This module never imports ``measure``.
 
-``patch()`` gives the source change of every verified swap as a unified diff.
+``patch.patch_of(swapper)`` gives the source change of every verified swap as a unified
+diff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
@@ -36,14 +38,15 @@ import types
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .report import CannotRun
-from .sites import Site, analyze_source, apply_edits, unified_diff
+from ..report import CannotRun
+from .patch import apply_edits
+from .scan import Site, analyze_source
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 OUR_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -429,56 +432,34 @@ class Swapper:
         self.installed.clear()
         self.backend = "eager"
 
-    def prepare(self, loaded: Any, inputs: Any, dtype: torch.dtype, backend: str = "sdpa") -> list[LiveSite]:
-        """Install and verify every candidate site for ``backend`` (sdpa or flash_attention_2),
-        one at a time on its module's own inputs, keep those that match, then check the
-        whole model (``loaded``, a ``models.LoadedModel``) on ``inputs`` with them all
-        installed (``verify_model``)."""
-        from .accuracy import compare, exact_cast
-        from .models import cast_floating, select_output
-        from .profile import attention_kernels, profiled
-
+    def candidates(self, backend: str = "sdpa") -> list[LiveSite]:
+        """Revert every swap, compile the next ones for ``backend`` (sdpa or
+        flash_attention_2), and return the sites to try, each reset to ``kept``. A site
+        ``backend`` cannot express gets its reason and is left out."""
         self.revert()
         self.target = backend
+        out = []
         for live in self.swappable():
             live.status, live.reason, live.accuracy, live.kernel_after = "kept", "", None, ""
             if backend == "flash_attention_2" and not live.site.flash_call:
                 live.reason = f"flash_attn_func takes no mask but a causal one; this site has a {live.site.mask} mask"
                 continue
-            module = live._module  # type: ignore[attr-defined]
-            args, kwargs = self.inputs.get(module, ((), {}))
-            was_training = module.training
-            module.eval()
-            try:
-                with torch.no_grad():
-                    base = select_output(module(*args, **kwargs))
-                    with exact_cast(module):
-                        ref = select_output(module(*cast_floating(args, torch.float64),
-                                                 **cast_floating(kwargs, torch.float64))).double()
-                try:
-                    self._install(live)
-                    with torch.no_grad(), profiled() as prof:
-                        cand = select_output(module(*args, **kwargs))
-                except Exception as exc:
-                    self._uninstall(live)
-                    live.reason = f"the swapped code raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                    continue
-                acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
-                              reference_name="float64 original")
-                live.accuracy = acc.to_dict()
-                kernels = [k for k in attention_kernels(prof.events())
-                           if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
-                live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
-                self._uninstall(live)
-                if not acc.passed:
-                    live.reason = f"outputs differ after the swap: {acc.evidence()}"
-                    continue
-                live.status = "swapped"
-            finally:
-                module.train(was_training)
-        self.revert()
-        self.verify_model(loaded, inputs, dtype)
-        return list(self.sites.values())
+            out.append(live)
+        return out
+
+    @contextlib.contextmanager
+    def trial(self, live: LiveSite) -> Iterator[nn.Module]:
+        """Inside the block, ``live``'s swap alone is installed on its module (yielded); it
+        is removed afterwards, whatever happens."""
+        try:
+            self._install(live)
+            yield live._module  # type: ignore[attr-defined]
+        finally:
+            self._uninstall(live)
+
+    def module_inputs(self, live: LiveSite) -> tuple[tuple, dict]:
+        """The (args, kwargs) ``live``'s module was last called with in a recorded pass."""
+        return self.inputs.get(live._module, ((), {}))  # type: ignore[attr-defined]
 
     def require_swapped(self) -> None:
         """Raise ``CannotRun`` when no site was swapped: the attention already runs SDPA, or
@@ -496,42 +477,6 @@ class Swapper:
         raise CannotRun(f"{name} has attention but no site could be swapped{target}: {reasons}",
                         "find_attention.py --model SPEC lists each site; the reasons say what to change"
                         if self.target == "sdpa" else "use --backend sdpa")
-
-    def verify_model(self, loaded: Any, inputs: Any, dtype: torch.dtype) -> None:
-        """Run the whole model with every verified swap installed, against the original: a
-        swap that changes what a function returns (the attention weights, now None) is only
-        safe when no caller uses them. On a failure, such swaps are reverted and the model is
-        checked again; if it still fails, every swap is reverted."""
-        from .accuracy import compare, reference_output
-        from .profile import run_backend
-
-        def check() -> str:
-            try:
-                base = run_backend(loaded, inputs, "eager")
-                cand = run_backend(loaded, inputs, self.target)
-            except Exception as exc:
-                return f"the model raised {type(exc).__name__} with the swaps: {' '.join(str(exc).split())[:160]}"
-            finally:
-                self.revert()
-            ref = reference_output(loaded, inputs, "eager")
-            acc = compare(cand, base, ref, valid=inputs.valid, dtype=dtype, language_model=False,
-                          reference_name="float64 original")
-            return "" if acc.passed else f"the model's output differs with the swaps: {acc.evidence()}"
-
-        if not any(s.status == "swapped" for s in self.sites.values()):
-            return
-        problem = check()
-        if not problem:
-            return
-        changed = [s for s in self.sites.values() if s.status == "swapped" and s.site is not None and
-                   any("returned the attention weights" in n for n in s.site.notes)]
-        for s in changed:
-            s.status, s.reason = "kept", f"its caller uses the attention weights it returns ({problem})"
-        if changed and not check():
-            return
-        for s in self.sites.values():
-            if s.status == "swapped":
-                s.status, s.reason = "kept", problem
 
     def _uninstall(self, live: LiveSite) -> None:
         module = live._module  # type: ignore[attr-defined]
@@ -551,69 +496,3 @@ class Swapper:
             if installed != "eager":
                 self.apply(installed)
         return list(self.calls)
-
-    def attention_flops(self, calls: list[tuple[LiveSite, list[int]]]) -> float:
-        """Useful forward FLOPs of every attention call: 4 x batch x pairs x D, with causal
-        sites counting only the lower triangle (as ``profile.attention_flops``)."""
-        total = 0.0
-        for live, dims in calls:
-            if len(dims) != 4 or not dims[3]:
-                continue
-            batch, sq, sk, d = dims
-            causal = live.site is not None and live.site.mask.startswith("causal") and sq == sk
-            pairs = sq * (sq + 1) // 2 if causal else sq * sk
-            total += 4.0 * batch * pairs * d
-        return total
-
-    def module_timings(self, min_run_time: float) -> list[dict[str, Any]]:
-        """Each swapped attention module alone, on its captured inputs: median forward time
-        (ms) before and after the swap (``profile.time_it``)."""
-        from .profile import time_it
-
-        out = []
-        seen = set()
-        for live in self.sites.values():
-            module = live._module  # type: ignore[attr-defined]
-            if live.status != "swapped" or id(module) in seen or module not in self.inputs:
-                continue
-            seen.add(id(module))
-            args, kwargs = self.inputs[module]
-
-            def call():
-                with torch.no_grad():
-                    return module(*args, **kwargs)
-
-            self.revert()
-            before = time_it(call, min_run_time, "eager")[0]
-            self.apply(self.target)
-            after = time_it(call, min_run_time, self.target)[0]
-            self.revert()
-            out.append({"module": live.module_name, "eager_ms": before, "swapped_ms": after,
-                        "speedup": before / after if after else None})
-        return out
-
-    # --- the permanent change
-    def patch(self) -> str:
-        """The source change of every verified swap, as one unified diff."""
-        by_file: dict[str, list[tuple]] = {}
-        for live in self.sites.values():
-            if live.status == "swapped" and live.site is not None:
-                by_file.setdefault(live.site.file, []).extend(self.edits_for(live, self.target))
-        if self.target == "flash_attention_2":
-            for file, edits in by_file.items():
-                old = Path(file).read_text()
-                if "flash_attn_func" not in old.split("\n\n\n")[0]:
-                    line = _last_import_line(old)
-                    edits.append((line, line, [old.splitlines()[line - 1], "from flash_attn import flash_attn_func"]))
-        return unified_diff(by_file)
-
-
-def _last_import_line(source: str) -> int:
-    """The last line of the module's top-level imports (1 when it has none)."""
-    import ast
-
-    last = 1
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            last = node.end_lineno
-    return last

@@ -1,10 +1,10 @@
 """The find_attention step: every attention site in source code or in a live model.
 
-``--source PATH`` reads .py files without importing them (``sites.analyze_path``): each
+``--source PATH`` reads .py files without importing them (``swap.scan.analyze_path``): each
 hand-written site with file:line, its form, mask, scale, dropout, GQA and softmax upcast,
 whether it can be swapped and why not; the calls that already use a fast path with what
 keeps them off the flash kernel; ``nn.MultiheadAttention`` calls that materialise the
-attention weights. ``--model SPEC`` runs the model (``rewrite.Swapper``): the same facts
+attention weights. ``--model SPEC`` runs the model (``swap.live.Swapper``): the same facts
 per attention-bearing submodule, with its qualified name, and, for a model without a
 transformers switch, each swap verified on the module's own inputs.
 
@@ -18,8 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import (CannotRun, Check, StepResult, default_run_folder, refuse_to_overwrite, write_patch,
-                     write_run_folder)
+from .. import models
+from ..env import resolve
+from ..measure.timing import forward_fn
+from ..measure.verify import verify_sites
+from ..report import (CannotRun, Check, StepResult, default_run_folder, refuse_to_overwrite, write_patch,
+                      write_run_folder)
+from ..swap import switch
+from ..swap.live import Swapper
+from ..swap.patch import patch_of, unified_diff
+from ..swap.scan import analyze_path
+from .session import check_shape
 
 STEP = "find_attention"
 
@@ -65,9 +74,7 @@ def find_attention(o: FindOptions, reporter: Any) -> StepResult:
     if o.source and o.model:
         raise CannotRun("pass --source PATH or --model SPEC, not both", "see find_attention.py --help")
     if not o.source and not o.model:
-        from .models import DEFAULT_MODEL
-
-        o.model = DEFAULT_MODEL
+        o.model = models.DEFAULT_MODEL
     refuse_to_overwrite(o.write_patch, "--write-patch")
     if o.source:
         result, patch, name = _from_source(o, reporter)
@@ -81,8 +88,6 @@ def find_attention(o: FindOptions, reporter: Any) -> StepResult:
 
 
 def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
-    from .sites import analyze_path, unified_diff
-
     path = Path(o.source).expanduser()
     if not path.exists():
         raise CannotRun(f"source path {o.source} does not exist", "pass a .py file or a folder of them")
@@ -110,11 +115,6 @@ def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
 
 
 def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
-    from . import models, switch
-    from .profile import forward_fn
-    from .rewrite import Swapper
-    from .session import check_shape, resolve
-
     check_shape(o.batch_size, o.seq_len, o.pad_fraction)
     env, device, dtype = resolve(o.device, o.dtype)
     models.classify(o.model)
@@ -138,8 +138,8 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     patch = ""
     if not loaded.is_transformers:
         with reporter.stage("swapping each site and verifying it on the module's own inputs"):
-            swapper.prepare(loaded, inputs, dtype, "sdpa")
-        patch = swapper.patch()
+            verify_sites(swapper, loaded, inputs, dtype, "sdpa")
+        patch = patch_of(swapper)
     found = [s.to_dict() for s in swapper.sites.values()]
     for s in found:
         if loaded.is_transformers and s["status"] == "kept" and not s["reason"]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from .report import CannotRun, Check, Reporter, StepResult
+from ..report import CannotRun, Check, Reporter, StepResult
 
 #: ``- [ ] TITLE: `python ${HERMES_SKILL_DIR}/scripts/STEP.py ...``` (one command per line)
 CHECKLIST_LINE = re.compile(r"^- \[ \] (?P<title>.+?): `(?P<run>python \$\{HERMES_SKILL_DIR\}/scripts/[\w.-]+\.py[^`]*)`\s*$")

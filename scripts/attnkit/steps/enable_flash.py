@@ -3,13 +3,14 @@
 ``enable_flash(options, reporter)`` is what ``scripts/enable_flash.py`` calls:
 
 1. load the model spec (``models.load``) and note its current attention implementation;
-2. run one small forward pass under the profiler to find its attention (no attention, or
-   attention with no switch, stops here with a clear reason);
+2. run one small forward pass under the profiler to find its attention
+   (``session.locate_attention``; no attention, or attention with no switch, stops here
+   with a clear reason), and swap and verify hand-written attention (``measure.verify``);
 3. choose the backend (``backends.choose``: ``auto`` or forced), with a reason for every
    backend not taken;
 4. measure the baseline (eager) and the candidate on the same inputs
-   (``profile.measure_backend``): kernels that ran, peak memory, median latency;
-5. run the float64 reference and judge accuracy (``accuracy.compare``);
+   (``measure.timing.measure_backend``): kernels that ran, peak memory, median latency;
+5. run the float64 reference and judge accuracy (``measure.accuracy.compare``);
 6. write report.json / report.md / report.png, and ``--save`` the switched model only when
    every check passed.
 
@@ -26,14 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import accuracy as acc_mod
-from . import models, switch
-from .backends import CATALOGUE, availability, choose
-from .profile import (Measurement, comparison_summary, forward_flops, forward_fn, is_oom, kernel_check,
-                      measure_backend, memory_check, oom_message, speed_check)
-from .report import (CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_mb, fmt_ms, refuse_to_overwrite,
-                     write_patch, write_run_folder)
-from .session import check_shape, open_session, resolve
+from .. import models
+from ..backends import BACKENDS, availability, choose
+from ..env import resolve
+from ..measure import accuracy as acc_mod
+from ..measure.flops import forward_flops, site_flops
+from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, oom_message, train_fn
+from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
+from ..measure.verify import module_timings, verify_sites
+from ..report import (CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_mb, fmt_ms, refuse_to_overwrite,
+                      write_patch, write_run_folder)
+from ..swap import switch
+from ..swap.patch import patch_of
+from .session import check_shape, open_session
 
 STEP = "enable_flash"
 
@@ -87,8 +93,6 @@ def _checks(base: Measurement, cand: Measurement, acc: acc_mod.Accuracy, model: 
 def _train_accuracy(loaded, inputs, backend: str, dtype, sdpa_kernels) -> tuple[acc_mod.Accuracy, dict]:
     """Training mode: outputs and every gradient of one forward + backward pass, baseline
     (eager) and candidate against float64, with dropout set to 0 so the passes compare."""
-    from .profile import train_fn
-
     runs = {}
     with acc_mod.dropout_off(loaded.model):
         for name in ("eager", backend):
@@ -133,8 +137,8 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     validate(o)
     env, device, dtype = resolve(o.device, o.dtype)
     for name in {o.baseline, o.backend} - {"auto"}:  # fail before loading anything
-        if name not in CATALOGUE:
-            raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(CATALOGUE)}", "")
+        if name not in BACKENDS:
+            raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}", "")
     if o.backend != "auto":
         choose(o.backend, env=env, device=device, dtype=dtype)
     base_av = availability(o.baseline, env=env, device=device, dtype=dtype)
@@ -150,13 +154,13 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     if swapper is not None:
         if choice.backend != swapper.target:
             with reporter.stage(f"swapping hand-written attention for {choice.backend} and verifying each site"):
-                swapper.prepare(loaded, loaded.probe(), dtype, choice.backend)
+                verify_sites(swapper, loaded, loaded.probe(), dtype, choice.backend)
             swapper.require_swapped()
         with reporter.stage(f"recording the attention calls at batch {o.batch_size}, seq_len {seq_len}"):
             calls = swapper.capture(forward_fn(loaded, inputs))
         flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, None, o.train,
-                              swapper.attention_flops(calls))
-        patch = swapper.patch()
+                              site_flops(calls))
+        patch = patch_of(swapper)
 
     data: dict[str, Any] = session.data()
     data.update({
@@ -190,7 +194,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         if swapper is not None and not cand.error:
             stage = "timing each attention module alone"
             with reporter.stage(stage):
-                timings = swapper.module_timings(max(0.05, o.min_run_time / 2))
+                timings = module_timings(swapper, max(0.05, o.min_run_time / 2))
                 swapper.apply(choice.backend)
             before, after = sum(t["eager_ms"] for t in timings), sum(t["swapped_ms"] for t in timings)
             data["attention_modules"] = {"per_module": timings, "eager_ms": before, "swapped_ms": after,

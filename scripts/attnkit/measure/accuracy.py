@@ -26,7 +26,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+from ..report import CannotRun
+from ..swap import switch
+from .timing import is_oom, oom_message, run_backend, train_fn
 
 RULE = "err <= 2 x baseline err + eps(dtype) x max|ref| (flash-attn tests)"
 
@@ -180,8 +182,6 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
 
     Raises what the forward pass raises (an out-of-memory error included).
     """
-    from . import switch
-
     if loaded.family == "causal-lm" and "attention_mask" in inputs.kwargs:
         inputs = type(inputs)(inputs.batch_size, inputs.seq_len, inputs.args,
                               {k: v for k, v in inputs.kwargs.items() if k != "attention_mask"}, inputs.valid,
@@ -195,83 +195,6 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
             switch.revert(loaded.model, previous)
 
 
-# ----------------------------------------------------------------------------- the step
-
-@dataclass
-class AccuracyOptions:
-    """What ``compare_accuracy.py`` takes (see its --help)."""
-
-    model: str | None = None
-    against: str | None = None
-    baseline: str | None = None  # None: eager for one model; as loaded for two
-    candidate: str | None = None  # None: auto's choice for one model; as loaded for two
-    batch_size: int = 1
-    seq_len: int = 1024
-    pad_fraction: float | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    sdpa_kernels: list[str] | None = None
-    trust_remote_code: bool = False
-    report_dir: str | None = None
-    write_report: bool = True
-
-
-def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
-    """Compare the outputs of two backends of one model, or of two model specs (for example
-    a checkpoint and its switched copy from ``enable_flash.py --save``), on the same inputs,
-    against the float64 eager run of the first (see the module docstring for the rule).
-
-    Passes when the candidate is within tolerance. Raises ``CannotRun`` when it cannot run
-    (an out-of-memory error included: there is nothing to compare then).
-    """
-    from pathlib import Path
-
-    from .backends import BACKENDS, choose, dtype_name
-    from .session import open_session, resolve
-
-    for name in (o.baseline, o.candidate):
-        if name not in (None, "auto") and name not in BACKENDS:
-            raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}", "")
-    env, device, dtype = resolve(o.device, o.dtype)
-    kw = dict(device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=o.seq_len, pad_fraction=o.pad_fraction,
-              trust_remote_code=o.trust_remote_code, reporter=reporter, env=env)
-    first = open_session(o.model, **kw)
-    second = open_session(o.against, **kw) if o.against else first
-
-    def pick(session, requested, default):
-        name = requested or default or "eager"
-        if name == "auto":
-            return choose("auto", env=env, device=device, dtype=dtype, model=session.loaded.model).backend
-        return name
-
-    if o.against:
-        baseline = pick(first, o.baseline, first.loaded.original_backend)
-        candidate = pick(second, o.candidate, second.loaded.original_backend)
-        labels = (f"{first.loaded.name}: {baseline}", f"{second.loaded.name}: {candidate}")
-    else:
-        baseline, candidate = pick(first, o.baseline, "eager"), pick(first, o.candidate, "auto")
-        labels = (baseline, candidate)
-    inputs = first.inputs
-    acc = judge_outputs(first.loaded, second.loaded, inputs, baseline, candidate, labels, reporter, dtype,
-                        o.sdpa_kernels)
-    data = first.data()
-    data.update({"against": o.against, "baseline": {"backend": baseline, "label": labels[0]},
-                 "candidate": {"backend": candidate, "label": labels[1]}, "report_dir": None,
-                 "sdpa_kernels_allowed": o.sdpa_kernels})
-    data["accuracy"] = acc.to_dict()
-    check = Check("accuracy", acc.passed, acc.evidence())
-    verdict = "outputs match" if acc.passed else "outputs differ"
-    summary = f"{labels[0]} -> {labels[1]}: {verdict} ({acc.evidence().split(' vs ')[0]})"
-    result = StepResult("compare_accuracy", "pass" if acc.passed else "fail", summary, [check], data,
-                        f"{candidate} computes the same function within {dtype_name(dtype)} error" if acc.passed else
-                        "do not keep this switch: compare at --dtype float32 to tell kernel error from precision, "
-                        "and read data.accuracy")
-    if o.write_report:
-        write_run_folder(result, Path(o.report_dir) if o.report_dir else
-                         default_run_folder("compare_accuracy", first.loaded.name))
-    return result
-
-
 def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate: str, labels: tuple[str, str],
                   reporter: Any, dtype: torch.dtype, sdpa_kernels: list[str] | None = None) -> Accuracy:
     """Run ``inputs`` through ``first`` with ``baseline`` and ``second`` (``models.LoadedModel``,
@@ -280,8 +203,6 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
     Raises ``CannotRun`` on out-of-memory (nothing to compare then) or when the two
     outputs differ in shape.
     """
-    from .profile import is_oom, oom_message, run_backend
-
     try:
         with reporter.stage(f"running {labels[0]}"):
             base_out = run_backend(first, inputs, baseline, sdpa_kernels)
@@ -303,9 +224,6 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
 def reference_train(loaded: Any, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + backward in float64 with eager attention and the runs' own loss weights:
     (output, gradients), both float64. The model's weights are restored exactly."""
-    from . import switch
-    from .profile import train_fn
-
     previous = switch.apply(loaded.model, "eager") if switch.has_switch(loaded.model) else None
     try:
         with exact_cast(loaded.model):

@@ -1,8 +1,8 @@
 """A model loaded on a device with its inputs: what every model step starts from.
 
 ``open_session`` resolves device and dtype, loads the spec, finds its attention with one
-small profiled forward pass, caps the sequence length to the model's maximum and builds
-the example inputs. ``enable_flash``, ``profile_attention`` and ``compare_accuracy`` all
+small profiled forward pass (``locate_attention``), swaps and verifies hand-written
+attention, caps the sequence length to the model's maximum and builds the example inputs. ``enable_flash``, ``profile_attention`` and ``compare_accuracy`` all
 start here, so they measure the same thing the same way.
 """
 
@@ -13,11 +13,14 @@ from typing import Any
 
 import torch
 
-from . import models
-from .backends import dtype_name, parse_dtype, resolve_device
-from .env import Environment, environment
-from .profile import find_attention
-from .report import CannotRun, Reporter
+from .. import models
+from ..env import Environment, dtype_name, resolve
+from ..measure.kernels import attention_kernels, profiled
+from ..measure.timing import forward_fn
+from ..measure.verify import verify_sites
+from ..report import CannotRun, Reporter
+from ..swap import switch
+from ..swap.live import Swapper, swapper_of
 
 
 @dataclass
@@ -33,8 +36,6 @@ class Session:
     @property
     def swapper(self):
         """The hand-written attention swapper of a model without a transformers switch (or None)."""
-        from .rewrite import swapper_of
-
         return swapper_of(self.loaded.model)
 
     def data(self) -> dict[str, Any]:
@@ -61,12 +62,6 @@ def check_shape(batch_size: int, seq_len: int, pad_fraction: float | None) -> No
         raise CannotRun(f"--pad-fraction must be in [0, 1), not {pad_fraction}", "")
 
 
-def resolve(device: str, dtype: str, env: Environment | None = None) -> tuple[Environment, str, torch.dtype]:
-    env = env or environment()
-    dev = resolve_device(device, env)
-    return env, dev, parse_dtype(dtype, env, dev)
-
-
 def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
                  seq_len: int = 1024, pad_fraction: float | None = None, trust_remote_code: bool = False,
                  baseline: str = "eager", reporter: Reporter | None = None,
@@ -89,13 +84,11 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     if train:
         loaded.model.train()
     with reporter.stage("finding the attention"):
-        ops = find_attention(loaded, baseline)
-    from .rewrite import swapper_of
-
+        ops = locate_attention(loaded, baseline)
     swapper = swapper_of(loaded.model)
     if swapper is not None:
         with reporter.stage("swapping hand-written attention for SDPA and verifying each site"):
-            swapper.prepare(loaded, loaded.probe(), dt, "sdpa")
+            verify_sites(swapper, loaded, loaded.probe(), dt, "sdpa")
         swapper.require_swapped()
     limit = loaded.max_seq_len()
     if limit and seq_len > limit:
@@ -104,3 +97,35 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     for note in notes:
         reporter.note(note)
     return Session(env, dev, dt, loaded, loaded.inputs(batch_size, seq_len, pad_fraction), ops, notes)
+
+
+def locate_attention(loaded: Any, baseline: str = "eager") -> dict[str, int]:
+    """One forward pass of ``loaded`` (a ``models.LoadedModel``) at a small shape under the
+    profiler, with ``baseline`` attention; returns the attention ops it ran.
+
+    A model without a transformers switch is run under ``swap.live.Swapper.discover``
+    instead, which records its attention sites for the swap.
+
+    Raises ``CannotRun`` when the pass fails or when no attention runs.
+    """
+    if loaded.is_transformers:
+        switch.apply(loaded.model, baseline)
+    probe = loaded.probe()
+    try:
+        if not loaded.is_transformers:
+            sites = Swapper(loaded.model).discover(forward_fn(loaded, probe))
+            counts = {f"{s.kind} site at {s.file}:{s.line}": s.calls for s in sites}
+        else:
+            with torch.inference_mode(), profiled() as prof:
+                loaded.forward(probe)
+            counts = dict(attention_kernels(prof.events()))
+    except CannotRun:
+        raise
+    except Exception as exc:
+        raise CannotRun(f"a forward pass of {loaded.spec} on {probe.description} raised {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}", "check that the model runs on its own; a factory "
+                        "may define example_inputs(batch_size, seq_len)") from None
+    if not counts:
+        raise CannotRun(f"no attention in {loaded.spec}: a forward pass ran no softmax, SDPA or flash-attn op",
+                        "this job speeds up attention; the model has none to switch")
+    return counts

@@ -18,27 +18,24 @@ from typing import Iterator
 
 from torch import nn
 
-from .report import CannotRun
+from ..backends import SDPA
+from ..report import CannotRun
+from .live import swapper_of
 
-#: ``--sdpa-kernel`` names -> ``torch.nn.attention.SDPBackend`` member names.
-SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                "math": "MATH"}
+#: ``--sdpa-kernel`` names -> ``torch.nn.attention.SDPBackend`` member names (the registry's SDPA kernels).
+SDPA_KERNELS = {k.name: k.sdp_backend for k in SDPA.kernels}
 
 
 def has_switch(model: nn.Module) -> bool:
-    """A transformers model, or a model whose hand-written attention ``rewrite`` swapped."""
-    from transformers import PreTrainedModel
-
-    from .rewrite import swapper_of
+    """A transformers model, or a model whose hand-written attention ``live`` swapped."""
+    from transformers import PreTrainedModel  # here, not at import: it loads all of modeling_utils (seconds)
 
     return isinstance(model, PreTrainedModel) or swapper_of(model) is not None
 
 
 def current(model: nn.Module) -> str | None:
     """The model's attention implementation: ``config._attn_implementation`` for transformers,
-    what ``rewrite`` has installed for a swapped model, else None."""
-    from .rewrite import swapper_of
-
+    what ``live`` has installed for a swapped model, else None."""
     swapper = swapper_of(model)
     if swapper is not None:
         return swapper.backend
@@ -50,13 +47,11 @@ def apply(model: nn.Module, backend: str) -> str | None:
     """Switch ``model`` to ``backend`` in place; return the previous implementation.
 
     A transformers model switches with ``set_attn_implementation``; a model whose
-    hand-written attention ``rewrite`` swapped installs (or, for ``eager``, removes) the
+    hand-written attention ``live`` swapped installs (or, for ``eager``, removes) the
     verified swaps. Raises ``CannotRun`` when the model has no switch, when transformers
     refuses the backend (its message kept), or when the switch did not take.
     """
     from transformers import PreTrainedModel
-
-    from .rewrite import swapper_of
 
     swapper = swapper_of(model)
     if swapper is not None:

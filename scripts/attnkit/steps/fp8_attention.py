@@ -29,7 +29,11 @@ from typing import Any
 
 import torch
 
-from .report import CannotRun, Check, StepResult, fmt_ms
+from ..backends import BACKENDS, probe
+from ..env import architecture, environment
+from ..measure.flops import attention_flops
+from ..measure.timing import time_it
+from ..report import CannotRun, Check, StepResult, fmt_ms
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448.0
@@ -80,15 +84,16 @@ def _first(out: Any) -> torch.Tensor:
 
 def requirements(env: Any) -> list[str]:
     """Why FP8 FlashAttention-3 cannot run here (empty when it can)."""
-    from .env import architecture
-
     reasons = []
     if not env.cuda_available:
         reasons.append("no CUDA GPU is visible (FP8 FlashAttention-3 needs a Hopper GPU)")
     elif env.capability and env.capability[0] != 9:
         reasons.append(f"GPU 0 is {architecture(env.capability)}; FlashAttention-3's FP8 path needs Hopper (sm90)")
-    if not env.flash_attn_interface.importable:
-        reasons.append(f"flash_attn_interface: {env.flash_attn_interface.meaning}")
+    fa3 = BACKENDS["flash_attention_3"]
+    if probe.installed(fa3) is None:
+        reasons.append(f"flash_attn_interface: not installed: {fa3.install}")
+    elif not probe.imports(fa3).importable:
+        reasons.append(f"flash_attn_interface: {probe.imports(fa3).meaning}")
     return reasons
 
 
@@ -100,9 +105,6 @@ def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
     FlashAttention-3 does not take (head_dim not a multiple of 16 or over 256, heads not a
     multiple of kv_heads).
     """
-    from .env import environment
-    from .profile import attention_flops, time_it
-
     step = "fp8_attention"
     if o.heads % o.kv_heads:
         raise CannotRun(f"--heads {o.heads} is not a multiple of --kv-heads {o.kv_heads}", "")
@@ -113,7 +115,7 @@ def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
              "head_dim": o.head_dim, "causal": o.causal, "layout": "[B, S, H, D]"}
     data: dict[str, Any] = {"shape": shape, "device": "cuda" if env.cuda_available else "cpu",
                             "gpu": env.gpus[0].name if env.gpus else None,
-                            "flash_attn_interface": env.flash_attn_interface.to_dict()}
+                            "flash_attn_interface": probe.package_probe("flash_attn_interface").to_dict()}
     missing = requirements(env)
     if missing:
         return StepResult(step, "skip", "FP8 attention not run: " + "; ".join(missing), [], data,

@@ -1,0 +1,163 @@
+"""Which backends can run here, and which one ``auto`` picks, with a reason for each.
+
+``availability()`` gives one backend's verdict for a model, device and dtype, reading only
+its record (``catalogue.BACKENDS``) and the machine's facts (``env``); ``choose()``
+applies the verdicts: ``auto`` takes the first available of ``AUTO_ORDER`` and records why
+every other backend was not taken; a forced backend that cannot run raises ``CannotRun``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..env import Environment, architecture, dtype_name
+from ..report import CannotRun
+from . import probe
+from .catalogue import BACKENDS
+
+#: ``auto`` takes the first available of these (FlashAttention-3 only on Hopper).
+AUTO_ORDER = ("flash_attention_3", "flash_attention_2", "sdpa")
+
+
+@dataclass
+class Availability:
+    """Whether ``backend`` can run for this model, device and dtype, and why not."""
+
+    backend: str
+    available: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "available": self.available, "reason": self.reason}
+
+
+def head_dim_of(model: Any) -> int | None:
+    """head_dim from a transformers config (``head_dim`` or hidden_size / num_attention_heads)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        config = config.get_text_config()
+    except AttributeError:
+        pass
+    head_dim = getattr(config, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads
+    return head_dim
+
+
+def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None) -> Availability:
+    """Can ``name`` run here? Checks the model class, the dtype, the package, the device,
+    the GPU capability and head_dim; every failing one is a reason, in that order, joined
+    by "; " (the first is the headline).
+
+    Raises ``CannotRun`` for a name not in ``BACKENDS``.
+    """
+    if name not in BACKENDS:
+        raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}", "")
+    info = BACKENDS[name]
+    reasons = []
+    if model is not None and info.class_flag and hasattr(model, info.class_flag) and not getattr(model, info.class_flag):
+        reasons.append(f"{type(model).__name__} does not support {name} (transformers sets {info.class_flag} = False "
+                       "for this class)")
+    if info.dtypes and dtype not in info.dtypes:
+        reasons.append(f"{name} runs fp16 and bf16 only (its kernels have no {dtype_name(dtype)} path); "
+                       "pass --dtype bfloat16 (or float16 on GPUs older than Ampere)")
+    if name == "sdpa" and not env.torch_sdpa_ok:
+        reasons.append(f"torch {env.torch_version} is older than 2.2: no fused SDPA kernels")
+    if info.distributions and probe.installed(info) is None:
+        reasons.append(f"{info.module}: not installed: {info.install} [no pip distribution "
+                       f"{' or '.join(info.distributions)}]")
+    elif info.module:
+        found = probe.imports(info)
+        if not found.importable:
+            reasons.append(f"{info.module}: {found.meaning} [{found.error}]")
+    kind = "cuda" if device.startswith("cuda") else device
+    if kind not in info.devices:
+        reasons.append(f"{name} needs a CUDA GPU; the device here is {device}")
+    elif kind == "cuda" and env.capability is not None:
+        cap = env.capability
+        if info.min_capability and cap < info.min_capability:
+            reasons.append(f"{name} needs compute capability {info.min_capability[0]}.{info.min_capability[1]}+; "
+                           f"GPU 0 is {architecture(cap)}")
+        elif info.capabilities and cap[0] not in info.capabilities:
+            reasons.append(f"{name} runs on " + " and ".join(f"sm{m}0" for m in info.capabilities) +
+                           f" GPUs only; GPU 0 is {architecture(cap)}")
+    head_dim = head_dim_of(model)
+    if info.max_head_dim and head_dim and head_dim > info.max_head_dim:
+        reasons.append(f"head_dim {head_dim} > {info.max_head_dim}, the largest {name} compiles")
+    if info.head_dim_multiple and head_dim and head_dim % info.head_dim_multiple:
+        reasons.append(f"head_dim {head_dim} is not a multiple of {info.head_dim_multiple}, as {name} needs")
+    if info.extra_probe is not None:
+        extra = info.extra_probe(env)
+        if extra:
+            reasons.append(extra)
+    return Availability(name, not reasons, "; ".join(reasons) or "available")
+
+
+@dataclass
+class Choice:
+    """The backend to switch to, why, and why each other one was not taken."""
+
+    backend: str
+    why: str
+    rejected: list[Availability]
+
+
+def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None) -> Choice:
+    """Pick the backend: ``auto`` or a forced name.
+
+    ``auto`` takes the first available of ``AUTO_ORDER`` (FlashAttention-3 only on Hopper,
+    the GPU it is written for). Raises ``CannotRun`` when a forced backend cannot run here,
+    with what to install or pass, or when ``auto`` finds nothing better than eager.
+    """
+    verdicts = {name: availability(name, env=env, device=device, dtype=dtype, model=model) for name in BACKENDS}
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise CannotRun(f"unknown --backend {requested!r}; choose from auto, {', '.join(BACKENDS)}", "")
+        v = verdicts[requested]
+        if not v.available:
+            raise CannotRun(f"--backend {requested} cannot run here: {v.reason}", _hint(requested, v.reason))
+        chosen, why = requested, "forced with --backend"
+    else:
+        chosen, why = None, ""
+        for name in AUTO_ORDER:
+            v = verdicts[name]
+            if name == "flash_attention_3" and v.available and (env.capability or (0, 0))[0] != 9:
+                verdicts[name] = Availability(name, True, "available, but auto takes FlashAttention-3 only on Hopper "
+                                                          "(sm90), the GPU it is written for")
+                continue
+            if v.available:
+                chosen, why = name, BACKENDS[name].why
+                break
+        if chosen is None:
+            raise CannotRun("no fused attention backend can run here: " +
+                            "; ".join(f"{n}: {verdicts[n].reason}" for n in AUTO_ORDER), "see check_env.py")
+    rejected = []
+    for name in BACKENDS:
+        if name == chosen:
+            continue
+        v = verdicts[name]
+        if not BACKENDS[name].auto:
+            reason = BACKENDS[name].not_auto if v.available else f"{v.reason}"
+        elif v.available and v.reason == "available":
+            reason = f"available, but {chosen} was preferred" + (" (forced)" if requested != "auto" else "")
+        else:
+            reason = v.reason
+        rejected.append(Availability(name, v.available, reason))
+    return Choice(chosen, why, rejected)
+
+
+def _hint(name: str, reason: str) -> str:
+    if "fp16 and bf16" in reason:
+        return "pass --dtype bfloat16 (or --backend sdpa, which runs fp32 too)"
+    if "not installed" in reason:
+        return "install it, or use --backend sdpa, which ships with torch"
+    if "needs a CUDA GPU" in reason:
+        return "run on a machine with an NVIDIA GPU, or use --backend sdpa on this one"
+    return "use --backend auto to take the best backend that runs here"

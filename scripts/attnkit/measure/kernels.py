@@ -1,0 +1,74 @@
+"""What ran: attention evidence in a ``torch.profiler`` trace.
+
+One forward pass under the profiler; the op and GPU kernel names it records are the
+evidence of what ran (``aten::_scaled_dot_product_flash_attention_for_cpu`` for SDPA's
+fused CPU kernel, ``aten::_softmax`` + ``aten::bmm`` for hand-written attention,
+``pytorch_flash::flash_fwd_kernel`` on a GPU). Which names prove which backend is read
+from the backend records (``Backend.kernel_markers``, ``SdpaKernel.ops``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections import Counter
+from typing import Any
+
+from ..backends import BACKENDS, SDPA
+
+#: Fused attention ops -> the SDPA kernel they prove ran (names as torch.profiler shows them).
+SDPA_OPS = {op: (k.name + " (cpu)" if op.endswith("_for_cpu") else k.name) for k in SDPA.kernels for op in k.ops}
+SDPA_OPS["aten::_scaled_dot_product_fused_attention_overrideable"] = "overrideable"
+
+#: What hand-written attention leaves in a trace: the softmax kernel and batched matmuls.
+UNFUSED_OPS = ("aten::_softmax", "aten::bmm")
+
+#: Substrings of the attention libraries' op names (flash_attn::_flash_attn_forward,
+#: flash_attn_3::fwd, flex_attention), from the records of every backend outside SDPA.
+LIBRARY_MARKERS = tuple(sorted({m for b in BACKENDS.values() if b.name not in ("eager", "sdpa")
+                                for m in b.kernel_markers}))
+
+#: GPU kernels worth naming as attention evidence.
+DEVICE_KERNEL = re.compile(r"flash|fmha|attention|sdpa|softmax", re.IGNORECASE)
+
+
+def fused(kernels: list[str]) -> list[str]:
+    """The fused attention ops among ``kernels`` (SDPA's non-math kernels, the libraries')."""
+    return [k for k in kernels if (k in SDPA_OPS and SDPA_OPS[k] != "math") or any(m in k for m in LIBRARY_MARKERS)]
+
+
+def _short(name: str) -> str:
+    """A GPU kernel name without its return type, anonymous namespaces, template and call
+    arguments: 'void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>(...)'
+    -> 'at::native::cunn_SoftMaxForward'."""
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "")
+    return name.split("<", 1)[0].split("(", 1)[0]
+
+
+def attention_kernels(events: Any) -> Counter:
+    """Count the attention evidence in a profiler's events: fused ops, unfused ops,
+    library ops, and GPU kernels whose names say attention or softmax."""
+    counts: Counter = Counter()
+    for e in events:
+        name = e.name
+        on_device = str(getattr(e, "device_type", "")).endswith("CUDA")
+        if on_device:
+            if DEVICE_KERNEL.search(name):
+                counts["gpu:" + _short(name)] += 1
+        elif name in SDPA_OPS or name in UNFUSED_OPS or any(m in name for m in LIBRARY_MARKERS):
+            counts[name] += 1
+    return counts
+
+
+@contextlib.contextmanager
+def profiled(device: str = "cpu", memory: bool = False):
+    """``torch.profiler.profile`` over CPU (and CUDA on a GPU), without torch 2.11's
+    once-per-profile "Profiler clears events" warning."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Profiler clears events")
+        with profile(activities=activities, profile_memory=memory) as prof:
+            yield prof

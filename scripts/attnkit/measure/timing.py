@@ -1,0 +1,247 @@
+"""Measure one backend: the attention kernels that ran, peak memory, latency, TFLOP/s.
+
+* Kernels: one forward pass under ``torch.profiler`` (``kernels.py`` reads the evidence).
+* Peak memory (MB = 2**20 bytes): the most memory allocated at once during one forward
+  pass, above what was allocated before it (activations, score matrices, the output;
+  not the weights). CUDA: ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``. CPU: the running sum of the profiler's memory events
+  (``profile_memory=True``), since the CPU allocator keeps no peak counter.
+* Latency (ms): the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after a
+  warm-up pass, with its IQR; the Timer synchronises CUDA and uses all CPU threads here.
+* FLOPs: useful work, the same for every backend so TFLOP/s compare (``flops.py``).
+
+A backend that runs out of memory is recorded as such (``Measurement.error``); the
+caller goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..report import CannotRun
+from ..swap import switch
+from .flops import forward_flops
+from .kernels import SDPA_OPS, attention_kernels, fused, profiled
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error of a CUDA or CPU allocation."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def oom_message(exc: BaseException) -> str:
+    first = " ".join(str(exc).split())
+    match = re.search(r"(tried to allocate [\d.]+ ?\w+)", first, re.IGNORECASE)
+    return "out of memory" + (f" ({match.group(1)})" if match else f": {first[:160]}")
+
+
+@dataclass
+class Measurement:
+    """One backend measured on one input. ``error`` set means it could not run."""
+
+    backend: str
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+    runs: int = 0
+    peak_memory_mb: float | None = None
+    kernels: list[str] = field(default_factory=list)
+    kernel_counts: dict[str, int] = field(default_factory=dict)
+    sdpa_kernel: str | None = None
+    flops: float | None = None
+    tflops: float | None = None
+    mode: str = "forward"
+    error: str | None = None
+    label: str | None = None  # which model / setting, when one step measures several
+    seq_len: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def fused(self) -> list[str]:
+        """Fused attention ops seen (SDPA's non-math kernels, flash-attn, flex)."""
+        return fused(self.kernels)
+
+
+def _cpu_peak_mb(prof: Any) -> float | None:
+    """Peak of the running sum of CPU allocations in a profile (MB), from its memory events."""
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                  and e.device_type() == torch.autograd.DeviceType.CPU]
+    except AttributeError:  # a torch whose profiler keeps no kineto results
+        return None
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def profile_once(run: Callable[[], Any], device: str, measurement: Measurement) -> Any:
+    """Run ``run()`` once under torch.profiler; fill kernels and peak memory; return its output."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with profiled(device, memory=not device.startswith("cuda")) as prof:
+        out = run()
+        synchronize(device)
+    if device.startswith("cuda"):
+        measurement.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        measurement.peak_memory_mb = _cpu_peak_mb(prof)
+    counts = attention_kernels(prof.events())
+    measurement.kernel_counts = dict(sorted(counts.items()))
+    measurement.kernels = sorted(counts)
+    sdpa = sorted({SDPA_OPS[k] for k in counts if k in SDPA_OPS})
+    measurement.sdpa_kernel = ", ".join(sdpa) if sdpa else None
+    return out
+
+
+def time_it(run: Callable[[], Any], min_run_time: float, label: str) -> tuple[float, float | None, int]:
+    """Median and IQR (ms; None with fewer than 4 timed blocks) and number of runs, from
+    ``torch.utils.benchmark``."""
+    import torch.utils.benchmark as benchmark
+
+    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads(),
+                            label="attention", sub_label=label)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    iqr = m.iqr * 1e3 if len(m.times) >= 4 else None  # quartiles of fewer than 4 blocks mean nothing
+    return m.median * 1e3, iqr, len(m.times) * m.number_per_run
+
+
+def no_kernel_reasons(caught: list) -> str:
+    """torch's own reasons why no SDPA kernel could take the inputs, from its warnings."""
+    reasons = []
+    for w in caught:
+        text = " ".join(str(w.message).split())
+        text = re.sub(r" ?\(Triggered internally at [^)]*\)\.?", "", text).strip()
+        if text and not text.endswith("not used because:") and text not in reasons:
+            reasons.append(text)
+    return "; ".join(reasons)[:600] or "torch gave no reason"
+
+
+def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: float = 1.0,
+            flops: float | None = None, mode: str = "forward") -> tuple[Measurement, Any]:
+    """Measure ``run`` (one forward pass of the model, already switched to ``backend``).
+
+    Order: a warm-up pass, a profiled pass (kernels, peak memory, the output returned),
+    then ``time_it``. Out-of-memory at any point is recorded in ``Measurement.error`` and
+    the output is None. Raises ``CannotRun`` when SDPA has no allowed kernel for the
+    inputs (``--sdpa-kernel`` too narrow), with torch's reasons; other exceptions propagate.
+    """
+    m = Measurement(backend, flops=flops, mode=mode)
+    out = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                run()  # warm-up: lazy inits, allocator growth, kernel selection
+            except RuntimeError as exc:
+                if not any(t in str(exc) for t in ("No available kernel", "No viable backend")):
+                    raise
+                reasons = no_kernel_reasons(caught)
+                if device == "cpu" and reasons == "torch gave no reason":
+                    reasons = "on CPU, SDPA has only its flash and math kernels"
+                raise CannotRun(f"{backend}: no allowed SDPA kernel can take these inputs: {reasons}", "allow more kernels (drop --sdpa-kernel) or change "
+                                "the inputs") from None
+        synchronize(device)
+        out = profile_once(run, device, m)
+        m.latency_ms, m.latency_iqr_ms, m.runs = time_it(run, min_run_time, backend)
+        if flops and m.latency_ms:
+            m.tflops = flops / (m.latency_ms * 1e-3) / 1e12
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        m.error = oom_message(exc)
+        out = None
+        free_memory(device)
+    return m, out
+
+
+def forward_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) -> Callable[[], torch.Tensor]:
+    """A closure running one inference forward pass of ``loaded`` on ``inputs``."""
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), switch.sdpa_kernels(sdpa_kernels):
+            return loaded.forward(inputs)
+
+    return run
+
+
+def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) -> Callable[[], tuple]:
+    """A closure running one forward + backward pass, with the loss sum(output * G) for a
+    fixed random G (seed 0, the output's shape, made in the output's dtype the first time
+    and kept in ``loaded.train_weights`` so every run, the float64 reference included,
+    uses the same values). Returns (output, gradients): parameter name -> grad, and
+    "input:i" -> grad for floating positional inputs."""
+    model = loaded.model
+    probe = loaded.train_weights
+
+    def run() -> tuple:
+        for p in model.parameters():
+            p.grad = None
+        args = tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in inputs.args)
+        with torch.enable_grad(), switch.sdpa_kernels(sdpa_kernels):
+            out = loaded.forward(type(inputs)(inputs.batch_size, inputs.seq_len, args, inputs.kwargs, inputs.valid))
+            if "g" not in probe or probe["g"].shape != out.shape:
+                gen = torch.Generator().manual_seed(0)
+                probe["g"] = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+            (out * probe["g"].to(out.dtype)).sum().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads.update({f"input:{i}": a.grad.detach().clone() for i, a in enumerate(args)
+                      if isinstance(a, torch.Tensor) and a.grad is not None})
+        return out.detach(), grads
+
+    return run
+
+
+def run_backend(loaded: Any, inputs: Any, backend: str, sdpa_kernels: list[str] | None = None) -> torch.Tensor:
+    """Switch ``loaded`` to ``backend`` and run one forward pass (no timing); the output.
+
+    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``).
+    """
+    if switch.has_switch(loaded.model):
+        switch.apply(loaded.model, backend)
+    return forward_fn(loaded, inputs, sdpa_kernels)()
+
+
+def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: float = 1.0,
+                    sdpa_kernels: list[str] | None = None, label: str | None = None, train: bool = False,
+                    flops: float | None = None) -> tuple[Measurement, Any]:
+    """Switch ``loaded`` (a ``models.LoadedModel``) to ``backend`` and ``measure`` its forward
+    pass on ``inputs`` (forward + backward with ``train``); returns the measurement and the
+    output (with ``train``: the pair (output, gradients)), None on OOM. ``flops`` overrides
+    the model's own count (``forward_flops``; x3 for linear layers and x3.5 for attention
+    with ``train``, flash-attn's benchmark counts a backward as 2.5 forwards).
+
+    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``).
+    """
+    if switch.has_switch(loaded.model):
+        switch.apply(loaded.model, backend)
+    if flops is None:
+        flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, loaded.attention_shape(), train)
+    run = train_fn(loaded, inputs, sdpa_kernels) if train else forward_fn(loaded, inputs, sdpa_kernels)
+    m, out = measure(run, backend=backend, device=loaded.device, min_run_time=min_run_time, flops=flops,
+                     mode="forward+backward" if train else "forward")
+    m.label, m.seq_len = label, inputs.seq_len
+    return m, out

@@ -1,0 +1,120 @@
+"""The proof that a hand-written attention swap computes the same function, site by site.
+
+``swap.live.Swapper`` finds the sites and installs rewrites; it never judges them. Here
+each candidate is installed alone (``Swapper.trial``) and run on its module's own
+captured inputs, in eval mode: the swapped output against the original's, judged with
+``accuracy.compare`` against a float64 run of the original, with the profiler naming the
+kernel that ran. A swap that raises or differs stays ``kept`` with the reason; then the
+whole model runs with every verified swap installed (``verify_model``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..models import cast_floating, select_output
+from .accuracy import compare, exact_cast, reference_output
+from .kernels import attention_kernels, profiled
+from .timing import run_backend, time_it
+
+
+def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, backend: str = "sdpa") -> list:
+    """Try every candidate site of ``swapper`` for ``backend`` (sdpa or flash_attention_2)
+    one at a time on its module's own inputs, mark those that match ``swapped``, then check
+    the whole model (``loaded``, a ``models.LoadedModel``) on ``inputs`` with them all
+    installed (``verify_model``). Returns every site."""
+    for live in swapper.candidates(backend):
+        args, kwargs = swapper.module_inputs(live)
+        module = live._module  # type: ignore[attr-defined]
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                base = select_output(module(*args, **kwargs))
+                with exact_cast(module):
+                    ref = select_output(module(*cast_floating(args, torch.float64),
+                                             **cast_floating(kwargs, torch.float64))).double()
+            try:
+                with swapper.trial(live), torch.no_grad(), profiled() as prof:
+                    cand = select_output(module(*args, **kwargs))
+            except Exception as exc:
+                live.reason = f"the swapped code raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                continue
+            acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
+                          reference_name="float64 original")
+            live.accuracy = acc.to_dict()
+            kernels = [k for k in attention_kernels(prof.events())
+                       if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
+            live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
+            if not acc.passed:
+                live.reason = f"outputs differ after the swap: {acc.evidence()}"
+                continue
+            live.status = "swapped"
+        finally:
+            module.train(was_training)
+    swapper.revert()
+    verify_model(swapper, loaded, inputs, dtype)
+    return list(swapper.sites.values())
+
+
+def verify_model(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype) -> None:
+    """Run the whole model with every verified swap installed, against the original: a
+    swap that changes what a function returns (the attention weights, now None) is only
+    safe when no caller uses them. On a failure, such swaps are reverted and the model is
+    checked again; if it still fails, every swap is reverted."""
+
+    def check() -> str:
+        try:
+            base = run_backend(loaded, inputs, "eager")
+            cand = run_backend(loaded, inputs, swapper.target)
+        except Exception as exc:
+            return f"the model raised {type(exc).__name__} with the swaps: {' '.join(str(exc).split())[:160]}"
+        finally:
+            swapper.revert()
+        ref = reference_output(loaded, inputs, "eager")
+        acc = compare(cand, base, ref, valid=inputs.valid, dtype=dtype, language_model=False,
+                      reference_name="float64 original")
+        return "" if acc.passed else f"the model's output differs with the swaps: {acc.evidence()}"
+
+    if not any(s.status == "swapped" for s in swapper.sites.values()):
+        return
+    problem = check()
+    if not problem:
+        return
+    changed = [s for s in swapper.sites.values() if s.status == "swapped" and s.site is not None and
+               any("returned the attention weights" in n for n in s.site.notes)]
+    for s in changed:
+        s.status, s.reason = "kept", f"its caller uses the attention weights it returns ({problem})"
+    if changed and not check():
+        return
+    for s in swapper.sites.values():
+        if s.status == "swapped":
+            s.status, s.reason = "kept", problem
+
+
+def module_timings(swapper: Any, min_run_time: float) -> list[dict[str, Any]]:
+    """Each swapped attention module alone, on its captured inputs: median forward time
+    (ms) before and after the swap (``timing.time_it``)."""
+    out = []
+    seen = set()
+    for live in swapper.sites.values():
+        module = live._module  # type: ignore[attr-defined]
+        if live.status != "swapped" or id(module) in seen or module not in swapper.inputs:
+            continue
+        seen.add(id(module))
+        args, kwargs = swapper.inputs[module]
+
+        def call():
+            with torch.no_grad():
+                return module(*args, **kwargs)
+
+        swapper.revert()
+        before = time_it(call, min_run_time, "eager")[0]
+        swapper.apply(swapper.target)
+        after = time_it(call, min_run_time, swapper.target)[0]
+        swapper.revert()
+        out.append({"module": live.module_name, "eager_ms": before, "swapped_ms": after,
+                    "speedup": before / after if after else None})
+    return out

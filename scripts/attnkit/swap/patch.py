@@ -1,0 +1,63 @@
+"""The permanent change: a site's line edits applied to source, and the unified diff.
+
+``apply_edits`` rewrites text by line ranges (the run-time swap compiles its function from
+the result; the patch shows the same change); ``patch_of`` is the diff of every verified
+swap of a ``live.Swapper``, which ``git apply`` takes.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+
+def apply_edits(source: str, edits: list[tuple[int, int, list[str]]]) -> str:
+    """``source`` with line-range edits applied (ranges must not overlap)."""
+    lines = source.splitlines(keepends=True)
+    end = "\n" if source.endswith("\n") else ""
+    for first, last, new in sorted(edits, key=lambda e: -e[0]):
+        lines[first - 1: last] = [ln + "\n" for ln in new]
+    text = "".join(lines)
+    return text if text.endswith("\n") or not end else text + end
+
+
+def unified_diff(edits_by_file: dict[str, list[tuple[int, int, list[str]]]]) -> str:
+    """The line edits of each file as one unified diff (``git apply`` takes it). Paths are
+    relative to the working directory when under it, absolute otherwise."""
+    chunks: list[str] = []
+    for file, edits in sorted(edits_by_file.items()):
+        old = Path(file).read_text()
+        new = apply_edits(old, list({e[0]: e for e in edits}.values()))
+        rel = os.path.relpath(file)
+        rel = file if rel.startswith("..") else rel
+        chunks += difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                       fromfile=f"a/{rel}", tofile=f"b/{rel}")
+    return "".join(chunks)
+
+
+def patch_of(swapper: Any) -> str:
+    """The source change of every verified swap of ``swapper`` (a ``live.Swapper``), as one
+    unified diff; the flash_attn_func variant adds its import where the file lacks it."""
+    by_file: dict[str, list[tuple]] = {}
+    for live in swapper.sites.values():
+        if live.status == "swapped" and live.site is not None:
+            by_file.setdefault(live.site.file, []).extend(swapper.edits_for(live, swapper.target))
+    if swapper.target == "flash_attention_2":
+        for file, edits in by_file.items():
+            old = Path(file).read_text()
+            if "flash_attn_func" not in old.split("\n\n\n")[0]:
+                line = _last_import_line(old)
+                edits.append((line, line, [old.splitlines()[line - 1], "from flash_attn import flash_attn_func"]))
+    return unified_diff(by_file)
+
+
+def _last_import_line(source: str) -> int:
+    """The last line of the module's top-level imports (1 when it has none)."""
+    last = 1
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            last = node.end_lineno
+    return last
