@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """enable_flash: switch a model's attention to the fastest backend that runs here, and prove it.
 
-Loads --model, finds its attention, chooses a backend (--backend auto: FlashAttention-3 on
-Hopper, else FlashAttention-2, else PyTorch SDPA, whichever is installed and right for the
-device and dtype), switches a transformers model through its own attn_implementation API
-and a model with hand-written attention by swapping each verified site for
-F.scaled_dot_product_attention at run time (find_attention.py lists them), and verifies in
-this run, on the same inputs, before (the eager baseline) and after:
+Loads --model, finds its attention, chooses a backend (--backend auto measures every
+candidate that can run here on the model's own inputs: SDPA's kernels one by one (cudnn,
+flash, efficient, math), FlashAttention-2/3/4 where installed and usable, flex_attention;
+each must pass the accuracy gate, and the fastest that passes is chosen; compile and
+warm-up time are reported apart), switches a transformers model through its own
+attn_implementation API and a model with hand-written attention by swapping each verified
+site for F.scaled_dot_product_attention at run time (find_attention.py lists them), and
+verifies in this run, on the same inputs, before (the eager baseline) and after:
 
   kernels    the attention ops and GPU kernels torch.profiler saw run
   latency    median forward time, torch.utils.benchmark, after a warm-up (ms)
@@ -27,8 +29,10 @@ examples:
   python scripts/enable_flash.py --model my_model.py:build --write-patch sdpa.patch
   python scripts/enable_flash.py --model my_model.py:build --train --seq-len 1024
   python scripts/enable_flash.py --model demo:llama-1b --device cuda --dtype bfloat16 --seq-len 4096
+  python scripts/enable_flash.py --model demo:llama --backend flash_attention_4 --device cuda
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -45,8 +49,13 @@ def build_parser():
     cli.add_model_args(p)
     g = p.add_argument_group("backends")
     g.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES,
-                   help="backend to switch to: auto (default) picks the fastest available; a name forces it and "
+                   help="backend to switch to: auto (default) times every candidate that runs here and takes the "
+                        "fastest that passes the accuracy gate (data.autotune has the ranking); a name forces it and "
                         "the step fails with the reason when it cannot run here")
+    g.add_argument("--tune-compiled", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --backend auto, also time candidates that compile per shape with torch.compile "
+                        "(flex_attention); default: on CUDA yes, on CPU no (inductor's C++ build takes tens of "
+                        "seconds there)")
     g.add_argument("--baseline", default="eager", choices=BACKEND_NAMES,
                    help="backend measured as 'before' (default: eager)")
     g.add_argument("--train", action="store_true",

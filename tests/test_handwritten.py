@@ -108,7 +108,8 @@ LIVE = ["nanogpt", "prescaledcausal", "baddbmmpadding", "einsumboolmask", "group
 
 @pytest.mark.parametrize("style", LIVE)
 def test_each_style_is_swapped_and_proven_in_the_main_job(style, tmp_path):
-    run = run_script("enable_flash.py", "--model", f"{ZOO}:{style}", "--seq-len", "128", "--batch-size", "2",
+    run = run_script("enable_flash.py", "--backend", "sdpa",
+                     "--model", f"{ZOO}:{style}", "--seq-len", "128", "--batch-size", "2",
                      "--report-dir", str(tmp_path), *FAST)
     res = run.result
     assert run.rc == {"pass": 0, "fail": 1}[res["status"]], res["summary"]
@@ -127,7 +128,8 @@ def test_each_style_is_swapped_and_proven_in_the_main_job(style, tmp_path):
 @pytest.mark.parametrize("style", ["nanogpt", "einsumboolmask", "baddbmmpadding", "groupedquery", "mhaneedweights",
                                    "llamaeagerfunction", "functionaldropoutinplace"])
 def test_training_mode_checks_outputs_and_gradients(style):
-    run = run_script("enable_flash.py", "--model", f"{ZOO}:{style}", "--train", "--seq-len", "64", "--batch-size", "2",
+    run = run_script("enable_flash.py", "--backend", "sdpa",
+                     "--model", f"{ZOO}:{style}", "--train", "--seq-len", "64", "--batch-size", "2",
                      "--no-report", *FAST)
     assert run.result["data"]["mode"] == "forward+backward (training)"
     assert run.result["data"]["candidate"]["mode"] == "forward+backward"
@@ -147,14 +149,16 @@ def test_mha_need_weights_is_swapped_and_the_weights_no_longer_returned():
 
 
 def test_the_transformer_encoder_layer_is_reported_as_already_fused():
-    run = run_script("enable_flash.py", "--model", f"{ZOO}:encoderlayer", "--no-report", "--seq-len", "32")
+    run = run_script("enable_flash.py", "--backend", "sdpa",
+                     "--model", f"{ZOO}:encoderlayer", "--no-report", "--seq-len", "32")
     assert run.rc == 2 and "already runs SDPA" in run.result["summary"]
 
 
 @pytest.mark.parametrize("style,reason", [("returnsweights", "its caller uses the attention weights it returns"),
                                           ("scaledaftermask", "scale applied after an additive mask")])
 def test_unsupported_forms_are_reported_and_the_model_keeps_working(style, reason):
-    run = run_script("enable_flash.py", "--model", f"{ZOO}:{style}", "--no-report", "--seq-len", "32")
+    run = run_script("enable_flash.py", "--backend", "sdpa",
+                     "--model", f"{ZOO}:{style}", "--no-report", "--seq-len", "32")
     assert run.rc == 2 and reason in run.result["summary"]
     find = run_script("find_attention.py", "--model", f"{ZOO}:{style}", "--no-report")
     assert find.rc == 1 and reason in find.check("swappable")["evidence"]
@@ -198,7 +202,8 @@ def test_write_patch_refuses_to_overwrite(tmp_path):
     run = run_script("enable_flash.py", "--model", f"{ZOO}:nanogpt", "--write-patch", str(mine), "--no-report")
     assert run.rc == 2 and "already exists" in run.result["summary"] and mine.read_text() == "keep"
     out = tmp_path / "new.patch"
-    run = run_script("enable_flash.py", "--model", f"{ZOO}:nanogpt", "--seq-len", "64", "--write-patch", str(out),
+    run = run_script("enable_flash.py", "--backend", "sdpa",
+                     "--model", f"{ZOO}:nanogpt", "--seq-len", "64", "--write-patch", str(out),
                      "--no-report", *FAST)
     assert run.result["data"]["patch_file"] == str(out.resolve())
     assert out.read_text().startswith("--- a/") and "+        y = F.scaled_dot_product_attention(" in out.read_text()

@@ -55,7 +55,7 @@ def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, m
     g = p.add_argument_group("model and inputs")
     g.add_argument("--model", metavar="SPEC", required=model_required,
                    help=model_help or "a Hugging Face id or local folder, path/to/file.py:factory, package.module:"
-                        "factory, or a built-in demo:NAME (llama, llama-1b, qwen2, mistral, gpt2, bert, minilm); "
+                        "factory, or a built-in demo:NAME (llama, llama-1b, llama-3b, qwen2, mistral, gpt2, bert, minilm); "
                         "default: demo:llama, a small Llama-architecture causal LM with random weights")
     g.add_argument("--batch-size", type=int, default=default_batch_size, metavar="B",
                    help=f"batch size B (default: {default_batch_size}{batch_why})")

@@ -265,6 +265,33 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
         if acc.get("padding_positions"):
             rows.append(["max_abs_err at padding (not judged)", fmt_err(acc.get("padding_max_abs_err"))])
         out.append(("accuracy", ["figure", "value"], rows))
+    if isinstance(d.get("grid"), list) and d["grid"]:
+        out.append(("grid: every candidate per configuration", ["configuration", "candidate", "status", "median",
+                                                                 "TFLOP/s", "% matmul peak", "peak memory", "note"],
+                    [[f"{r['shape']} S{r['seq_len']} {'causal' if r['causal'] else 'non-causal'} {r['direction']} "
+                      f"{r['dtype']}", r["label"], r["status"], fmt_ms(r.get("latency_ms")),
+                      "n/a" if r.get("tflops") is None else f"{r['tflops']:.1f}",
+                      "n/a" if r.get("pct_of_matmul_peak") is None else f"{r['pct_of_matmul_peak']:.0f} %",
+                      fmt_mb(r.get("peak_memory_mb")), " ".join(str(r.get("reason") or "").split())[:80]]
+                     for r in d["grid"] if r["status"] != "skipped"]))
+    if isinstance(d.get("autotune"), list) and d["autotune"]:
+        out.append(("autotune: the quick pass's choice against the fastest of the full pass",
+                    ["configuration", "chosen", "fastest", "chosen / fastest"],
+                    [[f"{a['shape']} S{a['seq_len']} {'causal' if a['causal'] else 'non-causal'} {a['direction']} "
+                      f"{a['dtype']}", str(a.get("chosen")), str(a.get("fastest")),
+                      "n/a" if a.get("ratio") is None else f"{a['ratio']:.2f}x"] for a in d["autotune"]]))
+    tune = d.get("autotune")
+    if isinstance(tune, dict) and tune.get("candidates"):
+        rows = []
+        for i, c in enumerate(tune["candidates"], 1):
+            label = f"{c['backend']}[{c['kernel']}]" if c.get("kernel") else c["backend"]
+            mark = " (chosen)" if label == tune.get("chosen_label") else ""
+            acc = "" if c.get("accuracy_passed") is None else ("within tol" if c["accuracy_passed"] else "OUTSIDE tol")
+            rows.append([str(i) if c.get("latency_ms") is not None else "-", label + mark, c["status"],
+                         fmt_ms(c.get("latency_ms")), "n/a" if c.get("compile_s") is None else f"{c['compile_s']:.2f} s",
+                         acc, " ".join(str(c.get("reason") or "").split())[:160]])
+        out.append((f"autotune ({tune.get('mode', '')}, fastest first; compile = first call minus one run)",
+                    ["#", "candidate", "status", "median", "compile", "accuracy", "reason"], rows))
     if isinstance(d.get("rejected"), list) and d["rejected"]:
         out.append(("backends not chosen", ["backend", "reason"],
                     [[r["backend"], r["reason"]] for r in d["rejected"]]))
@@ -379,6 +406,48 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def plot_grid(rows: list[dict], path: Path, metric: str, unit: str, title: str) -> Path | None:
+    """``metric`` (a key of the benchmark's ``data.grid`` rows, e.g. tflops) against S, a
+    line per candidate, one panel per (shape, causal, direction, dtype); log-log axes."""
+    ok = [r for r in rows if r.get(metric) is not None and r.get("status") in ("passed", "baseline")]
+    panels = list(dict.fromkeys((r["shape"], r["causal"], r["direction"], r["dtype"]) for r in ok))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        sub = [r for r in ok if (r["shape"], r["causal"], r["direction"], r["dtype"]) == key]
+        for label in dict.fromkeys(r["label"] for r in sub):
+            pts = sorted((r["seq_len"], r[metric]) for r in sub if r["label"] == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label,
+                    color="#9e9e9e" if label == "eager" else None)
+        seq = sorted({r["seq_len"] for r in sub})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seq, [str(s) for s in seq], fontsize=7)
+        if metric != "tflops":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_title(f"{key[0]}, {'causal' if key[1] else 'non-causal'}, {key[2]}, {key[3]}", fontsize=8)
+        ax.set_xlabel("sequence length S", fontsize=8)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def default_run_folder(step: str, model: str, root: Path = Path("attention-reports")) -> Path:
     """./attention-reports/<step>-<YYYYmmdd-HHMMSS>-<model>: where a run's report goes by default."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
@@ -419,7 +488,16 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
     title = (f"{result.data.get('model', '')} on {result.data.get('device', '')} {result.data.get('dtype', '')}, "
              f"batch {shape.get('batch_size')}, {seq_text}")
     try:
-        png = plot_sweep(runs, folder / "report.png", title) or plot_measurements(runs, folder / "report.png", title)
+        if isinstance(result.data.get("grid"), list):
+            where = f"{result.data.get('gpu') or result.data.get('device', '')}, torch {result.data.get('torch', '')}"
+            png = plot_grid(result.data["grid"], folder / "report.png", "tflops", "TFLOP/s", f"attention TFLOP/s, {where}")
+            mem = plot_grid(result.data["grid"], folder / "memory.png", "peak_memory_mb", "peak memory (MB)",
+                            f"attention peak memory, {where}")
+            if mem:
+                result.data["memory_plot"] = str(mem)
+        else:
+            png = (plot_sweep(runs, folder / "report.png", title) or
+                   plot_measurements(runs, folder / "report.png", title))
     except Exception as exc:  # a missing plotting backend must not lose the report
         png = None
         result.data["plot_error"] = f"{type(exc).__name__}: {exc}"

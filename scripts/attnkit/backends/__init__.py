@@ -8,8 +8,9 @@ how each backend is called on [B, S, H, D] tensors.
 """
 
 from .catalogue import BACKENDS, SDPA
-from .choice import AUTO_ORDER, Availability, Choice, availability, choose, head_dim_of
+from .choice import (AUTO_ORDER, FLASH_ATTENTION_BACKENDS, Availability, Choice, availability, choose,
+                     head_dim_of, library_status)
 from .record import FEATURES, Backend, SdpaKernel, Support
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "FEATURES", "SDPA", "Availability", "Backend", "Choice", "SdpaKernel", "Support",
-           "availability", "choose", "head_dim_of"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "FEATURES", "FLASH_ATTENTION_BACKENDS", "SDPA", "Availability", "Backend", "Choice",
+           "SdpaKernel", "Support", "availability", "choose", "head_dim_of", "library_status"]

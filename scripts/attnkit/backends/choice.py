@@ -52,9 +52,10 @@ def head_dim_of(model: Any) -> int | None:
 
 
 def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None) -> Availability:
-    """Can ``name`` run here? Checks the model class, the dtype, the package, the device,
-    the GPU capability and head_dim; every failing one is a reason, in that order, joined
-    by "; " (the first is the headline).
+    """Can ``name`` run here? Checks the model class, the dtype, the pip distribution, the
+    device, the GPU capability, the import (only where the rest allows it to run) and
+    head_dim; every failing one is a reason, in that order, joined by "; " (the first is
+    the headline).
 
     Raises ``CannotRun`` for a name not in ``BACKENDS``.
     """
@@ -70,24 +71,29 @@ def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype
                        "pass --dtype bfloat16 (or float16 on GPUs older than Ampere)")
     if name == "sdpa" and not env.torch_sdpa_ok:
         reasons.append(f"torch {env.torch_version} is older than 2.2: no fused SDPA kernels")
-    if info.distributions and probe.installed(info) is None:
+    installed = not info.distributions or probe.installed(info) is not None
+    if not installed:
         reasons.append(f"{info.module}: not installed: {info.install} [no pip distribution "
                        f"{' or '.join(info.distributions)}]")
-    elif info.module:
-        found = probe.imports(info)
-        if not found.importable:
-            reasons.append(f"{info.module}: {found.meaning} [{found.error}]")
     kind = "cuda" if device.startswith("cuda") else device
+    device_ok = True
     if kind not in info.devices:
+        device_ok = False
         reasons.append(f"{name} needs a CUDA GPU; the device here is {device}")
     elif kind == "cuda" and env.capability is not None:
         cap = env.capability
         if info.min_capability and cap < info.min_capability:
+            device_ok = False
             reasons.append(f"{name} needs compute capability {info.min_capability[0]}.{info.min_capability[1]}+; "
                            f"GPU 0 is {architecture(cap)}")
         elif info.capabilities and cap[0] not in info.capabilities:
+            device_ok = False
             reasons.append(f"{name} runs on " + " and ".join(f"sm{m}0" for m in info.capabilities) +
                            f" GPUs only; GPU 0 is {architecture(cap)}")
+    if installed and device_ok and info.module:  # imported only where it could run: FA4's import takes seconds
+        found = probe.imports(info)
+        if not found.importable:
+            reasons.append(f"{info.module}: {found.meaning} [{found.error}]")
     head_dim = head_dim_of(model)
     if info.max_head_dim and head_dim and head_dim > info.max_head_dim:
         reasons.append(f"head_dim {head_dim} > {info.max_head_dim}, the largest {name} compiles")
@@ -161,3 +167,42 @@ def _hint(name: str, reason: str) -> str:
     if "needs a CUDA GPU" in reason:
         return "run on a machine with an NVIDIA GPU, or use --backend sdpa on this one"
     return "use --backend auto to take the best backend that runs here"
+
+
+def library_status(name: str, env: Environment) -> dict[str, Any]:
+    """Is the library behind backend ``name`` installed, and usable on this machine's GPU?
+
+    Returns ``{"backend", "distribution", "installed", "version", "usable", "reason"}``.
+    ``installed`` is read from pip's records (``importlib.metadata``), never from an import
+    that happens to succeed; the module is imported only when a GPU it runs on is here.
+    ``reason`` names the cause: not installed (and how to install), no CUDA GPU, the wrong
+    GPU generation, or the import error and what it means.
+    """
+    info = BACKENDS[name]
+    found = probe.installed(info)
+    entry: dict[str, Any] = {"backend": name, "distribution": found[0] if found else info.distributions[0],
+                             "installed": found is not None, "version": found[1] if found else None,
+                             "usable": False, "reason": ""}
+    label = f"{name} ({info.module})"
+    if found is None:
+        entry["reason"] = f"not installed: {info.install}"
+    elif not env.cuda_available:
+        entry["reason"] = f"installed, but this machine has no CUDA GPU: {label} runs on NVIDIA GPUs only"
+    elif info.capabilities and env.capability[0] not in info.capabilities:
+        need = " or ".join(f"sm{m}0" for m in info.capabilities)
+        entry["reason"] = (f"installed, but GPU 0 is {architecture(env.capability)}: {name} needs {need}")
+    elif info.min_capability and env.capability < info.min_capability:
+        need = f"sm{info.min_capability[0]}{info.min_capability[1]}"
+        entry["reason"] = f"installed, but GPU 0 is {architecture(env.capability)}: {name} needs {need} or newer"
+    else:
+        imported = probe.imports(info)
+        if imported.importable:
+            entry["usable"], entry["reason"] = True, f"{info.module}.{info.entry} imports; GPU 0 is " \
+                                                     f"{architecture(env.capability)}"
+        else:
+            entry["reason"] = f"installed, but {imported.meaning} [{imported.error}]"
+    return entry
+
+
+#: The FlashAttention libraries check_env reports, one entry each.
+FLASH_ATTENTION_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")

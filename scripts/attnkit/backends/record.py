@@ -91,6 +91,15 @@ class Backend:
     call: Call | None = None  # see ``Call``
     extra_probe: Callable[[Any], str] | None = None  # env -> '' or a reason it cannot run here
     hf: bool = True  # transformers accepts ``name`` as attn_implementation
+    compiles: str = ""  # how its first call compiles (JIT, torch.compile); '' when it does not
+    # How rewritten source calls it (hand-written attention swapped to this backend): the name
+    # the generated call uses, the import a patch adds for it, whether the call returns a
+    # tuple (output first), and whether the written call falls back to SDPA where the
+    # library is missing or the tensors are not on a GPU.
+    source_name: str = ""
+    source_import: tuple[str, ...] = ()
+    returns_tuple: bool = False
+    falls_back_to_sdpa: bool = False
 
     def kernel(self, name: str) -> SdpaKernel:
         """The SDPA kernel ``name``; KeyError for another."""

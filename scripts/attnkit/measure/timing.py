@@ -245,3 +245,32 @@ def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: flo
                      mode="forward+backward" if train else "forward")
     m.label, m.seq_len = label, inputs.seq_len
     return m, out
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None, min_run_time: float = 0.5) -> float:
+    """TFLOP/s of a square matmul [n, n] @ [n, n] in ``dtype`` on ``device`` (2 * n**3 FLOPs,
+    median of ``time_it``): the peak the attention figures are a percentage of, measured in
+    the same run rather than taken from a datasheet. n defaults to 8192 on a GPU, 2048 on a
+    CPU."""
+    n = n or (8192 if device.startswith("cuda") else 2048)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen, device=device, dtype=dtype)
+    median = time_it(lambda: a @ b, min_run_time, "matmul")[0]
+    return 2.0 * n**3 / (median * 1e-3) / 1e12
+
+
+def peak_memory_mb(run: Callable[[], Any], device: str) -> float | None:
+    """Peak memory (MB) allocated by one call of ``run`` above what was allocated before it:
+    ``torch.cuda.max_memory_allocated`` on CUDA, the profiler's memory events on CPU."""
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            run()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with profiled(device, memory=True) as prof, torch.no_grad():
+        run()
+    return _cpu_peak_mb(prof)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from ..backends import BACKENDS
+from ..backends import BACKENDS, SDPA
 from ..report import Check, fmt_iqr, fmt_kernels, fmt_mb, fmt_ms
 from .timing import Measurement
 
 
-def kernel_check(before: Measurement, after: Measurement, backend: str) -> Check:
-    """The fused kernel of ``backend`` ran after and not before (profiler names as evidence)."""
+def kernel_check(before: Measurement, after: Measurement, backend: str, sdpa_kernel: str | None = None) -> Check:
+    """The kernel of ``backend`` ran after and not before (profiler names as evidence): its
+    fused kernel, or, when ``sdpa_kernel`` names the one SDPA kernel that was allowed (the
+    autotuner's choice), that kernel's op, fused or not."""
     markers = BACKENDS[backend].kernel_markers
+    if sdpa_kernel is not None:
+        markers = SDPA.kernel(sdpa_kernel).ops
     expected = [k for k in after.kernels if any(mark in k for mark in markers)]
     already = [k for k in before.kernels if any(mark in k for mark in markers)]
     evidence = (f"before ({before.label or before.backend}): {fmt_kernels(before.kernel_counts)}; "
                 f"after ({after.label or backend}): {fmt_kernels(after.kernel_counts)}")
     if not markers:
         return Check("kernels", False, evidence + f"; {backend} has no fused kernel to look for")
-    if "aten::_scaled_dot_product_attention_math" in after.kernels and not expected:
+    if sdpa_kernel is not None and not SDPA.kernel(sdpa_kernel).fused:
+        evidence += f"; {sdpa_kernel} is SDPA's unfused kernel, chosen because it measured fastest here"
+    elif "aten::_scaled_dot_product_attention_math" in after.kernels and not expected:
         evidence += "; sdpa fell back to its unfused math kernel"
     if already:
         evidence += "; the fused kernel already ran before"

@@ -44,6 +44,18 @@ def _llama_1b_config():
                        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
 
 
+def _llama_3b_config():
+    from transformers import LlamaConfig
+
+    # The shapes of meta-llama/Llama-3.2-3B's config.json (hidden 3072, 28 layers, 24 query /
+    # 8 key-value heads, head_dim 128, intermediate 8192, vocab 128256, rope_theta 500000, tied
+    # embeddings): 3.2 B parameters, random weights; head_dim 128 is what FlashAttention-4 and
+    # cuDNN are tuned for.
+    return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                       num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
+
+
 def _qwen2_config():
     from transformers import Qwen2Config
 
@@ -91,6 +103,8 @@ DEMOS: dict[str, Demo] = {
     "llama": Demo("llama", "Llama-architecture causal LM, 4 layers, hidden 256, 8 heads / 2 KV heads (GQA), "
                            "random weights: the embedded default", _llama_config),
     "llama-1b": Demo("llama-1b", "Llama-3.2-1B's shapes (1.24 B parameters), random weights: for GPUs", _llama_1b_config),
+    "llama-3b": Demo("llama-3b", "Llama-3.2-3B's shapes (3.2 B parameters, head_dim 128), random weights: for GPUs",
+                     _llama_3b_config),
     "qwen2": Demo("qwen2", "Qwen2 causal LM, 2 layers, hidden 128, GQA, random weights", _qwen2_config),
     "mistral": Demo("mistral", "Mistral causal LM, 2 layers, hidden 128, GQA, sliding window 64, random weights",
                     _mistral_config),

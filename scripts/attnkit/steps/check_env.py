@@ -6,18 +6,15 @@ GPUs it needs, why ``auto`` would not take it) from the backend registry.
 
 from __future__ import annotations
 
-from ..backends import BACKENDS, choose, probe
-from ..env import (MIN_TORCH_FOR_SDPA, Environment, PackageProbe, architecture, environment, parse_dtype,
-                   resolve_device)
+from ..backends import BACKENDS, FLASH_ATTENTION_BACKENDS, choose, library_status
+from ..backends.probe import torch_fa4_bridge
+from ..env import MIN_TORCH_FOR_SDPA, Environment, architecture, environment, parse_dtype, resolve_device
 from ..report import CannotRun, Check, StepResult
 
-#: ``--require`` names that ask for a backend's package -> that backend.
-REQUIRED_BACKEND = {"flash_attn": "flash_attention_2", "flash_attn_interface": "flash_attention_3"}
-
-
-def package_probes() -> dict[str, PackageProbe]:
-    """The import probe of each backend package ``--require`` names (module -> probe)."""
-    return {module: probe.package_probe(module) for module in REQUIRED_BACKEND}
+#: ``--require`` names that ask for a FlashAttention library -> its backend (module names, as
+#: earlier versions took them, and the backend names).
+REQUIRED_BACKEND = {"flash_attn": "flash_attention_2", "flash_attn_interface": "flash_attention_3",
+                    **{name: name for name in FLASH_ATTENTION_BACKENDS}}
 
 
 #: What ``check_env --require`` accepts, and what each requirement means.
@@ -26,9 +23,19 @@ REQUIREMENTS = {
     "cuda": "a CUDA GPU visible to torch",
     "flash_attn": "the flash-attn package imports (FlashAttention-2) on an Ampere-or-newer GPU",
     "flash_attn_interface": "FlashAttention-3 (module flash_attn_interface) imports",
+    "flash_attention_2": "FlashAttention-2 (pip distribution flash-attn) is installed and usable on GPU 0",
+    "flash_attention_3": "FlashAttention-3 (flash-attn-3, module flash_attn_interface) is installed and usable on GPU 0",
+    "flash_attention_4": "FlashAttention-4 (flash-attn-4, module flash_attn.cute) is installed and usable on GPU 0 "
+                         "(sm90 or sm100)",
     "sm80": "GPU 0 is Ampere (sm80) or newer",
     "sm90": "GPU 0 is Hopper (sm90), which FlashAttention-3 and its FP8 path need",
 }
+
+
+def flash_attention(env: Environment) -> list[dict]:
+    """One entry per FlashAttention version (``backends.library_status``): the pip
+    distribution, installed, version, usable here, and the reason."""
+    return [library_status(name, env) for name in FLASH_ATTENTION_BACKENDS]
 
 
 def _requirement_check(name: str, env: Environment, device: str) -> Check:
@@ -49,20 +56,9 @@ def _requirement_check(name: str, env: Environment, device: str) -> Check:
             return Check(name, False, "no CUDA GPU visible")
         ok = cap >= need if name == "sm80" else cap[0] == 9
         return Check(name, ok, f"GPU 0 {env.gpus[0].name} is {architecture(cap)}")
-    backend = BACKENDS[REQUIRED_BACKEND[name]]
-    if probe.installed(backend) is None:
-        return Check(name, False, f"no pip distribution {' or '.join(backend.distributions)} -> not installed: "
-                                  f"{backend.install}")
-    found = probe.imports(backend)
-    if not found.importable:
-        return Check(name, False, f"{found.error} -> {found.meaning}")
-    probe_version = found.version
-    if name == "flash_attn" and cap is not None and cap < (8, 0):
-        return Check(name, False, f"flash_attn {probe_version} imports, but GPU 0 is {architecture(cap)}: "
-                                  "FlashAttention-2 needs Ampere (sm80) or newer")
-    if not env.cuda_available:
-        return Check(name, False, f"{name} {probe_version} imports, but no CUDA GPU is visible")
-    return Check(name, True, f"{name} {probe_version} imports")
+    status = library_status(REQUIRED_BACKEND[name], env)
+    version = f" {status['version']}" if status["version"] else ""
+    return Check(name, status["usable"], f"{status['distribution']}{version}: {status['reason']}")
 
 
 def facts(env: Environment) -> list[dict[str, str]]:
@@ -83,11 +79,17 @@ def facts(env: Environment) -> list[dict[str, str]]:
                 state += ", usable here" if k.usable else f", not usable here ({k.reason or 'unsupported'})"
             parts.append(f"{k.name}: {state}")
         rows.append((f"SDPA kernels ({device})", "; ".join(parts)))
-    for found in [package_probes()[m] for m in REQUIRED_BACKEND] + [env.transformers]:
-        if found.importable:
-            rows.append((found.module, f"{found.version} imports"))
-        else:
-            rows.append((found.module, f"{found.error} -> {found.meaning}"))
+    for status in flash_attention(env):
+        module = BACKENDS[status["backend"]].module
+        version = f" {status['version']}" if status["version"] else ""
+        rows.append((module, f"{status['distribution']}{version}: {'usable' if status['usable'] else 'not usable'}; "
+                             f"{status['reason']}"))
+    bridge = torch_fa4_bridge()
+    if bridge["present"]:
+        rows.append(("torch FA4 bridge", ("usable: " if bridge["compatible"] else "not usable: " if
+                                          bridge["compatible"] is False else "") + bridge["reason"]))
+    found = env.transformers
+    rows.append((found.module, f"{found.version} imports" if found.importable else f"{found.error} -> {found.meaning}"))
     return [{"name": n, "value": v} for n, v in rows]
 
 
@@ -108,7 +110,8 @@ def check_env_step(require: list[str] | None = None, device: str = "auto", dtype
     checks = [_requirement_check(r, env, dev) for r in require]
     choice = choose("auto", env=env, device=dev, dtype=dt, model=None)
     data = env.to_dict()
-    data.update({module: found.to_dict() for module, found in package_probes().items()})
+    data["flash_attn"] = flash_attention(env)
+    data["torch_fa4_bridge"] = torch_fa4_bridge()
     data["device"] = dev
     data["dtype"] = str(dt).replace("torch.", "")
     data["facts"] = facts(env)

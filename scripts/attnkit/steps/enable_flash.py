@@ -31,10 +31,12 @@ from .. import models
 from ..backends import BACKENDS, availability, choose
 from ..env import resolve
 from ..measure import accuracy as acc_mod
+from ..measure import autotune
 from ..measure.flops import forward_flops, site_flops
 from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, oom_message, train_fn
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
 from ..measure.verify import module_timings, verify_sites
+from ..models.features import needed
 from ..report import (CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_mb, fmt_ms, refuse_to_overwrite,
                       write_patch, write_run_folder)
 from ..swap import switch
@@ -64,6 +66,7 @@ class EnableOptions:
     trust_remote_code: bool = False
     train: bool = False
     write_patch: str | None = None
+    tune_compiled: bool | None = None  # None: time torch.compile candidates on CUDA only
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,8 +84,9 @@ def validate(o: EnableOptions) -> None:
 
 
 def _checks(base: Measurement, cand: Measurement, acc: acc_mod.Accuracy, model: Any, backend: str,
-            trail: str, matrix_mb: float | None = None) -> list[Check]:
-    checks = [Check("switch", switch.current(model) == backend, trail), kernel_check(base, cand, backend)]
+            trail: str, matrix_mb: float | None = None, sdpa_kernels: list[str] | None = None) -> list[Check]:
+    one_kernel = sdpa_kernels[0] if backend == "sdpa" and sdpa_kernels and len(sdpa_kernels) == 1 else None
+    checks = [Check("switch", switch.current(model) == backend, trail), kernel_check(base, cand, backend, one_kernel)]
     if cand.error:
         return checks + [Check("runs", False, f"{backend}: {cand.error}"), Check("accuracy", False, acc.evidence())]
     checks.append(speed_check(base, cand))
@@ -104,6 +108,61 @@ def _train_accuracy(loaded, inputs, backend: str, dtype, sdpa_kernels) -> tuple[
     accuracy = acc_mod.compare(cand_out, base_out, ref_out, valid=inputs.valid, dtype=dtype,
                                language_model=loaded.family == "causal-lm")
     return accuracy, acc_mod.compare_gradients(cand_grads, base_grads, ref_grads, dtype)
+
+
+def _dropout_in_use(loaded: models.LoadedModel, inputs: models.Inputs) -> str:
+    """What attention dropout a transformers model applies in training ('' when none), from
+    its config. Hand-written sites need no refusal: their FlashAttention-4 call falls back
+    to SDPA, with the dropout, whenever its probability is not 0."""
+    return needed(loaded, inputs).get("dropout", "")
+
+
+def _refuse_without_dropout(backend: str, o: EnableOptions, dropout: str) -> None:
+    """``--train`` with a backend that has no attention dropout would train another model:
+    raise ``CannotRun`` instead of changing the semantics (transformers' FA4 path drops the
+    dropout without an error at forward time)."""
+    if o.train and dropout and not BACKENDS[backend].supports("dropout").supported:
+        raise CannotRun(f"--backend {backend} with --train: the model uses attention dropout ({dropout}), which "
+                        f"{backend} does not have ({BACKENDS[backend].supports('dropout').how})",
+                        "use --backend sdpa or flash_attention_2 for training, or set the attention dropout to 0")
+
+
+def _gate_outputs(loaded: models.LoadedModel, inputs: models.Inputs, notes: list[str]):
+    """The eager output and its float64 reference for the autotuner's accuracy gate, with
+    dropout off (training mode included); (output, None) when the reference runs out of
+    memory, with a note."""
+    with acc_mod.dropout_off(loaded.model):
+        switch.apply(loaded.model, "eager")
+        out = forward_fn(loaded, inputs)()
+        try:
+            ref = acc_mod.reference_output(loaded, inputs, "eager")
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            notes.append(f"the float64 reference ran out of memory ({oom_message(exc)}): autotune candidates were "
+                         "not gated on accuracy")
+            ref = None
+    return out, ref
+
+
+def _tuned_rejections(cands: list[autotune.Candidate], best: autotune.Candidate | None,
+                      baseline: str) -> list[dict[str, Any]]:
+    """``data.rejected`` from the measurements: for each backend not chosen, its best
+    candidate's figures or why it did not run."""
+    out = []
+    for name in dict.fromkeys(c.backend for c in cands):
+        if best is not None and name == best.backend or name == baseline:
+            continue
+        rows = [c for c in cands if c.backend == name]
+        timed = sorted((c for c in rows if c.status == "passed"), key=lambda c: c.latency_ms)
+        if timed and best is not None:
+            fastest = timed[0]
+            reason = (f"measured slower: {fastest.label} {fastest.latency_ms:.3f} ms vs {best.label} "
+                      f"{best.latency_ms:.3f} ms")
+        else:
+            reason = "; ".join(f"{c.label}: {c.status}, {c.reason}" for c in rows)
+        out.append({"backend": name, "available": any(c.status not in ("skipped",) for c in rows), "reason": reason})
+    return out
 
 
 NEXT_FAIL = {
@@ -150,9 +209,13 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     loaded, inputs, notes = session.loaded, session.inputs, session.notes
     seq_len = inputs.seq_len
     choice = choose(o.backend, env=env, device=device, dtype=dtype, model=loaded.model)
+    tuning = o.backend == "auto"
     swapper, flops, patch = session.swapper, None, ""
+    dropout = _dropout_in_use(loaded, inputs)
+    if not tuning:
+        _refuse_without_dropout(choice.backend, o, dropout)
     if swapper is not None:
-        if choice.backend != swapper.target:
+        if not tuning and choice.backend != swapper.target:
             with reporter.stage(f"swapping hand-written attention for {choice.backend} and verifying each site"):
                 verify_sites(swapper, loaded, loaded.probe(), dtype, choice.backend)
             swapper.require_swapped()
@@ -168,7 +231,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         "chosen": choice.backend, "chosen_because": choice.why,
         "rejected": [r.to_dict() for r in choice.rejected if r.backend != o.baseline]
                     + [{"backend": o.baseline, "available": True, "reason": "the baseline this run measures against"}],
-        "sdpa_kernels_allowed": o.sdpa_kernels, "report_dir": None, "saved_to": None,
+        "sdpa_kernels_allowed": o.sdpa_kernels, "report_dir": None, "saved_to": None, "autotune": None,
         "mode": "forward+backward (training)" if o.train else "forward (inference)",
     })
     if swapper is not None:
@@ -178,6 +241,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                      "sites_swapped": sum(s.status == "swapped" for s in swapper.sites.values())})
     base = cand = None
     base_out = cand_out = ref = None
+    backend, cand_kernels = choice.backend, o.sdpa_kernels
     stage = ""
     interrupted = False
     try:
@@ -186,25 +250,57 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
             base, base_out = measure_backend(loaded, inputs, o.baseline, min_run_time=o.min_run_time,
                                              sdpa_kernels=o.sdpa_kernels, train=o.train, flops=flops)
         data["baseline"] = base.to_dict()
-        stage = f"measuring the candidate, {choice.backend}"
+        if tuning:
+            stage = "computing the float64 reference for the autotuner's accuracy gate"
+            with reporter.stage(stage):
+                gate_out, ref = _gate_outputs(loaded, inputs, notes)
+            cands = autotune.candidates(env, device, dtype, loaded.model, compiled=o.tune_compiled)
+            for c in cands:
+                if c.status != "pending":
+                    continue
+                if swapper is not None and c.backend != swapper.target:
+                    c.status, c.reason = "skipped", (f"hand-written attention is swapped to {swapper.target}; pass "
+                                                     f"--backend {c.backend} to swap it to {c.backend} instead")
+                elif c.kernel and o.sdpa_kernels and c.kernel not in o.sdpa_kernels:
+                    c.status, c.reason = "skipped", f"not among --sdpa-kernel {','.join(o.sdpa_kernels)}"
+                elif o.train and dropout and not BACKENDS[c.backend].supports("dropout").supported:
+                    c.status, c.reason = "skipped", f"the model uses attention dropout ({dropout}); {c.backend} has none"
+            stage = "autotune: timing every candidate"
+            autotune.tune_model(loaded, inputs, cands, baseline_out=gate_out, reference=ref, dtype=dtype,
+                                min_run_time=min(o.min_run_time, 0.5), train=o.train, flops=flops,
+                                progress=reporter.stage)
+            best = autotune.chosen(cands)
+            data["autotune"] = autotune.summary_dict(cands, best, mode=data["mode"],
+                                                     min_run_time=min(o.min_run_time, 0.5), dtype=dtype)
+            data["rejected"] = _tuned_rejections(cands, best, o.baseline) + [
+                {"backend": o.baseline, "available": True, "reason": "the baseline this run measures against"}]
+            if best is not None:
+                backend, cand_kernels = best.backend, best.sdpa_kernels or o.sdpa_kernels
+                data["chosen"], data["chosen_because"] = backend, autotune.explain(best, cands)
+                data["sdpa_kernels_allowed"] = cand_kernels
+            else:
+                notes.append(f"no autotune candidate passed the accuracy gate; measuring {backend} (the static choice)")
+            if o.train:
+                ref = None  # the training check below runs its own float64 forward + backward
+        stage = f"measuring the candidate, {backend}"
         with reporter.stage(stage):
-            cand, cand_out = measure_backend(loaded, inputs, choice.backend, min_run_time=o.min_run_time,
-                                             sdpa_kernels=o.sdpa_kernels, train=o.train, flops=flops)
+            cand, cand_out = measure_backend(loaded, inputs, backend, min_run_time=o.min_run_time,
+                                             sdpa_kernels=cand_kernels, train=o.train, flops=flops)
         data["candidate"] = cand.to_dict()
         if swapper is not None and not cand.error:
             stage = "timing each attention module alone"
             with reporter.stage(stage):
                 timings = module_timings(swapper, max(0.05, o.min_run_time / 2))
-                swapper.apply(choice.backend)
+                swapper.apply(backend)
             before, after = sum(t["eager_ms"] for t in timings), sum(t["swapped_ms"] for t in timings)
             data["attention_modules"] = {"per_module": timings, "eager_ms": before, "swapped_ms": after,
                                          "speedup": before / after if after else None}
-        if base_out is not None and cand_out is not None:
+        if base_out is not None and cand_out is not None and ref is None:
             stage = "computing the float64 reference"
             with reporter.stage(stage):
                 try:
                     if o.train:
-                        train_acc, gradients = _train_accuracy(loaded, inputs, choice.backend, dtype, o.sdpa_kernels)
+                        train_acc, gradients = _train_accuracy(loaded, inputs, backend, dtype, cand_kernels)
                         data["gradients"] = gradients
                     else:
                         ref = acc_mod.reference_output(loaded, inputs, "eager")
@@ -224,7 +320,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         accuracy = acc_mod.not_compared(f"not compared: the baseline {o.baseline} could not run ({base.error})",
                                         inputs.padding_positions)
     elif cand is not None and cand.error:
-        accuracy = acc_mod.not_compared(f"not compared: {choice.backend} could not run ({cand.error})",
+        accuracy = acc_mod.not_compared(f"not compared: {backend} could not run ({cand.error})",
                                         inputs.padding_positions)
     else:
         accuracy = acc_mod.not_compared("not compared: " + (notes[-1] if notes else "interrupted"),
@@ -240,27 +336,28 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     if swapper is not None:
         trail = (f"hand-written attention: {data['sites_swapped']} of {len(swapper.sites)} sites swapped to "
                  f"{switch.current(loaded.model)} at run time ({', '.join(sorted({s.function for s in swapper.sites.values() if s.status == 'swapped'}))})")
-    arrow = f"{o.baseline} -> {choice.backend}"
+    arrow = f"{o.baseline} -> {backend}"
     if interrupted:
         kept = ", ".join(k for k in ("baseline", "candidate") if data.get(k)) or "nothing"
         result = StepResult(STEP, "error", f"interrupted (Ctrl-C) while {stage}; measured so far: {kept}", [], data,
                             "rerun to finish; the run folder holds what was measured")
     elif base is not None and base.error:
-        cand_text = (f"{choice.backend} ran: {fmt_ms(cand.latency_ms)}, {fmt_mb(cand.peak_memory_mb)} peak"
-                     if cand and not cand.error else f"{choice.backend}: {cand.error if cand else 'not run'}")
+        cand_text = (f"{backend} ran: {fmt_ms(cand.latency_ms)}, {fmt_mb(cand.peak_memory_mb)} peak"
+                     if cand and not cand.error else f"{backend}: {cand.error if cand else 'not run'}")
         result = StepResult(STEP, "error", f"baseline {o.baseline} could not run at batch {o.batch_size}, "
                                            f"seq_len {seq_len}: {base.error}; {cand_text}; accuracy not compared",
                             [], data, "the candidate runs where the baseline cannot; to compare accuracy, rerun with a "
                                       "smaller --batch-size or --seq-len")
     else:
-        checks = _checks(base, cand, accuracy, loaded.model, choice.backend, trail, data.get("attention_matrix_mb"))
+        checks = _checks(base, cand, accuracy, loaded.model, backend, trail, data.get("attention_matrix_mb"),
+                         cand_kernels)
         if data.get("gradients") is not None:
             checks.append(Check("gradients", data["gradients"]["passed"], data["gradients"]["evidence"]))
         failed = [c for c in checks if not c.passed]
         if not failed:
             summary = (f"{arrow}: {comparison_summary(base, cand)}, "
                        f"outputs match ({accuracy.evidence().split(' vs ')[0]})")
-            nxt = (f"keep {choice.backend}: load the model with attn_implementation=\"{choice.backend}\""
+            nxt = (f"keep {backend}: load the model with attn_implementation=\"{backend}\""
                    + ("" if o.save else ", or rerun with --save DIR to write the switched model"))
             if swapper is not None:
                 nxt = ("make the swap permanent: review and apply the source change (git apply), written to "
@@ -274,8 +371,8 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                          "is the source patch")
         elif o.save and result.status == "pass":
             with reporter.stage(f"saving the switched model to {o.save}"):
-                data["saved_to"] = str(_save(loaded, choice.backend, Path(o.save).expanduser()))
-            result.next = f"saved to {data['saved_to']}: from_pretrained() loads it with {choice.backend}"
+                data["saved_to"] = str(_save(loaded, backend, Path(o.save).expanduser()))
+            result.next = f"saved to {data['saved_to']}: from_pretrained() loads it with {backend}"
         elif o.save:
             notes.append(f"--save {o.save}: nothing written, because a check failed")
     write_patch(result, patch, o.write_patch)

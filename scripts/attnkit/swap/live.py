@@ -29,6 +29,7 @@ diff.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import linecache
 import os
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..backends import BACKENDS
 from ..report import CannotRun
 from .patch import apply_edits
 from .scan import Site, analyze_source
@@ -206,7 +208,7 @@ class Swapper:
         self.compiled: dict[tuple, Callable] = {}
         self.rank = 0  # the rank of the latest recorded attention op's input
         self.backend = "eager"  # what is installed now
-        self.target = "sdpa"  # what the swaps compile to: sdpa or flash_attention_2
+        self.target = "sdpa"  # what the swaps compile to: sdpa, flash_attention_2 or flash_attention_4
         if register:
             _REGISTRY[model] = self
 
@@ -366,11 +368,10 @@ class Swapper:
         return [s for s in self.sites.values() if s.site is not None and s.site.swappable and s.owner and not s.static]
 
     def edits_for(self, live: LiveSite, backend: str) -> list:
-        """The site's source edits for ``backend`` (sdpa, or flash_attention_2 where it applies)."""
+        """The site's source edits for ``backend`` (sdpa, or a FlashAttention backend where the
+        site can take it: ``Site.variant_edits``)."""
         s = live.site
-        if backend == "sdpa":
-            return s.edits
-        return [(a, b, [ln.replace(s.call, s.flash_call) for ln in new]) for a, b, new in s.edits]
+        return s.edits if backend == "sdpa" else s.variant_edits.get(backend, [])
 
     def _function_for(self, live: LiveSite) -> Callable:
         code = live._code  # type: ignore[attr-defined]
@@ -384,10 +385,10 @@ class Swapper:
                 caller = getattr(type(module), live.method)
                 original = caller.__globals__.get(live.global_name)
             extra = None
-            if self.target == "flash_attention_2":
-                from flash_attn import flash_attn_func
-
-                extra = {"flash_attn_func": flash_attn_func}
+            if self.target != "sdpa":  # the library function the rewritten source calls, under its name there
+                record = BACKENDS[self.target]
+                module = importlib.import_module(record.module)
+                extra = {record.source_name: getattr(module, record.entry)}
             self.compiled[key] = _compile(code, original, self.edits_for(live, self.target),
                                           f"<attnkit swap of {code.co_filename}:{live.line}>", extra)
         return self.compiled[key]
@@ -433,16 +434,18 @@ class Swapper:
         self.backend = "eager"
 
     def candidates(self, backend: str = "sdpa") -> list[LiveSite]:
-        """Revert every swap, compile the next ones for ``backend`` (sdpa or
-        flash_attention_2), and return the sites to try, each reset to ``kept``. A site
+        """Revert every swap, compile the next ones for ``backend`` (sdpa, flash_attention_2
+        or flash_attention_4), and return the sites to try, each reset to ``kept``. A site
         ``backend`` cannot express gets its reason and is left out."""
         self.revert()
         self.target = backend
         out = []
         for live in self.swappable():
             live.status, live.reason, live.accuracy, live.kernel_after = "kept", "", None, ""
-            if backend == "flash_attention_2" and not live.site.flash_call:
-                live.reason = f"flash_attn_func takes no mask but a causal one; this site has a {live.site.mask} mask"
+            if backend != "sdpa" and backend not in live.site.variant_edits:
+                live.reason = (f"{backend} takes no mask but a causal one; this site has a {live.site.mask} mask"
+                               if live.site.mask not in ("none", "causal", "causal buffer") else
+                               f"{backend} has no attention dropout; this site applies {live.site.dropout}")
                 continue
             out.append(live)
         return out

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..backends import BACKENDS
+
 
 def apply_edits(source: str, edits: list[tuple[int, int, list[str]]]) -> str:
     """``source`` with line-range edits applied (ranges must not overlap)."""
@@ -40,17 +42,20 @@ def unified_diff(edits_by_file: dict[str, list[tuple[int, int, list[str]]]]) -> 
 
 def patch_of(swapper: Any) -> str:
     """The source change of every verified swap of ``swapper`` (a ``live.Swapper``), as one
-    unified diff; the flash_attn_func variant adds its import where the file lacks it."""
+    unified diff; a FlashAttention variant adds its import (``Backend.source_import``: for
+    FA4 a try/except that leaves the name None, so the written call falls back to SDPA)
+    after the file's last top-level import, where the file lacks it."""
     by_file: dict[str, list[tuple]] = {}
     for live in swapper.sites.values():
         if live.status == "swapped" and live.site is not None:
             by_file.setdefault(live.site.file, []).extend(swapper.edits_for(live, swapper.target))
-    if swapper.target == "flash_attention_2":
+    if swapper.target != "sdpa":
+        record = BACKENDS[swapper.target]
         for file, edits in by_file.items():
             old = Path(file).read_text()
-            if "flash_attn_func" not in old.split("\n\n\n")[0]:
+            if record.source_name not in old.split("\n\n\n")[0]:
                 line = _last_import_line(old)
-                edits.append((line, line, [old.splitlines()[line - 1], "from flash_attn import flash_attn_func"]))
+                edits.append((line, line, [old.splitlines()[line - 1], *record.source_import]))
     return unified_diff(by_file)
 
 

@@ -1,16 +1,20 @@
 """Pass 4, code generation: the replacement call and the line edits that install it.
 
 ``write`` builds the ``F.scaled_dot_product_attention`` call (3-D ``bmm`` sites get a
-leading batch dimension, since SDPA's fused kernels take 4-D inputs), its
-``flash_attn_func`` variant ([B, S, H, D]) where the site takes no mask but a causal one,
-and the edits: the chain's statements removed, its value product replaced, returned
-weights replaced by None.
+leading batch dimension, since SDPA's fused kernels take 4-D inputs), its FlashAttention
+variants ([B, S, H, D]: ``flash_attn_func`` for FA2, ``flash_attn.cute.flash_attn_func``
+for FA4, which falls back to the SDPA call where FA4 is missing or the tensors are not on
+a GPU) where the site takes no mask but a causal one, and the edits of each: the chain's
+statements removed, its value product replaced, returned weights replaced by None. How
+each library is called (name, import, tuple result, fallback) is read from its backend
+record.
 """
 
 from __future__ import annotations
 
 import ast
 
+from ...backends import BACKENDS
 from .chain import Chain
 from .site import Site
 from .syntax import Function, strip_comment, wrap
@@ -27,8 +31,8 @@ class CallWriter:
         """Set ``site.call``, ``site.flash_call`` and ``site.edits``; mark it swappable."""
         site, product, value = chain.site, chain.product, chain.value
         three_d = product["form"] in ("bmm", "baddbmm") or value["vform"] == "bmm"
-        site.flash_call = self.flash_variant(q_src, k_src, v_src, three_d, mask_kw, causal, value.get("dropout"),
-                                             site, out_perm)
+        lib = (q_src, k_src, v_src, three_d, mask_kw, causal, value.get("dropout"), site, out_perm)
+        q_lib = q_src
         if three_d:
             q_src, k_src, v_src = (f"{self.f.paren(s)}.unsqueeze(0)" for s in (q_src, k_src, v_src))
             if mask_kw:
@@ -50,37 +54,54 @@ class CallWriter:
         if out_perm:
             call = f"{call}.permute({', '.join(map(str, out_perm))})"
         site.call = call
-        site.edits = self.edits(chain.block, chain.stmts, value["node"], call)
+        returned_edits = [(returns[id(n)].lineno, returns[id(n)].end_lineno, self.replace_name(returns[id(n)], n))
+                          for n in returned]
+        site.edits = self.edits(chain.block, chain.stmts, value["node"], call) + returned_edits
+        for name in ("flash_attention_2", "flash_attention_4"):
+            text = self.library_variant(BACKENDS[name], *lib, sdpa_call=call, q_test=q_lib)
+            if text:
+                site.variant_edits[name] = self.edits(chain.block, chain.stmts, value["node"], text) + returned_edits
+        site.flash_call = self.library_variant(BACKENDS["flash_attention_2"], *lib, sdpa_call=call, q_test=q_lib)
+        site.fa4_call = self.library_variant(BACKENDS["flash_attention_4"], *lib, sdpa_call=call, q_test=q_lib)
         for node in returned:  # the weights were returned: None takes their place, as in transformers' SDPA path
-            ret = returns[id(node)]
-            site.edits.append((ret.lineno, ret.end_lineno, self.replace_name(ret, node)))
-            site.notes.append(f"line {ret.lineno} returned the attention weights '{node.id}'; after the swap it returns "
-                              "None in their place, as transformers' sdpa_attention_forward does (a fused kernel "
-                              "never forms them)")
+            site.notes.append(f"line {returns[id(node)].lineno} returned the attention weights '{node.id}'; after the "
+                              "swap it returns None in their place, as transformers' sdpa_attention_forward does (a "
+                              "fused kernel never forms them)")
         site.swappable = True
 
-    def flash_variant(self, q: str, k: str, v: str, three_d: bool, mask_kw, causal: bool, dropout, site: Site,
-                      out_perm) -> str:
-        """The same site as ``flash_attn_func`` (layout [B, S, H, D]); '' when it takes no mask
-        other than causal. For S_q == S_k the causal masks of both libraries agree; a causal
-        site here always has S_q == S_k (a square tril/triu mask)."""
+    def library_variant(self, record, q: str, k: str, v: str, three_d: bool, mask_kw, causal: bool, dropout,
+                        site: Site, out_perm, *, sdpa_call: str, q_test: str) -> str:
+        """The same site as a FlashAttention call (``record``: its backend record; layout
+        [B, S, H, D]); '' when the site takes a mask other than causal, or dropout the library
+        does not have (a library that falls back to SDPA takes the fallback whenever the
+        dropout probability is not 0, so training keeps its dropout). For S_q == S_k the causal masks of SDPA (top-left) and flash-attn
+        (bottom-right) agree; a causal site here always has S_q == S_k (a square tril/triu
+        mask). A record that ``falls_back_to_sdpa`` gives ``(library call if it imported and
+        q is on a GPU else sdpa_call)``."""
         if mask_kw:
+            return ""
+        site_drop = self.dropout_kw(dropout, Site("", "", 0, 0, "")) if dropout else ""
+        if site_drop and not record.supports("dropout").supported and not record.falls_back_to_sdpa:
             return ""
         if three_d:  # [B*H, S, D] -> [B*H, S, 1, D]
             q, k, v = (f"{self.f.paren(x)}.unsqueeze(2)" for x in (q, k, v))
         else:  # [B, H, S, D] -> [B, S, H, D]
             q, k, v = (f"{self.f.paren(x)}.transpose(1, 2)" for x in (q, k, v))
         args = [q, k, v]
-        site_drop = self.dropout_kw(dropout, Site("", "", 0, 0, "")) if dropout else ""
-        if site_drop:
+        if site_drop and record.supports("dropout").supported:
             args.append(f"dropout_p={site_drop}")
         args.append(f"softmax_scale={site.scale}")
         if causal:
             args.append("causal=True")
-        call = f"flash_attn_func({', '.join(args)})"
+        call = f"{record.source_name}({', '.join(args)})" + ("[0]" if record.returns_tuple else "")
         call += ".squeeze(2)" if three_d else ".transpose(1, 2)"
         if out_perm:
             call = f"{call}.permute({', '.join(map(str, out_perm))})"
+        if record.falls_back_to_sdpa:
+            use = f"{record.source_name} is not None and {self.f.paren(q_test)}.is_cuda"
+            if site_drop and not record.supports("dropout").supported:  # dropout active: SDPA applies it
+                use += f" and ({site_drop}) == 0"
+            call = f"({call} if {use} else {sdpa_call})"
         return call
 
     def dropout_kw(self, dropout: tuple | None, site: Site) -> str:

@@ -28,12 +28,15 @@ class Site:
     notes: list[str] = field(default_factory=list)
     call: str = ""  # the SDPA call that replaces the chain
     flash_call: str = ""  # the flash_attn_func call, where the site can take one (no mask or causal)
+    fa4_call: str = ""  # the FlashAttention-4 call (flash_attn.cute), falling back to SDPA without it
+    variant_edits: dict[str, list] = field(default_factory=dict)  # backend -> edits, as ``edits`` for SDPA
     edits: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (first, last line, new lines)
     needs: dict[str, Any] = field(default_factory=dict)  # facts a live model must confirm
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("edits")
+        d.pop("variant_edits")
         d["where"] = f"{self.file}:{self.line}"
         return d
 

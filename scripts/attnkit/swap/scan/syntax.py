@@ -80,6 +80,13 @@ def wrap(prefix: str, call: str, suffix: str, width: int = 100) -> list[str]:
     line = prefix + call + suffix
     if len(line) <= width:
         return [line]
+    if call.startswith("(") and call.endswith(")"):  # (A if COND else B): one part a line, each wrapped
+        parts = _conditional_parts(call[1:-1])
+        if parts:
+            indent = " " * (len(prefix) - len(prefix.lstrip()) + 4)
+            a, cond, b = parts
+            return ([prefix + "("] + wrap(indent, a, "", width) + [f"{indent}if {cond}"] +
+                    wrap(f"{indent}else ", b, "", width) + [" " * (len(indent) - 4) + ")" + suffix])
     head, _, rest = call.partition("(")
     depth, args, current = 0, [], ""
     for i, ch in enumerate(rest):
@@ -100,6 +107,19 @@ def wrap(prefix: str, call: str, suffix: str, width: int = 100) -> list[str]:
         return [line]
     indent = " " * (len(prefix) - len(prefix.lstrip()) + 4)
     return [prefix + head + "("] + [f"{indent}{a}," for a in args if a] + [" " * (len(indent) - 4) + ")" + tail + suffix]
+
+
+def _conditional_parts(text: str) -> tuple[str, str, str] | None:
+    """(A, COND, B) of ``A if COND else B`` at bracket depth 0, or None."""
+    depth, marks = 0, []
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 0 and (text.startswith(" if ", i) or text.startswith(" else ", i)):
+            marks.append(i)
+    if len(marks) != 2 or not text.startswith(" if ", marks[0]) or not text.startswith(" else ", marks[1]):
+        return None
+    return text[:marks[0]].strip(), text[marks[0] + 4:marks[1]].strip(), text[marks[1] + 6:].strip()
 
 
 class Function:

@@ -1,0 +1,339 @@
+"""Measured backend choice: time every candidate on the real inputs, keep the fastest that is right.
+
+As ``triton.autotune`` does with its configs: every candidate runs on the same inputs,
+its first call (JIT compilation, ``torch.compile``, cuDNN plan building, lazy
+initialisation) is timed apart from its steady-state latency, and every candidate must
+pass the accuracy gate before it can win. Candidates (``candidates``):
+
+* SDPA's kernels one by one (cudnn, flash, efficient, math), each allowed alone through
+  ``torch.nn.attention.sdpa_kernel`` so a kernel that cannot take the inputs says so
+  instead of quietly falling back;
+* every other backend in the registry (``BACKENDS``) that can run here: FlashAttention-2,
+  -3 and -4, ``flex_attention``; ``eager`` is the baseline, listed for the ranking and
+  never chosen.
+
+Backends that compile with ``torch.compile`` (``flex_attention``) are timed on CUDA; on a
+CPU their inductor C++ build takes tens of seconds, so they are listed as ``skipped``
+with that reason unless asked for (``compiled=True``).
+
+Two levels share this: ``tune_model`` switches a loaded model to each candidate
+(``swap.switch``) and gates it on the model's output against the float64 reference
+(``accuracy.compare``, the flash-attn tests' rule); ``tune_op`` calls each backend's
+``Backend.call`` on q, k, v [B, S, H, D] and gates it on the output against a float64
+reference of a slice of the batch and heads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..backends import BACKENDS, SDPA, availability
+from ..env import Environment, dtype_name
+from ..report import CannotRun
+from ..swap import switch
+from .accuracy import RULE, Accuracy, compare, dropout_off
+from .flops import attention_flops
+from .timing import forward_fn, is_oom, no_kernel_reasons, oom_message, synchronize, time_it, train_fn
+
+BASELINE = "eager"
+
+
+@dataclass
+class Candidate:
+    """One candidate of a measured choice, and what happened to it.
+
+    ``status``: ``passed`` (ran, accuracy within tolerance), ``failed`` (ran, outside
+    tolerance), ``error`` (could not run on these inputs: ``reason``), ``skipped`` (not
+    run here: ``reason``), ``baseline`` (eager: ranked, never chosen). Times in ms,
+    ``compile_s`` in seconds (the first call, minus one steady-state call).
+    """
+
+    backend: str
+    kernel: str | None = None
+    status: str = "pending"
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+    compile_s: float | None = None
+    accuracy_passed: bool | None = None
+    max_abs_err: float | None = None
+    tolerance: float | None = None
+    tflops: float | None = None
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        """'sdpa[cudnn]' for an SDPA kernel, else the backend name."""
+        return f"{self.backend}[{self.kernel}]" if self.kernel else self.backend
+
+    @property
+    def sdpa_kernels(self) -> list[str] | None:
+        return [self.kernel] if self.kernel else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def candidates(env: Environment, device: str, dtype: torch.dtype, model: Any = None, *,
+               compiled: bool | None = None, head_dim: int | None = None) -> list[Candidate]:
+    """Every backend (and SDPA kernel) of the registry as a candidate for ``device`` and
+    ``dtype`` (and ``model``, whose class flags and head_dim count): ``pending`` when it can
+    run here, ``skipped`` with the reason otherwise. ``compiled`` (default: on CUDA only)
+    includes backends that compile per shape with torch.compile. Records with ``auto``
+    False other than the eager baseline (FP8, which changes the numerics) are left out."""
+    compiled = device.startswith("cuda") if compiled is None else compiled
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    usable = {k.name: k for k in env.sdpa_kernels.get(kind, [])}
+    out: list[Candidate] = []
+    for name, record in BACKENDS.items():
+        if name != BASELINE and not record.auto:
+            continue
+        verdict = availability(name, env=env, device=device, dtype=dtype, model=model)
+        if name == SDPA.name:
+            for k in record.kernels:
+                c = Candidate(name, k.name)
+                probe = usable.get(k.name)
+                if not verdict.available:
+                    c.status, c.reason = "skipped", verdict.reason
+                elif kind not in k.devices:
+                    c.status, c.reason = "skipped", f"SDPA has no {k.name} kernel on {kind}"
+                elif probe is not None and (not probe.compiled or probe.usable is False):
+                    c.status, c.reason = "skipped", f"this torch's {k.name} kernel is not usable here" + (
+                        f" ({probe.reason})" if probe.reason else "")
+                out.append(c)
+            continue
+        if head_dim and record.max_head_dim and head_dim > record.max_head_dim and verdict.available:
+            verdict.available, verdict.reason = False, f"head_dim {head_dim} > {record.max_head_dim}"
+        c = Candidate(name)
+        if name == BASELINE:
+            c.status = "baseline"
+        elif not verdict.available:
+            c.status, c.reason = "skipped", verdict.reason
+        elif record.compiles and "torch.compile" in record.compiles and not compiled:
+            c.status, c.reason = "skipped", (f"{record.compiles}; on {kind} its first call takes tens of seconds: "
+                                             "not timed unless asked (--tune-compiled)")
+        out.append(c)
+    return out
+
+
+def _first_call(run: Callable[[], Any], device: str) -> tuple[Any, float]:
+    """Run once (the warm-up, where compilation happens): (output, seconds)."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = run()
+        except RuntimeError as exc:
+            if any(t in str(exc) for t in ("No available kernel", "No viable backend")):
+                raise CannotRun(no_kernel_reasons(caught)) from None
+            raise
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def _attempt(c: Candidate, body: Callable[[], None], device: str) -> None:
+    """Run ``body`` for ``c``; any failure becomes ``error`` with its reason, never a crash."""
+    try:
+        body()
+    except CannotRun as exc:
+        c.status, c.reason = "error", exc.message
+    except Exception as exc:
+        if is_oom(exc):
+            c.status, c.reason = "error", oom_message(exc)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        else:
+            c.status, c.reason = "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
+
+
+def _judge(c: Candidate, acc: Accuracy | None) -> None:
+    if acc is None:
+        c.status, c.reason = "passed", "accuracy not gated: no reference"
+        return
+    c.max_abs_err, c.tolerance = acc.max_abs_err, acc.tolerance
+    c.accuracy_passed = acc.passed
+    c.status = "passed" if acc.passed else "failed"
+    if not acc.passed:
+        c.reason = f"outside tolerance: {acc.evidence()}"
+
+
+def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out: torch.Tensor | None,
+               reference: torch.Tensor | None, dtype: torch.dtype, min_run_time: float, train: bool = False,
+               flops: float | None = None, progress: Callable[[str], Any] | None = None) -> list[Candidate]:
+    """Measure every ``pending`` candidate on ``loaded`` (a ``models.LoadedModel``) with
+    ``inputs``: switch to it, time the first call (``compile_s``), time the steady state
+    (``time_it``, forward, or forward + backward with ``train``), and judge its inference
+    output against ``reference`` (float64) with ``baseline_out`` (the eager output) as the
+    rule's baseline. The model is left on the baseline. Returns ``cands``, updated."""
+    lm = loaded.family == "causal-lm"
+    runs: dict[str, Callable[[], Any]] = {}
+    for c in cands:
+        if c.status != "pending":
+            continue
+
+        def body(c=c):
+            switch.apply(loaded.model, c.backend)
+            forward = forward_fn(loaded, inputs, c.sdpa_kernels)
+            run = train_fn(loaded, inputs, c.sdpa_kernels) if train else forward
+            with dropout_off(loaded.model):
+                _, first = _first_call(run, loaded.device)
+                out = forward()
+            runs[c.label] = run
+            c.compile_s = first  # the steady-state time is taken off once it is known
+            acc = None
+            if reference is not None and baseline_out is not None:
+                acc = compare(out, baseline_out, reference, valid=inputs.valid, dtype=dtype, language_model=lm)
+            _judge(c, acc)
+
+        if progress is not None:
+            with progress(f"autotune: first call and accuracy of {c.label}"):
+                _attempt(c, body, loaded.device)
+        else:
+            _attempt(c, body, loaded.device)
+
+    def switched(c: Candidate) -> None:
+        switch.apply(loaded.model, c.backend)
+
+    if progress is not None:
+        with progress(f"autotune: timing {len(runs)} candidates in {ROUNDS} interleaved rounds"):
+            interleaved(cands, runs, switched, min_run_time, loaded.device, flops)
+    else:
+        interleaved(cands, runs, switched, min_run_time, loaded.device, flops)
+    if switch.has_switch(loaded.model):
+        switch.apply(loaded.model, BASELINE)
+    return cands
+
+
+#: Rounds of the timing phase: every candidate is timed once per round, in turn, so that a
+#: machine that slows down or speeds up in between affects them all alike.
+ROUNDS = 4
+
+
+def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], prepare: Callable[[Candidate], None],
+                min_run_time: float, device: str, flops: float | None) -> None:
+    """Time every candidate with a ``runs`` entry in ``ROUNDS`` rounds of ``min_run_time /
+    ROUNDS`` seconds each (``time_it``): latency = the median of the round medians (ms), IQR
+    = their interquartile range; ``compile_s`` loses one steady-state call. A candidate that
+    fails here becomes ``error``."""
+    medians: dict[str, list[float]] = {label: [] for label in runs}
+    timed = [c for c in cands if c.label in runs and c.status in ("passed", "failed", "baseline")]
+    for _ in range(ROUNDS):
+        for c in timed:
+            if c.status == "error":
+                continue
+
+            def body(c=c):
+                prepare(c)
+                medians[c.label].append(time_it(runs[c.label], min_run_time / ROUNDS, c.label)[0])
+
+            _attempt(c, body, device)
+    for c in timed:
+        values = sorted(medians[c.label])
+        if c.status == "error" or not values:
+            continue
+        c.latency_ms = statistics.median(values)
+        q = statistics.quantiles(values, n=4) if len(values) >= 4 else None
+        c.latency_iqr_ms = q[2] - q[0] if q else None
+        c.compile_s = max(0.0, (c.compile_s or 0.0) - c.latency_ms / 1e3)
+        if flops:
+            c.tflops = flops / (c.latency_ms * 1e-3) / 1e12
+
+
+def tune_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cands: list[Candidate], *, causal: bool,
+            min_run_time: float = 0.2, backward: bool = False, reference_slice: tuple[int, int] = (1, 2),
+            baseline_err: float | None = None) -> list[Candidate]:
+    """Measure every ``pending`` candidate's ``Backend.call`` on q [B, S, H, D], k, v
+    [B, S, H_kv, D] (forward, or forward + backward with ``backward``). Accuracy: the output
+    of the first ``reference_slice`` = (batch rows, key/value heads) against a float64
+    reference of that slice, judged by ``accuracy.compare`` with the eager error on the same
+    slice (``baseline_err``, computed here when None) as the baseline. TFLOP/s from
+    ``flops.attention_flops`` (x3.5 for forward + backward, flash-attn's benchmark count).
+    Returns ``cands``, updated; the baseline row is timed too when it fits."""
+    b, s_q, h, d = q.shape
+    h_kv = k.shape[2]
+    rows, kv_heads = min(reference_slice[0], b), min(reference_slice[1], h_kv)
+    q_heads = kv_heads * (h // h_kv)
+    sl = (slice(0, rows), slice(None), slice(0, q_heads))
+    ref = BACKENDS[BASELINE].call(q[sl].double(), k[:rows, :, :kv_heads].double(), v[:rows, :, :kv_heads].double(),
+                                  causal=causal)
+    eager_slice = BACKENDS[BASELINE].call(q[sl], k[:rows, :, :kv_heads], v[:rows, :, :kv_heads], causal=causal)
+    flops = attention_flops(b, s_q, h, d, 1, causal, kv_len=k.shape[1]) * (3.5 if backward else 1.0)
+    device = str(q.device)
+    runs: dict[str, Callable[[], Any]] = {}
+    for c in cands:
+        if c.status not in ("pending", "baseline"):
+            continue
+        record = BACKENDS[c.backend]
+        kw = {"causal": causal}
+        if c.kernel:
+            kw["sdpa_kernel"] = SDPA.kernel(c.kernel)
+        if backward:
+            qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+            grad = torch.randn_like(q)
+
+            def run(record=record, kw=kw, qq=qq, kk=kk, vv=vv, grad=grad):
+                out = record.call(qq, kk, vv, **kw)
+                out.backward(grad)
+                return out
+        else:
+            def run(record=record, kw=kw):
+                with torch.no_grad():
+                    return record.call(q, k, v, **kw)
+
+        def body(c=c, run=run, record=record, kw=kw):
+            _, c.compile_s = _first_call(run, device)
+            runs[c.label] = run
+            with torch.no_grad():
+                got = record.call(q[sl], k[:rows, :, :kv_heads], v[:rows, :, :kv_heads], **kw)
+            acc = compare(got, eager_slice, ref, valid=None, dtype=q.dtype, language_model=False)
+            if c.status == "baseline":
+                c.max_abs_err, c.tolerance, c.accuracy_passed = acc.max_abs_err, acc.tolerance, acc.passed
+            else:
+                _judge(c, acc)
+
+        was_baseline = c.status == "baseline"
+        _attempt(c, body, device)
+        if was_baseline and c.status == "error":
+            c.reason = f"the baseline could not be timed: {c.reason}"
+    interleaved(cands, runs, lambda c: None, min_run_time, device, flops)
+    return cands
+
+
+def chosen(cands: list[Candidate]) -> Candidate | None:
+    """The fastest candidate that passed (the baseline is never chosen); None when none did."""
+    passed = [c for c in cands if c.status == "passed" and c.latency_ms is not None]
+    return min(passed, key=lambda c: c.latency_ms) if passed else None
+
+
+def ranking(cands: list[Candidate]) -> list[Candidate]:
+    """Timed candidates first, fastest first; then those that did not run, in registry order."""
+    timed = sorted((c for c in cands if c.latency_ms is not None), key=lambda c: c.latency_ms)
+    return timed + [c for c in cands if c.latency_ms is None]
+
+
+def explain(best: Candidate | None, cands: list[Candidate]) -> str:
+    """Why ``best`` won, in one sentence, from the measurements."""
+    timed = [c for c in cands if c.status == "passed"]
+    if best is None:
+        return "no candidate passed the accuracy gate"
+    others = sorted((c for c in timed if c is not best), key=lambda c: c.latency_ms)
+    text = (f"measured: the fastest of {len(timed)} candidates that passed the accuracy gate "
+            f"({best.latency_ms:.3f} ms")
+    if others:
+        text += f"; next {others[0].label} {others[0].latency_ms:.3f} ms, {others[0].latency_ms / best.latency_ms:.2f}x"
+    return text + ")"
+
+
+def summary_dict(cands: list[Candidate], best: Candidate | None, *, mode: str, min_run_time: float,
+                 dtype: torch.dtype) -> dict[str, Any]:
+    """``data.autotune``: every candidate (ranked) and the choice."""
+    return {"candidates": [c.to_dict() for c in ranking(cands)], "chosen": best.backend if best else None,
+            "chosen_kernel": best.kernel if best else None, "chosen_label": best.label if best else None,
+            "mode": mode, "min_run_time_s": min_run_time, "rule": RULE, "dtype": dtype_name(dtype),
+            "why": explain(best, cands)}
+

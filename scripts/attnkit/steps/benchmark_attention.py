@@ -1,0 +1,275 @@
+"""The benchmark_attention step: every backend on the seed's operator grid, measured here.
+
+For each dtype, shape ([B, H, D]: the seed's B8 H32 D64 and B2 H16 D128 by default), causal
+and non-causal, forward and forward + backward, and sequence length S, every candidate of
+the autotuner (``measure.autotune.candidates``: eager, SDPA's kernels one by one,
+flex_attention, FlashAttention-2/3/4 where usable) runs on the same q, k, v [B, S, H, D]:
+
+* latency: median and IQR (ms) over interleaved rounds (``autotune.tune_op``);
+* TFLOP/s: ``flops.attention_flops`` (4 * B * H * D * pairs, causal half; x3.5 for
+  forward + backward, flash-attn's benchmark count) over the median;
+* % of the matmul peak: the same dtype's square matmul timed in this run
+  (``timing.matmul_peak``), so figures compare to this machine, not to a datasheet;
+* peak memory (MB) of one call above the inputs (``timing.peak_memory_mb``);
+* accuracy: each output on a slice of the batch and heads against float64, judged by the
+  flash-attn tests' rule with eager's own error as the baseline;
+* the autotuner's choice: a quick pass (``--tune-time``) picks a candidate, and the full
+  pass says how close it is to the fastest (``autotune_ratio`` = fastest latency / chosen
+  latency, 1.0 when it chose the fastest);
+* with ``--max-seq-len-search``, the largest S each backend runs at before it runs out of
+  memory (on CUDA; under ``--memory-limit`` GB when given).
+
+Results: ``data.grid`` (one row per candidate and configuration), ``data.autotune`` (one
+row per configuration), report.png (TFLOP/s against S) and memory.png (peak memory
+against S) in the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backends import BACKENDS, SDPA
+from ..env import dtype_name, environment, parse_dtype, resolve_device
+from ..measure import autotune
+from ..measure.timing import is_oom, matmul_peak, oom_message, peak_memory_mb
+from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+
+STEP = "benchmark_attention"
+
+#: The seed's shapes, [B, H, D] (references/benchmarks.md, "operator grid").
+SEED_SHAPES = ((8, 32, 64), (2, 16, 128))
+GPU_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+CPU_SEQ_LENS = (512, 1024)
+
+
+@dataclass
+class BenchmarkOptions:
+    """What ``benchmark_attention.py`` takes (see its --help)."""
+
+    device: str = "auto"
+    dtypes: list[str] | None = None  # None: bfloat16 and float16 on GPU, float32 on CPU
+    shapes: list[str] | None = None  # "B,H,D" or "B,H,H_KV,D"; None: SEED_SHAPES
+    seq_lens: list[int] | None = None
+    causal: str = "both"  # causal | non-causal | both
+    direction: str | None = None  # fwd | fwd+bwd | both; None: both on GPU, fwd on CPU
+    backends: list[str] | None = None  # restrict to these candidate labels or backend names
+    min_run_time: float = 0.2
+    tune_time: float = 0.05
+    tune_compiled: bool | None = None
+    max_seq_len_search: bool = False
+    search_cap: int = 262144
+    memory_limit: float | None = None
+    report_dir: str | None = None
+    write_report: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """'8,32,64' -> (B, H, H_kv, D) = (8, 32, 32, 64); '2,32,8,128' -> GQA with 8 KV heads.
+    Raises ``CannotRun`` for anything else."""
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 3:
+        parts = [parts[0], parts[1], parts[1], parts[2]]
+    if len(parts) != 4 or min(parts) < 1 or parts[1] % parts[2]:
+        raise CannotRun(f"--shape {text!r}: give B,H,D or B,H,H_KV,D (positive, H a multiple of H_KV)",
+                        "e.g. --shape 8,32,64")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def _configs(o: BenchmarkOptions, device: str) -> tuple[list, list, list, list, list]:
+    env = environment()
+    dtypes = [parse_dtype(d, env, device) for d in (o.dtypes or (["bfloat16", "float16"] if device != "cpu"
+                                                                  else ["float32"]))]
+    shapes = [parse_shape(s) for s in o.shapes] if o.shapes else [(b, h, h, d) for b, h, d in SEED_SHAPES]
+    seq_lens = sorted(set(o.seq_lens or (GPU_SEQ_LENS if device != "cpu" else CPU_SEQ_LENS)))
+    if min(seq_lens) < 1:
+        raise CannotRun(f"--seq-len must be positive, not {min(seq_lens)}", "")
+    causals = {"causal": [True], "non-causal": [False], "both": [False, True]}.get(o.causal)
+    if causals is None:
+        raise CannotRun(f"--causal {o.causal!r}: choose causal, non-causal or both", "")
+    direction = o.direction or ("both" if device != "cpu" else "fwd")
+    directions = {"fwd": [False], "fwd+bwd": [True], "both": [False, True]}.get(direction)
+    if directions is None:
+        raise CannotRun(f"--direction {direction!r}: choose fwd, fwd+bwd or both", "")
+    return dtypes, shapes, seq_lens, causals, directions
+
+
+def _inputs(b: int, s: int, h: int, h_kv: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """q [B, S, H, D], k and v [B, S, H_kv, D], standard normal (seed ``seed``)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(b, s, h, d, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(b, s, h_kv, d, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(b, s, h_kv, d, generator=gen, device=device, dtype=dtype)
+    return q, k, v
+
+
+def _wanted(c: autotune.Candidate, backends: list[str] | None) -> bool:
+    return not backends or c.backend in backends or c.label in backends
+
+
+def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
+    """Run the grid (see the module docstring). Raises ``CannotRun`` for bad options or a
+    device that does not exist here; out-of-memory at a point is a row's ``error``."""
+    if o.min_run_time <= 0 or o.tune_time <= 0:
+        raise CannotRun("--min-run-time and --tune-time must be positive", "")
+    env = environment()
+    device = resolve_device(o.device, env)
+    dtypes, shapes, seq_lens, causals, directions = _configs(o, device)
+    if o.memory_limit is not None:
+        if not device.startswith("cuda"):
+            raise CannotRun("--memory-limit applies to a CUDA device only", "use --device cuda")
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, o.memory_limit / total), device)
+    data: dict[str, Any] = {"device": device, "gpu": env.gpus[0].name if env.gpus and device != "cpu" else None,
+                            "torch": torch.__version__, "grid": [], "autotune": [], "matmul_peak_tflops": {},
+                            "max_seq_len": None, "report_dir": None, "memory_limit_gb": o.memory_limit,
+                            "min_run_time_s": o.min_run_time, "tune_time_s": o.tune_time}
+    interrupted = ""
+    try:
+        for dtype in dtypes:
+            with reporter.stage(f"matmul peak ({dtype_name(dtype)})"):
+                data["matmul_peak_tflops"][dtype_name(dtype)] = matmul_peak(device, dtype)
+            peak = data["matmul_peak_tflops"][dtype_name(dtype)]
+            for b, h, h_kv, d in shapes:
+                for causal in causals:
+                    for backward in directions:
+                        for s in seq_lens:
+                            config = {"dtype": dtype_name(dtype), "batch": b, "heads": h, "kv_heads": h_kv,
+                                      "head_dim": d, "seq_len": s, "causal": causal,
+                                      "direction": "fwd+bwd" if backward else "fwd",
+                                      "shape": f"B{b} H{h}" + (f"/{h_kv}" if h_kv != h else "") + f" D{d}"}
+                            with reporter.stage(f"{config['shape']} S{s} {'causal' if causal else 'non-causal'} "
+                                                f"{config['direction']} {config['dtype']}"):
+                                _one_config(o, env, device, dtype, config, peak, data)
+        if o.max_seq_len_search:
+            data["max_seq_len"] = _search(o, env, device, dtypes[0], shapes[-1], reporter)
+    except KeyboardInterrupt:
+        interrupted = f"interrupted (Ctrl-C) after {len(data['autotune'])} configurations"
+    result = _verdict(data, interrupted)
+    if o.write_report:
+        write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, device))
+    return result
+
+
+def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, config: dict, peak: float,
+                data: dict) -> None:
+    b, h, h_kv, d, s = config["batch"], config["heads"], config["kv_heads"], config["head_dim"], config["seq_len"]
+    backward, causal = config["direction"] == "fwd+bwd", config["causal"]
+    try:
+        q, k, v = _inputs(b, s, h, h_kv, d, dtype, device)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        data["autotune"].append({**config, "chosen": None, "fastest": None, "ratio": None,
+                                 "note": f"inputs do not fit: {oom_message(exc)}"})
+        return
+
+    def fresh() -> list[autotune.Candidate]:
+        return [c for c in autotune.candidates(env, device, dtype, compiled=o.tune_compiled, head_dim=d)
+                if _wanted(c, o.backends) or c.backend == autotune.BASELINE]
+
+    quick = autotune.tune_op(q, k, v, fresh(), causal=causal, min_run_time=o.tune_time, backward=backward)
+    choice = autotune.chosen(quick)
+    full = autotune.tune_op(q, k, v, fresh(), causal=causal, min_run_time=o.min_run_time, backward=backward)
+    for c in full:
+        row = {**config, **c.to_dict(), "label": c.label,
+               "pct_of_matmul_peak": 100 * c.tflops / peak if c.tflops and peak else None, "peak_memory_mb": None}
+        if c.latency_ms is not None:
+            record = BACKENDS[c.backend]
+            kw = {"causal": causal, **({"sdpa_kernel": SDPA.kernel(c.kernel)} if c.kernel else {})}
+            try:
+                row["peak_memory_mb"] = peak_memory_mb(lambda: record.call(q, k, v, **kw), device)
+            except Exception as exc:  # measured already; memory is a figure, not a reason to stop
+                row["memory_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        data["grid"].append(row)
+    best_full = autotune.chosen(full)
+    picked = next((c for c in full if choice is not None and c.label == choice.label), None)
+    ratio = (best_full.latency_ms / picked.latency_ms if best_full is not None and picked is not None
+             and picked.latency_ms else None)
+    data["autotune"].append({**config, "chosen": choice.label if choice else None,
+                             "chosen_latency_ms": picked.latency_ms if picked else None,
+                             "fastest": best_full.label if best_full else None,
+                             "fastest_latency_ms": best_full.latency_ms if best_full else None, "ratio": ratio})
+    q = k = v = None  # free the inputs before the next configuration allocates its own
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _search(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, shape, reporter) -> dict:
+    """The largest S (a multiple of 1024) each backend's causal forward runs at on ``shape``
+    before it runs out of memory, doubling from 1024 and then bisecting, up to
+    ``o.search_cap``; CUDA only."""
+    if not device.startswith("cuda"):
+        return {"skipped": "the search runs on a CUDA device only: on a CPU each point would take minutes"}
+    b, h, h_kv, d = shape
+    out = {"shape": f"B{b} H{h} D{d}", "dtype": dtype_name(dtype), "causal": True, "cap": o.search_cap,
+           "memory_limit_gb": o.memory_limit, "backends": {}}
+    for c in autotune.candidates(env, device, dtype, compiled=False, head_dim=d):
+        if c.status not in ("pending", "baseline") or not _wanted(c, o.backends):
+            continue
+        record = BACKENDS[c.backend]
+        kw = {"causal": True, **({"sdpa_kernel": SDPA.kernel(c.kernel)} if c.kernel else {})}
+
+        def fits(s: int) -> bool:
+            try:
+                q, k, v = _inputs(b, s, h, h_kv, d, dtype, device)
+                with torch.no_grad():
+                    record.call(q, k, v, **kw)
+                torch.cuda.synchronize(device)
+                return True
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                return False
+            finally:
+                torch.cuda.empty_cache()
+
+        with reporter.stage(f"largest S for {c.label}"):
+            try:
+                lo, hi = 0, 1024
+                while hi <= o.search_cap and fits(hi):
+                    lo, hi = hi, hi * 2
+                if hi <= o.search_cap:
+                    while hi - lo > 1024:
+                        mid = (lo + hi) // 2 // 1024 * 1024
+                        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+                out["backends"][c.label] = {"fits": lo or None, "oom_at": hi if hi <= o.search_cap else None}
+            except Exception as exc:
+                out["backends"][c.label] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    return out
+
+
+def _verdict(data: dict, interrupted: str) -> StepResult:
+    configs = data["autotune"]
+    ran = [a for a in configs if a.get("fastest")]
+    if interrupted or not configs:
+        return StepResult(STEP, "error", interrupted or "nothing was measured", [], data, "rerun to finish")
+    checks = [Check("ran", len(ran) == len(configs),
+                    f"{len(ran)} of {len(configs)} configurations had a candidate within tolerance")]
+    ratios = [a["ratio"] for a in configs if a.get("ratio") is not None]
+    worst = min(ratios) if ratios else None
+    checks.append(Check("autotune", worst is not None and worst >= 0.95,
+                        f"the quick pass chose the fastest (or one within 5 %) in "
+                        f"{sum(r >= 0.95 for r in ratios)} of {len(ratios)} configurations; worst "
+                        + (f"{worst:.2f}x of the fastest" if worst is not None else "n/a")))
+    best = {}
+    for row in data["grid"]:
+        if row["status"] == "passed" and row.get("tflops"):
+            key = row["label"]
+            best[key] = max(best.get(key, 0.0), row["tflops"])
+    top = sorted(best.items(), key=lambda kv: -kv[1])[:3]
+    summary = (f"{len(configs)} configurations on {data['device']}"
+               + (f" ({data['gpu']})" if data.get("gpu") else "") + "; best TFLOP/s: "
+               + ", ".join(f"{k} {v:.1f}" for k, v in top) + f"; {checks[-1].evidence}")
+    ok = all(c.passed for c in checks)
+    return StepResult(STEP, "pass" if ok else "fail", summary, checks, data,
+                      "read data.grid for every figure and report.png for TFLOP/s against S" if ok else
+                      "a configuration had no passing candidate, or the quick pass chose a slow one: read "
+                      "data.autotune and rerun with a longer --tune-time")
