@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import FAST, MODELS, ROOT, SCRIPTS, run_script

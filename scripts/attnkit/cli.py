@@ -119,11 +119,26 @@ def add_output_args(p: argparse.ArgumentParser, step: str, save: bool = False) -
                             "into DIR, a new or empty folder, only when every check passed")
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (``timeout``, a batch scheduler, ``kill``) ends a step as Ctrl-C does: what was
+    measured is kept and reported, instead of the process dying with nothing written."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a step called from a library): leave it as it is
+        pass
+
+
 def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],
         argv: Sequence[str] | None = None) -> int:
     """Parse, call ``fn``, print the result, return the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     reporter = Reporter(json_mode="--json" in argv, quiet="--quiet" in argv)
+    _sigterm_as_interrupt()
     debug = "--debug" in argv
     try:
         args = p.parse_args(argv)
