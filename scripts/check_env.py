@@ -6,7 +6,9 @@ each GPU's name and compute capability, which SDPA kernels (flash, efficient, cu
 math) are compiled in, enabled and usable here, whether flash_attn (FlashAttention-2) and
 flash_attn_interface (FlashAttention-3) import, with their version or the exact import
 error and what it means, the transformers version, and the backend `auto` would pick on
-this device and dtype, with the reason for every backend it would not pick.
+this device and dtype, with the reason for every backend it would not pick, and every FP8
+attention library (data.fp8: cuDNN through nvidia-cudnn-frontend, FlashAttention-3,
+FlashAttention-4, flashinfer): installed, usable here, and why not.
 
 The step passes when every --require holds (default: sdpa).
 
@@ -14,6 +16,7 @@ examples:
   python scripts/check_env.py
   python scripts/check_env.py --json
   python scripts/check_env.py --require flash_attn --require sm80 --json
+  python scripts/check_env.py --require fp8 --json
 """
 
 import sys

@@ -1,19 +1,33 @@
 #!/usr/bin/env python3
-"""fp8_attention: FP8 attention with FlashAttention-3 on a Hopper GPU, against bf16.
+"""fp8_attention: is FP8 attention faster than bf16 on this GPU, and what does it cost in accuracy?
 
-FP8 attention is FlashAttention-3's separate Hopper build (module flash_attn_interface),
-forward only, with per-head descale factors. flash_attn.flash_attn_func (FlashAttention-2)
-has no FP8 path. This step quantises random bf16 inputs [B, S, H, D] to float8_e4m3fn
-(one scale per batch and key/value head: amax / 448), runs FP8 and bf16 FlashAttention-3,
-and reports latency (ms), TFLOP/s and each one's max error against a float32 reference.
+FP8 attention here is cuDNN's sdpa_fp8 graph through nvidia-cudnn-frontend (pip install
+nvidia-cudnn-frontend==1.17.0), forward only, on sm90 (Hopper) and sm100 GPUs.
+flash_attn.flash_attn_func (FlashAttention-2) never takes FP8; FlashAttention-4 runs FP8
+on sm100 only; FlashAttention-3 is not on PyPI (check_env.py lists every FP8 path).
 
-status: skip (exit 0) with the reason where there is no Hopper GPU or no
-flash_attn_interface; else pass when FP8 runs (and, with --compare-bf16, when its error
-is at most 2 x bf16's error + eps(e4m3) x max|reference|, eps(e4m3) = 0.125).
+For each shape of the grid (default: the seed's, B8 H32, head_dim 64 and 128, S 1024 to
+16384, causal and not; each shape option narrows it) on random bf16 inputs [B, S, H, D],
+it quantises q, k and v to float8_e4m3fn (one scale per tensor: amax / 448), runs the FP8
+kernel, and reports:
+
+  speed      median latency and TFLOP/s of the FP8 kernel, of FP8 with the quantisation
+             included, and of bf16 attention (SDPA's cuDNN kernel, FlashAttention-4 where
+             it imports); the speedup over the best bf16 kernel
+  accuracy   against a float64 reference on the same inputs (batch 0, first --ref-heads
+             heads): max abs error, relative RMS error, cosine similarity, for FP8 and bf16
+  kernels    the GPU kernels torch.profiler saw during one FP8 call, by name
+
+status: skip (exit 0) with the reason where there is no sm90/sm100 GPU or no
+nvidia-cudnn-frontend; pass when FP8 ran on every shape, the profiler saw its kernel, and
+every shape meets rel_rms_err(fp8) <= 2 x rel_rms_err(bf16) + eps(e4m3), eps(e4m3) = 0.125
+(errors against float64, relative RMS: ||o - ref|| / ||ref||); fail otherwise. The run
+folder holds report.json, report.md (the table) and report.png (TFLOP/s against S).
 
 examples:
-  python scripts/fp8_attention.py --json
-  python scripts/fp8_attention.py --compare-bf16 --seq-len 8192 --json
+  python scripts/fp8_attention.py --json                                   # the seed's grid, 20 shapes
+  python scripts/fp8_attention.py --head-dim 128 --seq-len 8192 --causal no --json
+  python scripts/fp8_attention.py --batch-size 1 --heads 32 --kv-heads 8 --seq-len 4096 --seq-len 8192
 """
 
 import sys
@@ -28,22 +42,28 @@ from attnkit.steps.fp8_attention import Fp8Options, fp8_attention  # noqa: E402
 def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("fp8_attention.py", doc[0], "\n\n".join(doc[1:]))
-    g = p.add_argument_group("shape: q [B, S, H, D], k and v [B, S, H_kv, D]")
-    g.add_argument("--batch-size", type=int, default=2, metavar="B", help="batch size (default: 2)")
-    g.add_argument("--seq-len", type=int, default=4096, metavar="S", help="sequence length (default: 4096)")
-    g.add_argument("--heads", type=int, default=16, metavar="H", help="query heads (default: 16)")
-    g.add_argument("--kv-heads", type=int, default=16, metavar="H_KV",
-                   help="key/value heads, H_kv < H for GQA (default: 16)")
-    g.add_argument("--head-dim", type=int, default=128, metavar="D", help="head_dim, a multiple of 16 (default: 128)")
-    g.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
-    p.add_argument("--compare-bf16", action="store_true", help="judge FP8's error against bf16's (the accuracy step)")
-    p.add_argument("--min-run-time", type=float, default=1.0, metavar="SEC",
-                   help="seconds of timed runs per variant (default: 1.0)")
+    g = p.add_argument_group("shapes: q [B, S, H, D], k and v [B, S, H_kv, D]; the default is the seed's grid")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default: 8)")
+    g.add_argument("--heads", type=int, default=32, metavar="H", help="query heads (default: 32)")
+    g.add_argument("--kv-heads", type=int, default=None, metavar="H_KV",
+                   help="key/value heads, fewer than H for GQA (default: as many as --heads)")
+    g.add_argument("--head-dim", type=int, action="append", dest="head_dims", metavar="D",
+                   help="head_dim, a multiple of 16 up to 256; repeatable (default: 64 and 128)")
+    g.add_argument("--seq-len", type=int, action="append", dest="seq_lens", metavar="S",
+                   help="sequence length; repeatable (default: 1024 2048 4096 8192 16384)")
+    g.add_argument("--causal", choices=("both", "yes", "no"), default="both",
+                   help="causal (top-left) attention, full attention, or both (default: both)")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--min-run-time", type=float, default=0.25, metavar="SEC",
+                   help="seconds of timed runs per kernel and shape (default: 0.25)")
+    m.add_argument("--ref-heads", type=int, default=4, metavar="N",
+                   help="query heads of batch 0 the float64 reference covers (default: 4)")
+    cli.add_output_args(p, "fp8_attention")
     return p
 
 
 def run(args, reporter):
-    return fp8_attention(cli.options(Fp8Options, args, causal=not args.no_causal), reporter)
+    return fp8_attention(cli.options(Fp8Options, args), reporter)
 
 
 def main(argv=None):

@@ -18,7 +18,8 @@ def test_auto_picks_sdpa_on_cpu_and_says_why_not_the_others(env):
     choice = backends.choose("auto", env=env, device="cpu", dtype=torch.float32, model=model)
     assert choice.backend == "sdpa"
     reasons = {r.backend: r.reason for r in choice.rejected}
-    assert set(reasons) == {"eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"}
+    assert set(reasons) == {"eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention",
+                            "fp8"}
     assert "fp16 and bf16 only" in reasons["flash_attention_2"]
     assert "needs a CUDA GPU" in reasons["flash_attention_2"]
     assert "baseline" in reasons["eager"]

@@ -53,13 +53,15 @@ def test_it_stops_at_the_first_failure_and_keeps_going_when_asked():
 
     run = run_script("run_checklist.py", "fp8-hopper", "--keep-going")
     steps = run.result["data"]["steps"]
-    assert [s["mark"] for s in steps] == ["!", "!", "-", "-"]  # FP8 steps say skip, with the reason
+    # the FP8 measurement says skip, with the reason; forcing --backend fp8 cannot run (exit 2)
+    assert [s["mark"] for s in steps] == ["!", "!", "-", "!"]
     assert "FP8 attention not run" in steps[2]["summary"]
+    assert "--backend fp8 cannot run here" in steps[3]["summary"]
 
 
 def test_people_see_the_checklist(tmp_path):
     run = run_script("run_checklist.py", "fp8-hopper", "--keep-going", json_mode=False)
-    assert "[-]" in run.stdout and "Run FP8 attention" in run.stdout
+    assert "[-]" in run.stdout and "Measure FP8 attention" in run.stdout
 
 
 def test_unknown_workflow_is_a_usage_error():

@@ -65,7 +65,7 @@ def test_causal_lms_switch_from_eager_to_sdpa(demo, seq_len, tmp_path):
     assert res["data"]["accuracy"]["top1_agreement"] > 0.99
     assert res["data"]["original_backend"] == "eager"
     assert {r["backend"] for r in res["data"]["rejected"]} == {"eager", "flash_attention_2", "flash_attention_3",
-                                                               "flash_attention_4", "flex_attention"}
+                                                               "flash_attention_4", "flex_attention", "fp8"}
 
 
 def test_mistral_sliding_window_with_padding_is_judged_on_real_tokens_only(tmp_path):

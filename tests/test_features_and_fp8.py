@@ -1,10 +1,6 @@
-"""check_features (workflow 2) and fp8_attention (workflow 3)."""
+"""check_features (workflow 2); fp8_attention (workflow 3) is tests/test_fp8.py."""
 
-import re
-
-import torch
 from attnkit.backends import BACKENDS
-from attnkit.steps.fp8_attention import E4M3_MAX, quantize, reference
 from conftest import FAST, MODELS, ROOT, run_script
 
 
@@ -48,37 +44,6 @@ def test_the_reference_table_agrees_with_the_code():
         for backend, cell in zip(("sdpa", "flash_attention_2", "flash_attention_3"), row[1:]):
             documented = cell.startswith("yes")
             assert documented == BACKENDS[backend].supports(feature).supported, (feature, backend, cell)
-
-
-def test_fp8_is_skipped_with_its_reasons_where_it_cannot_run():
-    run = run_script("fp8_attention.py")
-    if run.result["status"] != "skip":
-        return  # a Hopper GPU with FlashAttention-3: the run itself is the test
-    assert run.rc == 0
-    assert re.search(r"Hopper|no CUDA GPU", run.result["summary"])
-    assert "flash_attn_interface" in run.result["summary"]
-    bad = run_script("fp8_attention.py", "--head-dim", "72")
-    assert bad.rc == 2 and "multiple of 16" in bad.result["summary"]
-
-
-def test_fp8_quantisation_scales_per_batch_and_key_value_head():
-    x = torch.randn(2, 32, 8, 16, dtype=torch.bfloat16)  # [B, S, H, D], 8 query heads
-    x8, descale = quantize(x, kv_heads=2)  # 4 query heads per key/value head
-    assert x8.dtype == torch.float8_e4m3fn and descale.shape == (2, 2) and descale.dtype == torch.float32
-    assert float(x8.float().abs().max()) == E4M3_MAX  # each group's largest value maps to 448
-    back = x8.float() * descale.repeat_interleave(4, dim=1)[:, None, :, None]
-    # e4m3 keeps 3 mantissa bits: relative rounding error at most 2**-4 of each group's amax
-    assert float((back - x.float()).abs().max()) <= 2**-4 * float(x.float().abs().max()) + 1e-6
-
-
-def test_fp8_reference_handles_gqa_in_the_flash_layout():
-    q = torch.randn(1, 8, 4, 16)
-    kv = torch.randn(1, 8, 2, 16)
-    out = reference(q, kv, kv, causal=True)
-    rep = kv.repeat_interleave(2, dim=2)
-    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), rep.transpose(1, 2),
-                                                                rep.transpose(1, 2), is_causal=True).transpose(1, 2)
-    assert out.shape == q.shape and torch.allclose(out, expected, atol=1e-6)
 
 
 def test_check_features_on_the_default_model_needs_gqa_and_padding():

@@ -265,6 +265,22 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
         if acc.get("padding_positions"):
             rows.append(["max_abs_err at padding (not judged)", fmt_err(acc.get("padding_max_abs_err"))])
         out.append(("accuracy", ["figure", "value"], rows))
+    if isinstance(acc, dict) and acc.get("precision") == "fp8_e4m3" and acc.get("rel_rms_err") is not None:
+        rows = [["rule", acc.get("rule", "")],
+                ["rel RMS err vs " + str(acc.get("reference")), f"{acc['rel_rms_err']:.2e}"],
+                ["baseline's own rel RMS err", f"{acc['baseline_rel_rms_err']:.2e}"],
+                ["tolerance (eps(e4m3) / eps(dtype) x baseline's)", f"{acc['rel_rms_tolerance']:.2e}"],
+                ["rel RMS err vs the baseline", f"{acc['rel_rms_vs_baseline']:.2e}"]]
+        if acc.get("top1_agreement") is not None:
+            rows.append(["top-1 agreement with the baseline (minimum)",
+                         f"{100 * acc['top1_agreement']:.2f} % (>= {100 * acc['min_top1_agreement']:.2f} %)"])
+        for a in acc.get("attention") or []:
+            rows.append([f"attention, layer {a['layer']}: rel RMS vs fp32 on its own q, k, v",
+                         f"{a['rel_rms']:.3f} (<= {acc['attention_tolerance']:.3f})"])
+        out.append(("FP8 accuracy rule", ["figure", "value"], rows))
+    grid = d.get("grid_table")
+    if isinstance(grid, dict) and grid.get("rows"):
+        out.append((grid["title"], grid["header"], grid["rows"]))
     if isinstance(d.get("grid"), list) and d["grid"]:
         out.append(("grid: every candidate per configuration", ["configuration", "candidate", "status", "median",
                                                                  "TFLOP/s", "% matmul peak", "peak memory", "note"],
@@ -448,6 +464,45 @@ def plot_grid(rows: list[dict], path: Path, metric: str, unit: str, title: str) 
     return path
 
 
+def plot_fp8(rows: list[dict], path: Path, title: str) -> Path | None:
+    """TFLOP/s against sequence length, one panel per (head_dim, causal), a line each for
+    the FP8 kernel, FP8 with quantisation and the bf16 kernels (``fp8_attention`` rows)."""
+    ok = [r for r in rows if not r.get("error") and r.get("fp8")]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["head_dim"], r["causal"]) for r in ok})
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (d, causal) in zip(axes[0], panels):
+        mine = sorted((r for r in ok if (r["head_dim"], r["causal"]) == (d, causal)), key=lambda r: r["seq_len"])
+        lines = {"FP8 (cuDNN)": [r["fp8"] for r in mine], "FP8 + quantise": [r["fp8_with_quantize"] for r in mine]}
+        for name in dict.fromkeys(n for r in mine for n in r.get("bf16", {})):
+            lines[f"bf16 {name}"] = [r["bf16"].get(name, {}) for r in mine]
+        for name, ms in lines.items():
+            pts = [(r["seq_len"], m["tflops"]) for r, m in zip(mine, ms) if m.get("tflops")]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                        linestyle="--" if "quantise" in name else "-")
+        ax.set_xscale("log", base=2)
+        seq = [r["seq_len"] for r in mine]
+        ax.set_xticks(seq, [str(x) for x in seq], fontsize=7)
+        ax.set_xlabel("sequence length S")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"head_dim {d}, {'causal' if causal else 'full'}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def default_run_folder(step: str, model: str, root: Path = Path("attention-reports")) -> Path:
     """./attention-reports/<step>-<YYYYmmdd-HHMMSS>-<model>: where a run's report goes by default."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
@@ -495,6 +550,9 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
                             f"attention peak memory, {where}")
             if mem:
                 result.data["memory_plot"] = str(mem)
+        elif isinstance(result.data.get("grid_table"), dict):
+            png = plot_fp8(result.data.get("shapes") or [], folder / "report.png",
+                           result.data["grid_table"]["title"] + " (TFLOP/s)")
         else:
             png = (plot_sweep(runs, folder / "report.png", title) or
                    plot_measurements(runs, folder / "report.png", title))

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import calls
-from .record import FEATURES, Backend, SdpaKernel, Support
+from . import calls, fp8_cudnn
+from .record import FEATURES, Backend, Fp8Path, SdpaKernel, Support
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -33,6 +33,8 @@ FA3_SIG = "hopper/flash_attn_interface.py flash_attn_func signature (flash-atten
 FA4_SIG = "flash_attn/cute/interface.py flash_attn_func signature (flash-attn-4 4.0.0b36 wheel)"
 SDPA_DOC = "torch SDPA docs (torch.nn.functional.scaled_dot_product_attention)"
 FLEX_DOC = "torch.nn.attention.flex_attention docs"
+CUDNN_FP8_SURFACE = "cudnn-frontend 1.17.0 include/cudnn_frontend/node/sdpa_support_surface.h, FP8 branch for sm90"
+CUDNN_FP8_PROBE = "built and run on an H100 (sm90) with cuDNN 9.19 and nvidia-cudnn-frontend 1.17.0, 2026-11-23"
 
 EAGER = Backend(
     "eager", "hand-written matmul -> softmax -> matmul; materialises the [B, H, S, S] scores", "[B, H, S, D]",
@@ -179,6 +181,72 @@ FLEX_ATTENTION = Backend(
     why="torch.compile generates a fused kernel for the model's own score and mask functions",
 )
 
+
+
+def _cudnn_library(env) -> str:
+    """'' when the cuDNN library torch loaded can run FP8 attention (9.1 or newer, not
+    9.10.0: the frontend's support surface), else why not. Without a GPU the device check
+    already says why."""
+    if not env.cuda_available:
+        return ""
+    version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if version is None:
+        return f"torch {env.torch_version} loaded no cuDNN library"
+    if version < 90100 or 91000 <= version < 91001:
+        return f"cuDNN {version} cannot run FP8 attention: it needs 9.1 or newer, not 9.10.0 ({CUDNN_FP8_SURFACE})"
+    return ""
+
+
+FP8 = Backend(
+    "fp8", "cuDNN's FP8 attention (graph op sdpa_fp8 of nvidia-cudnn-frontend): q, k and v quantised per tensor "
+           "to float8_e4m3fn, e4m3 output de-quantised to the model's dtype; forward only", "[B, H, S, D]",
+    distributions=("nvidia-cudnn-frontend",), module="cudnn", entry="pygraph",
+    install="pip install nvidia-cudnn-frontend==1.17.0 (or pip install '.[fp8]'); it drives the cuDNN library a CUDA "
+            "build of torch ships",
+    devices=("cuda",), capabilities=(9, 10), dtypes=HALF, max_head_dim=fp8_cudnn.MAX_HEAD_DIM,
+    head_dim_multiple=fp8_cudnn.HEAD_DIM_MULTIPLE, class_flag="_supports_attention_backend",
+    kernel_markers=(fp8_cudnn.PROFILER_RANGE,),
+    features={
+        "gqa": Support(True, "key/value with fewer heads than the query (H a multiple of H_kv)",
+                       f"{CUDNN_FP8_PROBE}, 32 query / 8 key-value heads"),
+        "mqa": Support(True, "as GQA with one key/value head", "the same graph as GQA (H_kv = 1)"),
+        "sliding_window": Support(False, "the FP8 graphs here are causal or full; a window mask is refused",
+                                  "scripts/attnkit/backends/fp8_cudnn.py (no bounds other than causal)"),
+        "padding": Support(False, "no padding mask: a padded batch is refused (sm90 FP8 dropped packed variable "
+                                  "sequences)", "cudnn-frontend 1.22.0 release notes: 'fp8 datatype with packed "
+                                                "variable sequences (THD) is no longer supported for SM90'"),
+        "softcap": Support(False, "the FP8 graph here has no soft-capping",
+                           "scripts/attnkit/backends/fp8_cudnn.py (its sdpa_fp8 graph)"),
+        "alibi": Support(False, "no bias on the FP8 path", "cudnn-frontend 1.32.0 sdpa_support_surface.h: bias "
+                                                            "refused for FP8"),
+        "dropout": Support(False, "inference only: scale_s = 448 assumes no dropout",
+                           "cudnn-frontend 1.32.0 sdpa_fp8 docstring, Amax S: '448 for E4M3 without dropout'"),
+    },
+    causal_alignment="top-left only on sm90 (bottom-right is Blackwell-only: " + CUDNN_FP8_SURFACE + ")",
+    backward=False, auto=False, call=fp8_cudnn.call, extra_probe=_cudnn_library, hf=False, precision="fp8_e4m3",
+    why="FP8 tensor cores on Hopper: cuDNN's FP8 forward through a PyPI wheel, no compiler needed",
+    not_auto="never picked by auto: FP8 changes the numerics (about 0.06 relative RMS error per attention call, "
+             "against 0.002 for bf16); force it with --backend fp8, which judges it by the FP8 accuracy rule",
+)
+
 #: name -> record, in the order reports list them.
 BACKENDS: dict[str, Backend] = {b.name: b for b in (EAGER, SDPA, FLASH_ATTENTION_2, FLASH_ATTENTION_3,
-                                                     FLASH_ATTENTION_4, FLEX_ATTENTION)}
+                                                     FLASH_ATTENTION_4, FLEX_ATTENTION, FP8)}
+
+FA4_FP8 = "flash_attn/cute/interface.py (flash-attn-4 4.0.0b36): FP8 inputs run on SM100 only, forward only"
+
+#: Every library that runs FP8 attention, for ``check_env`` (``choice.fp8_availability``).
+FP8_PATHS: tuple[Fp8Path, ...] = (
+    Fp8Path("cudnn", "cuDNN sdpa_fp8 through nvidia-cudnn-frontend: the fp8 backend here", (9, 10),
+            f"{CUDNN_FP8_SURFACE}; {CUDNN_FP8_PROBE}", record=FP8),
+    Fp8Path("flash_attention_3", "FlashAttention-3 flash_attn_interface.flash_attn_func with e4m3 inputs and "
+                                 "descales", (9,),
+            "flash-attention README, FlashAttention-3 section: 'FP8 forward', H100 / H800", record=FLASH_ATTENTION_3),
+    Fp8Path("flash_attention_4", "FlashAttention-4 flash_attn.cute.flash_attn_func with e4m3 inputs", (10,), FA4_FP8,
+            record=FLASH_ATTENTION_4),
+    Fp8Path("flashinfer", "flashinfer.single_prefill_with_kv_cache with e4m3 q, k, v and per-head scales, bf16 out",
+            (9, 10), "flashinfer-python 0.7.2.post1 run on an H200 (issue 12); other GPUs not checked",
+            distributions=("flashinfer-python",), module="flashinfer",
+            install="pip install flashinfer-python (it compiles its kernels with nvcc on first use: 80 s for the FP8 "
+                    "module at head_dim 128; set FLASHINFER_WORKSPACE_BASE to keep them)", needs_nvcc=True),
+)

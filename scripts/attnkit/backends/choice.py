@@ -8,15 +8,18 @@ every other backend was not taken; a forced backend that cannot run raises ``Can
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..env import Environment, architecture, dtype_name
+from ..env import Environment, architecture, distribution_version, dtype_name
 from ..report import CannotRun
 from . import probe
-from .catalogue import BACKENDS
+from .catalogue import BACKENDS, FP8_PATHS
 
 #: ``auto`` takes the first available of these (FlashAttention-3 only on Hopper).
 AUTO_ORDER = ("flash_attention_3", "flash_attention_2", "sdpa")
@@ -160,12 +163,15 @@ def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype,
 
 
 def _hint(name: str, reason: str) -> str:
+    """What to do, for the reason that no flag of this run can fix first: the device."""
+    if "needs a CUDA GPU" in reason or " GPUs only" in reason:
+        where = BACKENDS[name].capabilities
+        gpus = " or ".join(f"sm{m}0" for m in where) + " " if where else ""
+        return f"run on a machine with an NVIDIA {gpus}GPU, or use --backend sdpa on this one"
     if "fp16 and bf16" in reason:
         return "pass --dtype bfloat16 (or --backend sdpa, which runs fp32 too)"
     if "not installed" in reason:
         return "install it, or use --backend sdpa, which ships with torch"
-    if "needs a CUDA GPU" in reason:
-        return "run on a machine with an NVIDIA GPU, or use --backend sdpa on this one"
     return "use --backend auto to take the best backend that runs here"
 
 
@@ -206,3 +212,69 @@ def library_status(name: str, env: Environment) -> dict[str, Any]:
 
 #: The FlashAttention libraries check_env reports, one entry each.
 FLASH_ATTENTION_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+@dataclass
+class Fp8Availability:
+    """Whether one FP8 attention library (``catalogue.FP8_PATHS``) can run its FP8 forward here."""
+
+    path: str
+    description: str
+    distribution: str | None  # the pip distribution found installed, or the first it is published as
+    installed: bool
+    version: str | None
+    usable: bool
+    reason: str  # why not, or what it runs on
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "description": self.description, "distribution": self.distribution,
+                "installed": self.installed, "version": self.version, "usable": self.usable, "reason": self.reason,
+                "source": self.source}
+
+
+def nvcc() -> str | None:
+    """The CUDA compiler a JIT library would call: ``nvcc`` on PATH, else under $CUDA_HOME."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = os.path.join(home, "bin", "nvcc") if home else ""
+    return candidate if candidate and os.access(candidate, os.X_OK) else None
+
+
+def fp8_availability(env: Environment) -> list[Fp8Availability]:
+    """Each FP8 attention library: installed (by pip distribution), and usable here (GPU
+    capability, import, cuDNN version, nvcc for a JIT library), with the first reason it
+    is not. Imports a package only when everything before the import holds."""
+    out = []
+    cap = env.capability
+    for path in FP8_PATHS:
+        dists, module, install = path.package()
+        found = None
+        for dist in dists:
+            version = distribution_version(dist)
+            if version is not None:
+                found = (dist, version)
+                break
+        where = " and ".join(f"sm{m}0" for m in path.capabilities)
+        reason = ""
+        if found is None:
+            reason = f"not installed: {install} [no pip distribution {' or '.join(dists)}]"
+        elif not env.cuda_available or cap is None:
+            reason = f"no CUDA GPU is visible; its FP8 forward runs on {where} GPUs"
+        elif cap[0] not in path.capabilities:
+            reason = f"its FP8 forward runs on {where} GPUs only; GPU 0 is {architecture(cap)}"
+        elif path.needs_nvcc and nvcc() is None:
+            reason = "it compiles its kernels on first use and no nvcc was found (PATH, $CUDA_HOME/bin): install " \
+                     "the CUDA toolkit"
+        elif path.record is not None:
+            if path.record.extra_probe is not None:
+                reason = path.record.extra_probe(env)
+            probed = probe.imports(path.record)
+            if not reason and probed is not None and not probed.importable:
+                reason = f"{module}: {probed.meaning} [{probed.error}]"
+        elif module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+            reason = f"{module} is not importable although {found[0]} is installed"
+        out.append(Fp8Availability(path.name, path.description, found[0] if found else dists[0], found is not None,
+                                   found[1] if found else None, not reason,
+                                   reason or f"usable: GPU 0 is {architecture(cap)}", path.source))
+    return out

@@ -100,6 +100,8 @@ class Backend:
     source_import: tuple[str, ...] = ()
     returns_tuple: bool = False
     falls_back_to_sdpa: bool = False
+    hf: bool = True  # transformers accepts ``name`` as attn_implementation (else swap.registered adds it)
+    precision: str = ""  # "" computes in the inputs' dtype; "fp8_e4m3": quantises q, k, v to e4m3 (FP8 accuracy rule)
 
     def kernel(self, name: str) -> SdpaKernel:
         """The SDPA kernel ``name``; KeyError for another."""
@@ -110,3 +112,29 @@ class Backend:
 
     def supports(self, feature: str) -> Support:
         return self.features.get(feature, Support(False, "not documented", ""))
+
+
+@dataclass(frozen=True)
+class Fp8Path:
+    """One library that runs FP8 (e4m3) attention, and what its FP8 forward needs.
+
+    ``record`` is the registry backend the package belongs to (its distributions, module
+    and install hint are read from there); a library without one names its own.
+    ``capabilities`` are the compute-capability majors its FP8 forward runs on.
+    """
+
+    name: str
+    description: str
+    capabilities: tuple[int, ...]
+    source: str  # where the statement of support comes from
+    record: Backend | None = None
+    distributions: tuple[str, ...] = ()
+    module: str | None = None
+    install: str = ""
+    needs_nvcc: bool = False  # compiles its kernels on first use (JIT) with the CUDA toolkit's nvcc
+
+    def package(self) -> tuple[tuple[str, ...], str | None, str]:
+        """(distributions, module, install) from the record, or the path's own."""
+        if self.record is not None:
+            return self.record.distributions, self.record.module, self.record.install
+        return self.distributions, self.module, self.install

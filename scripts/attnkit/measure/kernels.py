@@ -46,15 +46,33 @@ def _short(name: str) -> str:
     return name.split("<", 1)[0].split("(", 1)[0]
 
 
+def library_kernels(events: Any) -> set[str]:
+    """GPU kernels launched directly inside an attention library's op or profiler range
+    (``FunctionEvent.kernels``: torch links each kernel to the innermost CPU event active
+    at its launch). A library that names no kernel after attention (cuDNN's FP8 engine is
+    compiled at run time) is still proved by what ran inside its range."""
+    names = set()
+    for e in events:
+        if not str(getattr(e, "device_type", "")).endswith("CUDA") and any(m in e.name for m in LIBRARY_MARKERS):
+            names.update(k.name for k in getattr(e, "kernels", ()) or ())
+    return names
+
+
 def attention_kernels(events: Any) -> Counter:
     """Count the attention evidence in a profiler's events: fused ops, unfused ops,
-    library ops, and GPU kernels whose names say attention or softmax."""
+    library ops and ranges, GPU kernels whose names say attention or softmax, and GPU
+    kernels launched inside a library's range (``library_kernels``). GPU-side copies of
+    profiler ranges (user annotations) are not kernels and are left out."""
     counts: Counter = Counter()
+    events = list(events)
+    launched = library_kernels(events)
     for e in events:
         name = e.name
         on_device = str(getattr(e, "device_type", "")).endswith("CUDA")
         if on_device:
-            if DEVICE_KERNEL.search(name):
+            if getattr(e, "is_user_annotation", False):
+                continue
+            if DEVICE_KERNEL.search(name) or name in launched:
                 counts["gpu:" + _short(name)] += 1
         elif name in SDPA_OPS or name in UNFUSED_OPS or any(m in name for m in LIBRARY_MARKERS):
             counts[name] += 1

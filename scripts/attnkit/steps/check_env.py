@@ -6,7 +6,7 @@ GPUs it needs, why ``auto`` would not take it) from the backend registry.
 
 from __future__ import annotations
 
-from ..backends import BACKENDS, FLASH_ATTENTION_BACKENDS, choose, library_status
+from ..backends import BACKENDS, FLASH_ATTENTION_BACKENDS, Fp8Availability, choose, fp8_availability, library_status
 from ..backends.probe import torch_fa4_bridge
 from ..env import MIN_TORCH_FOR_SDPA, Environment, architecture, environment, parse_dtype, resolve_device
 from ..report import CannotRun, Check, StepResult
@@ -29,6 +29,7 @@ REQUIREMENTS = {
                          "(sm90 or sm100)",
     "sm80": "GPU 0 is Ampere (sm80) or newer",
     "sm90": "GPU 0 is Hopper (sm90), which FlashAttention-3 and its FP8 path need",
+    "fp8": "the fp8 backend can run: cuDNN's FP8 attention (nvidia-cudnn-frontend) on an sm90 or sm100 GPU",
 }
 
 
@@ -38,8 +39,38 @@ def flash_attention(env: Environment) -> list[dict]:
     return [library_status(name, env) for name in FLASH_ATTENTION_BACKENDS]
 
 
+# ----------------------------------------------------------------------------- FP8 attention paths
+
+def fp8_paths(env: Environment) -> list[Fp8Availability]:
+    """Every FP8 attention library (``backends.FP8_PATHS``): installed, usable here, why not."""
+    return fp8_availability(env)
+
+
+def fp8_check(paths: list[Fp8Availability]) -> Check:
+    """``--require fp8``: the path the ``fp8`` backend runs on (cuDNN) is usable; the evidence
+    gives every path's state."""
+    cudnn = next(p for p in paths if p.path == "cudnn")
+    others = "; ".join(f"{p.path}: {_state(p)}" for p in paths if p is not cudnn)
+    head = (f"cudnn (nvidia-cudnn-frontend {cudnn.version}) is usable" if cudnn.usable else
+            f"cudnn: {cudnn.reason}")
+    return Check("fp8", cudnn.usable, f"{head}; other FP8 paths: {others}")
+
+
+def _state(p: Fp8Availability) -> str:
+    if p.usable:
+        return f"{p.distribution} {p.version}, usable"
+    return "not installed" if not p.installed else f"{p.distribution} {p.version}: {p.reason.split(' [')[0]}"
+
+
+def fp8_facts(paths: list[Fp8Availability]) -> tuple[str, str]:
+    """The FP8 row of the facts table (data.fp8 has the install commands and sources)."""
+    return ("FP8 attention", "; ".join(f"{p.path}: {_state(p)}" for p in paths))
+
+
 def _requirement_check(name: str, env: Environment, device: str) -> Check:
     cap = env.capability
+    if name == "fp8":
+        return fp8_check(fp8_paths(env))
     if name == "sdpa":
         fused = [k.name for k in env.sdpa_kernels.get("cuda" if device.startswith("cuda") else "cpu", [])
                  if k.name != "math" and k.compiled and k.enabled and k.usable is not False]
@@ -114,7 +145,9 @@ def check_env_step(require: list[str] | None = None, device: str = "auto", dtype
     data["torch_fa4_bridge"] = torch_fa4_bridge()
     data["device"] = dev
     data["dtype"] = str(dt).replace("torch.", "")
-    data["facts"] = facts(env)
+    paths = fp8_paths(env)
+    data["fp8"] = [p.to_dict() for p in paths]
+    data["facts"] = facts(env) + [dict(zip(("name", "value"), fp8_facts(paths)))]
     data["recommendation"] = {"backend": choice.backend, "why": choice.why,
                               "rejected": [r.to_dict() for r in choice.rejected]}
     data["rejected"] = [r.to_dict() for r in choice.rejected]

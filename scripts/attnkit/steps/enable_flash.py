@@ -10,7 +10,8 @@
    backend not taken;
 4. measure the baseline (eager) and the candidate on the same inputs
    (``measure.timing.measure_backend``): kernels that ran, peak memory, median latency;
-5. run the float64 reference and judge accuracy (``measure.accuracy.compare``);
+5. run the float64 reference and judge accuracy (``measure.accuracy.judge``: the dtype rule,
+   or the FP8 rule for a backend that computes attention in FP8, ``--backend fp8``);
 6. write report.json / report.md / report.png, and ``--save`` the switched model only when
    every check passed.
 
@@ -44,6 +45,9 @@ from ..swap.patch import patch_of
 from .session import check_shape, open_session
 
 STEP = "enable_flash"
+#: How a user keeps a backend transformers does not ship (``Backend.hf`` False).
+REGISTER_HINT = ("from attnkit.backends import BACKENDS; from attnkit.swap import registered; "
+                 "registered.register(BACKENDS[{name!r}]); model.set_attn_implementation({name!r})")
 
 
 @dataclass
@@ -81,6 +85,19 @@ def validate(o: EnableOptions) -> None:
             raise CannotRun(f"--save {o.save} already exists and is not an empty folder; nothing was written",
                             "pass a new folder: the job never overwrites your files")
     refuse_to_overwrite(o.write_patch, "--write-patch")
+
+
+def refuse_unsupported_masks(loaded: models.LoadedModel, inputs: models.Inputs, backend: str) -> None:
+    """Raise ``CannotRun`` when this batch needs a mask ``backend``'s record says it lacks:
+    padding, or a sliding window shorter than the sequence (``fp8`` takes neither)."""
+    record = BACKENDS[backend]
+    uses = needed(loaded, inputs)
+    lacking = [f for f in ("padding", "sliding_window") if f in uses and "(not exercised" not in uses[f]
+               and not record.supports(f).supported]
+    if lacking:
+        raise CannotRun(f"{backend} cannot run this batch: it needs " +
+                        "; ".join(f"{f} ({uses[f]}), which {backend} lacks: {record.supports(f).how}" for f in lacking),
+                        "use --pad-fraction 0 and a model without a sliding window, or --backend sdpa")
 
 
 def _checks(base: Measurement, cand: Measurement, acc: acc_mod.Accuracy, model: Any, backend: str,
@@ -194,10 +211,18 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     """Run the main job (see the module docstring). Raises ``CannotRun`` when it cannot
     start; once measuring has begun, problems are reported in the returned result."""
     validate(o)
-    env, device, dtype = resolve(o.device, o.dtype)
     for name in {o.baseline, o.backend} - {"auto"}:  # fail before loading anything
         if name not in BACKENDS:
             raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}", "")
+        if o.train and not BACKENDS[name].backward:
+            raise CannotRun(f"--train needs a backward pass and {name} has none: it is forward only "
+                            f"({BACKENDS[name].description})", f"drop --train: {name} is for inference; train with "
+                                                                "--backend sdpa")
+    if o.save and o.backend in BACKENDS and not BACKENDS[o.backend].hf:
+        raise CannotRun(f"--save would record attn_implementation={o.backend!r} in config.json, a name transformers "
+                        f"does not ship, so from_pretrained could not load the copy",
+                        f"drop --save; switch at run time instead: {REGISTER_HINT.format(name=o.backend)}")
+    env, device, dtype = resolve(o.device, o.dtype)
     if o.backend != "auto":
         choose(o.backend, env=env, device=device, dtype=dtype)
     base_av = availability(o.baseline, env=env, device=device, dtype=dtype)
@@ -209,6 +234,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     loaded, inputs, notes = session.loaded, session.inputs, session.notes
     seq_len = inputs.seq_len
     choice = choose(o.backend, env=env, device=device, dtype=dtype, model=loaded.model)
+    refuse_unsupported_masks(loaded, inputs, choice.backend)
     tuning = o.backend == "auto"
     swapper, flops, patch = session.swapper, None, ""
     dropout = _dropout_in_use(loaded, inputs)
@@ -315,7 +341,10 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     if o.train and data.get("gradients") is not None:
         accuracy = train_acc
     elif ref is not None:
-        accuracy = acc_mod.compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=lm)
+        with reporter.stage("judging accuracy" + (" by the FP8 rule, each layer on its own inputs"
+                                                  if BACKENDS[choice.backend].precision else "")):
+            accuracy = acc_mod.judge(choice.backend, cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
+                                     language_model=lm, loaded=loaded, inputs=inputs)
     elif base is not None and base.error:
         accuracy = acc_mod.not_compared(f"not compared: the baseline {o.baseline} could not run ({base.error})",
                                         inputs.padding_positions)
@@ -359,6 +388,9 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                        f"outputs match ({accuracy.evidence().split(' vs ')[0]})")
             nxt = (f"keep {backend}: load the model with attn_implementation=\"{backend}\""
                    + ("" if o.save else ", or rerun with --save DIR to write the switched model"))
+            if not BACKENDS[choice.backend].hf:
+                nxt = (f"keep {choice.backend} for inference (forward only): with scripts/ on sys.path, "
+                       + REGISTER_HINT.format(name=choice.backend))
             if swapper is not None:
                 nxt = ("make the swap permanent: review and apply the source change (git apply), written to "
                        + (o.write_patch or "swap.patch in the run folder; --write-patch FILE writes it elsewhere"))

@@ -1,7 +1,9 @@
 """Apply an attention backend to a model, through its owner's API, with a way back.
 
 transformers models switch with ``PreTrainedModel.set_attn_implementation(name)``; this
-module never edits library code. ``apply`` checks afterwards that the config really says
+module never edits library code. A registry backend transformers does not ship
+(``Backend.hf`` False, e.g. ``fp8``) is first registered with its ``AttentionInterface``
+(``registered.py``), through the same public API any user has. ``apply`` checks afterwards that the config really says
 the new name: transformers only logs a warning, and leaves the model as it was, for a
 class that cannot switch at run time (one that does not use its ``AttentionInterface``).
 
@@ -18,8 +20,9 @@ from typing import Iterator
 
 from torch import nn
 
-from ..backends import SDPA
+from ..backends import BACKENDS, SDPA
 from ..report import CannotRun
+from . import registered
 from .live import swapper_of
 
 #: ``--sdpa-kernel`` names -> ``torch.nn.attention.SDPBackend`` member names (the registry's SDPA kernels).
@@ -64,6 +67,9 @@ def apply(model: nn.Module, backend: str) -> str | None:
     previous = current(model)
     if previous == backend:
         return previous
+    record = BACKENDS.get(backend)
+    if record is not None and not record.hf:
+        registered.register(record)  # a name transformers does not ship: add it to its AttentionInterface
     try:
         model.set_attn_implementation(backend)
     except (ValueError, ImportError) as exc:
