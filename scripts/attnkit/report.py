@@ -281,7 +281,7 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
     grid = d.get("grid_table")
     if isinstance(grid, dict) and grid.get("rows"):
         out.append((grid["title"], grid["header"], grid["rows"]))
-    if isinstance(d.get("grid"), list) and d["grid"]:
+    if isinstance(d.get("grid"), list) and d["grid"] and "label" in d["grid"][0]:  # benchmark_attention's rows
         out.append(("grid: every candidate per configuration", ["configuration", "candidate", "status", "median",
                                                                  "TFLOP/s", "% matmul peak", "peak memory", "note"],
                     [[f"{r['shape']} S{r['seq_len']} {'causal' if r['causal'] else 'non-causal'} {r['direction']} "
@@ -543,7 +543,7 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
     title = (f"{result.data.get('model', '')} on {result.data.get('device', '')} {result.data.get('dtype', '')}, "
              f"batch {shape.get('batch_size')}, {seq_text}")
     try:
-        if isinstance(result.data.get("grid"), list):
+        if isinstance(result.data.get("grid"), list) and result.data["grid"] and "label" in result.data["grid"][0]:
             where = f"{result.data.get('gpu') or result.data.get('device', '')}, torch {result.data.get('torch', '')}"
             png = plot_grid(result.data["grid"], folder / "report.png", "tflops", "TFLOP/s", f"attention TFLOP/s, {where}")
             mem = plot_grid(result.data["grid"], folder / "memory.png", "peak_memory_mb", "peak memory (MB)",

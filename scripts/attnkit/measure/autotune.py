@@ -211,7 +211,7 @@ def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out
 
 #: Rounds of the timing phase: every candidate is timed once per round, in turn, so that a
 #: machine that slows down or speeds up in between affects them all alike.
-ROUNDS = 4
+ROUNDS = 5
 
 
 def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], prepare: Callable[[Candidate], None],

@@ -125,8 +125,9 @@ def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
     if o.memory_limit is not None:
         if not device.startswith("cuda"):
             raise CannotRun("--memory-limit applies to a CUDA device only", "use --device cuda")
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, o.memory_limit / total), device)
+        index = torch.device(device).index or 0
+        total = torch.cuda.get_device_properties(index).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, o.memory_limit / total), index)
     data: dict[str, Any] = {"device": device, "gpu": env.gpus[0].name if env.gpus and device != "cpu" else None,
                             "torch": torch.__version__, "grid": [], "autotune": [], "matmul_peak_tflops": {},
                             "max_seq_len": None, "report_dir": None, "memory_limit_gb": o.memory_limit,

@@ -146,19 +146,19 @@ def _refuse_without_dropout(backend: str, o: EnableOptions, dropout: str) -> Non
 
 def _gate_outputs(loaded: models.LoadedModel, inputs: models.Inputs, notes: list[str]):
     """The eager output and its float64 reference for the autotuner's accuracy gate, with
-    dropout off (training mode included); (output, None) when the reference runs out of
-    memory, with a note."""
+    dropout off (training mode included); (None, None) with a note when either runs out of
+    memory: the candidates are then timed but not gated."""
     with acc_mod.dropout_off(loaded.model):
-        switch.apply(loaded.model, "eager")
-        out = forward_fn(loaded, inputs)()
         try:
+            switch.apply(loaded.model, "eager")
+            out = forward_fn(loaded, inputs)()
             ref = acc_mod.reference_output(loaded, inputs, "eager")
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            notes.append(f"the float64 reference ran out of memory ({oom_message(exc)}): autotune candidates were "
-                         "not gated on accuracy")
-            ref = None
+            notes.append(f"the accuracy gate's eager run or float64 reference ran out of memory ({oom_message(exc)}): "
+                         "autotune candidates were timed but not gated on accuracy")
+            return None, None
     return out, ref
 
 
@@ -279,7 +279,12 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         if tuning:
             stage = "computing the float64 reference for the autotuner's accuracy gate"
             with reporter.stage(stage):
-                gate_out, ref = _gate_outputs(loaded, inputs, notes)
+                if base.error:
+                    notes.append(f"the baseline could not run ({base.error}): autotune candidates were timed but "
+                                 "not gated on accuracy")
+                    gate_out, ref = None, None
+                else:
+                    gate_out, ref = _gate_outputs(loaded, inputs, notes)
             cands = autotune.candidates(env, device, dtype, loaded.model, compiled=o.tune_compiled)
             for c in cands:
                 if c.status != "pending":
@@ -340,10 +345,10 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     lm = loaded.family == "causal-lm"
     if o.train and data.get("gradients") is not None:
         accuracy = train_acc
-    elif ref is not None:
+    elif ref is not None and cand_out is not None and base_out is not None:
         with reporter.stage("judging accuracy" + (" by the FP8 rule, each layer on its own inputs"
-                                                  if BACKENDS[choice.backend].precision else "")):
-            accuracy = acc_mod.judge(choice.backend, cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
+                                                  if BACKENDS[backend].precision else "")):
+            accuracy = acc_mod.judge(backend, cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
                                      language_model=lm, loaded=loaded, inputs=inputs)
     elif base is not None and base.error:
         accuracy = acc_mod.not_compared(f"not compared: the baseline {o.baseline} could not run ({base.error})",
@@ -388,9 +393,9 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                        f"outputs match ({accuracy.evidence().split(' vs ')[0]})")
             nxt = (f"keep {backend}: load the model with attn_implementation=\"{backend}\""
                    + ("" if o.save else ", or rerun with --save DIR to write the switched model"))
-            if not BACKENDS[choice.backend].hf:
-                nxt = (f"keep {choice.backend} for inference (forward only): with scripts/ on sys.path, "
-                       + REGISTER_HINT.format(name=choice.backend))
+            if not BACKENDS[backend].hf:
+                nxt = (f"keep {backend} for inference (forward only): with scripts/ on sys.path, "
+                       + REGISTER_HINT.format(name=backend))
             if swapper is not None:
                 nxt = ("make the swap permanent: review and apply the source change (git apply), written to "
                        + (o.write_patch or "swap.patch in the run folder; --write-patch FILE writes it elsewhere"))
