@@ -30,6 +30,7 @@ examples:
   python scripts/enable_flash.py --model my_model.py:build --train --seq-len 1024
   python scripts/enable_flash.py --model demo:llama-1b --device cuda --dtype bfloat16 --seq-len 4096
   python scripts/enable_flash.py --model demo:llama --backend flash_attention_4 --device cuda
+  python scripts/enable_flash.py --model demo:llama-1b --device-map auto --max-memory 0=1GiB,cpu=50GiB
 """
 
 import argparse
@@ -64,6 +65,7 @@ def build_parser():
     g.add_argument("--write-patch", metavar="FILE",
                    help="for hand-written attention: write the source change of the swapped sites, a unified diff, to "
                         "FILE (a new file); it is always written to swap.patch in the run folder")
+    cli.add_device_map_args(p)
     cli.add_measure_args(p)
     cli.add_output_args(p, "enable_flash", save=True)
     return p

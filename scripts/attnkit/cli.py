@@ -79,6 +79,17 @@ def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, m
                    help="allow a Hub model's own modelling code to run (off by default: read it first)")
 
 
+def add_device_map_args(p: argparse.ArgumentParser) -> None:
+    """--device-map and --max-memory: a model too large for one device, spread by accelerate."""
+    g = p.add_argument_group("a model over several devices")
+    g.add_argument("--device-map", metavar="MAP", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="spread the model over the visible GPUs (then the CPU) with accelerate, as from_pretrained("
+                        "device_map=MAP) does: auto, balanced, balanced_low_0 or sequential; needs accelerate")
+    g.add_argument("--max-memory", metavar="DEV=SIZE,...",
+                   help="what each device may hold, e.g. 0=10GiB,1=10GiB,cpu=50GiB (devices left out get nothing); "
+                        "with --device-map")
+
+
 def add_measure_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
     g.add_argument("--min-run-time", type=float, default=1.0, metavar="SEC",
@@ -135,9 +146,14 @@ def _sigterm_as_interrupt() -> None:
 
 def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],
         argv: Sequence[str] | None = None) -> int:
-    """Parse, call ``fn``, print the result, return the exit code (see the module docstring)."""
+    """Parse, call ``fn``, print the result, return the exit code (see the module docstring).
+
+    In a process that a launcher such as torchrun started as rank 1 or higher (``RANK`` in
+    the environment), nothing is printed: rank 0 prints the one result.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    reporter = Reporter(json_mode="--json" in argv, quiet="--quiet" in argv)
+    silent = os.environ.get("RANK", "0") not in ("", "0")
+    reporter = Reporter(json_mode="--json" in argv, quiet="--quiet" in argv or silent)
     _sigterm_as_interrupt()
     debug = "--debug" in argv
     try:
@@ -153,6 +169,8 @@ def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace,
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
         result = StepResult(step, "error", f"unexpected error: {message}", [], {},
                             "rerun with --debug for the traceback, and report it")
+    if silent:
+        return result.exit_code
     if result.status == "error" and not reporter.json_mode:
         from rich.markup import escape
 

@@ -85,6 +85,66 @@ def exact_cast(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator
                 module._buffers[name] = module._buffers[name].to(original)
 
 
+def _cast_own(module: nn.Module, dtype: torch.dtype) -> list[tuple[str, str, torch.dtype]]:
+    """Cast ``module``'s own floating parameters and buffers (not its children's) to ``dtype``;
+    return what to restore."""
+    saved = []
+    for kind, table in (("p", module._parameters), ("b", module._buffers)):
+        for name, t in table.items():
+            if t is not None and t.is_floating_point() and t.dtype != dtype:
+                saved.append((kind, name, t.dtype))
+                if kind == "p":
+                    t.data = t.data.to(dtype)
+                else:
+                    table[name] = t.to(dtype)
+    return saved
+
+
+def _restore_own(module: nn.Module, saved: list[tuple[str, str, torch.dtype]]) -> None:
+    for kind, name, original in saved:
+        if kind == "p":
+            t = module._parameters[name]
+            t.data = t.data.to(original)
+        else:
+            module._buffers[name] = module._buffers[name].to(original)
+
+
+@contextlib.contextmanager
+def exact_cast_per_module(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator[nn.Module]:
+    """Like ``exact_cast``, but each module's own weights are in ``dtype`` only while that
+    module runs: a forward pre-hook casts them, a forward hook restores them bit for bit.
+
+    This is the float64 reference of a model spread over devices (``device_map``): the
+    whole model in float64 would need 4x its bf16 memory on every device, more than the
+    split allows; here the extra memory is one module's weights in float64 at a time (the
+    largest single module, e.g. the embedding) plus the float64 activations. A module
+    whose weights an accelerate hook keeps on the CPU (offload) is cast on the "meta"
+    placeholder before the hook loads it, so the hook loads it in float64 too. A forward
+    that reads another module's weights outside that module's own call fails with a dtype
+    error, which the caller reports.
+    """
+    handles, stacks = [], {}
+
+    def pre(module: nn.Module, args: Any) -> None:
+        with torch.inference_mode(False):  # the weights stay ordinary tensors, as exact_cast leaves them
+            stacks.setdefault(id(module), []).append(_cast_own(module, dtype))
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        with torch.inference_mode(False):
+            _restore_own(module, stacks[id(module)].pop())
+
+    for module in model.modules():
+        own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+        if any(t.is_floating_point() for t in own):
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post, always_call=True))
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def dropout_off(model: nn.Module) -> Iterator[None]:
     """Inside the block, every nn.Dropout's p and every float attribute of a module named
@@ -315,6 +375,10 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
     The weights are cast in place and restored exactly (``exact_cast``), so no copy of the
     model is made; the model's attention implementation is put back afterwards.
 
+    A model spread over devices (``loaded.device_map``) is cast module by module while it
+    runs (``exact_cast_per_module``), so the reference needs no more memory on any device
+    than one module's float64 weights beyond what the split holds.
+
     For a causal LM the reference runs without the padding mask. With right padding this
     is exact for every real token (causal attention never looks right, so a real token's
     row of the mask is the same either way), and it avoids a float64 artefact: padded
@@ -330,8 +394,9 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
                               {k: v for k, v in inputs.kwargs.items() if k != "attention_mask"}, inputs.valid,
                               inputs.description)
     previous = switch.apply(loaded.model, backend) if switch.has_switch(loaded.model) else None
+    cast = exact_cast_per_module if getattr(loaded, "device_map", None) else exact_cast
     try:
-        with exact_cast(loaded.model), torch.inference_mode():
+        with cast(loaded.model), torch.inference_mode():
             return loaded.forward(inputs.cast(torch.float64)).double()
     finally:
         if previous is not None:

@@ -62,6 +62,7 @@ class Measurement:
     error: str | None = None
     label: str | None = None  # which model / setting, when one step measures several
     seq_len: int | None = None
+    peak_memory_by_device: dict[str, float] | None = None  # a device-mapped model: MB per GPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,16 +98,26 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def profile_once(run: Callable[[], Any], device: str, measurement: Measurement) -> Any:
-    """Run ``run()`` once under torch.profiler; fill kernels and peak memory; return its output."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+def profile_once(run: Callable[[], Any], device: str, measurement: Measurement,
+                 devices: list[str] | None = None) -> Any:
+    """Run ``run()`` once under torch.profiler; fill kernels and peak memory; return its output.
+
+    ``devices``: every GPU a device-mapped model is on; the peak is then the sum of each
+    GPU's peak above what it held before (``peak_memory_by_device`` has each one)."""
+    gpus = [d for d in (devices or [device]) if d.startswith("cuda")]
+    base = {}
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
+        base[gpu] = torch.cuda.memory_allocated(gpu)
     with profiled(device, memory=not device.startswith("cuda")) as prof:
         out = run()
-        synchronize(device)
-    if device.startswith("cuda"):
-        measurement.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        for gpu in gpus or [device]:
+            synchronize(gpu)
+    if gpus:
+        peaks = {gpu: (torch.cuda.max_memory_allocated(gpu) - base[gpu]) / 2**20 for gpu in gpus}
+        measurement.peak_memory_mb = sum(peaks.values())
+        if len(gpus) > 1:
+            measurement.peak_memory_by_device = peaks
     else:
         measurement.peak_memory_mb = _cpu_peak_mb(prof)
     counts = attention_kernels(prof.events())
@@ -141,7 +152,8 @@ def no_kernel_reasons(caught: list) -> str:
 
 
 def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: float = 1.0,
-            flops: float | None = None, mode: str = "forward") -> tuple[Measurement, Any]:
+            flops: float | None = None, mode: str = "forward",
+            devices: list[str] | None = None) -> tuple[Measurement, Any]:
     """Measure ``run`` (one forward pass of the model, already switched to ``backend``).
 
     Order: a warm-up pass, a profiled pass (kernels, peak memory, the output returned),
@@ -165,7 +177,7 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
                 raise CannotRun(f"{backend}: no allowed SDPA kernel can take these inputs: {reasons}", "allow more kernels (drop --sdpa-kernel) or change "
                                 "the inputs") from None
         synchronize(device)
-        out = profile_once(run, device, m)
+        out = profile_once(run, device, m, devices)
         m.latency_ms, m.latency_iqr_ms, m.runs = time_it(run, min_run_time, backend)
         if flops and m.latency_ms:
             m.tflops = flops / (m.latency_ms * 1e-3) / 1e12
@@ -242,7 +254,7 @@ def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: flo
         flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, loaded.attention_shape(), train)
     run = train_fn(loaded, inputs, sdpa_kernels) if train else forward_fn(loaded, inputs, sdpa_kernels)
     m, out = measure(run, backend=backend, device=loaded.device, min_run_time=min_run_time, flops=flops,
-                     mode="forward+backward" if train else "forward")
+                     mode="forward+backward" if train else "forward", devices=getattr(loaded, "devices", None))
     m.label, m.seq_len = label, inputs.seq_len
     return m, out
 

@@ -7,7 +7,7 @@ forward pass's tensors; ``features.needed`` names the attention features a model
 
 from .demos import DEFAULT_MODEL, DEMOS, minilm_path
 from .inputs import Inputs, cast_floating, row_lengths
-from .loading import LoadedModel, classify, load, select_output
+from .loading import DEVICE_MAPS, LoadedModel, classify, load, parse_max_memory, select_output
 
-__all__ = ["DEFAULT_MODEL", "DEMOS", "Inputs", "LoadedModel", "cast_floating", "classify", "load", "minilm_path",
-           "row_lengths", "select_output"]
+__all__ = ["DEFAULT_MODEL", "DEMOS", "DEVICE_MAPS", "Inputs", "LoadedModel", "cast_floating", "classify", "load",
+           "minilm_path", "parse_max_memory", "row_lengths", "select_output"]

@@ -13,6 +13,13 @@ A spec (``--model``) is one of:
   a model whose first submodule is an ``nn.Embedding``, else a float tensor
   [B, S, d_model].
 
+``device_map`` (``--device-map auto``, with ``--max-memory``) spreads a model over the
+visible devices through accelerate: ``from_pretrained(device_map=..., max_memory=...)`` for
+a folder or hub id (the weights go straight to their devices), accelerate's
+``infer_auto_device_map`` + ``dispatch_model`` for a demo or factory (built on the CPU
+first). Accelerate hooks move the activations between devices; the inputs go to the
+first device that holds weights (``LoadedModel.device``).
+
 Every failure to load raises ``CannotRun`` with one line saying what is wrong.
 """
 
@@ -38,6 +45,68 @@ from .inputs import TEXT, Inputs, row_lengths
 #: A Hugging Face repo id: ``name`` or ``org/name`` (huggingface_hub's own pattern is
 #: stricter; this only separates ids from paths).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+#: transformers' device_map strategies (``from_pretrained(device_map=...)``), placed by accelerate.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+#: A --max-memory size, as accelerate's ``convert_file_size_to_int`` reads it ("10GiB", "500MB", bytes).
+_SIZE = re.compile(r"^\d+(\.\d+)?(GiB|MiB|KiB|GB|MB|KB)?$", re.IGNORECASE)
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``--max-memory 0=10GiB,1=10GiB,cpu=50GiB`` -> {0: "10GiB", 1: "10GiB", "cpu": "50GiB"}
+    (GPU indices as ints, as accelerate takes them). Devices left out get nothing.
+    Raises ``CannotRun`` for a malformed entry."""
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for item in text.split(","):
+        key, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not _SIZE.match(size) or not (key.isdigit() or key in ("cpu", "mps")):
+            raise CannotRun(f"--max-memory entry {item.strip()!r} is not DEVICE=SIZE (DEVICE a GPU index, cpu or mps; "
+                            f"SIZE like 10GiB or 500MB)", "e.g. --max-memory 0=10GiB,cpu=50GiB")
+        out[int(key) if key.isdigit() else key] = size
+    return out
+
+
+def accelerate_missing() -> str | None:
+    """Why accelerate cannot be imported (what ``device_map`` needs), or None when it can."""
+    try:
+        import accelerate  # noqa: F401
+    except Exception as exc:
+        return f"accelerate is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def main_device(device_map: dict[str, Any]) -> str:
+    """Where the inputs go: the first device of the map that holds weights (accelerate's
+    ``dispatch_model`` takes the first device not 'cpu' or 'disk' as its main device)."""
+    placed = [d for d in device_map.values() if d not in ("cpu", "disk")]
+    first = placed[0] if placed else "cpu"
+    return f"cuda:{first}" if isinstance(first, int) else str(first)
+
+
+def _dispatch(model: nn.Module, device_map: str, max_memory: dict | None, dtype: torch.dtype) -> nn.Module:
+    """Place a model built on the CPU across devices with accelerate, like from_pretrained's ``device_map``."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    if device_map != "sequential":  # transformers balances "auto" too
+        max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                         low_zero=device_map == "balanced_low_0")
+    placed = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    _refuse_disk(placed)
+    return dispatch_model(model, placed)
+
+
+def _refuse_disk(placed: dict[str, Any]) -> None:
+    disk = [name for name, d in placed.items() if d == "disk"]
+    if disk:
+        names = ", ".join(n or "the whole model" for n in disk[:3]) + (" ..." if len(disk) > 3 else "")
+        raise CannotRun(f"the model does not fit in --max-memory: accelerate would offload {len(disk)} module group(s) "
+                        f"to disk ({names}), which this job does not do",
+                        "raise --max-memory, or give the cpu more (cpu=SIZE)")
 
 
 def _token_rows(loaded: "LoadedModel", lengths: list[int], seq_len: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +151,14 @@ class LoadedModel:
     original_backend: str | None = None
     notes: list[str] = field(default_factory=list)
     train_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # measure.timing.train_fn's loss G
+    device_map: dict[str, Any] | None = None  # module -> device, when accelerate placed the model (``device_map``)
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices the model's weights are on: ['cuda:0', 'cuda:1', 'cpu'] with a device map, else [device]."""
+        if not self.device_map:
+            return [self.device]
+        return list(dict.fromkeys(f"cuda:{d}" if isinstance(d, int) else str(d) for d in self.device_map.values()))
 
     @property
     def is_transformers(self) -> bool:
@@ -248,7 +325,8 @@ def _tokenizer(ref: str | Path, **kw: Any) -> Any:
 
 
 def _from_pretrained(ref: str | Path, *, device: str, dtype: torch.dtype, trust_remote_code: bool,
-                     local_files_only: bool) -> tuple[nn.Module, str, Any]:
+                     local_files_only: bool, device_map: str | None = None,
+                     max_memory: dict | None = None) -> tuple[nn.Module, str, Any]:
     from transformers import AutoConfig
 
     kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
@@ -262,24 +340,32 @@ def _from_pretrained(ref: str | Path, *, device: str, dtype: torch.dtype, trust_
     except OSError as exc:  # not in the cache / not downloadable / not a model folder
         raise CannotRun(f"cannot read the config of {ref}: {' '.join(str(exc).split())[:300]}", "") from None
     family = _family_of(config)
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     try:
-        model = _auto_class(family).from_pretrained(ref, dtype=dtype, **kw)
+        model = _auto_class(family).from_pretrained(ref, dtype=dtype, **placement, **kw)
     except (OSError, ValueError) as exc:
         raise CannotRun(f"cannot load the weights of {ref}: {' '.join(str(exc).split())[:300]}", "") from None
+    if device_map:
+        _refuse_disk(getattr(model, "hf_device_map", {}))
+        return model.eval(), family, _tokenizer(ref, **kw)
     return model.to(device).eval(), family, _tokenizer(ref, **kw)
 
 
-def _load_demo(name: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, str, Any]:
+def _load_demo(name: str, device: str, dtype: torch.dtype, device_map: str | None = None,
+               max_memory: dict | None = None) -> tuple[nn.Module, str, Any]:
     demo = DEMOS.get(name)
     if demo is None:
         raise CannotRun(f"unknown demo {name!r}; choose from {', '.join('demo:' + d for d in DEMOS)}", "")
     built, family = demo.build()
     if isinstance(built, Path):  # real weights on disk
-        return _from_pretrained(built, device=device, dtype=dtype, trust_remote_code=False, local_files_only=True)
+        return _from_pretrained(built, device=device, dtype=dtype, trust_remote_code=False, local_files_only=True,
+                                device_map=device_map, max_memory=max_memory)
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("cpu" if device_map else device):
         # Built with eager attention, as research code often pins it: the job's "before".
         model = _auto_class(family).from_config(built, dtype=dtype, attn_implementation="eager")
+    if device_map:
+        model = _dispatch(model, device_map, max_memory, dtype)
     return model.eval(), family, None
 
 
@@ -341,20 +427,33 @@ def classify(spec: str) -> str:
     return "hub"
 
 
-def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``spec`` (see the module docstring) onto ``device`` in ``dtype``, in eval mode.
+def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
+         device_map: str | None = None, max_memory: dict | None = None) -> LoadedModel:
+    """Load ``spec`` (see the module docstring) onto ``device`` in ``dtype``, in eval mode;
+    with ``device_map`` (one of ``DEVICE_MAPS``) across the devices accelerate may use
+    (``max_memory``, from ``parse_max_memory``), and ``device`` is then where the inputs go.
 
     Raises ``CannotRun`` (one line) for a path that does not exist, a folder without
     config.json, a hub id not available offline, a factory that fails or returns no
-    ``nn.Module``, remote code without ``trust_remote_code``.
+    ``nn.Module``, remote code without ``trust_remote_code``, a ``device_map`` without
+    accelerate, or one that would offload weights to disk.
     """
     spec = spec or DEFAULT_MODEL
     kind = classify(spec)
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise CannotRun(f"--device-map {device_map!r}: choose from {', '.join(DEVICE_MAPS)}", "")
+        missing = accelerate_missing()
+        if missing:
+            raise CannotRun(f"--device-map needs accelerate to place the model: {missing}", "pip install accelerate")
+    placement = {"device_map": device_map, "max_memory": max_memory}
     tokenizer, module, notes = None, None, []
     if kind == "demo":
-        model, family, tokenizer = _load_demo(spec.split(":", 1)[1], device, dtype)
+        model, family, tokenizer = _load_demo(spec.split(":", 1)[1], device, dtype, **placement)
     elif kind == "factory":
-        model, module = _load_factory(spec, device, dtype)
+        model, module = _load_factory(spec, "cpu" if device_map else device, dtype)
+        if device_map:
+            model = _dispatch(model, device_map, max_memory, dtype).eval()
         from transformers import PreTrainedModel
 
         family = _family_of(model.config) if isinstance(model, PreTrainedModel) else "module"
@@ -363,11 +462,13 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
             raise CannotRun(f"model folder {spec} has no config.json: not a Hugging Face model folder",
                             "pass the folder save_pretrained wrote, or path/to/file.py:factory")
         model, family, tokenizer = _from_pretrained(Path(spec).expanduser(), device=device, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code, local_files_only=True)
+                                                    trust_remote_code=trust_remote_code, local_files_only=True,
+                                                    **placement)
     else:
         try:
             model, family, tokenizer = _from_pretrained(spec, device=device, dtype=dtype,
-                                                        trust_remote_code=trust_remote_code, local_files_only=True)
+                                                        trust_remote_code=trust_remote_code, local_files_only=True,
+                                                        **placement)
         except CannotRun as exc:
             from huggingface_hub import constants
 
@@ -379,11 +480,17 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
                                 "folder") from None
             try:
                 model, family, tokenizer = _from_pretrained(spec, device=device, dtype=dtype,
-                                                            trust_remote_code=trust_remote_code, local_files_only=False)
+                                                            trust_remote_code=trust_remote_code, local_files_only=False,
+                                                            **placement)
             except CannotRun as exc2:
                 raise CannotRun(f"model {spec} is not in the local cache and could not be downloaded: {exc2.message}",
                                 "check the id and the network, or pass a local folder") from None
             notes.append(f"downloaded {spec} from the Hugging Face Hub")
     original = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    placed = dict(getattr(model, "hf_device_map", None) or {}) if device_map else None
+    if placed:
+        device = main_device(placed)
+        notes.append(f"--device-map {device_map}: {len(placed)} module group(s) over "
+                     f"{', '.join(str(d) for d in dict.fromkeys(placed.values()))} (accelerate)")
     return LoadedModel(model, spec, spec.removeprefix("demo:") if kind == "demo" else spec, kind, family, device,
-                       dtype, tokenizer, module, original, notes)
+                       dtype, tokenizer, module, original, notes, device_map=placed)

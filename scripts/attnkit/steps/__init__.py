@@ -1,7 +1,7 @@
 """The checklist steps: one module per step script, and the only place lower layers are composed.
 
 ``check_env``, ``enable_flash``, ``profile_attention``, ``compare_accuracy``,
-``find_attention``, ``check_features``, ``fp8_attention``, ``run_checklist``; ``session``
+``find_attention``, ``check_features``, ``fp8_attention``, ``context_parallel``, ``run_checklist``; ``session``
 is what the model steps share (load a model, locate and swap its attention, build inputs).
 ``scripts/*.py`` import from here and from ``attnkit.cli``, nothing else.
 """

@@ -71,6 +71,8 @@ class EnableOptions:
     train: bool = False
     write_patch: str | None = None
     tune_compiled: bool | None = None  # None: time torch.compile candidates on CUDA only
+    device_map: str | None = None  # --device-map: spread the model over devices (accelerate)
+    max_memory: str | None = None  # --max-memory 0=10GiB,cpu=50GiB
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,6 +87,8 @@ def validate(o: EnableOptions) -> None:
             raise CannotRun(f"--save {o.save} already exists and is not an empty folder; nothing was written",
                             "pass a new folder: the job never overwrites your files")
     refuse_to_overwrite(o.write_patch, "--write-patch")
+    if o.device_map and o.device != "auto":
+        raise CannotRun(f"--device {o.device} with --device-map: the map places the model", "use --max-memory to limit it")
 
 
 def refuse_unsupported_masks(loaded: models.LoadedModel, inputs: models.Inputs, backend: str) -> None:
@@ -230,7 +234,8 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         raise CannotRun(f"--baseline {o.baseline} cannot run here: {base_av.reason}", "use --baseline eager")
     session = open_session(o.model, device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=o.seq_len,
                            pad_fraction=o.pad_fraction, trust_remote_code=o.trust_remote_code, baseline=o.baseline,
-                           reporter=reporter, env=env, train=o.train)
+                           reporter=reporter, env=env, train=o.train, device_map=o.device_map,
+                           max_memory=o.max_memory)
     loaded, inputs, notes = session.loaded, session.inputs, session.notes
     seq_len = inputs.seq_len
     choice = choose(o.backend, env=env, device=device, dtype=dtype, model=loaded.model)

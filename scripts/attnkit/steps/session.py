@@ -39,8 +39,10 @@ class Session:
         return swapper_of(self.loaded.model)
 
     def data(self) -> dict[str, Any]:
-        """The fields every model step reports (DESIGN.md names)."""
-        return {
+        """The fields every model step reports (DESIGN.md names); ``device_map`` when
+        accelerate spread the model over devices."""
+        placed = self.loaded.device_map
+        return {**({"device_map": placed, "devices": self.loaded.devices} if placed else {}),
             "model": self.loaded.spec, "model_class": type(self.loaded.model).__name__, "family": self.loaded.family,
             "device": self.device, "dtype": dtype_name(self.dtype),
             "shape": {"batch_size": self.inputs.batch_size, "seq_len": self.inputs.seq_len},
@@ -65,9 +67,11 @@ def check_shape(batch_size: int, seq_len: int, pad_fraction: float | None) -> No
 def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
                  seq_len: int = 1024, pad_fraction: float | None = None, trust_remote_code: bool = False,
                  baseline: str = "eager", reporter: Reporter | None = None,
-                 env: Environment | None = None, train: bool = False) -> Session:
+                 env: Environment | None = None, train: bool = False, device_map: str | None = None,
+                 max_memory: str | None = None) -> Session:
     """Load ``spec`` and prepare inputs [B, S] (see the module docstring); ``train`` puts the
-    model in training mode before its attention is found.
+    model in training mode before its attention is found; ``device_map`` and ``max_memory``
+    (the --device-map and --max-memory texts) spread it over devices with accelerate.
 
     Raises ``CannotRun`` for bad sizes, a device or dtype that does not exist here, any
     load failure (see ``models.load``), a model with no attention, or attention with no
@@ -78,8 +82,18 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     env, dev, dt = resolve(device, dtype, env)
     spec = spec or models.DEFAULT_MODEL
     models.classify(spec)  # a path that does not exist fails before anything loads
-    with reporter.stage(f"loading {spec} on {dev} in {dtype_name(dt)}"):
-        loaded = models.load(spec, device=dev, dtype=dt, trust_remote_code=trust_remote_code)
+    placement = {}
+    if device_map is not None or max_memory is not None:
+        if device_map is None:
+            raise CannotRun("--max-memory needs --device-map", "add --device-map auto")
+        if train:
+            raise CannotRun("--train with --device-map: the float64 reference of a spread model is made module by "
+                            "module, which leaves no gradients to compare", "drop --train")
+        placement = {"device_map": device_map, "max_memory": models.parse_max_memory(max_memory)}
+    where = f"--device-map {device_map}" + (f" --max-memory {max_memory}" if max_memory else "") if placement else dev
+    with reporter.stage(f"loading {spec} on {where} in {dtype_name(dt)}"):
+        loaded = models.load(spec, device=dev, dtype=dt, trust_remote_code=trust_remote_code, **placement)
+    dev = loaded.device
     notes = list(loaded.notes)
     if train:
         loaded.model.train()
