@@ -162,6 +162,13 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
             entries["eager"]["agreement"].insert(0, {"backend": "eager", "cache": "dynamic", "agreement": 1.0,
                                                      "tokens_compared": int(base.tokens.numel()), "rows_differing": 0,
                                                      "divergences": [], "note": "the reference itself"})
+        # the search before the timing: it is short, and a time limit that stops the run keeps it
+        if o.max_context:
+            for n in runnable:
+                with reporter.stage(f"{n}: searching the longest prompt that fits"):
+                    entries[n]["longest_context"] = gen.longest_context(
+                        loaded, n, batch_size=data["batch_sizes"][0], new_tokens=min(4, o.new_tokens),
+                        memory_limit_gb=o.memory_limit, trust_remote_code=o.trust_remote_code)
         for p in prompt_lens:
             for b in data["batch_sizes"]:
                 for cache in data["caches"]:
@@ -171,12 +178,6 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
                                                          new_tokens=o.new_tokens, cache=cache,
                                                          min_run_time=o.min_run_time, compile=o.compile)
                         entries[n]["runs"].append(run.to_dict())
-        if o.max_context:
-            for n in runnable:
-                with reporter.stage(f"{n}: searching the longest prompt that fits"):
-                    entries[n]["longest_context"] = gen.longest_context(
-                        loaded, n, batch_size=data["batch_sizes"][0], new_tokens=min(4, o.new_tokens),
-                        memory_limit_gb=o.memory_limit, trust_remote_code=o.trust_remote_code)
     except KeyboardInterrupt:
         interrupted = "interrupted (Ctrl-C); what was measured is kept"
     for e in entries.values():
