@@ -64,7 +64,7 @@ def test_kv_cache_size_follows_the_formula_and_the_cache_object(llama):
 
 def test_the_search_finds_the_longest_length_that_fits_within_its_resolution():
     for threshold in (1, 700, 1000, 5000):
-        found = gen.search_longest(lambda p: p <= threshold, cap=8000, start=512)
+        found = gen.search_longest(lambda p, t=threshold: p <= t, cap=8000, start=512)
         assert found["max_context"] <= threshold < found["first_failure"]
         assert found["first_failure"] - found["max_context"] <= max(1, found["max_context"] // 64)
         assert all(p["prompt_len"] <= 8000 for p in found["probes"])

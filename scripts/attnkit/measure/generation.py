@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -140,9 +139,10 @@ def left_padded(loaded: Any, rows: int = AGREEMENT_ROWS, longest: int = AGREEMEN
     return out_ids, out_mask, lengths
 
 
-def generation_config(model: Any, new_tokens: int, *, compile: bool = False, logits: bool = False) -> Any:
-    """Greedy decoding of exactly ``new_tokens`` tokens (a copy of the model's own config)."""
-    gc = copy.deepcopy(model.generation_config)
+def generation_config(loaded: Any, new_tokens: int, *, compile: bool = False, logits: bool = False) -> Any:
+    """Greedy decoding of exactly ``new_tokens`` tokens (a copy of the model's own config);
+    ``logits``: return them, one [B, V] per step (``output_logits``)."""
+    gc = copy.deepcopy(loaded.model.generation_config)
     gc.max_new_tokens = new_tokens
     gc.min_new_tokens = new_tokens  # no early stop at an end-of-sequence token
     gc.do_sample = False
@@ -150,23 +150,13 @@ def generation_config(model: Any, new_tokens: int, *, compile: bool = False, log
     gc.cache_implementation = None  # dynamic: generate's default DynamicCache; static: we pass the cache object
     gc.disable_compile = not compile
     if gc.pad_token_id is None:
-        gc.pad_token_id = pad_id_of_config(model)
+        gc.pad_token_id = pad_id(loaded)
     gc.return_dict_in_generate = logits
     gc.output_logits = logits
     for name in ("temperature", "top_p", "top_k"):  # sampling settings: unused by greedy, and warned about
         if hasattr(gc, name):
             setattr(gc, name, None)
     return gc
-
-
-def pad_id_of_config(model: Any) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for value in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def make_cache(model: Any, cache: str, max_cache_len: int) -> Any:
@@ -178,18 +168,27 @@ def make_cache(model: Any, cache: str, max_cache_len: int) -> Any:
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
-def generate_fn(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, cache: str, *,
-                compile: bool = False, logits: bool = False, max_cache_len: int | None = None) -> Callable[[], Any]:
-    """A closure running one greedy ``model.generate`` of ``new_tokens`` tokens on (ids, mask)
-    with a ``cache`` KV cache (a new one per call); returns generate's output."""
-    gc = generation_config(model, new_tokens, compile=compile, logits=logits)
+def generate_fn(loaded: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, cache: str, *,
+                compile: bool = False, logits: bool = False, max_cache_len: int | None = None,
+                keep: dict[str, Any] | None = None) -> Callable[[], Any]:
+    """A closure running one greedy ``generate`` of ``new_tokens`` tokens of ``loaded.model``
+    on (ids, mask) [B, P] with a ``cache`` KV cache (a new one per call, ``max_cache_len``
+    tokens for a static one); returns generate's output. ``keep``: the cache object is
+    stored there as ``keep["cache"]`` after the call."""
+    model = loaded.model
+    gc = generation_config(loaded, new_tokens, compile=compile, logits=logits)
+    if keep is not None:
+        gc.return_dict_in_generate = True  # so that a DynamicCache comes back
     cache_len = max_cache_len or ids.shape[1] + new_tokens
 
     def run() -> Any:
         kv = make_cache(model, cache, cache_len)
         kw = {"past_key_values": kv} if kv is not None else {}
         with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, **kw)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, **kw)
+        if keep is not None:
+            keep["cache"] = kv if kv is not None else getattr(out, "past_key_values", None)
+        return out
 
     return run
 
@@ -239,26 +238,16 @@ def measure_generation(loaded: Any, backend: str, *, batch_size: int, prompt_len
         g.kv_cache_mb = kv_cache_bytes(shape, prompt_len + new_tokens, batch_size, loaded.dtype) / 2**20
     ids, mask = prompt(loaded, batch_size, prompt_len)
     cache_len = prompt_len + new_tokens
-    full = generate_fn(model, ids, mask, new_tokens, cache, compile=compile, max_cache_len=cache_len)
-    first = generate_fn(model, ids, mask, 1, cache, compile=compile, max_cache_len=cache_len)
+    full = generate_fn(loaded, ids, mask, new_tokens, cache, compile=compile, max_cache_len=cache_len)
+    first = generate_fn(loaded, ids, mask, 1, cache, compile=compile, max_cache_len=cache_len)
     try:
         # the full call first: its calibration run is the warm-up (lazy inits, a compile)
         g.generate_ms, g.generate_iqr_ms, _ = time_it(full, min_run_time, f"{backend} generate")
         g.prefill_ms, g.prefill_iqr_ms, _ = time_it(first, min_run_time, f"{backend} prefill")
         kept: dict[str, Any] = {}
-
-        def profiled_run() -> Any:
-            kv = make_cache(model, cache, cache_len)
-            gc = generation_config(model, new_tokens, compile=compile)
-            gc.return_dict_in_generate = True  # so that the DynamicCache comes back
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc,
-                                     **({"past_key_values": kv} if kv is not None else {}))
-            kept["cache"] = kv if kv is not None else getattr(out, "past_key_values", None)
-            return out
-
         m = Measurement(backend)
-        profile_once(profiled_run, device, m)
+        profile_once(generate_fn(loaded, ids, mask, new_tokens, cache, compile=compile, max_cache_len=cache_len,
+                                 keep=kept), device, m)
         g.peak_memory_mb, g.kernels = m.peak_memory_mb, m.kernel_counts
         measured, tokens = cache_tensors(kept.pop("cache", None))
         if measured:
@@ -301,7 +290,7 @@ def greedy(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch
     memory, the backend failing, transformers refusing the switch) is recorded."""
     try:
         switch.apply(loaded.model, backend)
-        out = generate_fn(loaded.model, ids, mask, new_tokens, cache, logits=True)()
+        out = generate_fn(loaded, ids, mask, new_tokens, cache, logits=True)()
         synchronize(loaded.device)
     except CannotRun as exc:
         return Greedy(backend, cache, error=exc.message)
@@ -397,7 +386,7 @@ def fits_fn(loaded: Any, backend: str, batch_size: int, new_tokens: int) -> Call
         switch.apply(loaded.model, backend)
         ids, mask = prompt(loaded, batch_size, p)
         try:
-            generate_fn(loaded.model, ids, mask, new_tokens, "dynamic")()
+            generate_fn(loaded, ids, mask, new_tokens, "dynamic")()
             synchronize(loaded.device)
             return True
         except Exception as exc:
@@ -433,7 +422,7 @@ def longest_context(loaded: Any, backend: str, *, batch_size: int = 1, new_token
       ``resource.RLIMIT_AS`` to its mapped address space + the limit, so every allocation
       past it fails for real (the kernel refuses the mapping); without a limit, the
       ``MemAvailable`` of /proc/meminfo. glibc's mmap threshold is fixed in the child
-      (``MALLOC_MMAP_THRESHOLD_``), so memory freed after a failed probe is unmapped and the
+      (``fixed_mmap_threshold``), so memory freed after a failed probe is unmapped and the
       next probe starts from the same address space. On CPU the limit is what the search may add beyond
       the loaded process: a torch process maps far more address space than it uses, so a
       total would mean nothing.
@@ -511,16 +500,51 @@ def _longest_cpu(loaded: Any, backend: str, batch_size: int, new_tokens: int, li
             "trust_remote_code": trust_remote_code}
     scripts = Path(__file__).resolve().parents[2]
     code = f"import sys; sys.path.insert(0, {str(scripts)!r}); from attnkit.measure.generation import _child; _child()"
-    # A fixed mmap threshold turns glibc's dynamic one off: every block of 128 KiB or more is
-    # its own mapping, given back when freed, so a failed probe leaves no heap behind that
-    # would count against the limit of the next (smaller) one.
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+                          check=False)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-300:]
         raise RuntimeError(f"the search process exited {proc.returncode}: {tail}")
     return json.loads(lines[-1])
+
+
+def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Turn glibc's dynamic mmap threshold off (``mallopt(M_MMAP_THRESHOLD, nbytes)``): every
+    block of ``nbytes`` or more is then its own mapping, unmapped when freed, so memory a
+    failed probe freed is not kept as heap that still counts against RLIMIT_AS. False where
+    the C library has no mallopt (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # glibc malloc.h
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(m_mmap_threshold, nbytes))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def address_space() -> int:
+    """The bytes of address space this process maps now, asked of the kernel: the smallest
+    RLIMIT_AS under which a one-page anonymous ``mmap`` still succeeds, by bisection to a
+    page. The soft limit is put back afterwards."""
+    import mmap
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    lo, hi = 0, hard if hard != resource.RLIM_INFINITY else 1 << 47  # x86-64's user address space
+    try:
+        while hi - lo > mmap.PAGESIZE:
+            mid = (lo + hi) // 2
+            resource.setrlimit(resource.RLIMIT_AS, (mid, hard))
+            try:
+                mmap.mmap(-1, mmap.PAGESIZE).close()
+                hi = mid
+            except (OSError, MemoryError):
+                lo = mid
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return hi - mmap.PAGESIZE
 
 
 def _child() -> None:
@@ -529,13 +553,13 @@ def _child() -> None:
 
     from .. import models
 
+    fixed_mmap_threshold()
     args = json.loads(sys.argv[1])
     loaded = models.load(args["spec"], device="cpu", dtype=getattr(torch, args["dtype"]),
                          trust_remote_code=args["trust_remote_code"])
     fits = fits_fn(loaded, args["backend"], args["batch_size"], args["new_tokens"])
     fits(min(16, args["cap"]))  # warm-up before the limit: thread pools, lazy inits
-    vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
-    limit = vm + args["limit_bytes"]
+    limit = address_space() + args["limit_bytes"]
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = search_longest(fits, args["cap"], args["start"])
     sys.stdout.write(json.dumps(result) + "\n")
