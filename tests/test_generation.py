@@ -155,16 +155,17 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path):
 
 
 def test_training_row_reports_an_out_of_memory_backend_and_measures_the_others(tmp_path):
-    """profile_attention --train under a real 700 MB address-space limit: eager's training pass
-    keeps a [1, 4, 3072, 3072] fp32 score matrix (144 MB) and more per layer for the backward
-    and runs out; SDPA's fused kernel keeps none and is measured. glibc's mmap threshold is
-    fixed so that what eager freed is unmapped (its dynamic threshold would keep it as heap,
-    still counted against the limit)."""
-    cmd = [sys.executable, str(ROOT / "tests" / "run_limited.py"), "700", "profile_attention.py", "--model",
-           "demo:qwen2", "--train", "--seq-len", "3072", "--backends", "eager,sdpa", "--min-run-time", "0.05",
+    """profile_attention --train under a real 1 GB address-space limit: eager's training pass
+    keeps [1, 4, 4096, 4096] fp32 scores (256 MB) and more per layer for the backward and
+    runs out (about 1.1 GB at its peak without a limit); SDPA's fused kernel keeps none
+    (about 0.2 GB) and is measured. glibc is kept from holding on to what eager freed (a
+    fixed mmap threshold) and from reserving an arena per thread, as the --max-context
+    child does (``generation.steady_malloc``)."""
+    cmd = [sys.executable, str(ROOT / "tests" / "run_limited.py"), "1000", "profile_attention.py", "--model",
+           "demo:qwen2", "--train", "--seq-len", "4096", "--backends", "eager,sdpa", "--min-run-time", "0.05",
            "--json", "--no-report"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False,
+                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"})
     assert "Traceback" not in proc.stderr
     result = json.loads(proc.stdout)
     eager, sdpa = result["data"]["measurements"]

@@ -421,9 +421,9 @@ def longest_context(loaded: Any, backend: str, *, batch_size: int = 1, new_token
     * CPU: in a child process that loads the same spec, warms up, then sets
       ``resource.RLIMIT_AS`` to its mapped address space + the limit, so every allocation
       past it fails for real (the kernel refuses the mapping); without a limit, the
-      ``MemAvailable`` of /proc/meminfo. glibc's mmap threshold is fixed in the child
-      (``fixed_mmap_threshold``), so memory freed after a failed probe is unmapped and the
-      next probe starts from the same address space. On CPU the limit is what the search may add beyond
+      ``MemAvailable`` of /proc/meminfo. The child's allocator is made steady
+      (``steady_malloc``), so memory freed after a failed probe is unmapped and the next
+      probe starts from the same address space. On CPU the limit is what the search may add beyond
       the loaded process: a torch process maps far more address space than it uses, so a
       total would mean nothing.
 
@@ -509,17 +509,20 @@ def _longest_cpu(loaded: Any, backend: str, batch_size: int, new_tokens: int, li
     return json.loads(lines[-1])
 
 
-def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
-    """Turn glibc's dynamic mmap threshold off (``mallopt(M_MMAP_THRESHOLD, nbytes)``): every
-    block of ``nbytes`` or more is then its own mapping, unmapped when freed, so memory a
-    failed probe freed is not kept as heap that still counts against RLIMIT_AS. False where
+def steady_malloc(mmap_threshold: int = 128 * 1024) -> bool:
+    """Make glibc's allocator give memory back and reserve no more, so that under RLIMIT_AS
+    every probe starts from the same address space: ``mallopt(M_MMAP_THRESHOLD)`` fixes the
+    mmap threshold (glibc otherwise raises it after a free, and keeps what later blocks of
+    that size free as heap, still counted against the limit), and ``mallopt(M_ARENA_MAX, 1)``
+    keeps one arena (each new thread's arena reserves 64 MB of address space). False where
     the C library has no mallopt (not glibc)."""
     import ctypes
     import ctypes.util
 
-    m_mmap_threshold = -3  # glibc malloc.h
+    m_mmap_threshold, m_arena_max = -3, -8  # glibc malloc.h
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(m_mmap_threshold, nbytes))
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_arena_max, 1))
     except (OSError, AttributeError, TypeError):
         return False
 
@@ -553,7 +556,7 @@ def _child() -> None:
 
     from .. import models
 
-    fixed_mmap_threshold()
+    steady_malloc()
     args = json.loads(sys.argv[1])
     loaded = models.load(args["spec"], device="cpu", dtype=getattr(torch, args["dtype"]),
                          trust_remote_code=args["trust_remote_code"])
