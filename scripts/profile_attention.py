@@ -8,6 +8,9 @@ torch.profiler saw run. Several --seq-len values make a sweep and a plot of late
 memory against sequence length. With --against SPEC it compares two models instead (for
 example a checkpoint and its switched copy), each with the backend it loads with.
 
+With --train it measures forward + backward in training mode instead (the training time and
+peak memory per backend, gradients included).
+
 The step passes when, at the longest sequence, the last run shows its fused kernel, is
 faster than the first and uses no more peak memory.
 
@@ -16,6 +19,8 @@ examples:
   python scripts/profile_attention.py --backends eager,sdpa --seq-len 512 --seq-len 1024 --seq-len 2048
   python scripts/profile_attention.py --model ./ckpt --against ./ckpt-sdpa --json
   python scripts/profile_attention.py --model demo:llama-1b --device cuda --backends eager,sdpa --sdpa-kernel flash
+  python scripts/profile_attention.py --model demo:llama-2-7b --device cuda --batch-size 4 --seq-len 2048 --train \
+      --backends eager,sdpa,flash_attention_2
 """
 
 import sys
@@ -35,6 +40,9 @@ def build_parser():
     p.add_argument("--backends", action="append", metavar="LIST",
                    help="comma-separated backends in order, first = before, last = after (auto allowed; "
                         "repeatable); default: eager,auto, or each model as loaded with --against")
+    p.add_argument("--train", action="store_true",
+                   help="measure forward + backward in training mode (loss sum(output * G), G fixed): training time "
+                        "and peak memory per backend; a backend out of memory is reported, the others still run")
     cli.add_measure_args(p)
     cli.add_output_args(p, "profile_attention")
     return p

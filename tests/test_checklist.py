@@ -11,8 +11,9 @@ def test_list_shows_the_workflows():
     run = run_script("run_checklist.py", "--list")
     assert run.rc == 0
     workflows = run.result["data"]["workflows"]
-    assert [w["workflow"] for w in workflows] == ["enable", "flash-attn", "fp8-hopper", "handwritten", "multigpu"]
-    assert [len(w["steps"]) for w in workflows] == [4, 4, 4, 4, 2]
+    assert [w["workflow"] for w in workflows] == ["enable", "flash-attn", "fp8-hopper", "handwritten", "generation",
+                                                  "multigpu"]
+    assert [len(w["steps"]) for w in workflows] == [4, 4, 4, 4, 3, 2]
 
 
 def test_pass_rules_compare_values_lists_and_numbers():

@@ -45,18 +45,35 @@ def parser(prog: str, description: str, epilog: str = "") -> Parser:
 
 def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, model_required: bool = False,
                    sweep: bool = False, default_batch_size: int = 1, batch_why: str = "",
-                   default_pad_fraction: float | None = None, model_help: str = "") -> None:
+                   default_pad_fraction: float | None = None, model_help: str = "",
+                   shape: bool = True) -> argparse._ArgumentGroup:
     """--model and the input shape, dtype and device options, shared by the model steps.
 
     ``sweep`` makes --seq-len repeatable (a list, None when not given). A step with other
     defaults passes them (``batch_why`` says why in --help); ``model_help`` replaces the
-    --model help.
+    --model help. ``shape=False`` leaves out --batch-size, --seq-len and --pad-fraction for a
+    step that adds its own. Returns the group, for a step to add its own options to.
     """
+    from .steps import DEMO_NAMES
+
     g = p.add_argument_group("model and inputs")
     g.add_argument("--model", metavar="SPEC", required=model_required,
                    help=model_help or "a Hugging Face id or local folder, path/to/file.py:factory, package.module:"
-                        "factory, or a built-in demo:NAME (llama, llama-1b, llama-3b, qwen2, mistral, gpt2, bert, minilm); "
+                        f"factory, or a built-in demo:NAME ({', '.join(DEMO_NAMES)}); "
                         "default: demo:llama, a small Llama-architecture causal LM with random weights")
+    if shape:
+        _add_shape_args(g, default_seq_len, sweep, default_batch_size, batch_why, default_pad_fraction)
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on sm80+ GPUs, fp16 on older GPUs, fp32 on CPU), "
+                                                   "float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N "
+                                                    "(default: auto)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a Hub model's own modelling code to run (off by default: read it first)")
+    return g
+
+
+def _add_shape_args(g: argparse._ArgumentGroup, default_seq_len: int, sweep: bool, default_batch_size: int,
+                    batch_why: str, default_pad_fraction: float | None) -> None:
     g.add_argument("--batch-size", type=int, default=default_batch_size, metavar="B",
                    help=f"batch size B (default: {default_batch_size}{batch_why})")
     if sweep:
@@ -71,12 +88,6 @@ def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, m
                         (f"{default_pad_fraction}" if default_pad_fraction is not None else
                          "0 for causal LMs, 0.5 for encoders") +
                         "); padding positions are left out of accuracy and reported apart")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on sm80+ GPUs, fp16 on older GPUs, fp32 on CPU), "
-                                                   "float32, bfloat16 or float16 (default: auto)")
-    g.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N "
-                                                    "(default: auto)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a Hub model's own modelling code to run (off by default: read it first)")
 
 
 def add_device_map_args(p: argparse.ArgumentParser) -> None:

@@ -199,12 +199,15 @@ def forward_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) 
     return run
 
 
-def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) -> Callable[[], tuple]:
+def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None,
+             gradients: bool = True) -> Callable[[], tuple]:
     """A closure running one forward + backward pass, with the loss sum(output * G) for a
     fixed random G (seed 0, the output's shape, made in the output's dtype the first time
     and kept in ``loaded.train_weights`` so every run, the float64 reference included,
     uses the same values). Returns (output, gradients): parameter name -> grad, and
-    "input:i" -> grad for floating positional inputs."""
+    "input:i" -> grad for floating positional inputs; with ``gradients=False`` the dict is
+    empty and no copy is made (a copy of every gradient would add the size of the weights
+    to the peak memory of a step that only times training)."""
     model = loaded.model
     probe = loaded.train_weights
 
@@ -219,9 +222,13 @@ def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) ->
                 gen = torch.Generator().manual_seed(0)
                 probe["g"] = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
             (out * probe["g"].to(out.dtype)).sum().backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        grads.update({f"input:{i}": a.grad.detach().clone() for i, a in enumerate(args)
-                      if isinstance(a, torch.Tensor) and a.grad is not None})
+        grads = {} if not gradients else {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                          if p.grad is not None}
+        if gradients:
+            grads.update({f"input:{i}": a.grad.detach().clone() for i, a in enumerate(args)
+                          if isinstance(a, torch.Tensor) and a.grad is not None})
+        for p in model.parameters():  # as an optimizer's zero_grad(set_to_none=True): the next
+            p.grad = None  # pass's peak memory then starts without this one's gradients
         return out.detach(), grads
 
     return run
@@ -239,10 +246,11 @@ def run_backend(loaded: Any, inputs: Any, backend: str, sdpa_kernels: list[str] 
 
 def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: float = 1.0,
                     sdpa_kernels: list[str] | None = None, label: str | None = None, train: bool = False,
-                    flops: float | None = None) -> tuple[Measurement, Any]:
+                    flops: float | None = None, gradients: bool = True) -> tuple[Measurement, Any]:
     """Switch ``loaded`` (a ``models.LoadedModel``) to ``backend`` and ``measure`` its forward
     pass on ``inputs`` (forward + backward with ``train``); returns the measurement and the
-    output (with ``train``: the pair (output, gradients)), None on OOM. ``flops`` overrides
+    output (with ``train``: the pair (output, gradients); ``gradients=False`` keeps no copy
+    of them, see ``train_fn``), None on OOM. ``flops`` overrides
     the model's own count (``forward_flops``; x3 for linear layers and x3.5 for attention
     with ``train``, flash-attn's benchmark counts a backward as 2.5 forwards).
 
@@ -252,7 +260,7 @@ def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: flo
         switch.apply(loaded.model, backend)
     if flops is None:
         flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, loaded.attention_shape(), train)
-    run = train_fn(loaded, inputs, sdpa_kernels) if train else forward_fn(loaded, inputs, sdpa_kernels)
+    run = train_fn(loaded, inputs, sdpa_kernels, gradients) if train else forward_fn(loaded, inputs, sdpa_kernels)
     m, out = measure(run, backend=backend, device=loaded.device, min_run_time=min_run_time, flops=flops,
                      mode="forward+backward" if train else "forward", devices=getattr(loaded, "devices", None))
     m.label, m.seq_len = label, inputs.seq_len

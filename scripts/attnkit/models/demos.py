@@ -56,6 +56,30 @@ def _llama_3b_config():
                        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
 
 
+def _llama_2_7b_config():
+    from transformers import LlamaConfig
+
+    # The shapes of meta-llama/Llama-2-7b-hf's config.json: hidden 4096, 32 layers, 32 heads
+    # and 32 key/value heads (no GQA), head_dim 128, intermediate 11008, vocab 32000,
+    # max_position_embeddings 4096, rms_norm_eps 1e-5, rope_theta 10000, untied embeddings:
+    # 6.74 B parameters, random weights. Built on the target device in the target dtype
+    # (``loading._load_demo``), never in float32 on the CPU first.
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False), "causal-lm"
+
+
+def _gpt2_medium_config():
+    from transformers import GPT2Config
+
+    # The shapes of openai-community/gpt2-medium's config.json: n_embd 1024, 24 layers,
+    # 16 heads (head_dim 64), n_positions 1024, vocab 50257, tied embeddings: 355 M
+    # parameters, random weights.
+    return GPT2Config(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024,
+                      bos_token_id=50256, eos_token_id=50256), "causal-lm"
+
+
 def _qwen2_config():
     from transformers import Qwen2Config
 
@@ -105,6 +129,10 @@ DEMOS: dict[str, Demo] = {
     "llama-1b": Demo("llama-1b", "Llama-3.2-1B's shapes (1.24 B parameters), random weights: for GPUs", _llama_1b_config),
     "llama-3b": Demo("llama-3b", "Llama-3.2-3B's shapes (3.2 B parameters, head_dim 128), random weights: for GPUs",
                      _llama_3b_config),
+    "llama-2-7b": Demo("llama-2-7b", "Llama-2-7B's shapes (6.74 B parameters, no GQA, 4096 positions), random "
+                                     "weights: for GPUs (13.5 GB in bf16)", _llama_2_7b_config),
+    "gpt2-medium": Demo("gpt2-medium", "GPT-2 medium's shapes (355 M parameters, 24 layers, 1024 positions), random "
+                                       "weights", _gpt2_medium_config),
     "qwen2": Demo("qwen2", "Qwen2 causal LM, 2 layers, hidden 128, GQA, random weights", _qwen2_config),
     "mistral": Demo("mistral", "Mistral causal LM, 2 layers, hidden 128, GQA, sliding window 64, random weights",
                     _mistral_config),

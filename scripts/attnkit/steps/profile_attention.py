@@ -33,6 +33,7 @@ class ProfileOptions:
     min_run_time: float = 1.0
     sdpa_kernels: list[str] | None = None
     trust_remote_code: bool = False
+    train: bool = False  # forward + backward in training mode
     report_dir: str | None = None
     write_report: bool = True
 
@@ -41,6 +42,9 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
     """Measure backends (or two model specs) side by side, over one or more sequence lengths.
 
     One model: each of ``backends`` (default eager, then auto's choice) on the same inputs.
+    ``train``: forward + backward in training mode (the model's ``train()``; loss
+    sum(output * G) for a fixed random G, as ``measure.timing.train_fn``), per backend; a
+    backend out of memory is recorded in its ``Measurement.error``.
     Two models (``against``): each as loaded, or with ``backends[0]`` / ``backends[-1]``.
     Passes when, at the longest sequence, the last run shows its fused kernel, is faster
     than the first and uses no more peak memory. Raises ``CannotRun`` when it cannot start.
@@ -58,7 +62,7 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
     seq_lens = sorted(set(o.seq_lens))
     env, device, dtype = resolve(o.device, o.dtype)
     kw = dict(device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=seq_lens[-1], pad_fraction=o.pad_fraction,
-              trust_remote_code=o.trust_remote_code, reporter=reporter, env=env)
+              trust_remote_code=o.trust_remote_code, reporter=reporter, env=env, train=o.train)
     first = open_session(o.model, **kw)
     plan = []  # (session, backend, label)
     if o.against:
@@ -74,7 +78,9 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
             plan.append((first, b, b))
     data = first.data()
     data.update({"against": o.against, "measurements": [], "speedup": None, "memory_ratio": None,
-                 "sweep": [], "sdpa_kernels_allowed": o.sdpa_kernels, "report_dir": None})
+                 "sweep": [], "sdpa_kernels_allowed": o.sdpa_kernels, "mode": "forward+backward" if o.train else
+                 "forward", "weights_mb": sum(p.numel() * p.element_size() for p in first.loaded.model.parameters())
+                 / 2**20, "report_dir": None})
     data["shape"]["seq_lens"] = seq_lens
     runs: list[Measurement] = []
     interrupted = ""
@@ -83,9 +89,11 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
             for s, backend, label in plan:
                 limit = s.loaded.max_seq_len()
                 inputs = s.loaded.inputs(o.batch_size, min(seq_len, limit or seq_len), o.pad_fraction)
-                with reporter.stage(f"measuring {label} at seq_len {inputs.seq_len}"):
+                mode = " (forward + backward)" if o.train else ""
+                with reporter.stage(f"measuring {label} at seq_len {inputs.seq_len}{mode}"):
                     m, _ = measure_backend(s.loaded, inputs, backend, min_run_time=o.min_run_time,
-                                           sdpa_kernels=o.sdpa_kernels, label=label)
+                                           sdpa_kernels=o.sdpa_kernels, label=label, train=o.train,
+                                           gradients=False)
                 runs.append(m)
                 data["measurements"].append(m.to_dict())
     except KeyboardInterrupt:

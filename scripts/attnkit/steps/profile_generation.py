@@ -1,0 +1,326 @@
+"""The profile_generation step: generation with a KV cache, per backend, the way users run it.
+
+For a Hugging Face causal LM and each backend: prefill and decode (``measure.generation``:
+two greedy ``generate`` calls, dynamic and static cache, at each batch size and prompt
+length), peak memory and KV-cache size, greedy agreement with eager on a left-padded
+batch of 4 prompts of different lengths, and with ``max_context`` the longest prompt that
+fits. Checks: greedy agreement (1.0 in float32; in half precision every divergence must be
+a near-tie, see ``agreement_check``), the fused kernel ran during generation, every run
+finished (out of memory is a measured limit, not a failure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backends import BACKENDS, availability
+from ..env import dtype_name, resolve
+from ..measure import generation as gen
+from ..measure.kernels import fused
+from ..report import CannotRun, Check, StepResult, default_run_folder, fmt_ms, write_run_folder
+from .session import open_session
+
+STEP = "profile_generation"
+
+
+@dataclass
+class GenerationOptions:
+    """What ``profile_generation.py`` takes (see its --help)."""
+
+    model: str | None = None
+    backends: list[str] | None = None  # None: eager + every backend auto may pick that can run here
+    prompt_lens: list[int] = field(default_factory=lambda: [512])
+    new_tokens: int = 32
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    caches: list[str] = field(default_factory=lambda: list(gen.CACHES))
+    dtype: str = "auto"
+    device: str = "auto"
+    min_run_time: float = 1.0
+    compile: bool = False
+    max_context: bool = False
+    memory_limit: float | None = None  # GB
+    trust_remote_code: bool = False
+    report_dir: str | None = None
+    write_report: bool = True
+
+
+def validate(o: GenerationOptions) -> None:
+    """Reject bad numbers and names before anything loads. Raises ``CannotRun``."""
+    if o.new_tokens < 2:
+        raise CannotRun(f"--new-tokens must be at least 2 (one prefill token, then decode steps), not {o.new_tokens}",
+                        "")
+    for p in o.prompt_lens:
+        if p < 1:
+            raise CannotRun(f"--prompt-len must be at least 1, not {p}", "")
+    for b in o.batch_sizes:
+        if b < 1:
+            raise CannotRun(f"--batch-size must be at least 1, not {b}", "")
+    bad = [c for c in o.caches if c not in gen.CACHES]
+    if bad:
+        raise CannotRun(f"unknown --cache {', '.join(bad)}; choose from {', '.join(gen.CACHES)}", "")
+    unknown = [b for b in o.backends or [] if b not in BACKENDS]
+    if unknown:
+        raise CannotRun(f"unknown backend {', '.join(unknown)}; choose from {', '.join(BACKENDS)}", "")
+    if o.min_run_time <= 0:
+        raise CannotRun(f"--min-run-time must be positive, not {o.min_run_time}", "")
+    if o.memory_limit is not None and o.memory_limit <= 0:
+        raise CannotRun(f"--memory-limit must be a positive number of GB, not {o.memory_limit}", "")
+    if o.memory_limit is not None and not o.max_context:
+        raise CannotRun("--memory-limit bounds the --max-context search; add --max-context", "")
+
+
+def default_backends() -> list[str]:
+    """eager (the reference), then every backend ``auto`` may pick, in the registry's order.
+    flex_attention only when named: it compiles per shape, and decoding changes the shape
+    at every step."""
+    return ["eager"] + [name for name, b in BACKENDS.items() if name != "eager" and b.auto]
+
+
+def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
+    """Measure generation per backend (see the module docstring). Raises ``CannotRun``
+    when it cannot start: bad options, a model that does not load or is not a causal LM,
+    no backend besides eager that can run here."""
+    validate(o)
+    env, device, dtype = resolve(o.device, o.dtype)
+    if o.memory_limit is not None and device.startswith("cuda") and env.gpus:
+        gpu = env.gpus[int(device.split(":")[1]) if ":" in device else 0]
+        if o.memory_limit * 1024 > gpu.memory_mb:
+            raise CannotRun(f"--memory-limit {o.memory_limit} GB is more than {gpu.name}'s "
+                            f"{gpu.memory_mb / 1024:.1f} GB", "leave it out to search the whole GPU")
+    session = open_session(o.model, device=o.device, dtype=o.dtype, batch_size=1, seq_len=16,
+                           trust_remote_code=o.trust_remote_code, reporter=reporter, env=env)
+    loaded = session.loaded
+    if loaded.family != "causal-lm" or not loaded.is_transformers or not hasattr(loaded.model, "generate"):
+        raise CannotRun(f"{loaded.spec} is not a transformers causal language model ({type(loaded.model).__name__}): "
+                        "there is no generate() to measure", "use profile_attention.py for forward passes")
+    notes = list(session.notes)
+    names = list(dict.fromkeys(o.backends or default_backends()))
+    if "eager" not in names:
+        names.insert(0, "eager")
+        notes.append("eager added: it is the reference for greedy agreement")
+    verdicts = {n: availability(n, env=env, device=device, dtype=dtype, model=loaded.model) for n in names}
+    skipped = []
+    if not o.backends:  # the default list holds what can run here; the others are listed apart
+        skipped = [{"backend": n, "reason": verdicts[n].reason} for n in names if not verdicts[n].available]
+        names = [n for n in names if verdicts[n].available or n == "eager"]
+    runnable = [n for n in names if verdicts[n].available]
+    if "eager" not in runnable:
+        raise CannotRun(f"eager attention cannot run here: {verdicts['eager'].reason}", "")
+    if len(runnable) < 2:
+        raise CannotRun("no backend besides eager can run here: " + "; ".join(
+            f"{n}: {verdicts[n].reason}" for n in names if n != "eager"), "see check_env.py")
+    limit = loaded.max_seq_len()
+    prompt_lens = []
+    for p in dict.fromkeys(o.prompt_lens):
+        if limit and p + o.new_tokens > limit:
+            notes.append(f"--prompt-len {p} capped to {limit - o.new_tokens}: the model's max_position_embeddings "
+                         f"({limit}) minus {o.new_tokens} new tokens")
+            p = limit - o.new_tokens
+        if p >= 1 and p not in prompt_lens:
+            prompt_lens.append(p)
+    if not prompt_lens:
+        raise CannotRun(f"--new-tokens {o.new_tokens} leaves no room for a prompt in {limit} positions", "")
+    for note in notes[len(session.notes):]:
+        reporter.note(note)
+
+    entries = {n: {"backend": n, "available": verdicts[n].available, "reason": verdicts[n].reason,
+                   "prefill_ms": None, "decode_ms_per_token": None, "decode_tokens_per_s": None,
+                   "peak_memory_mb": None, "kv_cache_mb": None, "greedy_agreement": None, "max_context": None,
+                   "runs": [], "agreement": [], "longest_context": None} for n in names}
+    data = session.data()
+    data.pop("shape", None)
+    data.update({"prompt_lens": prompt_lens, "new_tokens": o.new_tokens, "batch_sizes": list(dict.fromkeys(o.batch_sizes)),
+                 "caches": list(dict.fromkeys(o.caches)), "compiled": o.compile, "min_run_time": o.min_run_time,
+                 "notes": notes, "kv_cache_formula": gen.KV_FORMULA,
+                 "weights_mb": sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20,
+                 "timing": "prefill = generate(1 token); decode per token = (generate(N) - prefill) / (N - 1); "
+                           "tokens/s = batch x 1000 / decode ms per token; medians of torch.utils.benchmark",
+                 "agreement_batch": None, "backends": list(entries.values()), "not_available": skipped,
+                 "report_dir": None})
+    interrupted = ""
+    base = None
+    try:
+        ids, mask, lengths = gen.left_padded(loaded, longest=min(gen.AGREEMENT_LEN, max(4, (limit or 10**9) // 2)))
+        data["agreement_batch"] = {"rows": len(lengths), "prompt_lens": lengths, "padding": "left",
+                                   "new_tokens": o.new_tokens, "reference": "eager, dynamic cache"}
+        with reporter.stage(f"greedy reference: eager on a left-padded batch of prompts of {lengths} tokens"):
+            base = gen.greedy(loaded, "eager", "dynamic", ids, mask, o.new_tokens)
+        for n in runnable:
+            for cache in data["caches"]:
+                if n == "eager" and cache == "dynamic":
+                    continue
+                with reporter.stage(f"greedy agreement: {n}, {cache} cache"):
+                    cand = gen.greedy(loaded, n, cache, ids, mask, o.new_tokens)
+                    row = ({"backend": n, "cache": cache, "agreement": None, "error": cand.error} if cand.error or
+                           base.error else gen.agreement(loaded, base, cand, ids, mask))
+                entries[n]["agreement"].append(row)
+        if base.error is None:
+            entries["eager"]["agreement"].insert(0, {"backend": "eager", "cache": "dynamic", "agreement": 1.0,
+                                                     "tokens_compared": int(base.tokens.numel()), "rows_differing": 0,
+                                                     "divergences": [], "note": "the reference itself"})
+        # the search before the timing: it is short, and a time limit that stops the run keeps it
+        if o.max_context:
+            for n in runnable:
+                with reporter.stage(f"{n}: searching the longest prompt that fits"):
+                    entries[n]["longest_context"] = gen.longest_context(
+                        loaded, n, batch_size=data["batch_sizes"][0], new_tokens=min(4, o.new_tokens),
+                        memory_limit_gb=o.memory_limit, trust_remote_code=o.trust_remote_code)
+        for p in prompt_lens:
+            for b in data["batch_sizes"]:
+                for cache in data["caches"]:
+                    for n in runnable:
+                        with reporter.stage(f"{n}: prompt {p}, batch {b}, {cache} cache, {o.new_tokens} new tokens"):
+                            run = gen.measure_generation(loaded, n, batch_size=b, prompt_len=p,
+                                                         new_tokens=o.new_tokens, cache=cache,
+                                                         min_run_time=o.min_run_time, compile=o.compile)
+                        entries[n]["runs"].append(run.to_dict())
+    except KeyboardInterrupt:
+        interrupted = "interrupted (Ctrl-C); what was measured is kept"
+    for e in entries.values():
+        _headline(e, prompt_lens[0], data["batch_sizes"][0], data["caches"][0])
+    result = _verdict(data, entries, runnable, base, dtype, interrupted)
+    if o.write_report:
+        write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name))
+    return result
+
+
+def _headline(e: dict[str, Any], prompt_len: int, batch_size: int, cache: str) -> None:
+    """The headline figures of a backend: its run at the first prompt length, batch size and
+    cache; its lowest greedy agreement; its longest context."""
+    for r in e["runs"]:
+        if (r["prompt_len"], r["batch_size"], r["cache"]) == (prompt_len, batch_size, cache) and not r["error"]:
+            for key in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "peak_memory_mb", "kv_cache_mb"):
+                e[key] = r[key]
+    scores = [a["agreement"] for a in e["agreement"] if a.get("agreement") is not None]
+    e["greedy_agreement"] = min(scores) if scores else None
+    if e["longest_context"] and not e["longest_context"].get("error"):
+        e["max_context"] = e["longest_context"]["max_context"]
+
+
+def agreement_check(entries: dict[str, dict], dtype: torch.dtype, base_error: str | None) -> Check:
+    """Greedy agreement with eager, per backend and cache.
+
+    float32: every generated token must equal eager's (agreement 1.0). bf16/fp16: two
+    correct kernels round differently, so where eager's top two tokens are closer than
+    that rounding, greedy decoding may pick the other one and the rows go apart from
+    there. A divergence passes only when, at its first step (same prefix in both runs),
+    the backend's logits are as close to a float64 reference as eager's own are (within
+    2 x eager's error + eps(dtype) x max|ref|): a near-tie, reported, never hidden.
+    """
+    if base_error:
+        return Check("greedy_agreement", False, f"eager could not generate the reference tokens: {base_error}")
+    half = dtype in (torch.float16, torch.bfloat16)
+    parts, ok = [], True
+    for e in entries.values():
+        for a in e["agreement"]:
+            if a.get("note"):
+                continue
+            label = f"{a['backend']} ({a['cache']})"
+            if a.get("agreement") is None:
+                parts.append(f"{label}: could not generate: {a.get('error')}")
+                ok = False
+                continue
+            text = f"{label}: {a['agreement']:.3f}"
+            if a["divergences"]:
+                ties = [d for d in a["divergences"] if d["near_tie"]]
+                text += " (" + "; ".join(
+                    f"row {d['row']} from step {d['first_divergence']}: "
+                    + ("near-tie" if d["near_tie"] else "NOT a near-tie")
+                    + f", eager margin {d['eager_margin']:.2e}, logit err {d['max_abs_err']:.1e} vs tol "
+                      f"{d['tolerance']:.1e}" for d in a["divergences"]) + ")"
+                if not half or len(ties) < len(a["divergences"]):
+                    ok = False
+            parts.append(text)
+    rule = ("float32: every token must equal eager's" if not half else
+            f"{dtype_name(dtype)}: divergences pass only as near-ties (logits within 2 x eager's error + eps of "
+            "float64 at the first divergent step)")
+    return Check("greedy_agreement", ok, f"{rule}; " + "; ".join(parts))
+
+
+def kernel_evidence(entries: dict[str, dict], runnable: list[str]) -> Check:
+    """Each backend's own attention kernel ran during generation (profiler names), and
+    eager ran no fused one."""
+    parts, ok = [], True
+    for n in runnable:
+        seen: dict[str, int] = {}
+        for r in entries[n]["runs"]:
+            for k, c in (r.get("kernels") or {}).items():
+                seen[k] = seen.get(k, 0) + c
+        if not seen and not any(not r["error"] for r in entries[n]["runs"]):
+            parts.append(f"{n}: no run finished")
+            continue
+        if n == "eager":
+            good = not fused(list(seen))
+        else:
+            good = any(m in k for k in seen for m in BACKENDS[n].kernel_markers)
+        ok &= good
+        parts.append(f"{n}: " + (", ".join(sorted(seen)) or "no attention op seen") + ("" if good else " (NOT its own)"))
+    return Check("kernels", ok, "; ".join(parts))
+
+
+def _verdict(data: dict, entries: dict[str, dict], runnable: list[str], base: Any, dtype: torch.dtype,
+             interrupted: str) -> StepResult:
+    checks = []
+    if base is not None:
+        checks.append(agreement_check(entries, dtype, base.error))
+    runs = [r for n in runnable for r in entries[n]["runs"]]
+    if runs:
+        checks.append(kernel_evidence(entries, runnable))
+        oom = [r for r in runs if r["error"] and r["error"].startswith("out of memory")]
+        other = [r for r in runs if r["error"] and not r["error"].startswith("out of memory")]
+        evidence = f"{len(runs) - len(oom) - len(other)} of {len(runs)} runs finished"
+        if oom:
+            evidence += "; out of memory (a measured limit): " + ", ".join(
+                f"{r['backend']} P{r['prompt_len']} B{r['batch_size']} {r['cache']}" for r in oom)
+        if other:
+            evidence += "; failed: " + "; ".join(f"{r['backend']} P{r['prompt_len']} B{r['batch_size']} {r['cache']}: "
+                                                 f"{r['error']}" for r in other)
+        checks.append(Check("runs", not other, evidence))
+    for n in runnable:
+        lc = entries[n]["longest_context"]
+        if lc and lc.get("error"):
+            checks.append(Check("max_context", False, f"{n}: {lc['error']}"))
+    skipped = [f"{n} ({e['reason'].split('; ')[0]})" for n, e in entries.items() if not e["available"]]
+    summary = _summary(data, entries, runnable)
+    if skipped:
+        summary += "; asked for but cannot run here: " + "; ".join(skipped)
+    if interrupted or base is None:
+        return StepResult(STEP, "error", f"{interrupted or 'not finished'}: {summary}", checks, data, "rerun to finish")
+    if base.error:
+        return StepResult(STEP, "error", f"eager could not generate the reference: {base.error}", checks, data,
+                          "lower --new-tokens, or free memory")
+    ok = all(c.passed for c in checks)
+    nxt = ("keep the backend with the lowest decode ms/token at your batch size; rerun with --max-context to see how "
+           "long a prompt fits" if ok else
+           "read the failed check: a greedy disagreement that is not a near-tie means the backend changes what the "
+           "model generates (often a padding or KV-cache bug): do not use it for generation")
+    return StepResult(STEP, "pass" if ok else "fail", summary, checks, data, nxt)
+
+
+def _summary(data: dict, entries: dict[str, dict], runnable: list[str]) -> str:
+    head = (f"{data['model']} on {data['device']} {data['dtype']}, prompt {data['prompt_lens'][0]}, "
+            f"batch {data['batch_sizes'][0]}, {data['caches'][0]} cache, {data['new_tokens']} new tokens: ")
+    parts = []
+    for n in runnable:
+        e = entries[n]
+        if e["prefill_ms"] is None:
+            errors = [r["error"] for r in e["runs"] if r["error"]]
+            parts.append(f"{n} " + (errors[0] if errors else "not measured"))
+            continue
+        text = (f"{n} prefill {fmt_ms(e['prefill_ms'])}, decode "
+                + (f"{fmt_ms(e['decode_ms_per_token'])}/token ({e['decode_tokens_per_s']:.0f} tokens/s)"
+                   if e["decode_ms_per_token"] else "n/a"))
+        if e["greedy_agreement"] is not None and n != "eager":
+            text += f", greedy agreement {e['greedy_agreement']:.3f}"
+        if e["max_context"] is not None:
+            text += f", longest prompt {e['max_context']}" + (" (the model's limit)" if e["longest_context"]["capped"]
+                                                              else "")
+        parts.append(text)
+    batch = data.get("agreement_batch") or {}
+    tail = (f"; agreement on a left-padded batch of {batch['rows']} prompts of {batch['prompt_lens']} tokens"
+            if batch else "")
+    return head + "; ".join(parts) + tail
