@@ -455,7 +455,8 @@ def longest_context(loaded: Any, backend: str, *, batch_size: int = 1, new_token
 def _longest_cuda(loaded: Any, backend: str, batch_size: int, new_tokens: int, limit_gb: float | None, cap: int,
                   start: int, info: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(loaded.device)
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has no index
+    total = torch.cuda.get_device_properties(index).total_memory
     if limit_gb is not None:
         if limit_gb * 2**30 > total:
             raise CannotRun(f"--memory-limit {limit_gb} GB is more than the GPU's {total / 2**30:.1f} GB", "")
@@ -466,11 +467,11 @@ def _longest_cuda(loaded: Any, backend: str, batch_size: int, new_tokens: int, l
                  "enforced_by": f"torch.cuda.set_per_process_memory_fraction({fraction:.4f}) of "
                                 f"{total / 2**30:.1f} GB, weights included"})
     free_memory(loaded.device)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     try:
         return search_longest(fits_fn(loaded, backend, batch_size, new_tokens), cap, start)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         free_memory(loaded.device)
 
 
