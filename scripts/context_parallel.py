@@ -88,6 +88,9 @@ def build_parser():
     m.add_argument("--max-seq-len-search", type=int, metavar="CAP",
                    help="also find the longest sequence that runs, on one device and sharded: double S from --seq-len "
                         "up to CAP, one forward pass each")
+    m.add_argument("--memory-limit", type=float, metavar="GB",
+                   help="cap each rank's GPU memory at GB (torch.cuda.set_per_process_memory_fraction), so that "
+                        "--max-seq-len-search ends sooner; the longest sequences then scale with the cap")
     return p
 
 

@@ -51,8 +51,7 @@ def test_cpu_gloo_check_runs_torchs_ring_and_gathers_the_output():
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
 def test_under_torchrun_only_rank_0_prints_and_alltoall_non_causal_match():
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc-per-node=2", str(SCRIPTS / "context_parallel.py"), *SMALL,
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(SCRIPTS / "context_parallel.py"), *SMALL,
                            "--no-causal", "--kv-len", "128", "--rotate", "alltoall", "--json"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -174,8 +173,7 @@ def test_device_map_arguments_are_checked_first(args, words):
 @pytest.mark.multigpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
 def test_two_gpus_match_one_and_each_rank_holds_its_half():
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc-per-node=2", str(SCRIPTS / "context_parallel.py"), "--seq-len", "16384",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(SCRIPTS / "context_parallel.py"), "--seq-len", "16384",
                            "--rotate", "alltoall", "--json"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -187,3 +185,15 @@ def test_two_gpus_match_one_and_each_rank_holds_its_half():
     single = d["single_device"]["resident_mb"]
     for r in d["ranks"]:
         assert r["total_mb"] > 0 and abs(r["resident_mb"] - single / 2) <= 0.1 * single
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
+def test_device_map_auto_spreads_a_model_over_two_gpus_and_proves_the_switch():
+    # 1 GiB on GPU 0 cannot hold demo:llama-1b's bf16 weights (about 2.5 GB): the rest goes to GPU 1
+    run = run_script("enable_flash.py", "--model", "demo:llama-1b", "--device-map", "auto",
+                     "--max-memory", "0=1GiB,1=20GiB", "--seq-len", "1024", "--no-report")
+    assert run.rc == 0 and run.result["status"] == "pass", run.result["summary"]
+    d = run.result["data"]
+    assert {"cuda:0", "cuda:1"} <= set(d["devices"])
+    assert set(d["baseline"]["peak_memory_by_device"]) >= {"cuda:0", "cuda:1"}

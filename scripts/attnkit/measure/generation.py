@@ -64,7 +64,7 @@ from ..env import dtype_name
 from ..report import CannotRun
 from ..swap import switch
 from .accuracy import compare, exact_cast
-from .timing import Measurement, free_memory, is_oom, oom_message, profile_once, synchronize, time_it
+from .timing import Measurement, cap_cuda_memory, free_memory, is_oom, oom_message, profile_once, synchronize, time_it
 
 CACHES = ("dynamic", "static")
 
@@ -454,24 +454,13 @@ def longest_context(loaded: Any, backend: str, *, batch_size: int = 1, new_token
 
 def _longest_cuda(loaded: Any, backend: str, batch_size: int, new_tokens: int, limit_gb: float | None, cap: int,
                   start: int, info: dict[str, Any]) -> dict[str, Any]:
-    device = torch.device(loaded.device)
-    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has no index
-    total = torch.cuda.get_device_properties(index).total_memory
-    if limit_gb is not None:
-        if limit_gb * 2**30 > total:
-            raise CannotRun(f"--memory-limit {limit_gb} GB is more than the GPU's {total / 2**30:.1f} GB", "")
-        fraction = limit_gb * 2**30 / total
-    else:
-        fraction = 1.0
-    info.update({"memory_limit_gb": limit_gb if limit_gb is not None else total / 2**30,
-                 "enforced_by": f"torch.cuda.set_per_process_memory_fraction({fraction:.4f}) of "
-                                f"{total / 2**30:.1f} GB, weights included"})
     free_memory(loaded.device)
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    info.update(cap_cuda_memory(limit_gb, loaded.device))
+    info["enforced_by"] += ", weights included"
     try:
         return search_longest(fits_fn(loaded, backend, batch_size, new_tokens), cap, start)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, index)
+        cap_cuda_memory(None, loaded.device)
         free_memory(loaded.device)
 
 

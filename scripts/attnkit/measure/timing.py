@@ -92,6 +92,26 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def cap_cuda_memory(limit_gb: float | None, device: str | int) -> dict[str, Any]:
+    """Cap what this process may allocate on one GPU at ``limit_gb`` GB (2**30 bytes), through
+    ``torch.cuda.set_per_process_memory_fraction``; ``None`` lifts the cap (fraction 1.0).
+
+    ``device``: "cuda", "cuda:N" or N. Returns what was set, for the report:
+    ``memory_limit_gb`` and ``enforced_by``. Raises ``CannotRun`` when the limit is not
+    positive or is more than the GPU holds.
+    """
+    index = device if isinstance(device, int) else torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index  # "cuda" has no index
+    total = torch.cuda.get_device_properties(index).total_memory
+    if limit_gb is not None and not 0 < limit_gb * 2**30 <= total:
+        raise CannotRun(f"--memory-limit {limit_gb} GB is not between 0 and the GPU's {total / 2**30:.1f} GB",
+                        "leave it out to use the whole GPU")
+    fraction = 1.0 if limit_gb is None else limit_gb * 2**30 / total
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return {"memory_limit_gb": total / 2**30 if limit_gb is None else limit_gb,
+            "enforced_by": f"torch.cuda.set_per_process_memory_fraction({fraction:.4f}) of {total / 2**30:.1f} GB"}
+
+
 def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):

@@ -35,7 +35,7 @@ import torch
 from ..backends import BACKENDS, SDPA
 from ..env import dtype_name, environment, parse_dtype, resolve_device
 from ..measure import autotune
-from ..measure.timing import is_oom, matmul_peak, oom_message, peak_memory_mb
+from ..measure.timing import cap_cuda_memory, is_oom, matmul_peak, oom_message, peak_memory_mb
 from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
 
 STEP = "benchmark_attention"
@@ -125,9 +125,7 @@ def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
     if o.memory_limit is not None:
         if not device.startswith("cuda"):
             raise CannotRun("--memory-limit applies to a CUDA device only", "use --device cuda")
-        index = torch.device(device).index or 0
-        total = torch.cuda.get_device_properties(index).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, o.memory_limit / total), index)
+        cap_cuda_memory(o.memory_limit, device)
     data: dict[str, Any] = {"device": device, "gpu": env.gpus[0].name if env.gpus and device != "cpu" else None,
                             "torch": torch.__version__, "grid": [], "autotune": [], "matmul_peak_tflops": {},
                             "max_seq_len": None, "report_dir": None, "memory_limit_gb": o.memory_limit,

@@ -49,7 +49,7 @@ from ..measure import context_parallel as cp
 from ..measure import distributed as dd
 from ..measure.flops import attention_flops
 from ..measure.kernels import SDPA_OPS
-from ..measure.timing import is_oom, oom_message
+from ..measure.timing import cap_cuda_memory, is_oom, oom_message
 from ..report import CannotRun, Check, Reporter, StepResult, fmt_mb, fmt_ms
 from ..swap import switch
 
@@ -84,6 +84,7 @@ class CPOptions:
     reps: int = 5
     check_rows: int = 1024
     max_seq_len_search: int | None = None
+    memory_limit: float | None = None  # GB per rank (CUDA)
     flash_impl: str | None = None
     nproc: int | None = None
     json: bool = False
@@ -156,6 +157,8 @@ def plan(o: CPOptions) -> Plan:
     if broken:
         raise CannotRun(broken[0], "the limits of torch's context parallel API are listed in "
                                    "references/context-parallel.md")
+    if o.memory_limit is not None and kind != "cuda":
+        raise CannotRun("--memory-limit applies to CUDA GPUs only", "leave it out on CPU")
     if o.max_seq_len_search is not None and o.max_seq_len_search < seq_len:
         raise CannotRun(f"--max-seq-len-search {o.max_seq_len_search} is below --seq-len {seq_len}",
                         "pass the longest sequence to try, e.g. 1048576")
@@ -286,6 +289,9 @@ def _on_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
     if o.flash_impl:
         cp.activate_flash_impl(o.flash_impl)  # every rank, the same: the baseline and the ring both run it
     mesh = init_device_mesh(p.device_kind, (rank.world_size,))
+    if o.memory_limit is not None:  # every rank, before anything is allocated
+        p.notes.append("memory per rank capped: {memory_limit_gb:.1f} GB by {enforced_by}".format(
+            **cap_cuda_memory(o.memory_limit, rank.device)))
     rows = cp.check_rows(p.seq_len, rank.world_size, o.check_rows)
     loaded = None
     if o.model is not None:
