@@ -89,8 +89,9 @@ def build_parser():
                    help="also find the longest sequence that runs, on one device and sharded: double S from --seq-len "
                         "up to CAP, one forward pass each")
     m.add_argument("--memory-limit", type=float, metavar="GB",
-                   help="cap each rank's GPU memory at GB (torch.cuda.set_per_process_memory_fraction), so that "
-                        "--max-seq-len-search ends sooner; the longest sequences then scale with the cap")
+                   help="during --max-seq-len-search, cap each rank's GPU memory at GB "
+                        "(torch.cuda.set_per_process_memory_fraction), so that the search ends sooner; the longest "
+                        "sequences then scale with the cap (the search gathers no output)")
     return p
 
 

@@ -259,11 +259,12 @@ def _buffers(work: Workload) -> list[torch.Tensor]:
 
 
 def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: list[str] | None, load_balance: bool,
-                      rotate: str, reps: int, warmup: bool = True) -> Sharded:
+                      rotate: str, reps: int, warmup: bool = True, gather: bool = True) -> Sharded:
     """SDPA inside ``context_parallel`` (the public API; CUDA): the token ids are sharded,
     each rank looks up its own q, k, v and calls ``F.scaled_dot_product_attention``, which
     the block has replaced by ring attention; the output is gathered with
-    ``context_parallel_unshard``."""
+    ``context_parallel_unshard`` (``gather=False``: not gathered, output None, as in the
+    longest-sequence search, where the whole output on every rank is not what is asked)."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
@@ -280,6 +281,8 @@ def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: li
             measured, out = _measure(run, rank, reps, tensors_mb(q, k, v, *buffers), warmup,
                                      tensors_mb(*work.tables))
             q = k = v = None  # free the shards before gathering
+        if not gather:
+            return Sharded(measured, None)
         (full,) = context_parallel_unshard(mesh, [out], [2])
     return Sharded(measured, full)
 
@@ -355,11 +358,11 @@ def model_single_device(loaded: Any, ids: torch.Tensor, rank: Rank, sdpa_kernels
 
 
 def sharded_model(loaded: Any, ids: torch.Tensor, rank: Rank, mesh: Any, *, sdpa_kernels: list[str] | None,
-                  rotate: str, reps: int, warmup: bool = True) -> Sharded:
+                  rotate: str, reps: int, warmup: bool = True, gather: bool = True) -> Sharded:
     """The same forward pass inside ``context_parallel``: token ids and position ids [B, S]
     are the sharded buffers (contiguous shards: no load balancing, see ``problems``), every
     SDPA call of the model becomes ring attention, and the logits [B, S / N, V] are
-    gathered to [B, S, V] with ``context_parallel_unshard``."""
+    gathered to [B, S, V] with ``context_parallel_unshard`` (not with ``gather=False``)."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
@@ -368,6 +371,8 @@ def sharded_model(loaded: Any, ids: torch.Tensor, rank: Rank, mesh: Any, *, sdpa
         buffers = [ids.clone(), positions]
         with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[1, 1], no_restore_buffers=set(buffers)):
             measured, out = _measure(_model_forward(loaded, *buffers, sdpa_kernels), rank, reps, None, warmup)
+        if not gather:
+            return Sharded(measured, None)
         (full,) = context_parallel_unshard(mesh, [out.contiguous()], [1])
     return Sharded(measured, full)
 

@@ -159,6 +159,8 @@ def plan(o: CPOptions) -> Plan:
                                    "references/context-parallel.md")
     if o.memory_limit is not None and kind != "cuda":
         raise CannotRun("--memory-limit applies to CUDA GPUs only", "leave it out on CPU")
+    if o.memory_limit is not None and not o.max_seq_len_search:
+        raise CannotRun("--memory-limit bounds the --max-seq-len-search search; add --max-seq-len-search", "")
     if o.max_seq_len_search is not None and o.max_seq_len_search < seq_len:
         raise CannotRun(f"--max-seq-len-search {o.max_seq_len_search} is below --seq-len {seq_len}",
                         "pass the longest sequence to try, e.g. 1048576")
@@ -245,10 +247,11 @@ def _workload(p: Plan, rank: dd.Rank, seq_len: int, kv_len: int | None = None) -
                             head_dim=o.head_dim, dtype=p.dtype, device=rank.device, causal=o.causal)
 
 
-def _sharded(p: Plan, work: cp.Workload, rank: dd.Rank, mesh: Any, reps: int, warmup: bool = True) -> cp.Sharded:
+def _sharded(p: Plan, work: cp.Workload, rank: dd.Rank, mesh: Any, reps: int, warmup: bool = True,
+             gather: bool = True) -> cp.Sharded:
     if p.device_kind == "cuda":
         return cp.sharded_attention(work, rank, mesh, sdpa_kernels=p.sdpa_kernels, load_balance=p.load_balance,
-                                    rotate=p.o.rotate, reps=reps, warmup=warmup)
+                                    rotate=p.o.rotate, reps=reps, warmup=warmup, gather=gather)
     return cp.ring_attention(work, rank, mesh, load_balance=p.load_balance, rotate=p.o.rotate, reps=reps,
                              warmup=warmup)
 
@@ -289,9 +292,6 @@ def _on_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
     if o.flash_impl:
         cp.activate_flash_impl(o.flash_impl)  # every rank, the same: the baseline and the ring both run it
     mesh = init_device_mesh(p.device_kind, (rank.world_size,))
-    if o.memory_limit is not None:  # every rank, before anything is allocated
-        p.notes.append("memory per rank capped: {memory_limit_gb:.1f} GB by {enforced_by}".format(
-            **cap_cuda_memory(o.memory_limit, rank.device)))
     rows = cp.check_rows(p.seq_len, rank.world_size, o.check_rows)
     loaded = None
     if o.model is not None:
@@ -328,7 +328,14 @@ def _on_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
     del base_rows, work
     search = None
     if o.max_seq_len_search:
-        search = _search(p, rank, mesh, loaded, reporter)
+        if o.memory_limit is not None:  # every rank, for the search only
+            notes.append("the search ran with each rank's memory capped at {memory_limit_gb:.1f} GB by "
+                           "{enforced_by}".format(**cap_cuda_memory(o.memory_limit, rank.device)))
+        try:
+            search = _search(p, rank, mesh, loaded, reporter)
+        finally:
+            if o.memory_limit is not None:
+                cap_cuda_memory(None, rank.device)
     result = None
     if rank.is_main:
         result = _result(p, rank, runs, base, base_err, shard, shard_err, accuracy, notes, loaded, cpu_api, search,
@@ -381,13 +388,13 @@ def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, reporter: Reporter) 
                     fn = (lambda: cp.model_single_device(loaded, ids, rank, p.sdpa_kernels, 0, warmup=False)) \
                         if where == "one_device" else \
                         (lambda: cp.sharded_model(loaded, ids, rank, mesh, sdpa_kernels=p.sdpa_kernels,
-                                                  rotate=o.rotate, reps=0, warmup=False))
+                                                  rotate=o.rotate, reps=0, warmup=False, gather=False))
                 else:
                     def fn(s=seq_len):
                         work = _workload(p, rank, s)
                         if where == "one_device":
                             return cp.single_device(work, rank, p.sdpa_kernels, 0, warmup=False)
-                        return _sharded(p, work, rank, mesh, 0, warmup=False)
+                        return _sharded(p, work, rank, mesh, 0, warmup=False, gather=False)
                 try:
                     ran, err = _safely(fn)
                 except Exception as exc:  # not memory: say what, stop searching
