@@ -76,8 +76,8 @@ def test_the_search_finds_the_longest_length_that_fits_within_its_resolution():
 
 
 def test_step_reports_prefill_decode_and_agreement_for_eager_and_sdpa(tmp_path):
-    run = run_script("profile_generation.py", "--prompt-len", "16", "--new-tokens", "10", "--batch-size", "1",
-                     "--batch-size", "2", "--min-run-time", "0.2", "--report-dir", str(tmp_path))
+    run = run_script("profile_generation.py", "--prompt-len", "16", "--new-tokens", "16", "--batch-size", "1",
+                     "--batch-size", "2", "--min-run-time", "0.3", "--report-dir", str(tmp_path))
     assert run.rc == 0, run.result["summary"] + json.dumps(run.result["checks"])
     data = run.result["data"]
     assert [e["backend"] for e in data["backends"]] == ["eager", "sdpa"]  # nothing else runs on a CPU
