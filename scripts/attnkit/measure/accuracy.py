@@ -3,7 +3,10 @@
 Both outputs (logits [B, S, V] for language models, else the last hidden state
 [B, S, hidden]) are compared with a float64 run of the same model and the same inputs
 (``reference_output``: weights cast to float64 in place and restored bit for bit, eager
-attention). The rule, from flash-attn's tests (``tests/test_flash_attn.py`` asserts
+attention). When the model builds tensors of a fixed dtype inside forward, a plain cast of its weights
+cannot run in float64; the reference then runs op by op in float64 (``Float64Everywhere``),
+and failing that in the run's own dtype, and says which it was (``Accuracy.reference``).
+The rule, from flash-attn's tests (``tests/test_flash_attn.py`` asserts
 ``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``)::
 
     err_candidate <= 2 * err_baseline + eps(dtype) * max|reference|
@@ -20,11 +23,13 @@ apart: what a model writes at a padded query is not defined and differs by backe
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..report import CannotRun
 from ..swap import switch
@@ -166,7 +171,107 @@ def not_compared(reason: str, padding_positions: int = 0) -> Accuracy:
     return Accuracy(None, None, None, None, False, None, None, None, 0, padding_positions, None, "", note=reason)
 
 
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+_CASTS = {"float", "half", "bfloat16"}
+
+
+def _up(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.dtype in _LOW else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_up(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _up(v) for k, v in obj.items()}
+    if obj in _LOW:
+        return torch.float64
+    return obj
+
+
+class Float64Everywhere(TorchFunctionMode):
+    """Inside the block every torch call computes in float64: floating arguments below float64
+    are upcast, a float32/16 ``dtype=`` becomes float64, and the model's own downcasts
+    (``x.float()``, ``x.to(torch.float32)``, ``x.type(self.dtype)``) keep float64. For models
+    that build float32 tensors inside forward (timestep embeddings, positional tables, fp32
+    norms), which a plain cast of the weights to float64 cannot run. The target of an in-place
+    update keeps its own dtype, so state written in place (a KV cache) stays where it was."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _CASTS and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            return args[0]
+        if name.endswith("_") and not name.startswith("_") or name in ("__setitem__", "__iadd__", "__isub__",
+                                                                           "__imul__", "__itruediv__", "copy_"):
+            return func(args[0], *_up(tuple(args[1:])), **_up(kwargs))
+        if name in ("to", "type") and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            return func(*args, **kwargs)
+        return func(*_up(tuple(args)), **_up(kwargs))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _dtype_error(exc: BaseException) -> bool:
+    """A failure of a plain float64 run because the model mixes dtypes (not a bug of the model)."""
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, TypeError)) and any(t in text for t in (
+        "dtype", "scalar type", "Float and Double", "Double and Float", "mixed dtype", "same type", "expected both",
+        "Input type", "type of Float", "type of Double"))
+
+
+def run_reference(model: nn.Module, run: Callable[[nn.Module, torch.dtype], Any], *, copy_model: bool = True,
+                  low: torch.dtype = torch.float32) -> tuple[Any, str]:
+    """Run ``run(model, dtype)`` as the reference: (output, which reference it was).
+
+    1. float64: a deep copy of the model cast to float64 (state written in place, a KV cache,
+       stays on the copy; ``copy_model=False`` casts in place and restores bit for bit), inputs
+       cast by ``run``;
+    2. when the model makes tensors of a fixed dtype inside forward and (1) fails with a dtype
+       error: the same in ``Float64Everywhere``, every op upcast;
+    3. else the best dtype that runs: ``low`` (the run's own dtype), said so.
+
+    Runs under ``torch.no_grad`` (not inference mode: the model may update its own tensors).
+    """
+    target = model
+    if copy_model:
+        try:
+            target = copy.deepcopy(model)
+        except Exception:  # a module that cannot be copied: cast in place, restored afterwards
+            target, copy_model = model, False
+    errors = []
+    for kind in ("float64", "float64 op by op"):
+        try:
+            with (contextlib.nullcontext(target) if copy_model else exact_cast(target)), torch.no_grad(), \
+                    default_dtype(torch.float64):
+                if copy_model:
+                    target.double()
+                if kind == "float64":
+                    return run(target, torch.float64), "float64 eager"
+                with Float64Everywhere():
+                    return run(target, torch.float64), ("float64 eager, op by op (the model builds lower-precision "
+                                                        f"tensors inside forward: {errors[0][:120]})")
+        except Exception as exc:
+            if is_oom(exc) or not _dtype_error(exc):
+                raise
+            errors.append(" ".join(str(exc).split()))
+    with torch.no_grad():
+        out = run(model, low)
+    return out, f"{str(low).replace('torch.', '')} eager (float64 did not run: {errors[-1][:120]})"
+
+
 def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.Tensor:
+    """``reference`` without the name of the reference."""
+    return reference(loaded, inputs, backend)[0]
+
+
+def reference(loaded: Any, inputs: Any, backend: str = "eager") -> tuple[torch.Tensor, str]:
     """The model's output in float64 with ``backend`` attention (a ``models.LoadedModel``).
 
     The weights are cast in place and restored exactly (``exact_cast``), so no copy of the
@@ -187,9 +292,19 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
                               {k: v for k, v in inputs.kwargs.items() if k != "attention_mask"}, inputs.valid,
                               inputs.description)
     previous = switch.apply(loaded.model, backend) if switch.has_switch(loaded.model) else None
+    original = loaded.model
+
+    def run(model, dtype):
+        loaded.model = model
+        try:
+            return loaded.forward(inputs.cast(dtype), autocast=False).double()
+        finally:
+            loaded.model = original
+
     try:
-        with exact_cast(loaded.model), torch.inference_mode():
-            return loaded.forward(inputs.cast(torch.float64)).double()
+        # a transformers model is cast in place (its weights can be large); other models are copied,
+        # so state they write in place (a KV cache) is not left in float64 on the model
+        return run_reference(original, run, copy_model=not loaded.is_transformers, low=loaded.dtype)
     finally:
         if previous is not None:
             switch.revert(loaded.model, previous)
@@ -209,7 +324,7 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
         with reporter.stage(f"running {labels[1]}"):
             cand_out = run_backend(second, inputs, candidate, sdpa_kernels)
         with reporter.stage("computing the float64 reference"):
-            ref = reference_output(first, inputs, "eager")
+            ref, ref_name = reference(first, inputs, "eager")
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -218,7 +333,8 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
     if cand_out.shape != base_out.shape:
         raise CannotRun(f"the outputs differ in shape: {labels[0]} gives {list(base_out.shape)}, {labels[1]} gives "
                         f"{list(cand_out.shape)}", "compare two models with the same architecture and vocabulary")
-    return compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=first.family == "causal-lm")
+    return compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=first.family == "causal-lm",
+                   reference_name=ref_name)
 
 
 def reference_train(loaded: Any, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -178,6 +178,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                      "sites_swapped": sum(s.status == "swapped" for s in swapper.sites.values())})
     base = cand = None
     base_out = cand_out = ref = None
+    ref_name = "float64 eager"
     stage = ""
     interrupted = False
     try:
@@ -207,7 +208,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                         train_acc, gradients = _train_accuracy(loaded, inputs, choice.backend, dtype, o.sdpa_kernels)
                         data["gradients"] = gradients
                     else:
-                        ref = acc_mod.reference_output(loaded, inputs, "eager")
+                        ref, ref_name = acc_mod.reference(loaded, inputs, "eager")
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
@@ -219,7 +220,8 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     if o.train and data.get("gradients") is not None:
         accuracy = train_acc
     elif ref is not None:
-        accuracy = acc_mod.compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=lm)
+        accuracy = acc_mod.compare(cand_out, base_out, ref, valid=inputs.valid, dtype=dtype, language_model=lm,
+                                   reference_name=ref_name)
     elif base is not None and base.error:
         accuracy = acc_mod.not_compared(f"not compared: the baseline {o.baseline} could not run ({base.error})",
                                         inputs.padding_positions)
