@@ -54,6 +54,8 @@ SOFTMAX_OPS = ("aten._softmax", "aten.softmax", "aten._safe_softmax", "aten._mas
 SDPA_OPS = ("aten._scaled_dot_product", "aten.scaled_dot_product_attention",
             "aten._transformer_encoder_layer_fwd")  # the fused encoder layer runs SDPA inside
 NATIVE_MHA = "aten._native_multi_head_attention"  # nn.MultiheadAttention's eval fast path; arg 10 is need_weights
+#: torch.nn modules with an eval fast path that, on CPU, computes bmm + softmax
+FASTPATH_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 #: model -> its Swapper, so switch.apply can turn swaps on and off by backend name
 _REGISTRY: "weakref.WeakKeyDictionary[nn.Module, Swapper]" = weakref.WeakKeyDictionary()
@@ -121,6 +123,9 @@ class _Recorder(TorchDispatchMode):
             if isinstance(first, torch.Tensor):
                 self.last_product = list(first.shape)
         kind = "manual" if name.startswith(SOFTMAX_OPS) else "sdpa" if name.startswith(SDPA_OPS) else None
+        if name.startswith("aten._transformer_encoder_layer_fwd") and args and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "cpu":
+            kind = None  # on CPU the fused layer runs the native MHA kernel (bmm + softmax), recorded on its own
         if name.startswith(NATIVE_MHA):
             need_weights = args[10] if len(args) > 10 else (kwargs or {}).get("need_weights", True)
             # on CPU the native kernel computes bmm + softmax even with need_weights=False
@@ -156,11 +161,12 @@ def _attention_dims(op: str, args: tuple, kwargs: dict, last_product: list[int])
     return [numel(t.shape[:-2]), t.shape[-2], t.shape[-1], d]
 
 
-def _mha_forward_without_fastpath(self: nn.MultiheadAttention, *args, **kwargs):
-    """nn.MultiheadAttention.forward with its fast path off for this call. In eval mode the fast
-    path (aten._native_multi_head_attention) computes bmm + softmax on CPU even with
-    need_weights=False; without it the module calls F.multi_head_attention_forward, which
-    calls F.scaled_dot_product_attention when the weights are not needed."""
+def _mha_forward_without_fastpath(self: nn.Module, *args, **kwargs):
+    """The module's forward (nn.MultiheadAttention, nn.TransformerEncoderLayer) with the fast
+    path off for this call. In eval mode the fast path (aten._native_multi_head_attention)
+    computes bmm + softmax on CPU even with need_weights=False; without it the module calls
+    F.multi_head_attention_forward, which calls F.scaled_dot_product_attention when the
+    weights are not needed."""
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -253,8 +259,10 @@ class Swapper:
         if not frames:
             return
         top = frames[0]
-        # an nn.MultiheadAttention whose internals ran the softmax: the site is its caller's call
-        if kind == "manual" and any(isinstance(m, nn.MultiheadAttention) for m in self.stack):
+        # an nn.MultiheadAttention (or a torch transformer layer) whose internals ran the softmax:
+        # the site is its caller's call
+        fast = [m for m in self.stack if isinstance(m, FASTPATH_MODULES)]
+        if kind == "manual" and fast:
             kind = "mha"
         # the innermost module of the user's (or a library's) own code: torch.nn's modules
         # (nn.Softmax, nn.Dropout, nn.MultiheadAttention) run inside the site, not around it
@@ -268,11 +276,15 @@ class Swapper:
             site._module = module  # type: ignore[attr-defined]
             site._code = top.f_code  # type: ignore[attr-defined]
             site._rank = self.rank  # type: ignore[attr-defined]
-            if kind == "mha":
-                site._mha = [m for m in self.stack if isinstance(m, nn.MultiheadAttention)][-1]  # type: ignore[attr-defined]
+            site._mhas = []  # type: ignore[attr-defined]
             self.sites[key] = site
             self.frames[key] = [(f.f_code, f.f_globals) for f in frames]
             self.stacks[key] = list(own)
+        if kind == "mha":  # the outermost module with a fast path: a layer's covers its attention
+            outer = next(m for m in fast if not isinstance(m, nn.MultiheadAttention)) if any(
+                not isinstance(m, nn.MultiheadAttention) for m in fast) else fast[-1]
+            if all(m is not outer for m in site._mhas):  # type: ignore[attr-defined]
+                site._mhas.append(outer)  # type: ignore[attr-defined]
         site.calls += 1
         self.calls.append((site, dims))
 
@@ -323,7 +335,8 @@ class Swapper:
             live.reason = f"no source for {code.co_filename}"
             return
         types_by_class = _attribute_types(self.model)
-        hints: dict[str, Any] = {"__other__": True}
+        hints: dict[str, Any] = {"__other__": True, "__mha_lines__": {
+            s.line for s in self.sites.values() if s.kind == "mha" and s.file == code.co_filename}}
         for other in self.sites.values():  # the rank of every recorded softmax of this file
             other_code = other._code  # type: ignore[attr-defined]
             if other_code.co_filename == code.co_filename and getattr(other, "_rank", 0):
@@ -484,10 +497,10 @@ class Swapper:
         module.__dict__[live.method] = bound
         self.installed[(id(module), live.method)] = (module, live.method)
         for g in group or [live]:
-            mha = getattr(g, "_mha", None)
-            if mha is not None and "forward" not in mha.__dict__:
-                mha.__dict__["forward"] = types.MethodType(_mha_forward_without_fastpath, mha)
-                self.installed[(id(mha), "forward")] = (mha, "forward")
+            for mha in getattr(g, "_mhas", []):
+                if "forward" not in mha.__dict__:
+                    mha.__dict__["forward"] = types.MethodType(_mha_forward_without_fastpath, mha)
+                    self.installed[(id(mha), "forward")] = (mha, "forward")
 
     def apply(self, backend: str = "sdpa") -> None:
         """Install every verified swap (``eager`` reverts them)."""
@@ -560,9 +573,9 @@ class Swapper:
         module = live._module  # type: ignore[attr-defined]
         self._restore(module, live.method, (id(module), live.method))
         self.installed.pop((id(module), live.method), None)
-        mha = getattr(live, "_mha", None)
-        if mha is not None and self.installed.pop((id(mha), "forward"), None) is not None:
-            mha.__dict__.pop("forward", None)
+        for mha in getattr(live, "_mhas", []):
+            if self.installed.pop((id(mha), "forward"), None) is not None:
+                mha.__dict__.pop("forward", None)
 
     def _restore(self, module: nn.Module, attr: str, key: tuple) -> None:
         """Remove what was installed under ``attr``: a shadowing method goes, a stored function

@@ -207,8 +207,9 @@ def analyze_source(source: str, file: str, attr_types: dict[str, dict[str, str]]
         if cls is not None and attr_types and cls.name in attr_types:
             types.update(attr_types[cls.name])
         fn_hints = dict((hints or {}).get(qualname, {}))
-        if hints and hints.get("__other__"):
-            fn_hints["__other__"] = True
+        for key in ("__other__", "__mha_lines__"):
+            if hints and hints.get(key):
+                fn_hints[key] = hints[key]
         out += function_sites(Function(fn, source, file, qualname, types, alias, imports, fn_hints, tree))
     seen, unique = set(), []
     for s in sorted(out, key=lambda s: (s.line, s.kind)):

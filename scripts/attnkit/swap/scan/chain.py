@@ -795,7 +795,10 @@ class ChainMatcher:
         (``chain.returned``). The scores may be read for their shape, dtype or device, or handed
         to a helper (``chain.extra_reads``: the replay form keeps them). Raises ``Refused`` for
         any other read."""
-        chain_nodes = {id(n) for b, i in chain.all_stmts for n in ast.walk(b[i])}
+        vb, vi = chain.value["stmt"]
+        chain_nodes = {id(n) for b, i in chain.all_stmts if b[i] is not vb[vi] for n in ast.walk(b[i])}
+        # in the value product's statement only the product itself is the chain's (`return p @ v, p`)
+        chain_nodes |= {id(n) for n in ast.walk(chain.value["node"])}
         # the branches kept eager (``chain.guards``) run on the real scores: what they read is theirs
         chain_nodes |= {id(n) for st, _, _ in chain.guards for n in ast.walk(st)}
         value_block, value_index = chain.value["stmt"]

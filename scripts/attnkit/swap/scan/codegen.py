@@ -67,7 +67,8 @@ class CallWriter:
             site.edits = self.replay_edits(chain, call, zeros, lay, q_src, three_d, binds)
         else:
             site.edits = self.edits(chain.block, chain.stmts, value["node"], call)
-        self.neutralise_returns(chain, site, self._guard if replay else "")
+        self._value = (value["node"], site.edits[-1] if site.edits else None)
+        self.neutralise_returns(chain, site, self._guard if replay else "", replay)
         site.swappable = True
 
     @staticmethod
@@ -77,7 +78,7 @@ class CallWriter:
             return f"({m.group(1)}.unsqueeze(0) if {m.group(2)} else None)"
         return f"{Function.paren(mask)}.unsqueeze(0)"
 
-    def neutralise_returns(self, chain: Chain, site: Site, guard: str = "") -> None:
+    def neutralise_returns(self, chain: Chain, site: Site, guard: str = "", replay: bool = False) -> None:
         """Returned weights or scores become None; ``x = x.detach()`` on their way out goes."""
         done = {e[0] for e in site.edits}
         for block, i in chain.returned_stmts:
@@ -89,10 +90,16 @@ class CallWriter:
         for node, ret in chain.returned:
             by_stmt.setdefault(id(ret), (ret, []))[1].append(node)
         for ret, nodes in by_stmt.values():
+            repl = {id(n): f"({n.id} if {guard} else None)" if guard else "None" for n in nodes}
+            value_node = self._value[0] if getattr(self, "_value", None) else None
+            if value_node is not None and any(n is value_node for n in ast.walk(ret)):
+                repl[id(value_node)] = site.call  # `return p @ v, p`: the value product is here too
+            kept = [e for e in site.edits if e[0] == ret.lineno]
             site.edits = [e for e in site.edits if e[0] != ret.lineno]
-            site.edits.append((ret.lineno, ret.end_lineno,
-                               self.render_lines(ret, {id(n): f"({n.id} if {guard} else None)" if guard else "None"
-                                                       for n in nodes})))
+            before = []  # lines a replay edit put before the statement (the mask it builds)
+            if replay and kept and len(kept[0][2]) > ret.end_lineno - ret.lineno + 1 and id(value_node) in repl:
+                before = kept[0][2][:len(kept[0][2]) - (ret.end_lineno - ret.lineno + 1)]
+            site.edits.append((ret.lineno, ret.end_lineno, before + self.render_lines(ret, repl)))
             names = ", ".join(sorted({n.id for n in nodes}))
             site.notes.append(f"line {ret.lineno} returned the attention {'weights' if any(n.id in chain.weight_names for n in nodes) else 'scores'} "
                               f"'{names}'; after the swap it returns None in their place, as transformers' "

@@ -37,7 +37,18 @@ class FastPathReader:
                         reason="already flash-attn")
             self.fp32_blocker(call.args[:3], site)
             return site
-        if self.f.attr_type(call.func) == "MultiheadAttention":
+        hinted = call.lineno in self.f.hints.get("__mha_lines__", ())  # a live run saw the module's fast path here
+        if hinted and self.f.attr_type(call.func) in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+            site = Site(self.f.file, self.f.qualname, call.lineno, call.end_lineno, "mha",
+                        f"nn.{self.f.attr_type(call.func)}",
+                        reason="in eval mode on CPU the layer's fast path computes bmm + softmax")
+            site.swappable, site.call, site.edits = True, self.f.seg(call), []
+            site.notes.append("the run-time swap turns the layer's fast path off for this module "
+                              "(torch.backends.mha.set_fastpath_enabled(False) around its call), so that its "
+                              "attention calls SDPA; the source is unchanged")
+            return site
+        mha_line = hinted and (len(call.args) >= 3 or kwarg(call, "query") is not None)
+        if self.f.attr_type(call.func) == "MultiheadAttention" or mha_line:
             need = kwarg(call, "need_weights", 5)
             if need is not None and const(need) is False:
                 site = Site(self.f.file, self.f.qualname, call.lineno, call.end_lineno, "mha", "nn.MultiheadAttention",
