@@ -407,11 +407,12 @@ class Swapper:
         rank = getattr(live, "_rank", 0)
         if live.kind == "manual":
             if "rank" in s.needs and rank and s.needs["rank"] != rank:
-                return f"the transpose in the score product swaps the last two dims only for rank {s.needs['rank']} " \
+                return f"the transpose in the score product (line {s.line}) swaps the last two dims only for rank " \
+                       f"{s.needs['rank']} " \
                        f"inputs; these scores have rank {rank}"
             dim = s.needs.get("softmax_dim")
             if dim is not None and rank and dim not in (-1, rank - 1) and not s.needs.get("softmax_dim_is_key"):
-                return f"the softmax runs over dim {dim} of {rank}, not the key dimension"
+                return f"the softmax at line {s.softmax_line} runs over dim {dim} of {rank}, not the key dimension"
             if "causal_buffer" in s.needs:
                 buf = module
                 for part in s.needs["causal_buffer"].split(".")[1:]:
@@ -424,7 +425,8 @@ class Swapper:
                     s.mask = "boolean (buffer)"
                     s.notes.append(f"{s.needs['causal_buffer']} is not lower-triangular: kept as an explicit mask")
                 elif live.score_shape and live.score_shape[1] != live.score_shape[2]:
-                    return "a causal buffer sliced to a non-square block: keep it as is"
+                    return (f"a causal buffer ({s.needs['causal_buffer']}, line {s.line}) sliced to a non-square block "
+                            "(KV-cache decoding): keep it as is, or pass an explicit mask")
         return ""
 
     @staticmethod

@@ -656,7 +656,8 @@ class ChainMatcher:
                 return value
             up = self.parent.get(id(block))
             if up is None:
-                raise Refused(f"no value product (P @ V) uses the attention weights '{name}'")
+                raise Refused(f"no value product (P @ V) uses the attention weights '{name}' of the softmax at line "
+                              f"{chain.softmax_line}")
             outer, index, owner, branch = up
             if isinstance(owner, ast.If):
                 other = owner.orelse if branch == "body" else owner.body

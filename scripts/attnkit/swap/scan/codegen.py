@@ -241,6 +241,20 @@ class CallWriter:
             return f"({self.render(original, {})} if {guard} else {new})" if guard else new
 
         repl: dict[int, str] = {id(chain.product["node"]): either(chain.product["node"], zeros)}
+        # scalar factors before the first mask only scale a zero (SDPA's scale carries them): drop them,
+        # since multiplying an expanded zero would allocate it in full
+        dropped = set()
+        plain = {id(chain.product["node"]): zeros}  # the new code alone, inside an `either`
+        for op in chain.ops:
+            if op.kind in ("add", "sub", "masked_fill", "where", "mulmask", "call", "shape"):
+                break
+            if op.kind in ("mul", "div") and op.cond is None:
+                if isinstance(op.node, ast.BinOp):
+                    score = op.node.left if op.kind == "div" or op.node.right is op.args[0] else op.node.right
+                    plain[id(op.node)] = self.render(score, plain)
+                    repl[id(op.node)] = either(op.node, plain[id(op.node)])
+                elif isinstance(op.node, ast.stmt) and not chain.guards:
+                    dropped.add(id(op.node))
         def span(n):
             return (n.end_lineno - n.lineno) * 10000 + n.end_col_offset - n.col_offset
 
@@ -273,7 +287,7 @@ class CallWriter:
                 lines = self.outplace(st, repl)
             else:
                 lines = self.render_lines(st, repl)
-            if self.is_noop(st, lines):
+            if self.is_noop(st, lines) or sid in dropped:
                 removed_by_block.setdefault(id(block), (block, []))[1].append(i)
                 continue
             if lines != self.f.lines[st.lineno - 1: st.end_lineno]:

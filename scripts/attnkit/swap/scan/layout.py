@@ -171,7 +171,8 @@ class LayoutReader:
         v_src, sv2, v_gqa = self.pad(v_src, sv2, want_v, site, "value", allow_gqa=True)
         if k_gqa or v_gqa:
             if not (k_gqa and v_gqa):
-                raise Refused("the key and the value broadcast over different dimensions of the query")
+                raise Refused(f"the key and the value broadcast over different dimensions of the query (the products "
+                              f"at lines {product['node'].lineno} and {value['node'].lineno})")
             gqa = True
             site.gqa = "multi-query: key/value without a head dimension, enable_gqa=True on one head"
         q = self.stride_one(self.perm(q_src, sq, want_q), qn, product["node"].lineno)
@@ -228,7 +229,8 @@ class LayoutReader:
         if not missing:
             return (src, have, False) if allow_gqa else (src, have)
         if not allow_gqa:
-            raise Refused(f"the {what} `{src[:50]}` lacks the dimension(s) {missing} of the scores")
+            raise Refused(f"the {what} `{src[:50]}` lacks the dimension(s) {missing} of the scores (the score product "
+                          f"at line {site.line})")
         letters = have
         for c in missing:
             pos = want.index(c)
