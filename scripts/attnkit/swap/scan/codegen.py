@@ -172,8 +172,6 @@ class CallWriter:
         if first["k"] != k_name:
             idx = next(n for n, d in enumerate(dims) if f"{k_name}.shape" in d)
             dims[idx] = dims[idx].replace(f"{k_name}.shape", f"{first['k']}.shape", 1)
-        if first["q"] != q_name:
-            pass
         shape = ", ".join(dims)
         if product["form"] == "baddbmm":
             bias = self.f.seg(product["bias"])
