@@ -231,32 +231,34 @@ def run_reference(model: nn.Module, run: Callable[[nn.Module, torch.dtype], Any]
     """Run ``run(model, dtype)`` as the reference: (output, which reference it was).
 
     1. float64: a deep copy of the model cast to float64 (state written in place, a KV cache,
-       stays on the copy; ``copy_model=False`` casts in place and restores bit for bit), inputs
-       cast by ``run``;
+       stays on the copy), inputs cast by ``run``; then the model itself cast in place and
+       restored bit for bit (a copy is not faithful where forward reaches submodules through a
+       closure: minGPT's ``self.mlpf = lambda x: m.c_proj(...)``). ``copy_model=False`` starts
+       with the cast in place;
     2. when the model makes tensors of a fixed dtype inside forward and (1) fails with a dtype
        error: the same in ``Float64Everywhere``, every op upcast;
     3. else the best dtype that runs: ``low`` (the run's own dtype), said so.
 
     Runs under ``torch.no_grad`` (not inference mode: the model may update its own tensors).
     """
-    target = model
+    attempts = []  # (copy or in place, op by op)
     if copy_model:
         try:
-            target = copy.deepcopy(model)
-        except Exception:  # a module that cannot be copied: cast in place, restored afterwards
-            target, copy_model = model, False
+            attempts.append((copy.deepcopy(model), False))
+        except Exception:  # a module that cannot be copied: cast in place only
+            pass
+    attempts += [(None, False), (attempts[0][0] if attempts else None, True)]
     errors = []
-    for kind in ("float64", "float64 op by op"):
+    for target, op_by_op in attempts:
         try:
-            with (contextlib.nullcontext(target) if copy_model else exact_cast(target)), torch.no_grad(), \
+            with (contextlib.nullcontext(target) if target is not None else exact_cast(model)), torch.no_grad(), \
                     default_dtype(torch.float64):
-                if copy_model:
-                    target.double()
-                if kind == "float64":
-                    return run(target, torch.float64), "float64 eager"
+                m = target.double() if target is not None else model
+                if not op_by_op:
+                    return run(m, torch.float64), "float64 eager"
                 with Float64Everywhere():
-                    return run(target, torch.float64), ("float64 eager, op by op (the model builds lower-precision "
-                                                        f"tensors inside forward: {errors[0][:120]})")
+                    return run(m, torch.float64), ("float64 eager, op by op (the model builds lower-precision "
+                                                   f"tensors inside forward: {errors[0][:120]})")
         except Exception as exc:
             if is_oom(exc) or not _dtype_error(exc):
                 raise
