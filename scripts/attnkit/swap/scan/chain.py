@@ -730,7 +730,8 @@ class ChainMatcher:
             return refuse(site, f"a softmax without an explicit dim (line {softmax_call.lineno})")
         if not isinstance(dim_value, int):
             return refuse(site, f"a softmax over dim {self.code(dim)} (line {softmax_call.lineno}), not a constant")
-        rank = self.f.hints.get(softmax_call.lineno)
+        rank = next((r for ln, r in self.f.hints.items() if isinstance(ln, int) and
+                     softmax_call.lineno <= ln <= softmax_call.end_lineno), None)  # the live run's rank
         if dim_value != -1:
             site.needs["softmax_dim"] = dim_value
         state.elide.append(softmax_call)

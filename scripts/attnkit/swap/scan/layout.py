@@ -103,8 +103,8 @@ class LayoutReader:
         """q, k, v (and the mask's permutation) in SDPA's layout. Raises ``Refused``."""
         site, product, value = chain.site, chain.product, chain.value
         rank = chain.rank or 4
-        if product["form"] in ("matmul",) and chain.rank is None:
-            site.needs.setdefault("rank", 4) if self.has_positive_dims(product) else None
+        if product["form"] == "matmul" and chain.rank is None:
+            site.needs.setdefault("rank", 4)  # read from source: 4-D assumed; a live run knows (and checks) it
         sq, sk, ss = self.equation(product, rank)
         if len(set(ss)) != len(ss) or "." in sq + sk + ss:
             raise Refused(f"einsum {product.get('eq')!r} (line {product['node'].lineno}) uses '...' or repeats an "
@@ -217,11 +217,6 @@ class LayoutReader:
                 if left.split()[-1:] != right.split()[-1:]:
                     return f"{self.f.paren(src)}.contiguous()"
         return src
-
-    def has_positive_dims(self, product: dict) -> bool:
-        node = product["kt"]
-        return isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("transpose", "permute") and \
-            any(isinstance(const(a), int) and const(a) >= 0 for a in node.args)
 
     def pad(self, src: str, have: str, want: str, site: Site, what: str, allow_gqa: bool = False):
         """Insert a size-1 dimension for each batch letter of ``want`` the operand lacks."""
