@@ -59,8 +59,8 @@ def test_model_with_no_attention():
 
 
 def test_plain_module_whose_attention_cannot_be_swapped():
-    assert_one_line_error(["--model", f"{MODELS / 'attention_zoo.py'}:scaledaftermask"],
-                          "ZooModel has attention but no site could be swapped", "scale applied after an additive mask")
+    assert_one_line_error(["--model", f"{MODELS / 'attention_zoo.py'}:softcapped"],
+                          "ZooModel has attention but no site could be swapped", "torch.tanh", "(line ")
 
 
 def test_backend_not_installed_says_what_to_install():

@@ -58,8 +58,10 @@ def test_gqa_repeats_become_enable_gqa(zoo_sites):
 
 
 def test_unsupported_forms_are_reported_with_their_reason(zoo_sites):
-    assert not zoo_sites["ScaledAfterMask"].swappable
-    assert "scale applied after an additive mask" in zoo_sites["ScaledAfterMask"].reason
+    assert not zoo_sites["SoftCapped"].swappable
+    assert "torch.tanh" in zoo_sites["SoftCapped"].reason and "line " in zoo_sites["SoftCapped"].reason
+    # a scale after an additive mask is folded by the replay form: the mask is scaled as the scores are
+    assert zoo_sites["ScaledAfterMask"].swappable and zoo_sites["ScaledAfterMask"].mask == "replayed"
     # returned weights: swappable only as far as the source shows; the live check decides
     assert any("returned the attention weights" in n for n in zoo_sites["ReturnsWeights"].notes)
     mha = zoo_sites["MhaNeedWeights"]
@@ -83,7 +85,7 @@ def test_find_attention_on_source_reports_and_writes_a_patch_that_applies(tmp_pa
     before = copy.read_bytes()
     run = run_script("find_attention.py", "--source", "zoo.py", "--write-patch", "sdpa.patch", "--no-report",
                      cwd=tmp_path)
-    assert run.rc == 1 and run.result["status"] == "fail"  # ScaledAfterMask cannot be swapped
+    assert run.rc == 1 and run.result["status"] == "fail"  # SoftCapped cannot be swapped
     assert "zoo.py:" in run.check("swappable")["evidence"]
     data = run.result["data"]
     assert data["mode"] == "source (not imported)"
@@ -148,14 +150,18 @@ def test_mha_need_weights_is_swapped_and_the_weights_no_longer_returned():
     assert "need_weights=False" in run.result["data"]["patch"]
 
 
-def test_the_transformer_encoder_layer_is_reported_as_already_fused():
-    run = run_script("enable_flash.py", "--backend", "sdpa",
-                     "--model", f"{ZOO}:encoderlayer", "--no-report", "--seq-len", "32")
-    assert run.rc == 2 and "already runs SDPA" in run.result["summary"]
+def test_the_transformer_encoder_layer_runs_sdpa_once_its_cpu_fast_path_is_off():
+    """In eval mode on CPU, nn.TransformerEncoderLayer's fast path runs the native MHA kernel,
+    which computes bmm + softmax; with the fast path off for the layer, SDPA runs."""
+    run = run_script("enable_flash.py", "--backend", "sdpa", "--model", f"{ZOO}:encoderlayer", "--no-report", "--seq-len", "64", *FAST)
+    data = run.result["data"]
+    assert "aten::_softmax" in data["baseline"]["kernels"]
+    assert FUSED in data["candidate"]["kernels"] and "aten::_softmax" not in data["candidate"]["kernels"]
+    assert run.check("accuracy")["passed"]
 
 
 @pytest.mark.parametrize("style,reason", [("returnsweights", "its caller uses the attention weights it returns"),
-                                          ("scaledaftermask", "scale applied after an additive mask")])
+                                          ("softcapped", "torch.tanh")])
 def test_unsupported_forms_are_reported_and_the_model_keeps_working(style, reason):
     run = run_script("enable_flash.py", "--backend", "sdpa",
                      "--model", f"{ZOO}:{style}", "--no-report", "--seq-len", "32")

@@ -12,6 +12,7 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Callable, Sequence
@@ -155,6 +156,31 @@ def _sigterm_as_interrupt() -> None:
         pass
 
 
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool):
+    """Inside the block, whatever the model (or a library) prints goes to stderr, at the Python
+    level (sys.stdout) and at the file-descriptor level (C extensions, subprocesses), so that
+    with --json stdout holds exactly the one JSON object ``run`` prints afterwards."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding host): the Python level is enough
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],
         argv: Sequence[str] | None = None) -> int:
     """Parse, call ``fn``, print the result, return the exit code (see the module docstring).
@@ -169,7 +195,8 @@ def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace,
     debug = "--debug" in argv
     try:
         args = p.parse_args(argv)
-        result = fn(args, reporter)
+        with stdout_to_stderr(reporter.json_mode):
+            result = fn(args, reporter)
     except CannotRun as exc:
         result = StepResult.error(step, exc)
     except KeyboardInterrupt:

@@ -218,7 +218,8 @@ class ReturnsWeights(FusedQKV):
 
 
 class ScaledAfterMask(FusedQKV):
-    """Unsupported: an additive mask added before the scale, so the mask is scaled too."""
+    """An additive mask added before the scale, so the mask is scaled too: exact to fold
+    (softmax((S + M) c) = softmax(S c + M c)), which the replay form does."""
 
     def forward(self, x):
         B, T, C = x.shape
@@ -227,6 +228,17 @@ class ScaledAfterMask(FusedQKV):
         s = (q @ k.transpose(-2, -1) + bias) / math.sqrt(self.hd)
         p = s.softmax(-1)
         return (p @ v).transpose(1, 2).reshape(B, T, C)
+
+
+class SoftCapped(FusedQKV):
+    """Unsupported: logit soft-capping (tanh of the scores), which no mask expresses."""
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.split(x)
+        s = q @ k.transpose(-2, -1) * self.hd ** -0.5
+        s = 50.0 * torch.tanh(s / 50.0)
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
 
 
 # ----------------------------------------------------------------------------- code nobody here wrote
@@ -297,7 +309,7 @@ class BertEagerFunction(nn.Module):
 
 STYLES = {cls.__name__: cls for cls in (NanoGPT, PreScaledCausal, BaddbmmPadding, EinsumBoolMask, GroupedQuery,
                                         CrossAttention, FunctionalDropoutInPlace, SoftmaxModuleBmm, ReturnsWeights,
-                                        ScaledAfterMask, MhaNeedWeights, EncoderLayer, LlamaEagerFunction,
+                                        ScaledAfterMask, SoftCapped, MhaNeedWeights, EncoderLayer, LlamaEagerFunction,
                                         BertEagerFunction)}
 TAKES_MASK = {"BaddbmmPadding", "EinsumBoolMask", "BertEagerFunction"}
 

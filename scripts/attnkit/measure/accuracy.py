@@ -3,7 +3,10 @@
 Both outputs (logits [B, S, V] for language models, else the last hidden state
 [B, S, hidden]) are compared with a float64 run of the same model and the same inputs
 (``reference_output``: weights cast to float64 in place and restored bit for bit, eager
-attention). The rule, from flash-attn's tests (``tests/test_flash_attn.py`` asserts
+attention). When the model builds tensors of a fixed dtype inside forward, a plain cast of its weights
+cannot run in float64; the reference then runs op by op in float64 (``Float64Everywhere``),
+and failing that in the run's own dtype, and says which it was (``Accuracy.reference``).
+The rule, from flash-attn's tests (``tests/test_flash_attn.py`` asserts
 ``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``)::
 
     err_candidate <= 2 * err_baseline + eps(dtype) * max|reference|
@@ -36,11 +39,13 @@ must stay within one e4m3 unit (``torch.finfo(float8_e4m3fn).eps``).
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..backends import BACKENDS
 from ..report import CannotRun
@@ -351,17 +356,18 @@ def attention_errors(loaded: Any, inputs: Any, backend: str) -> list[dict[str, A
 
 def judge(backend: str, candidate: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor, *,
           valid: torch.Tensor | None, dtype: torch.dtype, language_model: bool, loaded: Any = None,
-          inputs: Any = None) -> Accuracy:
+          inputs: Any = None, reference_name: str = "float64 eager") -> Accuracy:
     """``compare`` by the dtype rule, or ``compare_fp8`` when ``backend``'s record computes in
     FP8; then each layer's attention is also measured on ``loaded`` and ``inputs`` when given
     (one more forward pass; the model is left switched to ``backend``)."""
     record = BACKENDS.get(backend)
     if record is None or record.precision != FP8:
-        return compare(candidate, baseline, reference, valid=valid, dtype=dtype, language_model=language_model)
+        return compare(candidate, baseline, reference, valid=valid, dtype=dtype, language_model=language_model,
+                       reference_name=reference_name)
     measurable = loaded is not None and inputs is not None and loaded.is_transformers  # registered function only
     attention = attention_errors(loaded, inputs, backend) if measurable else None
     return compare_fp8(candidate, baseline, reference, valid=valid, dtype=dtype, language_model=language_model,
-                       attention=attention)
+                       attention=attention, reference_name=reference_name)
 
 
 def not_compared(reason: str, padding_positions: int = 0) -> Accuracy:
@@ -369,7 +375,109 @@ def not_compared(reason: str, padding_positions: int = 0) -> Accuracy:
     return Accuracy(None, None, None, None, False, None, None, None, 0, padding_positions, None, "", note=reason)
 
 
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+_CASTS = {"float", "half", "bfloat16"}
+
+
+def _up(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.dtype in _LOW else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_up(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _up(v) for k, v in obj.items()}
+    if obj in _LOW:
+        return torch.float64
+    return obj
+
+
+class Float64Everywhere(TorchFunctionMode):
+    """Inside the block every torch call computes in float64: floating arguments below float64
+    are upcast, a float32/16 ``dtype=`` becomes float64, and the model's own downcasts
+    (``x.float()``, ``x.to(torch.float32)``, ``x.type(self.dtype)``) keep float64. For models
+    that build float32 tensors inside forward (timestep embeddings, positional tables, fp32
+    norms), which a plain cast of the weights to float64 cannot run. The target of an in-place
+    update keeps its own dtype, so state written in place (a KV cache) stays where it was."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _CASTS and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            return args[0]
+        if name.endswith("_") and not name.startswith("_") or name in ("__setitem__", "__iadd__", "__isub__",
+                                                                           "__imul__", "__itruediv__", "copy_"):
+            return func(args[0], *_up(tuple(args[1:])), **_up(kwargs))
+        if name in ("to", "type") and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            return func(*args, **kwargs)
+        return func(*_up(tuple(args)), **_up(kwargs))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _dtype_error(exc: BaseException) -> bool:
+    """A failure of a plain float64 run because the model mixes dtypes (not a bug of the model)."""
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, TypeError)) and any(t in text for t in (
+        "dtype", "scalar type", "Float and Double", "Double and Float", "mixed dtype", "same type", "expected both",
+        "Input type", "type of Float", "type of Double"))
+
+
+def run_reference(model: nn.Module, run: Callable[[nn.Module, torch.dtype], Any], *, copy_model: bool = True,
+                  low: torch.dtype = torch.float32) -> tuple[Any, str]:
+    """Run ``run(model, dtype)`` as the reference: (output, which reference it was).
+
+    1. float64: a deep copy of the model cast to float64 (state written in place, a KV cache,
+       stays on the copy), inputs cast by ``run``; then the model itself cast in place and
+       restored bit for bit (a copy is not faithful where forward reaches submodules through a
+       closure: minGPT's ``self.mlpf = lambda x: m.c_proj(...)``). ``copy_model=False`` starts
+       with the cast in place;
+    2. when the model makes tensors of a fixed dtype inside forward and (1) fails with a dtype
+       error: the same in ``Float64Everywhere``, every op upcast;
+    3. else the best dtype that runs: ``low`` (the run's own dtype), said so.
+
+    Runs under ``torch.no_grad`` (not inference mode: the model may update its own tensors).
+    """
+    attempts = []  # (copy or in place, op by op)
+    if copy_model:
+        try:
+            attempts.append((copy.deepcopy(model), False))
+        except Exception:  # a module that cannot be copied: cast in place only
+            pass
+    attempts += [(None, False), (attempts[0][0] if attempts else None, True)]
+    errors = []
+    for target, op_by_op in attempts:
+        try:
+            with (contextlib.nullcontext(target) if target is not None else exact_cast(model)), torch.no_grad(), \
+                    default_dtype(torch.float64):
+                m = target.double() if target is not None else model
+                if not op_by_op:
+                    return run(m, torch.float64), "float64 eager"
+                with Float64Everywhere():
+                    return run(m, torch.float64), ("float64 eager, op by op (the model builds lower-precision "
+                                                   f"tensors inside forward: {errors[0][:120]})")
+        except Exception as exc:
+            if is_oom(exc) or not _dtype_error(exc):
+                raise
+            errors.append(" ".join(str(exc).split()))
+    with torch.no_grad():
+        out = run(model, low)
+    return out, f"{str(low).replace('torch.', '')} eager (float64 did not run: {errors[-1][:120]})"
+
+
 def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.Tensor:
+    """``reference`` without the name of the reference."""
+    return reference(loaded, inputs, backend)[0]
+
+
+def reference(loaded: Any, inputs: Any, backend: str = "eager") -> tuple[torch.Tensor, str]:
     """The model's output in float64 with ``backend`` attention (a ``models.LoadedModel``).
 
     The weights are cast in place and restored exactly (``exact_cast``), so no copy of the
@@ -394,10 +502,22 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
                               {k: v for k, v in inputs.kwargs.items() if k != "attention_mask"}, inputs.valid,
                               inputs.description)
     previous = switch.apply(loaded.model, backend) if switch.has_switch(loaded.model) else None
-    cast = exact_cast_per_module if getattr(loaded, "device_map", None) else exact_cast
+    original = loaded.model
+
+    def run(model, dtype):
+        loaded.model = model
+        try:
+            return loaded.forward(inputs.cast(dtype), autocast=False).double()
+        finally:
+            loaded.model = original
+
     try:
-        with cast(loaded.model), torch.inference_mode():
-            return loaded.forward(inputs.cast(torch.float64)).double()
+        if getattr(loaded, "device_map", None):  # spread over devices: each module in float64 only while it runs
+            with exact_cast_per_module(original), torch.no_grad():
+                return run(original, torch.float64), "float64 eager, cast module by module"
+        # a transformers model is cast in place (its weights can be large); other models are copied,
+        # so state they write in place (a KV cache) is not left in float64 on the model
+        return run_reference(original, run, copy_model=not loaded.is_transformers, low=loaded.dtype)
     finally:
         if previous is not None:
             switch.revert(loaded.model, previous)
@@ -417,7 +537,7 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
         with reporter.stage(f"running {labels[1]}"):
             cand_out = run_backend(second, inputs, candidate, sdpa_kernels)
         with reporter.stage("computing the float64 reference"):
-            ref = reference_output(first, inputs, "eager")
+            ref, ref_name = reference(first, inputs, "eager")
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -427,7 +547,7 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
         raise CannotRun(f"the outputs differ in shape: {labels[0]} gives {list(base_out.shape)}, {labels[1]} gives "
                         f"{list(cand_out.shape)}", "compare two models with the same architecture and vocabulary")
     return judge(candidate, cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
-                 language_model=first.family == "causal-lm", loaded=second, inputs=inputs)
+                 language_model=first.family == "causal-lm", loaded=second, inputs=inputs, reference_name=ref_name)
 
 
 def reference_train(loaded: Any, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -213,7 +213,9 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
 def forward_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) -> Callable[[], torch.Tensor]:
     """A closure running one inference forward pass of ``loaded`` on ``inputs``."""
     def run() -> torch.Tensor:
-        with torch.inference_mode(), switch.sdpa_kernels(sdpa_kernels):
+        # no_grad, not inference_mode: a model that writes its own tensors in place (a KV cache)
+        # must be able to write them again outside inference mode
+        with torch.no_grad(), switch.sdpa_kernels(sdpa_kernels):
             return loaded.forward(inputs)
 
     return run

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..models import cast_floating, select_output
-from .accuracy import compare, exact_cast, reference_output
+from .accuracy import compare, reference, run_reference
 from .kernels import attention_kernels, profiled
 from .timing import run_backend, time_it
 
@@ -30,20 +30,24 @@ def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, bac
         module = live._module  # type: ignore[attr-defined]
         was_training = module.training
         module.eval()
+        mode = grad_mode(module, args, kwargs)
         try:
-            with torch.no_grad():
+            with mode(), autocast_of(loaded):
                 base = select_output(module(*args, **kwargs))
-                with exact_cast(module):
-                    ref = select_output(module(*cast_floating(args, torch.float64),
-                                             **cast_floating(kwargs, torch.float64))).double()
+
+            def run(m, dt):
+                with mode():
+                    return select_output(m(*cast_floating(args, dt), **cast_floating(kwargs, dt))).double()
+
+            ref, ref_name = run_reference(module, run, low=loaded.input_dtype)
             try:
-                with swapper.trial(live), torch.no_grad(), profiled() as prof:
+                with swapper.trial(live), mode(), autocast_of(loaded), profiled() as prof:
                     cand = select_output(module(*args, **kwargs))
             except Exception as exc:
                 live.reason = f"the swapped code raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
                 continue
             acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
-                          reference_name="float64 original")
+                          reference_name=ref_name.replace("eager", "original"))
             live.accuracy = acc.to_dict()
             kernels = [k for k in attention_kernels(prof.events())
                        if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
@@ -57,6 +61,27 @@ def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, bac
     swapper.revert()
     verify_model(swapper, loaded, inputs, dtype)
     return list(swapper.sites.values())
+
+
+def grad_mode(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """torch.no_grad, or torch.inference_mode when the module's state or inputs are inference
+    tensors (a model whose own forward runs under @torch.inference_mode and writes a cache in
+    place): such tensors can only be updated in place inside inference mode."""
+    from torch.utils._pytree import tree_flatten
+
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    for m in module.modules():
+        tensors += [v for v in vars(m).values() if isinstance(v, torch.Tensor)] + list(m.buffers(recurse=False))
+    return torch.inference_mode if any(t.is_inference() for t in tensors) else torch.no_grad
+
+
+def autocast_of(loaded: Any):
+    """torch.autocast when the model runs that way (``LoadedModel.autocast``), else nothing."""
+    import contextlib
+
+    if getattr(loaded, "autocast", None) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(loaded.device).type, dtype=loaded.autocast)
 
 
 def verify_model(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype) -> None:
@@ -73,9 +98,9 @@ def verify_model(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype) -> 
             return f"the model raised {type(exc).__name__} with the swaps: {' '.join(str(exc).split())[:160]}"
         finally:
             swapper.revert()
-        ref = reference_output(loaded, inputs, "eager")
+        ref, name = reference(loaded, inputs, "eager")
         acc = compare(cand, base, ref, valid=inputs.valid, dtype=dtype, language_model=False,
-                      reference_name="float64 original")
+                      reference_name=name.replace("eager", "original"))
         return "" if acc.passed else f"the model's output differs with the swaps: {acc.evidence()}"
 
     if not any(s.status == "swapped" for s in swapper.sites.values()):
@@ -84,7 +109,7 @@ def verify_model(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype) -> 
     if not problem:
         return
     changed = [s for s in swapper.sites.values() if s.status == "swapped" and s.site is not None and
-               any("returned the attention weights" in n for n in s.site.notes)]
+               any("returned the attention" in n for n in s.site.notes)]
     for s in changed:
         s.status, s.reason = "kept", f"its caller uses the attention weights it returns ({problem})"
     if changed and not check():

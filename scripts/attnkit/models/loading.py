@@ -160,6 +160,26 @@ class LoadedModel:
             return [self.device]
         return list(dict.fromkeys(f"cuda:{d}" if isinstance(d, int) else str(d) for d in self.device_map.values()))
 
+    #: set when a plain cast of the weights to ``dtype`` cannot run (the model builds float32
+    #: tensors inside forward): the weights stay float32 and forward runs under torch.autocast(dtype)
+    autocast: torch.dtype | None = None
+
+    @property
+    def dtype_policy(self) -> str:
+        """How the run's dtype is applied: 'cast' (weights and inputs in ``dtype``) or
+        'autocast' (float32 weights, torch.autocast to ``dtype``)."""
+        return "autocast" if self.autocast is not None else "cast"
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.float32 if self.autocast is not None else self.dtype
+
+    def use_autocast(self) -> None:
+        """Fall back from a plain cast to torch.autocast: weights back to float32 (exactly, from
+        bf16/fp16), forward under autocast(dtype)."""
+        self.autocast = self.dtype
+        self.model.float()
+
     @property
     def is_transformers(self) -> bool:
         from transformers import PreTrainedModel
@@ -236,7 +256,7 @@ class LoadedModel:
                 raise CannotRun(f"example_inputs({batch_size}, {seq_len}) in {self.spec.rsplit(':', 1)[0]} raised "
                                 f"{type(exc).__name__}: {exc}", "fix example_inputs or pass other sizes") from None
             args = args if isinstance(args, tuple) else (args,)
-            args = tuple(a.to(self.device, self.dtype if a.is_floating_point() else a.dtype)
+            args = tuple(a.to(self.device, self.input_dtype if a.is_floating_point() else a.dtype)
                          if isinstance(a, torch.Tensor) else a for a in args)
             return Inputs(batch_size, seq_len, args, {}, None, f"example_inputs({batch_size}, {seq_len}) from the factory")
         gen = torch.Generator().manual_seed(0)
@@ -249,12 +269,17 @@ class LoadedModel:
             raise CannotRun(f"cannot guess the input of {type(self.model).__name__}: it starts with no nn.Embedding and "
                             "has no d_model / embed_dim / hidden_size or nn.Linear to size a float input",
                             "define example_inputs(batch_size, seq_len) in the factory's module")
-        x = torch.randn(batch_size, seq_len, d_model, generator=gen).to(self.device, self.dtype)
+        x = torch.randn(batch_size, seq_len, d_model, generator=gen).to(self.device, self.input_dtype)
         return Inputs(batch_size, seq_len, (x,), {}, None, f"random float input [B, S, d_model] = "
                                                            f"[{batch_size}, {seq_len}, {d_model}]")
 
-    def forward(self, inputs: Inputs) -> torch.Tensor:
-        """One forward pass; returns the tensor to compare (see ``select_output``)."""
+    def forward(self, inputs: Inputs, autocast: bool = True) -> torch.Tensor:
+        """One forward pass; returns the tensor to compare (see ``select_output``). Under
+        torch.autocast when the model runs that way (``autocast=False``: never, for the float64
+        reference)."""
+        if autocast and self.autocast is not None:
+            with torch.autocast(torch.device(self.device).type, dtype=self.autocast):
+                return select_output(self.model(*inputs.args, **inputs.kwargs))
         return select_output(self.model(*inputs.args, **inputs.kwargs))
 
 

@@ -273,6 +273,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     base = cand = None
     base_out = cand_out = ref = None
     backend, cand_kernels = choice.backend, o.sdpa_kernels
+    ref_name = "float64 eager"
     stage = ""
     interrupted = False
     try:
@@ -339,7 +340,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                         train_acc, gradients = _train_accuracy(loaded, inputs, backend, dtype, cand_kernels)
                         data["gradients"] = gradients
                     else:
-                        ref = acc_mod.reference_output(loaded, inputs, "eager")
+                        ref, ref_name = acc_mod.reference(loaded, inputs, "eager")
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
@@ -354,7 +355,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         with reporter.stage("judging accuracy" + (" by the FP8 rule, each layer on its own inputs"
                                                   if BACKENDS[backend].precision else "")):
             accuracy = acc_mod.judge(backend, cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
-                                     language_model=lm, loaded=loaded, inputs=inputs)
+                                     language_model=lm, loaded=loaded, inputs=inputs, reference_name=ref_name)
     elif base is not None and base.error:
         accuracy = acc_mod.not_compared(f"not compared: the baseline {o.baseline} could not run ({base.error})",
                                         inputs.padding_positions)

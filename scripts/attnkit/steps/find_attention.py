@@ -28,7 +28,7 @@ from ..swap import switch
 from ..swap.live import Swapper
 from ..swap.patch import patch_of, unified_diff
 from ..swap.scan import analyze_path
-from .session import check_shape
+from .session import autocast_fallback, check_shape
 
 STEP = "find_attention"
 
@@ -126,7 +126,14 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     swapper = Swapper(loaded.model, register=not loaded.is_transformers)
     with reporter.stage("running the model and tracing its attention"):
         try:
-            swapper.discover(forward_fn(loaded, inputs))
+            try:
+                swapper.discover(forward_fn(loaded, inputs))
+            except Exception as exc:
+                if not autocast_fallback(loaded, exc):  # bf16/fp16 that a plain cast cannot run
+                    raise
+                inputs = loaded.inputs(inputs.batch_size, inputs.seq_len, o.pad_fraction)
+                swapper = Swapper(loaded.model, register=not loaded.is_transformers)
+                swapper.discover(forward_fn(loaded, inputs))
         except CannotRun:
             raise
         except Exception as exc:
@@ -148,7 +155,8 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     summary, checks, hint = _summarise(
         [{**s, "status": "swapped" if s["status"] == "switch" else s["status"]} for s in found], o.model)
     data = {"model": o.model, "model_class": type(loaded.model).__name__, "mode": "live model (traced by running)",
-            "device": device, "dtype": str(dtype).replace("torch.", ""),
+            "device": device, "dtype": str(dtype).replace("torch.", ""), "dtype_policy": loaded.dtype_policy,
+            "notes": list(loaded.notes),
             "shape": {"batch_size": inputs.batch_size, "seq_len": inputs.seq_len}, "sites": found,
             "patch": patch, "patch_file": None, "report_dir": None, "verified": not loaded.is_transformers}
     if loaded.is_transformers:

@@ -47,6 +47,7 @@ class Session:
             "device": self.device, "dtype": dtype_name(self.dtype),
             "shape": {"batch_size": self.inputs.batch_size, "seq_len": self.inputs.seq_len},
             "inputs": self.inputs.description, "original_backend": self.loaded.original_backend,
+            "dtype_policy": self.loaded.dtype_policy,
             "attention": self.loaded.attention_shape(),
             "versions": {"torch": torch.__version__, "transformers": self.env.transformers.version,
                          "python": self.env.python},
@@ -94,11 +95,11 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     with reporter.stage(f"loading {spec} on {where} in {dtype_name(dt)}"):
         loaded = models.load(spec, device=dev, dtype=dt, trust_remote_code=trust_remote_code, **placement)
     dev = loaded.device
-    notes = list(loaded.notes)
     if train:
         loaded.model.train()
     with reporter.stage("finding the attention"):
         ops = locate_attention(loaded, baseline)
+    notes = list(loaded.notes)
     swapper = swapper_of(loaded.model)
     if swapper is not None:
         with reporter.stage("swapping hand-written attention for SDPA and verifying each site"):
@@ -111,6 +112,29 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     for note in notes:
         reporter.note(note)
     return Session(env, dev, dt, loaded, loaded.inputs(batch_size, seq_len, pad_fraction), ops, notes)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def is_dtype_mismatch(exc: BaseException) -> bool:
+    """The error of a model cast to a low-precision dtype whose forward builds float32 tensors."""
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, TypeError)) and any(t in text for t in (
+        "must have the same dtype", "expected scalar type", "Expected scalar type", "mixed dtype", "Input type",
+        "should be the same", "same dtype", "expected both", "but found"))
+
+
+def autocast_fallback(loaded: Any, exc: BaseException) -> bool:
+    """When a plain cast of the model to bf16/fp16 fails because forward builds float32 tensors,
+    switch the model to torch.autocast (float32 weights) and say so; True when switched."""
+    if loaded.dtype not in LOW_PRECISION or loaded.autocast is not None or not is_dtype_mismatch(exc):
+        return False
+    loaded.use_autocast()
+    loaded.notes.append(f"a plain cast of the model to {dtype_name(loaded.dtype)} does not run "
+                        f"({' '.join(str(exc).split())[:160]}): it runs under torch.autocast({dtype_name(loaded.dtype)}) "
+                        "with float32 weights, as its users run it (data.dtype_policy = autocast)")
+    return True
 
 
 def locate_attention(loaded: Any, baseline: str = "eager") -> dict[str, int]:
@@ -130,12 +154,14 @@ def locate_attention(loaded: Any, baseline: str = "eager") -> dict[str, int]:
             sites = Swapper(loaded.model).discover(forward_fn(loaded, probe))
             counts = {f"{s.kind} site at {s.file}:{s.line}": s.calls for s in sites}
         else:
-            with torch.inference_mode(), profiled() as prof:
+            with torch.no_grad(), profiled() as prof:
                 loaded.forward(probe)
             counts = dict(attention_kernels(prof.events()))
     except CannotRun:
         raise
     except Exception as exc:
+        if autocast_fallback(loaded, exc):
+            return locate_attention(loaded, baseline)
         raise CannotRun(f"a forward pass of {loaded.spec} on {probe.description} raised {type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}", "check that the model runs on its own; a factory "
                         "may define example_inputs(batch_size, seq_len)") from None

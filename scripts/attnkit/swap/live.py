@@ -56,6 +56,8 @@ SOFTMAX_OPS = ("aten._softmax", "aten.softmax", "aten._safe_softmax", "aten._mas
 SDPA_OPS = ("aten._scaled_dot_product", "aten.scaled_dot_product_attention",
             "aten._transformer_encoder_layer_fwd")  # the fused encoder layer runs SDPA inside
 NATIVE_MHA = "aten._native_multi_head_attention"  # nn.MultiheadAttention's eval fast path; arg 10 is need_weights
+#: torch.nn modules with an eval fast path that, on CPU, computes bmm + softmax
+FASTPATH_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 #: model -> its Swapper, so switch.apply can turn swaps on and off by backend name
 _REGISTRY: "weakref.WeakKeyDictionary[nn.Module, Swapper]" = weakref.WeakKeyDictionary()
@@ -123,9 +125,14 @@ class _Recorder(TorchDispatchMode):
             if isinstance(first, torch.Tensor):
                 self.last_product = list(first.shape)
         kind = "manual" if name.startswith(SOFTMAX_OPS) else "sdpa" if name.startswith(SDPA_OPS) else None
+        if name.startswith("aten._transformer_encoder_layer_fwd") and args and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "cpu":
+            kind = None  # on CPU the fused layer runs the native MHA kernel (bmm + softmax), recorded on its own
         if name.startswith(NATIVE_MHA):
             need_weights = args[10] if len(args) > 10 else (kwargs or {}).get("need_weights", True)
-            kind = "manual" if need_weights else "sdpa"
+            # on CPU the native kernel computes bmm + softmax even with need_weights=False
+            on_cpu = isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
+            kind = "manual" if need_weights or on_cpu else "sdpa"
         if kind and self.swapper.stack:
             self.swapper.rank = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 0
             self.swapper.record(kind, _attention_dims(name, args, kwargs or {}, self.last_product), _user_frames())
@@ -154,6 +161,41 @@ def _attention_dims(op: str, args: tuple, kwargs: dict, last_product: list[int])
     # a softmax over scores [..., S_q, S_k]; D from the score product's first operand
     d = last_product[-1] if last_product else 0
     return [numel(t.shape[:-2]), t.shape[-2], t.shape[-1], d]
+
+
+def _mha_forward_without_fastpath(self: nn.Module, *args, **kwargs):
+    """The module's forward (nn.MultiheadAttention, nn.TransformerEncoderLayer) with the fast
+    path off for this call. In eval mode the fast path (aten._native_multi_head_attention)
+    computes bmm + softmax on CPU even with need_weights=False; without it the module calls
+    F.multi_head_attention_forward, which calls F.scaled_dot_product_attention when the
+    weights are not needed."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _attribute_types(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """class name -> self.<attr> -> what it is, for the source reader: the class of each
+    child module, nn.Softmax dims, and functools.partial(F.softmax, ...) stored on a module."""
+    import functools
+
+    softmaxes = (torch.nn.functional.softmax, torch.softmax)
+    out: dict[str, dict[str, Any]] = {}
+    for m in model.modules():
+        types_ = out.setdefault(type(m).__name__, {})
+        for n, c in m.named_children():
+            types_[n] = type(c).__name__
+            if isinstance(c, nn.Softmax):
+                types_["__softmax_dim__" + n] = c.dim
+        for n, v in vars(m).items():
+            if isinstance(v, functools.partial) and v.func in softmaxes:
+                types_[n] = "partial_softmax"
+                types_["__softmax_dim__" + n] = v.keywords.get("dim")
+                types_["__softmax_upcast__" + n] = v.keywords.get("dtype") is not None
+    return out
 
 
 def _method_name(cls: type, code: types.CodeType) -> str:
@@ -204,11 +246,13 @@ class Swapper:
         self.sites: dict[tuple, LiveSite] = {}
         self.calls: list[tuple[LiveSite, list[int]]] = []  # every attention call of the last recorded pass
         self.frames: dict[tuple, list[tuple[types.CodeType, dict]]] = {}
+        self.stacks: dict[tuple, list[nn.Module]] = {}  # the user modules around each site, outermost first
         self.installed: dict[tuple[int, str], tuple[nn.Module, str]] = {}  # (module id, attr) -> (module, attr)
         self.compiled: dict[tuple, Callable] = {}
         self.rank = 0  # the rank of the latest recorded attention op's input
         self.backend = "eager"  # what is installed now
         self.target = "sdpa"  # what the swaps compile to: sdpa, flash_attention_2 or flash_attention_4
+        self._originals: dict[tuple, Any] = {}  # (module id, attr) -> the function an attribute swap shadows
         if register:
             _REGISTRY[model] = self
 
@@ -217,8 +261,10 @@ class Swapper:
         if not frames:
             return
         top = frames[0]
-        # an nn.MultiheadAttention whose internals ran the softmax: the site is its caller's call
-        if kind == "manual" and any(isinstance(m, nn.MultiheadAttention) for m in self.stack):
+        # an nn.MultiheadAttention (or a torch transformer layer) whose internals ran the softmax:
+        # the site is its caller's call
+        fast = [m for m in self.stack if isinstance(m, FASTPATH_MODULES)]
+        if kind == "manual" and fast:
             kind = "mha"
         # the innermost module of the user's (or a library's) own code: torch.nn's modules
         # (nn.Softmax, nn.Dropout, nn.MultiheadAttention) run inside the site, not around it
@@ -232,8 +278,15 @@ class Swapper:
             site._module = module  # type: ignore[attr-defined]
             site._code = top.f_code  # type: ignore[attr-defined]
             site._rank = self.rank  # type: ignore[attr-defined]
+            site._mhas = []  # type: ignore[attr-defined]
             self.sites[key] = site
             self.frames[key] = [(f.f_code, f.f_globals) for f in frames]
+            self.stacks[key] = list(own)
+        if kind == "mha":  # the outermost module with a fast path: a layer's covers its attention
+            outer = next(m for m in fast if not isinstance(m, nn.MultiheadAttention)) if any(
+                not isinstance(m, nn.MultiheadAttention) for m in fast) else fast[-1]
+            if all(m is not outer for m in site._mhas):  # type: ignore[attr-defined]
+                site._mhas.append(outer)  # type: ignore[attr-defined]
         site.calls += 1
         self.calls.append((site, dims))
 
@@ -283,14 +336,15 @@ class Swapper:
         except OSError:
             live.reason = f"no source for {code.co_filename}"
             return
-        types_by_class = {type(m).__name__: {n: type(c).__name__ for n, c in m.named_children()}
-                          for m in self.model.modules()}
-        for m in self.model.modules():
-            for n, c in m.named_children():
-                if isinstance(c, nn.Softmax):
-                    types_by_class[type(m).__name__]["__softmax_dim__" + n] = c.dim
+        types_by_class = _attribute_types(self.model)
+        hints: dict[str, Any] = {"__other__": True, "__mha_lines__": {
+            s.line for s in self.sites.values() if s.kind == "mha" and s.file == code.co_filename}}
+        for other in self.sites.values():  # the rank of every recorded softmax of this file
+            other_code = other._code  # type: ignore[attr-defined]
+            if other_code.co_filename == code.co_filename and getattr(other, "_rank", 0):
+                hints.setdefault(other_code.co_qualname, {})[other.line] = other._rank  # type: ignore[attr-defined]
         try:
-            found = analyze_source(source, code.co_filename, types_by_class)
+            found = analyze_source(source, code.co_filename, types_by_class, hints)
         except SyntaxError as exc:
             live.reason = f"the source does not parse: {exc}"
             return
@@ -301,7 +355,13 @@ class Swapper:
                 live.site = s
                 break
         if live.site is None:
-            live.reason = f"no hand-written attention chain recognised at {code.co_filename}:{live.line}"
+            other = [s for s in found if s.function == code.co_qualname and s.kind == "softmax"
+                     and s.softmax_line == live.line]
+            if other:
+                live.kind, live.reason = "softmax", other[0].reason
+            else:
+                live.reason = (f"no attention chain recognised around the softmax at {code.co_filename}:{live.line} "
+                               f"(in {code.co_qualname})")
             return
         s = live.site
         live.line = s.line
@@ -316,6 +376,14 @@ class Swapper:
         if live.method:
             live.owner = "method"
             return
+        # a function stored on the instance (self.attn_fn = attention_implementations.get(...)), called
+        # through the attribute: the attribute is shadowed, the function itself left alone
+        for holder in [module] + [m for m in self.stack_of(key)]:
+            for attr, value in vars(holder).items():
+                if getattr(value, "__code__", None) is code or getattr(getattr(value, "func", None), "__code__", None) is code:
+                    live.owner, live.method, live.global_name = "attribute", attr, ""
+                    live._module = holder  # type: ignore[attr-defined]
+                    return
         # a module-level function: reroute through the method of the module that calls it
         frames = self.frames[key]
         for caller_code, caller_globals in frames[1:]:
@@ -331,17 +399,22 @@ class Swapper:
         live.reason = (f"the site is in {code.co_qualname}, which no method of {type(module).__name__} calls "
                        "directly: the source patch covers it, the run-time swap does not")
 
+    def stack_of(self, key: tuple) -> list[nn.Module]:
+        """The user modules that were running around a site, innermost first."""
+        return list(reversed(self.stacks.get(key, [])))
+
     def _confirm(self, live: LiveSite, module: nn.Module) -> str:
         """Check on the live module what the source alone could not prove; '' when all holds."""
         s = live.site
         rank = getattr(live, "_rank", 0)
         if live.kind == "manual":
             if "rank" in s.needs and rank and s.needs["rank"] != rank:
-                return f"the transpose in the score product swaps the last two dims only for rank {s.needs['rank']} " \
+                return f"the transpose in the score product (line {s.line}) swaps the last two dims only for rank " \
+                       f"{s.needs['rank']} " \
                        f"inputs; these scores have rank {rank}"
             dim = s.needs.get("softmax_dim")
-            if dim is not None and rank and dim not in (-1, rank - 1):
-                return f"the softmax runs over dim {dim} of {rank}, not the key dimension"
+            if dim is not None and rank and dim not in (-1, rank - 1) and not s.needs.get("softmax_dim_is_key"):
+                return f"the softmax at line {s.softmax_line} runs over dim {dim} of {rank}, not the key dimension"
             if "causal_buffer" in s.needs:
                 buf = module
                 for part in s.needs["causal_buffer"].split(".")[1:]:
@@ -354,7 +427,8 @@ class Swapper:
                     s.mask = "boolean (buffer)"
                     s.notes.append(f"{s.needs['causal_buffer']} is not lower-triangular: kept as an explicit mask")
                 elif live.score_shape and live.score_shape[1] != live.score_shape[2]:
-                    return "a causal buffer sliced to a non-square block: keep it as is"
+                    return (f"a causal buffer ({s.needs['causal_buffer']}, line {s.line}) sliced to a non-square block "
+                            "(KV-cache decoding): keep it as is, or pass an explicit mask")
         return ""
 
     @staticmethod
@@ -373,14 +447,20 @@ class Swapper:
         s = live.site
         return s.edits if backend == "sdpa" else s.variant_edits.get(backend, [])
 
-    def _function_for(self, live: LiveSite) -> Callable:
+    def _function_for(self, live: LiveSite, group: list[LiveSite] | None = None) -> Callable:
+        """``live``'s function recompiled with its edits (and those of the other sites of
+        ``group``, swapped in the same function: DETR calls two attentions in one method)."""
         code = live._code  # type: ignore[attr-defined]
-        key = (code, live.site.call, self.target)
+        group = [g for g in (group or [live]) if g._code is code]  # type: ignore[attr-defined]
+        key = (code, tuple(g.site.call for g in group), self.target)
         if key not in self.compiled:
             module = live._module  # type: ignore[attr-defined]
             original = None
             if live.owner == "method":
                 original = inspect.unwrap(getattr(type(module), live.method))
+            elif live.owner == "attribute":
+                original = vars(module)[live.method]
+                original = getattr(original, "func", original)
             else:
                 caller = getattr(type(module), live.method)
                 original = caller.__globals__.get(live.global_name)
@@ -389,15 +469,22 @@ class Swapper:
                 record = BACKENDS[self.target]
                 module = importlib.import_module(record.module)
                 extra = {record.source_name: getattr(module, record.entry)}
-            self.compiled[key] = _compile(code, original, self.edits_for(live, self.target),
+            edits = {e[0]: e for g in group for e in self.edits_for(g, self.target)}
+            self.compiled[key] = _compile(code, original, list(edits.values()),
                                           f"<attnkit swap of {code.co_filename}:{live.line}>", extra)
         return self.compiled[key]
 
-    def _install(self, live: LiveSite) -> None:
+    def _install(self, live: LiveSite, group: list[LiveSite] | None = None) -> None:
         module = live._module  # type: ignore[attr-defined]
-        if live.method in module.__dict__:
+        if live.owner == "attribute":
+            self._originals.setdefault((id(module), live.method), module.__dict__[live.method])
+        elif live.method in module.__dict__:
             raise CannotRun(f"{live.module_name} already has its own {live.method!r} on the instance", "")
-        new_fn = self._function_for(live)
+        new_fn = self._function_for(live, group)
+        if live.owner == "attribute":
+            module.__dict__[live.method] = new_fn
+            self.installed[(id(module), live.method)] = (module, live.method)
+            return
         if live.owner == "method":
             bound = types.MethodType(new_fn, module)
         else:
@@ -412,6 +499,11 @@ class Swapper:
             bound = types.MethodType(rebound, module)
         module.__dict__[live.method] = bound
         self.installed[(id(module), live.method)] = (module, live.method)
+        for g in group or [live]:
+            for mha in getattr(g, "_mhas", []):
+                if "forward" not in mha.__dict__:
+                    mha.__dict__["forward"] = types.MethodType(_mha_forward_without_fastpath, mha)
+                    self.installed[(id(mha), "forward")] = (mha, "forward")
 
     def apply(self, backend: str = "sdpa") -> None:
         """Install every verified swap (``eager`` reverts them)."""
@@ -420,16 +512,17 @@ class Swapper:
             return
         if backend != self.target:
             raise CannotRun(f"these swaps were verified for {self.target}, not {backend}", "")
-        for live in self.sites.values():
-            if live.status == "swapped":
-                module = live._module  # type: ignore[attr-defined]
-                if (id(module), live.method) not in self.installed:
-                    self._install(live)
+        swapped = [s for s in self.sites.values() if s.status == "swapped"]
+        for live in swapped:
+            module = live._module  # type: ignore[attr-defined]
+            if (id(module), live.method) not in self.installed:
+                group = [g for g in swapped if g._module is module and g.method == live.method]  # type: ignore[attr-defined]
+                self._install(live, group)
         self.backend = self.target
 
     def revert(self) -> None:
-        for module, attr in self.installed.values():
-            module.__dict__.pop(attr, None)
+        for key, (module, attr) in self.installed.items():
+            self._restore(module, attr, key)
         self.installed.clear()
         self.backend = "eager"
 
@@ -483,8 +576,19 @@ class Swapper:
 
     def _uninstall(self, live: LiveSite) -> None:
         module = live._module  # type: ignore[attr-defined]
-        module.__dict__.pop(live.method, None)
+        self._restore(module, live.method, (id(module), live.method))
         self.installed.pop((id(module), live.method), None)
+        for mha in getattr(live, "_mhas", []):
+            if self.installed.pop((id(mha), "forward"), None) is not None:
+                mha.__dict__.pop("forward", None)
+
+    def _restore(self, module: nn.Module, attr: str, key: tuple) -> None:
+        """Remove what was installed under ``attr``: a shadowing method goes, a stored function
+        (``self.attn_fn``) gets its original back."""
+        if key in self._originals:
+            module.__dict__[attr] = self._originals[key]
+        else:
+            module.__dict__.pop(attr, None)
 
     def capture(self, run: Callable[[], Any]) -> list[tuple[LiveSite, list[int]]]:
         """Run ``run()`` once more (at the shape to measure), recording every attention call's

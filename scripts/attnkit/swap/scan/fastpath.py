@@ -37,11 +37,29 @@ class FastPathReader:
                         reason="already flash-attn")
             self.fp32_blocker(call.args[:3], site)
             return site
-        if self.f.attr_type(call.func) == "MultiheadAttention":
+        hinted = call.lineno in self.f.hints.get("__mha_lines__", ())  # a live run saw the module's fast path here
+        if hinted and self.f.attr_type(call.func) in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+            site = Site(self.f.file, self.f.qualname, call.lineno, call.end_lineno, "mha",
+                        f"nn.{self.f.attr_type(call.func)}",
+                        reason="in eval mode on CPU the layer's fast path computes bmm + softmax")
+            site.swappable, site.call, site.edits = True, self.f.seg(call), []
+            site.notes.append("the run-time swap turns the layer's fast path off for this module "
+                              "(torch.backends.mha.set_fastpath_enabled(False) around its call), so that its "
+                              "attention calls SDPA; the source is unchanged")
+            return site
+        mha_line = hinted and (len(call.args) >= 3 or kwarg(call, "query") is not None)
+        if self.f.attr_type(call.func) == "MultiheadAttention" or mha_line:
             need = kwarg(call, "need_weights", 5)
             if need is not None and const(need) is False:
-                return Site(self.f.file, self.f.qualname, call.lineno, call.end_lineno, "mha", "nn.MultiheadAttention",
-                            reason="need_weights=False: PyTorch runs SDPA inside")
+                site = Site(self.f.file, self.f.qualname, call.lineno, call.end_lineno, "mha", "nn.MultiheadAttention",
+                            reason="need_weights=False: PyTorch runs SDPA inside, except in eval mode on CPU, where "
+                                   "the module's fast path computes bmm + softmax")
+                site.swappable, site.call, site.edits = True, self.f.seg(call), []
+                site.needs["mha_fastpath"] = True
+                site.notes.append("the run-time swap turns nn.MultiheadAttention's fast path off for this module "
+                                  "(torch.backends.mha.set_fastpath_enabled(False) around its call), so that it calls "
+                                  "SDPA; the source is unchanged")
+                return site
             site = Site(self.f.file, self.f.qualname, call.lineno, call.end_lineno, "mha", "nn.MultiheadAttention",
                         mask="attn_mask" if kwarg(call, "attn_mask", 4) is not None else "none")
             site.reason = "need_weights left at its default True: the [B, S, S] attention weights are materialised"
@@ -50,6 +68,9 @@ class FastPathReader:
                 site.notes.append(used)
                 return site
             site.swappable = True
+            site.notes.append("in eval mode on CPU, nn.MultiheadAttention's fast path computes bmm + softmax even "
+                              "with need_weights=False: the run-time swap also turns the fast path off for this "
+                              "module; in your code, call torch.backends.mha.set_fastpath_enabled(False)")
             text = self.f.seg(call)
             new_call = text[:-1].rstrip() + (", " if call.args or call.keywords else "") + "need_weights=False)"
             site.call = new_call

@@ -16,7 +16,19 @@ SDPA_FUNCS = {"F.scaled_dot_product_attention", "torch.nn.functional.scaled_dot_
 FLASH_FUNCS = {"flash_attn_func", "flash_attn.flash_attn_func", "flash_attn_varlen_func",
                "flash_attn_interface.flash_attn_func", "flash_attn_qkvpacked_func"}
 UPCASTS = {"float", "double"}
-CASTS = {"type_as", "to", "half", "bfloat16", "float", "type"}
+CASTS = {"type_as", "to", "half", "bfloat16", "float", "type", "double"}
+
+# Canonical names (``Function.canon``): whatever alias a file uses for torch (``th``),
+# torch.nn.functional (``F``) or a name imported from them (``from torch import einsum``).
+CANON_SOFTMAX = {"torch.softmax", "torch.nn.functional.softmax", "torch.special.softmax"}
+CANON_DROPOUT = {"torch.nn.functional.dropout", "torch.dropout"}
+CANON_EINSUM = {"torch.einsum", "torch.functional.einsum"}
+#: methods that only reshape, reorder or broadcast a tensor
+SHAPE_METHODS = {"view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "contiguous", "flatten",
+                 "expand", "expand_as", "view_as", "reshape_as"}
+#: reads of a tensor that use its metadata, not its values
+META_ATTRS = {"shape", "size", "dtype", "device", "dim", "ndim", "new_ones", "new_zeros", "new_full", "new_empty",
+              "new_tensor", "is_cuda", "layout", "numel"}
 
 
 def dotted(node: ast.AST) -> str:
@@ -128,16 +140,33 @@ class Function:
     ``writer`` (the replacement call and its edits), ``fast`` (calls already fused)."""
 
     def __init__(self, fn: ast.FunctionDef, source: str, file: str, qualname: str, attr_types: dict[str, str],
-                 functional: str):
+                 functional: str, imports: dict[str, str] | None = None, hints: dict | None = None,
+                 module: ast.Module | None = None):
         self.fn, self.source, self.file, self.qualname = fn, source, file, qualname
         self.attr_types = attr_types  # self.<attr> -> class name (nn.Dropout, nn.Softmax, ...)
         self.functional = functional  # how this file names torch.nn.functional: "F" or "torch.nn.functional"
+        self.imports = imports or {}  # local name -> what it names ("th" -> "torch", "einsum" -> "torch.einsum")
+        self.hints = hints or {}  # facts a live run knows: softmax line -> rank of the scores
+        self.module = module  # the file's tree: its helper functions can be read
         self.lines = source.splitlines()
         self.match: Any = None
         self.masks: Any = None
         self.layouts: Any = None
         self.writer: Any = None
         self.fast: Any = None
+
+    def canon(self, node: ast.AST) -> str:
+        """The dotted name of ``node`` with the file's aliases resolved: ``th.einsum`` and a bare
+        ``einsum`` imported from torch are both 'torch.einsum'; ``F.softmax`` is
+        'torch.nn.functional.softmax'."""
+        name = dotted(node)
+        if not name:
+            return ""
+        head, _, rest = name.partition(".")
+        full = self.imports.get(head)
+        if full is None:
+            return name
+        return f"{full}.{rest}" if rest else full
 
     def seg(self, node: ast.AST | str) -> str:
         if isinstance(node, str):
