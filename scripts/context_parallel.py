@@ -4,7 +4,7 @@
 Runs attention, or a transformers causal LM (--model), with the sequence split across N
 ranks through PyTorch's own context parallel API
 (torch.distributed.tensor.experimental.context_parallel: ring attention over SDPA's
-flash, efficient or cudnn kernel), gathers the output with context_parallel_unshard, and
+flash, efficient or cudnn kernel), gathers the output (context_parallel_unshard) and
 proves it in the same run:
 
   kernels    the SDPA kernel torch.profiler saw on each rank

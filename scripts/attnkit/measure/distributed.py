@@ -58,7 +58,7 @@ class Rank:
 
 def launched_by_torchrun() -> bool:
     """True in a process that torchrun (or another launcher setting RANK and WORLD_SIZE) started."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE") is not None
 
 
 def env_world_size() -> int:
@@ -74,7 +74,7 @@ def free_port() -> int:
 
 
 def join(device_kind: str, *, rank: int | None = None, world_size: int | None = None,
-         init_method: str | None = None, launcher: str = "torchrun") -> Rank:
+         init_method: str | None = None, launcher: str = "torchrun", local_rank: int | None = None) -> Rank:
     """Join (or make) the default process group: NCCL for ``device_kind`` 'cuda', gloo for 'cpu'.
 
     Without ``init_method`` it reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
@@ -88,7 +88,7 @@ def join(device_kind: str, *, rank: int | None = None, world_size: int | None = 
         raise CannotRun("this torch has no NCCL backend", "install a CUDA build of torch")
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world_size = env_world_size() if world_size is None else world_size
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
     device = "cpu"
     if device_kind == "cuda":
         if local_rank >= torch.cuda.device_count():

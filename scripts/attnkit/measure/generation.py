@@ -64,7 +64,8 @@ from ..env import dtype_name
 from ..report import CannotRun
 from ..swap import switch
 from .accuracy import compare, exact_cast
-from .timing import Measurement, cap_cuda_memory, free_memory, is_oom, oom_message, profile_once, synchronize, time_it
+from .timing import (Measurement, cap_cuda_memory, fits_in_memory, free_memory, is_oom, oom_message, profile_once,
+                     synchronize, time_it)
 
 CACHES = ("dynamic", "static")
 
@@ -391,18 +392,8 @@ def fits_fn(loaded: Any, backend: str, batch_size: int, new_tokens: int) -> Call
     cache) runs; False on out-of-memory; other errors propagate."""
     def fits(p: int) -> bool:
         switch.apply(loaded.model, backend)
-        ids, mask = prompt(loaded, batch_size, p)
-        try:
-            generate_fn(loaded, ids, mask, new_tokens, "dynamic")()
-            synchronize(loaded.device)
-            return True
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            return False
-        finally:
-            del ids, mask
-            free_memory(loaded.device)
+        return fits_in_memory(lambda: generate_fn(loaded, *prompt(loaded, batch_size, p), new_tokens, "dynamic")(),
+                              loaded.device)
 
     return fits
 

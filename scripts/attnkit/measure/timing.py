@@ -112,6 +112,22 @@ def cap_cuda_memory(limit_gb: float | None, device: str | int) -> dict[str, Any]
             "enforced_by": f"torch.cuda.set_per_process_memory_fraction({fraction:.4f}) of {total / 2**30:.1f} GB"}
 
 
+def fits_in_memory(run: Callable[[], Any], device: str) -> bool:
+    """True when ``run()`` finishes on ``device``, False when it runs out of memory (any other
+    error is raised); the allocator's cache is emptied afterwards either way. The probe of
+    every longest-sequence search."""
+    try:
+        run()
+        synchronize(device)
+        return True
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        return False
+    finally:
+        free_memory(device)
+
+
 def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):

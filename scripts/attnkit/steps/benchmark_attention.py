@@ -35,7 +35,7 @@ import torch
 from ..backends import BACKENDS, SDPA
 from ..env import dtype_name, environment, parse_dtype, resolve_device
 from ..measure import autotune
-from ..measure.timing import cap_cuda_memory, is_oom, matmul_peak, oom_message, peak_memory_mb
+from ..measure.timing import cap_cuda_memory, fits_in_memory, is_oom, matmul_peak, oom_message, peak_memory_mb
 from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
 
 STEP = "benchmark_attention"
@@ -220,18 +220,12 @@ def _search(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, shape, re
         kw = {"causal": True, **({"sdpa_kernel": SDPA.kernel(c.kernel)} if c.kernel else {})}
 
         def fits(s: int) -> bool:
-            try:
+            def run() -> None:
                 q, k, v = _inputs(b, s, h, h_kv, d, dtype, device)
                 with torch.no_grad():
                     record.call(q, k, v, **kw)
-                torch.cuda.synchronize(device)
-                return True
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                return False
-            finally:
-                torch.cuda.empty_cache()
+
+            return fits_in_memory(run, device)
 
         with reporter.stage(f"largest S for {c.label}"):
             try:

@@ -19,7 +19,7 @@ Each rank, in turn:
 2. runs the sharded attention (``measure.context_parallel.sharded_attention``: the public
    ``context_parallel`` block on GPUs; ``ring_attention``, torch's ring with the CPU flash
    kernel, on CPU), under torch.profiler once (which SDPA kernel ran, peak memory) and
-   ``--reps`` times timed, and gathers the output with ``context_parallel_unshard``;
+   ``--reps`` times timed, and gathers the output by ``context_parallel_unshard``;
 3. sends its figures to rank 0, which judges the gathered output against a float64
    reference at sampled query rows with the project's rule
    (``measure.accuracy.compare``), against the baseline's own error, and reports
@@ -195,11 +195,10 @@ def context_parallel(o: CPOptions, reporter: Reporter) -> StepResult:
 
 def _spawned(index: int, p: Plan, port: int, queue: Any) -> None:
     """One spawned process: join the group, run the step, rank 0 sends its result home."""
-    os.environ.setdefault("LOCAL_RANK", str(index))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.world_size))
     reporter = Reporter(json_mode=p.o.json, quiet=p.o.quiet or index != 0)
     rank = dd.join(p.device_kind, rank=index, world_size=p.world_size, init_method=f"tcp://127.0.0.1:{port}",
-                   launcher="spawn")
+                   launcher="spawn", local_rank=index)
     try:
         try:
             result = _on_rank(p, rank, reporter)

@@ -149,21 +149,21 @@ def _refuse_without_dropout(backend: str, o: EnableOptions, dropout: str) -> Non
 
 
 def _gate_outputs(loaded: models.LoadedModel, inputs: models.Inputs, notes: list[str]):
-    """The eager output and its float64 reference for the autotuner's accuracy gate, with
-    dropout off (training mode included); (None, None) with a note when either runs out of
-    memory: the candidates are then timed but not gated."""
+    """The eager output, its float64 reference and the reference's name, for the autotuner's
+    accuracy gate, with dropout off (training mode included); (None, None, name) with a note
+    when either runs out of memory: the candidates are then timed but not gated."""
     with acc_mod.dropout_off(loaded.model):
         try:
             switch.apply(loaded.model, "eager")
             out = forward_fn(loaded, inputs)()
-            ref = acc_mod.reference_output(loaded, inputs, "eager")
+            ref, name = acc_mod.reference(loaded, inputs, "eager")
         except Exception as exc:
             if not is_oom(exc):
                 raise
             notes.append(f"the accuracy gate's eager run or float64 reference ran out of memory ({oom_message(exc)}): "
                          "autotune candidates were timed but not gated on accuracy")
-            return None, None
-    return out, ref
+            return None, None, "float64 eager"
+    return out, ref, name
 
 
 def _tuned_rejections(cands: list[autotune.Candidate], best: autotune.Candidate | None,
@@ -290,7 +290,7 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                                  "not gated on accuracy")
                     gate_out, ref = None, None
                 else:
-                    gate_out, ref = _gate_outputs(loaded, inputs, notes)
+                    gate_out, ref, ref_name = _gate_outputs(loaded, inputs, notes)
             cands = autotune.candidates(env, device, dtype, loaded.model, compiled=o.tune_compiled)
             for c in cands:
                 if c.status != "pending":

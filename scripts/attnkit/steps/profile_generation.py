@@ -77,7 +77,7 @@ def default_backends() -> list[str]:
     """eager (the reference), then every backend ``auto`` may pick, in the registry's order.
     flex_attention only when named: it compiles per shape, and decoding changes the shape
     at every step."""
-    return ["eager"] + [name for name, b in BACKENDS.items() if name != "eager" and b.auto]
+    return ["eager"] + [name for name, b in BACKENDS.items() if name not in ("eager", "flex_attention") and b.auto]
 
 
 def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
