@@ -289,7 +289,7 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
                                                                  "TFLOP/s", "% matmul peak", "peak memory", "note"],
                     [[f"{r['shape']} S{r['seq_len']} {'causal' if r['causal'] else 'non-causal'} {r['direction']} "
                       f"{r['dtype']}", r["label"], r["status"], fmt_ms(r.get("latency_ms")),
-                      "n/a" if r.get("tflops") is None else f"{r['tflops']:.1f}",
+                      "n/a" if r.get("tflops") is None else f"{r['tflops']:.3g}",
                       "n/a" if r.get("pct_of_matmul_peak") is None else f"{r['pct_of_matmul_peak']:.0f} %",
                       fmt_mb(r.get("peak_memory_mb")), " ".join(str(r.get("reason") or "").split())[:80]]
                      for r in d["grid"] if r["status"] != "skipped"]))

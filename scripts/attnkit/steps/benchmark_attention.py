@@ -263,7 +263,7 @@ def _verdict(data: dict, interrupted: str) -> StepResult:
     top = sorted(best.items(), key=lambda kv: -kv[1])[:3]
     summary = (f"{len(configs)} configurations on {data['device']}"
                + (f" ({data['gpu']})" if data.get("gpu") else "") + "; best TFLOP/s: "
-               + ", ".join(f"{k} {v:.1f}" for k, v in top) + f"; {checks[-1].evidence}")
+               + ", ".join(f"{k} {v:.3g}" for k, v in top) + f"; {checks[-1].evidence}")
     ok = all(c.passed for c in checks)
     return StepResult(STEP, "pass" if ok else "fail", summary, checks, data,
                       "read data.grid for every figure and report.png for TFLOP/s against S" if ok else
