@@ -72,6 +72,10 @@ def build_parser():
     c.add_argument("--rotate", default="allgather", choices=("allgather", "alltoall"),
                    help="how K/V shards travel: allgather (torch's default: one all-gather, every rank then holds "
                         "all of K/V) or alltoall (one shard passed on per step)")
+    c.add_argument("--merge-dtype", default="float32", choices=("float32", "input"),
+                   help="dtype the ring merges partial outputs in: float32 (torch's default, "
+                        "_cp_options.convert_to_f32) or input (the input's dtype: less memory, judged by the same "
+                        "accuracy check) (default: float32)")
     cli.add_sdpa_kernel_arg(c)
     c.add_argument("--flash-impl", choices=("FA3", "FA4"),
                    help="put FlashAttention-3 or -4 behind SDPA's flash kernel (torch.nn.attention."

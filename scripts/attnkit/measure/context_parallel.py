@@ -24,6 +24,8 @@ has the same checks):
   when ``seq_len % (2 * world_size) == 0``; otherwise torch turns load balancing off
   without a word, so the step refuses an explicit --load-balance there;
 * ``set_rotate_method`` takes "allgather" (the default) or "alltoall";
+* the partial outputs are merged in float32 unless ``_cp_options.convert_to_f32`` is off
+  (``merge_dtype``);
 * K/V are rotated as flat buffers reshaped to the local shape: every rank needs the same
   shard length, so seq_len (and kv_len) must divide by the world size.
 
@@ -154,6 +156,32 @@ def problems(*, world_size: int, seq_len: int, kv_len: int, causal: bool, load_b
     return out
 
 
+#: ``--merge-dtype``: the dtype the ring merges the partial outputs in (torch's
+#: ``_cp_options.convert_to_f32``, default True: float32). "input" merges in the input's dtype.
+MERGE_DTYPES = ("float32", "input")
+
+
+@contextlib.contextmanager
+def merge_dtype(name: str) -> Iterator[None]:
+    """The block runs with torch's ring merging partial outputs and logsumexps in ``name``
+    (``MERGE_DTYPES``), torch's value back afterwards. ``_SDPAMerger`` (``SOURCE``) keeps
+    the running output and each step's block output in float32 when
+    ``_cp_options.convert_to_f32`` is set, and its update ``out - sigmoid(lse_b - lse) x
+    (out - out_b)`` makes temporaries of the shard's output size: in float32 these are twice
+    the bf16 output's bytes, per temporary. Raises ``CannotRun`` when this torch has no such
+    option."""
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+
+    if not hasattr(cp._cp_options, "convert_to_f32"):
+        raise CannotRun(f"--merge-dtype: torch {torch.__version__} has no _cp_options.convert_to_f32", "leave it out")
+    saved = cp._cp_options.convert_to_f32
+    cp._cp_options.convert_to_f32 = name == "float32"
+    try:
+        yield
+    finally:
+        cp._cp_options.convert_to_f32 = saved
+
+
 @contextlib.contextmanager
 def cp_options(load_balance: bool, rotate: str) -> Iterator[None]:
     """Torch's global context parallel options for the block (``_cp_options.enable_load_balance``,
@@ -193,7 +221,9 @@ class Workload:
         """q, k, v [B, H, S, D] for token ids [B, S] (k and v at ``ids_kv`` when given)."""
         ids_kv = ids if ids_kv is None else ids_kv
         tq, tk, tv = self.tables
-        return (tq[ids].transpose(1, 2), tk[ids_kv].transpose(1, 2), tv[ids_kv].transpose(1, 2))  # [B,S,H,D] -> [B,H,S,D]
+        # [B, S, H, D] -> [B, H, S, D], materialised contiguous: SDPA's own layout, and torch's
+        # ring calls key.contiguous() / value.contiguous(), which would copy a transposed view
+        return tuple(t[i].transpose(1, 2).contiguous() for t, i in ((tq, ids), (tk, ids_kv), (tv, ids_kv)))
 
 
 def make_workload(*, batch_size: int, seq_len: int, kv_len: int, heads: int, head_dim: int, dtype: torch.dtype,

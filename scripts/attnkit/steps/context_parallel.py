@@ -77,6 +77,7 @@ class CPOptions:
     causal: bool = True
     load_balance: bool | None = None
     rotate: str = "allgather"
+    merge_dtype: str = "float32"
     sdpa_kernels: list[str] | None = None
     attn_mask: bool = False
     model: str | None = None
@@ -157,6 +158,8 @@ def plan(o: CPOptions) -> Plan:
     if broken:
         raise CannotRun(broken[0], "the limits of torch's context parallel API are listed in "
                                    "references/context-parallel.md")
+    if o.merge_dtype not in cp.MERGE_DTYPES:
+        raise CannotRun(f"--merge-dtype {o.merge_dtype}: choose {' or '.join(cp.MERGE_DTYPES)}", "")
     if o.memory_limit is not None and kind != "cuda":
         raise CannotRun("--memory-limit applies to CUDA GPUs only", "leave it out on CPU")
     if o.memory_limit is not None and not o.max_seq_len_search:
@@ -285,6 +288,11 @@ def _keep(base: cp.Sharded | None, rank: dd.Rank, rows: torch.Tensor | None) -> 
 
 def _on_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
     """Every rank runs this; rank 0 returns the result, the others a copy of its status."""
+    with cp.merge_dtype(p.o.merge_dtype):
+        return _run_rank(p, rank, reporter)
+
+
+def _run_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
     from torch.distributed.device_mesh import init_device_mesh
 
     o = p.o
@@ -437,7 +445,8 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
         "shape": {"batch_size": o.batch_size, "seq_len": p.seq_len, "kv_len": p.kv_len,
                   **({"heads": o.heads, "head_dim": o.head_dim} if loaded is None else {})},
         "attention": loaded.attention_shape() if loaded is not None else None,
-        "causal": o.causal, "load_balance": p.load_balance, "rotate": o.rotate, "sdpa_kernels_allowed": p.sdpa_kernels,
+        "causal": o.causal, "load_balance": p.load_balance, "rotate": o.rotate, "merge_dtype": o.merge_dtype,
+        "sdpa_kernels_allowed": p.sdpa_kernels,
         "flash_impl": o.flash_impl,
         "limits": cp.LIMITS, "single_device": base.run.to_dict() if base else {"error": base_err},
         "ranks": runs, "latency_ms": None, "speedup": None, "scaling_efficiency": None,
@@ -455,6 +464,8 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
         data["scaling_efficiency"] = data["speedup"] / n
     if base and data["memory_per_rank_mb"] and base.run.total_mb:
         data["memory_ratio"] = data["memory_per_rank_mb"] / base.run.total_mb
+    if loaded is None and n > 1 and len(ok_runs) == n and all(r["total_mb"] for r in runs):
+        data["memory_explained"] = _memory_explained(p, runs)
     if loaded is None and data["latency_ms"]:
         data["tflops"] = attention_flops(o.batch_size, p.seq_len, o.heads, o.head_dim, 1, o.causal,
                                          kv_len=p.kv_len) / (data["latency_ms"] * 1e-3) / 1e12
@@ -496,6 +507,22 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
     for note in data["notes"]:
         reporter.note(note)
     return StepResult(STEP, status, summary, checks, data, nxt)
+
+
+def _memory_explained(p: Plan, runs: list[dict]) -> str:
+    """What a rank's peak memory is made of, in multiples of its output shard
+    [B, H, S / N, D] (measured figures; the parts named are read in torch's ring,
+    ``measure.context_parallel.SOURCE``)."""
+    o, n = p.o, len(runs)
+    shard_mb = o.batch_size * o.heads * (p.seq_len // n) * o.head_dim * p.dtype.itemsize / 2**20
+    worst = max(runs, key=lambda r: r["total_mb"])
+    return (f"rank {worst['rank']}: peak {fmt_mb(worst['total_mb'])} = q/k/v shards {fmt_mb(worst['resident_mb'])} + "
+            f"{fmt_mb(worst['peak_memory_mb'])} allocated by the ring call, {worst['peak_memory_mb'] / shard_mb:.1f}x "
+            f"the output shard of {fmt_mb(shard_mb)}: torch's ring holds a send copy (torch.cat of K and V) and a "
+            f"receive buffer of the K/V shard ({'all N shards' if o.rotate == 'allgather' else 'one shard'} with "
+            f"--rotate {o.rotate}) and merges the partial outputs in "
+            f"{'float32' if o.merge_dtype == 'float32' else dtype_name(p.dtype)} (--merge-dtype {o.merge_dtype}); "
+            "for attention alone, per-rank memory falls slower than 1/N")
 
 
 def _cpu_api_record(p: Plan, rank: dd.Rank, found: dict) -> dict[str, Any]:
