@@ -62,6 +62,20 @@ def test_under_torchrun_only_rank_0_prints_and_alltoall_non_causal_match():
     assert d["shape"]["kv_len"] == 128 and d["accuracy"]["passed"]
 
 
+def test_merging_in_the_input_dtype_holds_less_than_torchs_float32_merge():
+    # bf16 on CPU: torch's ring merges in float32 by default (_cp_options.convert_to_f32);
+    # --merge-dtype input merges in bf16. Both must match float64; the bf16 merge must allocate less.
+    runs = {m: run_script("context_parallel.py", *SMALL, "--dtype", "bfloat16", "--merge-dtype", m)
+            for m in ("float32", "input")}
+    for merge, run in runs.items():
+        assert run.rc == 0 and run.result["status"] == "pass", (merge, run.result["summary"], run.stderr[-2000:])
+        d = run.result["data"]
+        assert d["merge_dtype"] == merge and d["accuracy"]["passed"]
+        assert ("in float32" if merge == "float32" else "in bfloat16") in d["memory_explained"]
+    peak = {m: max(r["peak_memory_mb"] for r in run.result["data"]["ranks"]) for m, run in runs.items()}
+    assert peak["input"] < peak["float32"], peak
+
+
 LIMITS = [
     (["--sdpa-kernel", "math"], "runs only SDPA's flash, efficient, cudnn kernels"),
     (["--attn-mask"], "takes no attn_mask"),
@@ -70,6 +84,7 @@ LIMITS = [
     (["--seq-len", "258", "--load-balance"], "needs seq_len divisible by 2 x world size = 4"),
     (["--seq-len", "257", "--no-load-balance"], "is not divisible by the world size 2"),
     (["--rotate", "ring"], "invalid choice: 'ring'"),
+    (["--merge-dtype", "bf16"], "invalid choice: 'bf16'"),
     (["--model", "demo:llama", "--load-balance", "--device", "cuda"], None),
 ]
 
