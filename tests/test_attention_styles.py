@@ -144,9 +144,12 @@ def test_bf16_falls_back_to_autocast_when_a_plain_cast_cannot_run():
     assert run.check("switch")["passed"] and run.check("kernels")["passed"] and run.check("accuracy")["passed"]
 
 
-def test_a_kv_cache_written_in_place_under_inference_mode_is_swapped():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_kv_cache_written_in_place_under_inference_mode_is_swapped(dtype):
+    # bf16: the float32 cache becomes an inference tensor at .to(xq) inside the model's inference-mode
+    # forward, so every later call of the attention module alone (its timing too) must run in inference mode
     run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_inference_mode_cache", "--seq-len", "64",
-                     "--no-report", *FAST)
+                     "--dtype", dtype, "--device", "cpu", "--no-report", *FAST)
     assert run.result["status"] in ("pass", "fail"), run.result["summary"]
     for name in ("switch", "kernels", "accuracy"):
         assert run.check(name)["passed"], run.check(name)

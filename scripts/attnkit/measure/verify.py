@@ -130,9 +130,10 @@ def module_timings(swapper: Any, min_run_time: float) -> list[dict[str, Any]]:
             continue
         seen.add(id(module))
         args, kwargs = swapper.inputs[module]
+        mode = grad_mode(module, args, kwargs)  # a cache made under inference mode is written there
 
         def call():
-            with torch.no_grad():
+            with mode():
                 return module(*args, **kwargs)
 
         swapper.revert()
