@@ -90,8 +90,8 @@ def build_parser():
                    help="query rows the float64 reference is computed at, plus the shard edges (default: 1024; all "
                         "rows when S is smaller)")
     m.add_argument("--max-seq-len-search", type=int, metavar="CAP",
-                   help="also find the longest sequence that runs, on one device and sharded: double S from --seq-len "
-                        "up to CAP, one forward pass each")
+                   help="also find the longest sequence up to CAP that runs, on one device and sharded: CAP first, "
+                        "then doubling from --seq-len, then bisecting to 1/64, one forward pass per probe")
     m.add_argument("--memory-limit", type=float, metavar="GB",
                    help="during --max-seq-len-search, cap each rank's GPU memory at GB "
                         "(torch.cuda.set_per_process_memory_fraction), so that the search ends sooner; the longest "

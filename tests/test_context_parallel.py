@@ -27,7 +27,7 @@ ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU test: here 
 
 
 def test_cpu_gloo_check_runs_torchs_ring_and_gathers_the_output():
-    run = run_script("context_parallel.py", *SMALL)
+    run = run_script("context_parallel.py", *SMALL, "--max-seq-len-search", "512")
     assert run.rc == 0, run.stderr[-2000:]
     r = run.result
     assert r["status"] == "pass", r["summary"]
@@ -47,6 +47,13 @@ def test_cpu_gloo_check_runs_torchs_ring_and_gathers_the_output():
     assert api["matches"] and api["noncausal_math"].startswith("ran: max_abs_err")
     assert "mixed torch.Tensor and DTensor" in api["causal_math"]
     assert d["scaling_efficiency"] is not None and d["single_device"]["latency_ms"] > 0
+    # the search (no out-of-memory on CPU): the cap, a multiple of 2 x world size x 64, ran on both
+    search = d["max_seq_len"]
+    assert search["unit"] == 256 and search["ratio"] == 1.0
+    for where in ("one_device", "sharded"):
+        assert search[where]["cap_reached"] and search[where]["longest"]["seq_len"] == 512
+        assert search[where]["probes"] == [{"seq_len": 512, "fits": True}]
+    assert "longest sequence: 512 on 1 device, 512 on 2 ranks" in r["summary"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")

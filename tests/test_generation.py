@@ -73,6 +73,12 @@ def test_the_search_finds_the_longest_length_that_fits_within_its_resolution():
     assert capped == {"max_context": 8000, "first_failure": None, "capped": True,
                       "probes": [{"prompt_len": 8000, "fits": True}]}
     assert gen.search_longest(lambda p: False, cap=8000)["max_context"] == 0
+    # context_parallel.py's search: lengths in multiples of the shard unit, to one unit or 1/64
+    for threshold in (300, 70000, 600000):
+        found = gen.search_longest(lambda s, t=threshold: s <= t, cap=2097152, start=65536, unit=256, name="seq_len")
+        assert all(p["seq_len"] % 256 == 0 for p in found["probes"])
+        assert found["max_context"] <= threshold < found["first_failure"]
+        assert found["first_failure"] - found["max_context"] <= max(256, found["max_context"] // 64)
 
 
 def test_step_reports_prefill_decode_and_agreement_for_eager_and_sdpa(tmp_path):

@@ -65,7 +65,7 @@ from ..report import CannotRun
 from ..swap import switch
 from .accuracy import compare, exact_cast
 from .timing import (Measurement, cap_cuda_memory, fits_in_memory, free_memory, is_oom, oom_message, profile_once,
-                     synchronize, time_it)
+                     search_longest, synchronize, time_it)
 
 CACHES = ("dynamic", "static")
 
@@ -353,39 +353,6 @@ def agreement(loaded: Any, base: Greedy, cand: Greedy, ids: torch.Tensor, mask: 
 
 
 # ----------------------------------------------------------------------------- longest context
-
-def search_longest(fits: Callable[[int], bool], cap: int, start: int = 512) -> dict[str, Any]:
-    """The longest prompt P <= ``cap`` with ``fits(P)``, assuming fitting is monotone in P.
-
-    Tries ``cap`` first (often all of it fits); else doubles from ``start`` until a length
-    fails, then bisects until the gap between the longest fit and the shortest failure is
-    at most 1/64 of the fit (1.6 %). Returns max_context (0 when nothing fits),
-    first_failure (None when ``cap`` fits), the probes in order, and capped (``cap`` fit).
-    """
-    probes: list[dict[str, Any]] = []
-
-    def ok(p: int) -> bool:
-        result = fits(p)
-        probes.append({"prompt_len": p, "fits": result})
-        return result
-
-    if ok(cap):
-        return {"max_context": cap, "first_failure": None, "capped": True, "probes": probes}
-    lo, hi, p = 0, cap, max(1, min(start, cap // 2))
-    while p < hi:
-        if not ok(p):
-            hi = p
-            break
-        lo = p
-        p *= 2
-    while hi - lo > max(1, lo // 64):
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return {"max_context": lo, "first_failure": hi, "capped": False, "probes": probes}
-
 
 def fits_fn(loaded: Any, backend: str, batch_size: int, new_tokens: int) -> Callable[[int], bool]:
     """``fits(P)``: True when prefill of [batch, P] plus ``new_tokens`` decode steps (dynamic

@@ -128,6 +128,45 @@ def fits_in_memory(run: Callable[[], Any], device: str) -> bool:
         free_memory(device)
 
 
+def search_longest(fits: Callable[[int], bool], cap: int, start: int = 512, unit: int = 1,
+                   name: str = "prompt_len") -> dict[str, Any]:
+    """The longest length L <= ``cap``, a multiple of ``unit``, with ``fits(L)``, assuming
+    fitting is monotone in L.
+
+    Tries ``cap`` first (often all of it fits); else doubles from ``start`` until a length
+    fails, then bisects until the gap between the longest fit and the shortest failure is
+    at most 1/64 of the fit (1.6 %) or one ``unit``. Returns max_context (0 when nothing
+    fits), first_failure (None when ``cap`` fits), the probes in order (``{name: L, "fits":
+    bool}``), and capped (``cap`` fit).
+    """
+    probes: list[dict[str, Any]] = []
+
+    def ok(n: int) -> bool:
+        result = fits(n)
+        probes.append({name: n, "fits": result})
+        return result
+
+    cap = cap // unit * unit
+    if ok(cap):
+        return {"max_context": cap, "first_failure": None, "capped": True, "probes": probes}
+    lo, hi, n = 0, cap, max(unit, min(start, cap // 2) // unit * unit)
+    while n < hi:
+        if not ok(n):
+            hi = n
+            break
+        lo = n
+        n *= 2
+    while hi - lo > max(unit, lo // 64):
+        mid = (lo + hi) // 2 // unit * unit
+        if mid <= lo:
+            break
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"max_context": lo, "first_failure": hi, "capped": False, "probes": probes}
+
+
 def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):

@@ -25,8 +25,9 @@ Each rank, in turn:
    (``measure.accuracy.compare``), against the baseline's own error, and reports
    per-rank kernels, memory and latency, and the scaling efficiency
    T_1 / (N x T_N);
-4. with ``--max-seq-len-search CAP``: doubles the sequence from --seq-len up to CAP, one
-   forward pass each, on one device and sharded, and reports the longest that ran.
+4. with ``--max-seq-len-search CAP``: finds the longest sequence up to CAP that runs, on
+   one device and sharded (doubling from --seq-len, then bisecting to 1/64), one forward
+   pass per probe.
 
 Limits of torch's API are checked before anything runs (``measure.context_parallel.problems``):
 each one is an error with one line, exit 2.
@@ -49,7 +50,7 @@ from ..measure import context_parallel as cp
 from ..measure import distributed as dd
 from ..measure.flops import attention_flops
 from ..measure.kernels import SDPA_OPS
-from ..measure.timing import cap_cuda_memory, is_oom, oom_message
+from ..measure.timing import cap_cuda_memory, is_oom, oom_message, search_longest
 from ..report import CannotRun, Check, Reporter, StepResult, fmt_mb, fmt_ms
 from ..swap import switch
 
@@ -380,43 +381,52 @@ def _accuracy(p: Plan, rank: dd.Rank, output: torch.Tensor, base_rows: torch.Ten
 
 
 def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, reporter: Reporter) -> dict[str, Any]:
-    """Double the sequence from --seq-len up to the cap, one forward pass each, on one
-    device and sharded; the longest that ran on each, and the first that did not."""
-    o, found = p.o, {}
-    for where in ("one_device", "sharded") if rank.world_size > 1 else ("one_device",):
-        longest, failed, seq_len = None, None, p.seq_len
-        while seq_len <= o.max_seq_len_search:
+    """The longest sequence that runs, one forward pass per probe, on one device and sharded
+    (``timing.search_longest``: the cap first, then doubling from --seq-len, then bisection
+    to 1/64 of the longest fit). Lengths are multiples of 64 x the shard count (2 x N with
+    load balancing, else N), so every probe meets the API's limits; every rank agrees on
+    each probe's outcome (a rank out of memory fails it for all)."""
+    o, n = p.o, rank.world_size
+    unit = 64 * (2 * n if p.load_balance else n)
+    cap = min(o.max_seq_len_search, (loaded.max_seq_len() or o.max_seq_len_search) if loaded is not None
+              else o.max_seq_len_search)
+    found: dict[str, Any] = {"unit": unit}
+    for where in ("one_device", "sharded") if n > 1 else ("one_device",):
+        peaks: dict[int, float | None] = {}
+        errors: dict[int, str] = {}
+
+        def fits(seq_len: int, where: str = where) -> bool:
             with reporter.stage(f"--max-seq-len-search: {where.replace('_', ' ')}, seq_len {seq_len}"):
                 if loaded is not None:
-                    ids = _model_ids(loaded, o.batch_size, seq_len) if seq_len <= (loaded.max_seq_len() or seq_len) \
-                        else None
-                    if ids is None:
-                        break
+                    ids = _model_ids(loaded, o.batch_size, seq_len)
                     fn = (lambda: cp.model_single_device(loaded, ids, rank, p.sdpa_kernels, 0, warmup=False)) \
                         if where == "one_device" else \
                         (lambda: cp.sharded_model(loaded, ids, rank, mesh, sdpa_kernels=p.sdpa_kernels,
                                                   rotate=o.rotate, reps=0, warmup=False, gather=False))
                 else:
-                    def fn(s=seq_len):
-                        work = _workload(p, rank, s)
+                    def fn():
+                        work = _workload(p, rank, seq_len)
                         if where == "one_device":
                             return cp.single_device(work, rank, p.sdpa_kernels, 0, warmup=False)
                         return _sharded(p, work, rank, mesh, 0, warmup=False, gather=False)
                 try:
                     ran, err = _safely(fn)
-                except Exception as exc:  # not memory: say what, stop searching
+                except Exception as exc:  # not memory: a failure too, with what it was
                     ran, err = None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-                peak = ran.run.total_mb if ran else None
+                peaks[seq_len] = ran.run.total_mb if ran else None
                 del ran
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            if not dd.agree(err is None, rank):
-                failed = {"seq_len": seq_len, "error": err or "another rank ran out of memory"}
-                break
-            longest = {"seq_len": seq_len, "peak_total_mb_rank0": peak}
-            seq_len *= 2
-        found[where] = {"longest": longest, "first_failed": failed, "cap": o.max_seq_len_search,
-                        "cap_reached": failed is None}
+            ok = dd.agree(err is None, rank)
+            if not ok:
+                errors[seq_len] = err or "another rank ran out of memory"
+            return ok
+
+        got = search_longest(fits, cap, p.seq_len, unit, name="seq_len")
+        lo, hi = got["max_context"], got["first_failure"]
+        found[where] = {"longest": {"seq_len": lo, "peak_total_mb_rank0": peaks.get(lo)} if lo else None,
+                        "first_failed": {"seq_len": hi, "error": errors.get(hi)} if hi else None,
+                        "cap": cap, "cap_reached": got["capped"], "probes": got["probes"]}
     one, many = found["one_device"]["longest"], found.get("sharded", {}).get("longest")
     found["ratio"] = many["seq_len"] / one["seq_len"] if one and many else None
     return found
@@ -494,6 +504,11 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
                f"{fmt_mb(base.run.total_mb if base else None)})")
     if data["scaling_efficiency"] is not None:
         figures += f", scaling efficiency {100 * data['scaling_efficiency']:.0f} %"
+    if search is not None:
+        longest = [(search.get(w) or {}).get("longest") for w in ("one_device", "sharded")]
+        figures += (f"; longest sequence: {longest[0]['seq_len'] if longest[0] else 'none'} on 1 device"
+                    + (f", {longest[1]['seq_len'] if longest[1] else 'none'} on {n} ranks" if n > 1 else "")
+                    + (f" ({search['ratio']:.2f}x)" if search.get("ratio") else ""))
     if failed:
         summary = figures + "; " + "; ".join(f"{c.name} failed ({c.evidence})" for c in failed)
         nxt = ("read checks[].evidence; an out-of-memory rank needs a shorter --seq-len or more ranks; an accuracy "
