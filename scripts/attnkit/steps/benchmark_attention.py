@@ -35,7 +35,8 @@ import torch
 from ..backends import BACKENDS, SDPA
 from ..env import dtype_name, environment, parse_dtype, resolve_device
 from ..measure import autotune
-from ..measure.timing import cap_cuda_memory, fits_in_memory, is_oom, matmul_peak, oom_message, peak_memory_mb
+from ..measure.timing import (cap_cuda_memory, fits_in_memory, is_oom, matmul_peak, oom_message, peak_memory_mb,
+                              search_longest)
 from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
 
 STEP = "benchmark_attention"
@@ -206,8 +207,8 @@ def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, confi
 
 def _search(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, shape, reporter) -> dict:
     """The largest S (a multiple of 1024) each backend's causal forward runs at on ``shape``
-    before it runs out of memory, doubling from 1024 and then bisecting, up to
-    ``o.search_cap``; CUDA only."""
+    before it runs out of memory, up to ``o.search_cap`` (``timing.search_longest``: the
+    cap, then doubling from 1024, then bisecting to 1/64 or 1024); CUDA only."""
     if not device.startswith("cuda"):
         return {"skipped": "the search runs on a CUDA device only: on a CPU each point would take minutes"}
     b, h, h_kv, d = shape
@@ -229,14 +230,8 @@ def _search(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, shape, re
 
         with reporter.stage(f"largest S for {c.label}"):
             try:
-                lo, hi = 0, 1024
-                while hi <= o.search_cap and fits(hi):
-                    lo, hi = hi, hi * 2
-                if hi <= o.search_cap:
-                    while hi - lo > 1024:
-                        mid = (lo + hi) // 2 // 1024 * 1024
-                        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-                out["backends"][c.label] = {"fits": lo or None, "oom_at": hi if hi <= o.search_cap else None}
+                got = search_longest(fits, o.search_cap, start=1024, unit=1024, name="seq_len")
+                out["backends"][c.label] = {"fits": got["max_context"] or None, "oom_at": got["first_failure"]}
             except Exception as exc:
                 out["backends"][c.label] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
     return out
