@@ -50,7 +50,7 @@ from ..measure import context_parallel as cp
 from ..measure import distributed as dd
 from ..measure.flops import attention_flops
 from ..measure.kernels import SDPA_OPS
-from ..measure.timing import cap_cuda_memory, is_oom, oom_message, search_longest
+from ..measure.timing import cap_cuda_memory, free_memory, is_oom, oom_message, search_longest
 from ..report import CannotRun, Check, Reporter, StepResult, fmt_mb, fmt_ms
 from ..swap import switch
 
@@ -388,8 +388,8 @@ def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, reporter: Reporter) 
     each probe's outcome (a rank out of memory fails it for all)."""
     o, n = p.o, rank.world_size
     unit = 64 * (2 * n if p.load_balance else n)
-    cap = min(o.max_seq_len_search, (loaded.max_seq_len() or o.max_seq_len_search) if loaded is not None
-              else o.max_seq_len_search)
+    model_limit = loaded.max_seq_len() if loaded is not None else None
+    cap = min(o.max_seq_len_search, model_limit or o.max_seq_len_search)
     found: dict[str, Any] = {"unit": unit}
     for where in ("one_device", "sharded") if n > 1 else ("one_device",):
         peaks: dict[int, float | None] = {}
@@ -415,8 +415,7 @@ def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, reporter: Reporter) 
                     ran, err = None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
                 peaks[seq_len] = ran.run.total_mb if ran else None
                 del ran
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                free_memory(rank.device)  # as every search's probe does (timing.fits_in_memory)
             ok = dd.agree(err is None, rank)
             if not ok:
                 errors[seq_len] = err or "another rank ran out of memory"
