@@ -76,6 +76,11 @@ def build_parser():
                    help="dtype the ring merges partial outputs in: float32 (torch's default, "
                         "_cp_options.convert_to_f32) or input (the input's dtype: less memory, judged by the same "
                         "accuracy check) (default: float32)")
+    c.add_argument("--heads-per-call", type=int, metavar="N",
+                   help="run torch's ring on N heads at a time, the outputs written into one [B, H, S/N_ranks, D] "
+                        "tensor: heads are independent, so the output is the same, and what the ring allocates "
+                        "beyond the q/k/v/output shards (K/V send and receive buffers, merge temporaries) falls to "
+                        "N/H of one call's (default: all heads in one call; attention workload only)")
     cli.add_sdpa_kernel_arg(c)
     c.add_argument("--flash-impl", choices=("FA3", "FA4"),
                    help="put FlashAttention-3 or -4 behind SDPA's flash kernel (torch.nn.attention."

@@ -69,18 +69,26 @@ def test_under_torchrun_only_rank_0_prints_and_alltoall_non_causal_match():
     assert d["shape"]["kv_len"] == 128 and d["accuracy"]["passed"]
 
 
-def test_merging_in_the_input_dtype_holds_less_than_torchs_float32_merge():
-    # bf16 on CPU: torch's ring merges in float32 by default (_cp_options.convert_to_f32);
-    # --merge-dtype input merges in bf16. Both must match float64; the bf16 merge must allocate less.
-    runs = {m: run_script("context_parallel.py", *SMALL, "--dtype", "bfloat16", "--merge-dtype", m)
-            for m in ("float32", "input")}
-    for merge, run in runs.items():
-        assert run.rc == 0 and run.result["status"] == "pass", (merge, run.result["summary"], run.stderr[-2000:])
+def test_a_bf16_merge_and_fewer_heads_per_ring_call_each_hold_less_than_torchs_defaults():
+    # bf16 on CPU: torch's ring merges in float32 by default (_cp_options.convert_to_f32) on all
+    # heads in one call. --merge-dtype input merges in bf16; --heads-per-call 1 runs the ring once
+    # per head (4 calls). Each must match float64 and allocate less than the defaults.
+    settings = {"defaults": [], "bf16 merge": ["--merge-dtype", "input"], "1 head per call": ["--heads-per-call", "1"]}
+    runs = {name: run_script("context_parallel.py", *SMALL, "--dtype", "bfloat16", *args)
+            for name, args in settings.items()}
+    for name, run in runs.items():
+        assert run.rc == 0 and run.result["status"] == "pass", (name, run.result["summary"], run.stderr[-2000:])
         d = run.result["data"]
-        assert d["merge_dtype"] == merge and d["accuracy"]["passed"]
-        assert ("in float32" if merge == "float32" else "in bfloat16") in d["memory_explained"]
-    peak = {m: max(r["peak_memory_mb"] for r in run.result["data"]["ranks"]) for m, run in runs.items()}
-    assert peak["input"] < peak["float32"], peak
+        assert d["accuracy"]["passed"]
+        assert ("in bfloat16" if name == "bf16 merge" else "in float32") in d["memory_explained"]
+    per_head = runs["1 head per call"].result["data"]
+    assert (per_head["heads_per_call"], per_head["ring_calls"]) == (1, 4)
+    assert "one of 4 ring calls on 1 of 4 heads" in per_head["memory_explained"]
+    for r in per_head["ranks"]:  # 2 ring steps per call, 4 calls
+        assert r["kernels"] == {"aten::_scaled_dot_product_flash_attention_for_cpu": 8}
+    assert runs["defaults"].result["data"]["ring_calls"] == 1
+    peak = {name: max(r["peak_memory_mb"] for r in run.result["data"]["ranks"]) for name, run in runs.items()}
+    assert peak["bf16 merge"] < peak["defaults"] and peak["1 head per call"] < peak["defaults"], peak
 
 
 LIMITS = [
@@ -92,6 +100,8 @@ LIMITS = [
     (["--seq-len", "257", "--no-load-balance"], "is not divisible by the world size 2"),
     (["--rotate", "ring"], "invalid choice: 'ring'"),
     (["--merge-dtype", "bf16"], "invalid choice: 'bf16'"),
+    (["--heads-per-call", "0"], "--heads-per-call must be positive, not 0"),
+    (["--model", "demo:llama", "--heads-per-call", "1"], "--heads-per-call applies to the attention workload only"),
     (["--model", "demo:llama", "--load-balance", "--device", "cuda"], None),
 ]
 

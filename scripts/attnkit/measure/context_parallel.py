@@ -249,6 +249,26 @@ def tensors_mb(*tensors: torch.Tensor) -> float:
     return total / 2**20
 
 
+def by_head_groups(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   heads_per_call: int | None) -> torch.Tensor:
+    """``attend(q, k, v)`` over ``heads_per_call`` heads at a time, written into one output.
+
+    q [B, H, S, D], k and v [B, H, S_kv, D] -> [B, H, S, D]. Attention heads are independent,
+    so calling torch's ring on a group of heads at a time gives the same output, while what
+    the ring allocates for one call (its K/V send copy and receive buffer, block outputs,
+    merge temporaries: ``memory_explained``) shrinks to that group's share; the output
+    itself is allocated once. ``heads_per_call`` None or >= H: one call on all heads.
+    """
+    heads = q.shape[1]
+    if heads_per_call is None or heads_per_call >= heads:
+        return attend(q, k, v)
+    out = q.new_empty(*q.shape[:3], v.shape[3])
+    for start in range(0, heads, heads_per_call):
+        group = slice(start, start + heads_per_call)
+        out[:, group] = attend(q[:, group], k[:, group], v[:, group])
+    return out
+
+
 # ----------------------------------------------------------------------------- runs
 
 @dataclass
@@ -289,10 +309,12 @@ def _buffers(work: Workload) -> list[torch.Tensor]:
 
 
 def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: list[str] | None, load_balance: bool,
-                      rotate: str, reps: int, warmup: bool = True, gather: bool = True) -> Sharded:
+                      rotate: str, reps: int, warmup: bool = True, gather: bool = True,
+                      heads_per_call: int | None = None) -> Sharded:
     """SDPA inside ``context_parallel`` (the public API; CUDA): the token ids are sharded,
     each rank looks up its own q, k, v and calls ``F.scaled_dot_product_attention``, which
-    the block has replaced by ring attention; the output is gathered with
+    the block has replaced by ring attention, on ``heads_per_call`` heads at a time
+    (``by_head_groups``; None: all heads in one call); the output is gathered with
     ``context_parallel_unshard`` (``gather=False``: not gathered, output None, as in the
     longest-sequence search, where the whole output on every rank is not what is asked)."""
     from torch.distributed.tensor.experimental import context_parallel
@@ -304,9 +326,12 @@ def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: li
                               no_restore_buffers=set(buffers)):
             q, k, v = work.qkv(*buffers)  # [B, H, S / N, D] each
 
+            def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=work.causal)  # the ring, via DTensor
+
             def run() -> torch.Tensor:
                 with torch.no_grad(), switch.sdpa_kernels(sdpa_kernels):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=work.causal)  # the ring, via DTensor
+                    return by_head_groups(ring, q, k, v, heads_per_call)
 
             measured, out = _measure(run, rank, reps, tensors_mb(q, k, v, *buffers), warmup,
                                      tensors_mb(*work.tables))
@@ -318,10 +343,11 @@ def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: li
 
 
 def ring_attention(work: Workload, rank: Rank, mesh: Any, *, load_balance: bool, rotate: str, reps: int,
-                   warmup: bool = True) -> Sharded:
+                   warmup: bool = True, heads_per_call: int | None = None) -> Sharded:
     """Torch's ring (``_templated_ring_attention``) with SDPA's CPU flash kernel, on shards
-    made by ``_context_parallel_shard`` with the head-tail load balancer, gathered with
-    ``context_parallel_unshard``: the CPU check of the logic the GPU handlers run."""
+    made by ``_context_parallel_shard`` with the head-tail load balancer, ``heads_per_call``
+    heads at a time (``by_head_groups``), gathered with ``context_parallel_unshard``: the
+    CPU check of the logic the GPU handlers run."""
     from torch.distributed.tensor.experimental._attention import (_context_parallel_shard, _HeadTailLoadBalancer,
                                                                   _templated_ring_attention, context_parallel_unshard)
 
@@ -333,13 +359,14 @@ def ring_attention(work: Workload, rank: Rank, mesh: Any, *, load_balance: bool,
         q, k, v = work.qkv(*buffers)
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
+        def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return _templated_ring_attention(mesh.get_group(), 2, op, q, k, v, is_causal=work.causal)[0]
+
         def run() -> torch.Tensor:
             with torch.no_grad():
-                out, _lse = _templated_ring_attention(mesh.get_group(), 2, op, q, k, v, is_causal=work.causal)[:2]
-            return out
+                return by_head_groups(ring, q, k, v, heads_per_call)
 
-        measured, out = _measure(run, rank, reps, tensors_mb(q, k, v, *buffers), warmup,
-                                     tensors_mb(*work.tables))
+        measured, out = _measure(run, rank, reps, tensors_mb(q, k, v, *buffers), warmup, tensors_mb(*work.tables))
         (full,) = context_parallel_unshard(mesh, [out], [2], load_balancer=balancer)
     return Sharded(measured, full)
 

@@ -56,6 +56,9 @@ from ..swap import switch
 
 STEP = "context_parallel"
 
+#: Heads per ring call when --heads-per-call is not given (None: all heads in one call).
+DEFAULT_HEADS_PER_CALL: int | None = None
+
 #: Default sequence length: the issue's 128K-token context on GPUs; a quick check on CPU.
 DEFAULT_SEQ_LEN = {"cuda": 131072, "cpu": 512}
 
@@ -79,6 +82,7 @@ class CPOptions:
     load_balance: bool | None = None
     rotate: str = "allgather"
     merge_dtype: str = "float32"
+    heads_per_call: int | None = None  # None: DEFAULT_HEADS_PER_CALL
     sdpa_kernels: list[str] | None = None
     attn_mask: bool = False
     model: str | None = None
@@ -106,6 +110,7 @@ class Plan:
     kv_len: int
     load_balance: bool
     sdpa_kernels: list[str] | None
+    heads_per_call: int  # heads per ring call (bare attention); == heads: one call
     notes: list[str]
 
 
@@ -118,6 +123,8 @@ def plan(o: CPOptions) -> Plan:
         value = getattr(o, name)
         if value < (0 if name == "reps" else 1):
             raise CannotRun(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'reps' else 'positive'}, not {value}")
+    if o.heads_per_call is not None and o.heads_per_call < 1:
+        raise CannotRun(f"--heads-per-call must be positive, not {o.heads_per_call}")
     if o.nproc is not None and o.nproc < 1:
         raise CannotRun(f"--nproc must be at least 1, not {o.nproc}")
     _, device, dtype = resolve(o.device, o.dtype)
@@ -151,6 +158,8 @@ def plan(o: CPOptions) -> Plan:
         broken.append("--model runs a causal LM: --no-causal applies to the attention workload only")
     if o.model is not None and o.kv_len not in (None, seq_len):
         broken.append("--kv-len applies to the attention workload only, not to --model")
+    if o.model is not None and o.heads_per_call is not None:
+        broken.append("--heads-per-call applies to the attention workload only: a model makes its own SDPA calls")
     if o.flash_impl is not None:
         if kind != "cuda":
             broken.append(f"--flash-impl {o.flash_impl} needs CUDA GPUs")
@@ -169,7 +178,8 @@ def plan(o: CPOptions) -> Plan:
         raise CannotRun(f"--max-seq-len-search {o.max_seq_len_search} is below --seq-len {seq_len}",
                         "pass the longest sequence to try, e.g. 1048576")
     kernels = o.sdpa_kernels or (["flash"] if o.flash_impl else list(cp.CP_KERNELS) if kind == "cuda" else None)
-    return Plan(o, kind, dtype, world_size, launcher, seq_len, kv_len, load_balance, kernels, notes)
+    heads_per_call = min(o.heads, o.heads_per_call or DEFAULT_HEADS_PER_CALL or o.heads)
+    return Plan(o, kind, dtype, world_size, launcher, seq_len, kv_len, load_balance, kernels, heads_per_call, notes)
 
 
 def context_parallel(o: CPOptions, reporter: Reporter) -> StepResult:
@@ -254,9 +264,10 @@ def _sharded(p: Plan, work: cp.Workload, rank: dd.Rank, mesh: Any, reps: int, wa
              gather: bool = True) -> cp.Sharded:
     if p.device_kind == "cuda":
         return cp.sharded_attention(work, rank, mesh, sdpa_kernels=p.sdpa_kernels, load_balance=p.load_balance,
-                                    rotate=p.o.rotate, reps=reps, warmup=warmup, gather=gather)
+                                    rotate=p.o.rotate, reps=reps, warmup=warmup, gather=gather,
+                                    heads_per_call=p.heads_per_call)
     return cp.ring_attention(work, rank, mesh, load_balance=p.load_balance, rotate=p.o.rotate, reps=reps,
-                             warmup=warmup)
+                             warmup=warmup, heads_per_call=p.heads_per_call)
 
 
 def _load_model(p: Plan, rank: dd.Rank) -> models.LoadedModel:
@@ -455,6 +466,8 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
                   **({"heads": o.heads, "head_dim": o.head_dim} if loaded is None else {})},
         "attention": loaded.attention_shape() if loaded is not None else None,
         "causal": o.causal, "load_balance": p.load_balance, "rotate": o.rotate, "merge_dtype": o.merge_dtype,
+        "heads_per_call": p.heads_per_call if loaded is None else None,
+        "ring_calls": -(-o.heads // p.heads_per_call) if loaded is None else None,
         "sdpa_kernels_allowed": p.sdpa_kernels,
         "flash_impl": o.flash_impl,
         "limits": cp.LIMITS, "single_device": base.run.to_dict() if base else {"error": base_err},
@@ -530,13 +543,18 @@ def _memory_explained(p: Plan, runs: list[dict]) -> str:
     o, n = p.o, len(runs)
     shard_mb = o.batch_size * o.heads * (p.seq_len // n) * o.head_dim * p.dtype.itemsize / 2**20
     worst = max(runs, key=lambda r: r["total_mb"])
-    return (f"rank {worst['rank']}: peak {fmt_mb(worst['total_mb'])} = q/k/v shards {fmt_mb(worst['resident_mb'])} + "
-            f"{fmt_mb(worst['peak_memory_mb'])} allocated by the ring call, {worst['peak_memory_mb'] / shard_mb:.1f}x "
-            f"the output shard of {fmt_mb(shard_mb)}: torch's ring holds a send copy (torch.cat of K and V) and a "
-            f"receive buffer of the K/V shard ({'all N shards' if o.rotate == 'allgather' else 'one shard'} with "
-            f"--rotate {o.rotate}) and merges the partial outputs in "
-            f"{'float32' if o.merge_dtype == 'float32' else dtype_name(p.dtype)} (--merge-dtype {o.merge_dtype}); "
-            "for attention alone, per-rank memory falls slower than 1/N")
+    calls = -(-o.heads // p.heads_per_call)
+    ring = (f"torch's ring holds a send copy (torch.cat of K and V) and a receive buffer of the K/V shard "
+            f"({'all N shards' if o.rotate == 'allgather' else 'one shard'} with --rotate {o.rotate}) and merges the "
+            f"partial outputs in {'float32' if o.merge_dtype == 'float32' else dtype_name(p.dtype)} "
+            f"(--merge-dtype {o.merge_dtype})")
+    head = (f"rank {worst['rank']}: peak {fmt_mb(worst['total_mb'])} = q/k/v shards {fmt_mb(worst['resident_mb'])} + "
+            f"{fmt_mb(worst['peak_memory_mb'])} allocated by the call, {worst['peak_memory_mb'] / shard_mb:.1f}x the "
+            f"output shard of {fmt_mb(shard_mb)}: ")
+    if calls == 1:
+        return head + ring + "; for attention alone, per-rank memory falls slower than 1/N (--heads-per-call lowers it)"
+    return (head + f"the output shard, allocated once, and what one of {calls} ring calls on {p.heads_per_call} of "
+            f"{o.heads} heads holds, where {ring}: {p.heads_per_call}/{o.heads} of what one call on all heads holds")
 
 
 def _cpu_api_record(p: Plan, rank: dd.Rank, found: dict) -> dict[str, Any]:
