@@ -80,7 +80,8 @@ def build_parser():
                    help="run torch's ring on N heads at a time, the outputs written into one [B, H, S/N_ranks, D] "
                         "tensor: heads are independent, so the output is the same, and what the ring allocates "
                         "beyond the q/k/v/output shards (K/V send and receive buffers, merge temporaries) falls to "
-                        "N/H of one call's (default: all heads in one call; attention workload only)")
+                        "N/H of one call's; N >= H: all heads in one call, as torch does (default: 1, the least "
+                        "memory; attention workload only)")
     cli.add_sdpa_kernel_arg(c)
     c.add_argument("--flash-impl", choices=("FA3", "FA4"),
                    help="put FlashAttention-3 or -4 behind SDPA's flash kernel (torch.nn.attention."

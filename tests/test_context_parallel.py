@@ -34,10 +34,11 @@ def test_cpu_gloo_check_runs_torchs_ring_and_gathers_the_output():
     d = r["data"]
     assert (d["world_size"], d["backend"], d["launcher"], d["device"]) == (2, "gloo", "spawn", "cpu")
     assert d["causal"] and d["load_balance"] and d["rotate"] == "allgather"
-    # torch's ring ran SDPA's CPU flash kernel on each rank, once per ring step
+    assert (d["heads_per_call"], d["ring_calls"]) == (1, 4)  # the default: torch's ring on one head at a time
+    # torch's ring ran SDPA's CPU flash kernel on each rank, once per ring step (2) and head (4)
     assert run.check("kernels")["passed"]
     for rank in d["ranks"]:
-        assert rank["kernels"] == {"aten::_scaled_dot_product_flash_attention_for_cpu": 2}
+        assert rank["kernels"] == {"aten::_scaled_dot_product_flash_attention_for_cpu": 8}
         assert rank["total_mb"] > 0 and rank["latency_ms"] > 0
     acc = d["accuracy"]
     assert acc["passed"] and acc["compared_positions"] > 0
@@ -69,11 +70,13 @@ def test_under_torchrun_only_rank_0_prints_and_alltoall_non_causal_match():
     assert d["shape"]["kv_len"] == 128 and d["accuracy"]["passed"]
 
 
-def test_a_bf16_merge_and_fewer_heads_per_ring_call_each_hold_less_than_torchs_defaults():
-    # bf16 on CPU: torch's ring merges in float32 by default (_cp_options.convert_to_f32) on all
-    # heads in one call. --merge-dtype input merges in bf16; --heads-per-call 1 runs the ring once
-    # per head (4 calls). Each must match float64 and allocate less than the defaults.
-    settings = {"defaults": [], "bf16 merge": ["--merge-dtype", "input"], "1 head per call": ["--heads-per-call", "1"]}
+def test_a_bf16_merge_and_one_head_per_ring_call_each_hold_less_than_torchs_own_way():
+    # bf16 on CPU: torch's own way is one ring call on all heads, merged in float32
+    # (_cp_options.convert_to_f32): --heads-per-call 4. --merge-dtype input merges in bf16; the
+    # step's default runs the ring once per head (4 calls). Each must match float64 and allocate
+    # less than torch's own way.
+    settings = {"torch": ["--heads-per-call", "4"], "bf16 merge": ["--heads-per-call", "4", "--merge-dtype", "input"],
+                "1 head per call": []}
     runs = {name: run_script("context_parallel.py", *SMALL, "--dtype", "bfloat16", *args)
             for name, args in settings.items()}
     for name, run in runs.items():
@@ -86,9 +89,41 @@ def test_a_bf16_merge_and_fewer_heads_per_ring_call_each_hold_less_than_torchs_d
     assert "one of 4 ring calls on 1 of 4 heads" in per_head["memory_explained"]
     for r in per_head["ranks"]:  # 2 ring steps per call, 4 calls
         assert r["kernels"] == {"aten::_scaled_dot_product_flash_attention_for_cpu": 8}
-    assert runs["defaults"].result["data"]["ring_calls"] == 1
+    assert runs["torch"].result["data"]["ring_calls"] == 1
     peak = {name: max(r["peak_memory_mb"] for r in run.result["data"]["ranks"]) for name, run in runs.items()}
-    assert peak["bf16 merge"] < peak["defaults"] and peak["1 head per call"] < peak["defaults"], peak
+    assert peak["bf16 merge"] < peak["torch"] and peak["1 head per call"] < peak["torch"], peak
+
+
+def _prepare_on_rank(index: int, port: int, queue) -> None:
+    from attnkit.measure import distributed as dd
+
+    rank = dd.join("cpu", rank=index, world_size=2, init_method=f"tcp://127.0.0.1:{port}", launcher="spawn")
+    try:
+        failed = []
+        # rank 1 asks the CPU allocator for 4 EiB: a real out-of-memory error, on one rank only
+        size = (1 << 62) if rank.rank == 1 else 16
+        try:
+            dd.prepare_together(lambda: torch.empty(size, dtype=torch.uint8), rank)
+        except Exception as exc:
+            failed.append(type(exc).__name__)
+        ok = dd.prepare_together(lambda: torch.ones(4), rank)  # the next round: every rank in step
+        t = torch.tensor([rank.rank + 1.0])
+        torch.distributed.all_reduce(t)
+        queue.put((rank.rank, failed, ok.sum().item(), t.item()))
+    finally:
+        dd.leave()
+
+
+def test_out_of_memory_on_one_rank_before_the_ring_fails_every_rank_and_leaves_them_in_step():
+    # a rank out of memory inside torch's ring left the other waiting in NCCL (a search hung on
+    # 2 H200s); prepare_together makes every rank fail together before the first collective
+    import torch.multiprocessing as mp
+    from attnkit.measure import distributed as dd
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_prepare_on_rank, args=(dd.free_port(), queue), nprocs=2, join=True)
+    got = sorted(queue.get() for _ in range(2))
+    assert got == [(0, ["PeerOutOfMemory"], 4.0, 3.0), (1, ["RuntimeError"], 4.0, 3.0)], got
 
 
 LIMITS = [
@@ -219,6 +254,9 @@ def test_two_gpus_match_one_and_each_rank_holds_its_half():
     single = d["single_device"]["resident_mb"]
     for r in d["ranks"]:
         assert r["total_mb"] > 0 and abs(r["resident_mb"] - single / 2) <= 0.1 * single
+    # the default, torch's ring on one head at a time: below the 3/4 of one GPU's memory that a
+    # ring on all heads at once needs at least (its q/k/v/output shards and one peer K/V shard)
+    assert d["heads_per_call"] == 1 and d["memory_ratio"] < 0.75, d["memory_explained"]
 
 
 @pytest.mark.multigpu

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from ..models import select_output
 from ..report import CannotRun
 from ..swap import switch
-from .distributed import Rank, RankRun, profile_call, timed_runs
+from .distributed import Rank, RankRun, prepare_together, profile_call, timed_runs
 
 #: Where the limits below were read (torch 2.13 wheel).
 SOURCE = "torch/distributed/tensor/experimental/_context_parallel/_attention.py"
@@ -310,13 +310,15 @@ def _buffers(work: Workload) -> list[torch.Tensor]:
 
 def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: list[str] | None, load_balance: bool,
                       rotate: str, reps: int, warmup: bool = True, gather: bool = True,
-                      heads_per_call: int | None = None) -> Sharded:
+                      heads_per_call: int | None = None, reserve_bytes: int = 0) -> Sharded:
     """SDPA inside ``context_parallel`` (the public API; CUDA): the token ids are sharded,
     each rank looks up its own q, k, v and calls ``F.scaled_dot_product_attention``, which
     the block has replaced by ring attention, on ``heads_per_call`` heads at a time
     (``by_head_groups``; None: all heads in one call); the output is gathered with
     ``context_parallel_unshard`` (``gather=False``: not gathered, output None, as in the
-    longest-sequence search, where the whole output on every rank is not what is asked)."""
+    longest-sequence search, where the whole output on every rank is not what is asked).
+    q, k, v are made on every rank before the ring starts, with ``reserve_bytes`` held on
+    top (``distributed.prepare_together``): out of memory there fails every rank together."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
@@ -324,7 +326,7 @@ def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: li
         buffers = _buffers(work)
         with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[1] * len(buffers),
                               no_restore_buffers=set(buffers)):
-            q, k, v = work.qkv(*buffers)  # [B, H, S / N, D] each
+            q, k, v = prepare_together(lambda: work.qkv(*buffers), rank, reserve_bytes)  # [B, H, S / N, D] each
 
             def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=work.causal)  # the ring, via DTensor
@@ -415,11 +417,14 @@ def model_single_device(loaded: Any, ids: torch.Tensor, rank: Rank, sdpa_kernels
 
 
 def sharded_model(loaded: Any, ids: torch.Tensor, rank: Rank, mesh: Any, *, sdpa_kernels: list[str] | None,
-                  rotate: str, reps: int, warmup: bool = True, gather: bool = True) -> Sharded:
+                  rotate: str, reps: int, warmup: bool = True, gather: bool = True,
+                  reserve_bytes: int = 0) -> Sharded:
     """The same forward pass inside ``context_parallel``: token ids and position ids [B, S]
     are the sharded buffers (contiguous shards: no load balancing, see ``problems``), every
     SDPA call of the model becomes ring attention, and the logits [B, S / N, V] are
-    gathered to [B, S, V] with ``context_parallel_unshard`` (not with ``gather=False``)."""
+    gathered to [B, S, V] with ``context_parallel_unshard`` (not with ``gather=False``).
+    ``reserve_bytes`` is held on every rank before the forward pass
+    (``distributed.prepare_together``)."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
@@ -427,6 +432,7 @@ def sharded_model(loaded: Any, ids: torch.Tensor, rank: Rank, mesh: Any, *, sdpa
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
         buffers = [ids.clone(), positions]
         with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[1, 1], no_restore_buffers=set(buffers)):
+            prepare_together(lambda: None, rank, reserve_bytes)
             measured, out = _measure(_model_forward(loaded, *buffers, sdpa_kernels), rank, reps, None, warmup)
         if not gather:
             return Sharded(measured, None)

@@ -7,7 +7,8 @@ a step needs and nothing about attention:
 * ``Rank``: who this process is (rank, world size, its device, the collective backend);
   ``join`` makes or joins the default process group (NCCL on GPUs, gloo on CPU).
 * ``gather`` (every rank's object on rank 0), ``agree`` (a flag every rank holds only
-  when all hold it), ``barrier``.
+  when all hold it), ``barrier``; ``prepare_together``: local allocations (and a memory
+  reserve) that fail on every rank together, before any collective.
 * ``timed_runs``: a fixed number of timed runs on every rank. Collectives inside ``run``
   need every rank to call it the same number of times, so the adaptive count of
   ``torch.utils.benchmark``'s ``blocked_autorange`` (which each rank would choose for
@@ -30,7 +31,7 @@ import torch.distributed as dist
 
 from ..report import CannotRun
 from .kernels import attention_kernels, profiled
-from .timing import _cpu_peak_mb, synchronize
+from .timing import _cpu_peak_mb, is_oom, synchronize
 
 #: How long a collective may wait for the other ranks before the run fails (torch's own
 #: default for NCCL is 10 minutes; ``init_process_group(timeout=...)``).
@@ -133,6 +134,35 @@ def agree(flag: bool, rank: Rank) -> bool:
     t = torch.tensor([1 if flag else 0], device=rank.device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+class PeerOutOfMemory(RuntimeError):
+    """Another rank ran out of memory before the collectives began (``is_oom`` reads it as out of memory)."""
+
+
+def prepare_together(build: Callable[[], Any], rank: Rank, reserve_bytes: int = 0) -> Any:
+    """``build()`` on this rank (local work only, no collectives), then hold ``reserve_bytes``
+    more (a uint8 tensor freed at once: the memory stays in torch's caching allocator for
+    what comes next), then one ``agree`` that every rank reaches whatever happened.
+
+    Returns ``build()``'s result when every rank succeeded. Raises, on every rank, when any
+    rank ran out of memory (``timing.is_oom``): its own error, or ``PeerOutOfMemory`` on the
+    others; any other error of ``build()`` is raised on its rank alone, as before. Why: a rank out of memory inside a sequence of collectives (torch's ring) leaves
+    the other ranks waiting in NCCL until the process group's timeout; out of memory before
+    the first collective, on every rank together, is a failure they can all report."""
+    built, failure = None, None
+    try:
+        built = build()
+        if reserve_bytes > 0 and rank.device.startswith("cuda"):
+            torch.empty(reserve_bytes, dtype=torch.uint8, device=rank.device)  # held and freed: now cached
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        failure = exc
+    if not agree(failure is None, rank):
+        built = None
+        raise failure or PeerOutOfMemory("another rank ran out of memory before the collectives began")
+    return built
 
 
 @dataclass

@@ -56,8 +56,11 @@ from ..swap import switch
 
 STEP = "context_parallel"
 
-#: Heads per ring call when --heads-per-call is not given (None: all heads in one call).
-DEFAULT_HEADS_PER_CALL: int | None = None
+#: Heads per ring call when --heads-per-call is not given: one, the least memory per rank.
+#: Measured on 2 H200s (S 131072, H 32, bf16, references/context-parallel.md): per-rank
+#: memory 0.55x one GPU's with 1 head per call, 0.91x with 8, 2.01x with all 32; latency
+#: 133.4 ms vs 126.9 ms with all heads in one call.
+DEFAULT_HEADS_PER_CALL = 1
 
 #: Default sequence length: the issue's 128K-token context on GPUs; a quick check on CPU.
 DEFAULT_SEQ_LEN = {"cuda": 131072, "cpu": 512}
@@ -178,7 +181,7 @@ def plan(o: CPOptions) -> Plan:
         raise CannotRun(f"--max-seq-len-search {o.max_seq_len_search} is below --seq-len {seq_len}",
                         "pass the longest sequence to try, e.g. 1048576")
     kernels = o.sdpa_kernels or (["flash"] if o.flash_impl else list(cp.CP_KERNELS) if kind == "cuda" else None)
-    heads_per_call = min(o.heads, o.heads_per_call or DEFAULT_HEADS_PER_CALL or o.heads)
+    heads_per_call = min(o.heads, o.heads_per_call or DEFAULT_HEADS_PER_CALL)
     return Plan(o, kind, dtype, world_size, launcher, seq_len, kv_len, load_balance, kernels, heads_per_call, notes)
 
 
@@ -261,11 +264,11 @@ def _workload(p: Plan, rank: dd.Rank, seq_len: int, kv_len: int | None = None) -
 
 
 def _sharded(p: Plan, work: cp.Workload, rank: dd.Rank, mesh: Any, reps: int, warmup: bool = True,
-             gather: bool = True) -> cp.Sharded:
+             gather: bool = True, reserve_bytes: int = 0) -> cp.Sharded:
     if p.device_kind == "cuda":
         return cp.sharded_attention(work, rank, mesh, sdpa_kernels=p.sdpa_kernels, load_balance=p.load_balance,
                                     rotate=p.o.rotate, reps=reps, warmup=warmup, gather=gather,
-                                    heads_per_call=p.heads_per_call)
+                                    heads_per_call=p.heads_per_call, reserve_bytes=reserve_bytes)
     return cp.ring_attention(work, rank, mesh, load_balance=p.load_balance, rotate=p.o.rotate, reps=reps,
                              warmup=warmup, heads_per_call=p.heads_per_call)
 
@@ -351,7 +354,7 @@ def _run_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
             notes.append("the search ran with each rank's memory capped at {memory_limit_gb:.1f} GB by "
                            "{enforced_by}".format(**cap_cuda_memory(o.memory_limit, rank.device)))
         try:
-            search = _search(p, rank, mesh, loaded, reporter)
+            search = _search(p, rank, mesh, loaded, shard, reporter)
         finally:
             if o.memory_limit is not None:
                 cap_cuda_memory(None, rank.device)
@@ -391,12 +394,27 @@ def _accuracy(p: Plan, rank: dd.Rank, output: torch.Tensor, base_rows: torch.Ten
         return None
 
 
-def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, reporter: Reporter) -> dict[str, Any]:
+#: A sharded probe of the search holds this much more than the sharded call is expected to
+#: allocate (its measured bytes per token at the longest run so far, times the probe's
+#: length) before the ring starts (``distributed.prepare_together``): the slack for the
+#: allocator's rounding and fragmentation. The longest sharded length found can be short of
+#: the true one by about this share of the call's allocation.
+RESERVE_MARGIN = 1.05
+
+
+def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, shard: cp.Sharded | None,
+            reporter: Reporter) -> dict[str, Any]:
     """The longest sequence that runs, one forward pass per probe, on one device and sharded
     (``timing.search_longest``: the cap first, then doubling from --seq-len, then bisection
     to 1/64 of the longest fit). Lengths are multiples of 64 x the shard count (2 x N with
     load balancing, else N), so every probe meets the API's limits; every rank agrees on
-    each probe's outcome (a rank out of memory fails it for all)."""
+    each probe's outcome (a rank out of memory fails it for all).
+
+    A rank out of memory inside torch's ring would leave the others waiting in NCCL (it hung
+    a search on 2 H200s), so a sharded probe first makes its inputs and holds what the call
+    is expected to allocate, ``RESERVE_MARGIN`` x this rank's measured bytes per token (from
+    the sharded run at --seq-len, then from the longest sharded probe that ran) x the
+    probe's length, and all ranks fail together when any cannot."""
     o, n = p.o, rank.world_size
     unit = 64 * (2 * n if p.load_balance else n)
     model_limit = loaded.max_seq_len() if loaded is not None else None
@@ -405,26 +423,36 @@ def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, reporter: Reporter) 
     for where in ("one_device", "sharded") if n > 1 else ("one_device",):
         peaks: dict[int, float | None] = {}
         errors: dict[int, str] = {}
+        # bytes per token the sharded call allocated on this rank, and the length it was measured at
+        rate = (shard.run.peak_memory_mb * 2**20 / p.seq_len, p.seq_len) \
+            if shard is not None and shard.run.peak_memory_mb else (0.0, 0)
 
         def fits(seq_len: int, where: str = where) -> bool:
+            nonlocal rate
             with reporter.stage(f"--max-seq-len-search: {where.replace('_', ' ')}, seq_len {seq_len}"):
+                reserve = int(RESERVE_MARGIN * rate[0] * seq_len)
                 if loaded is not None:
-                    ids = _model_ids(loaded, o.batch_size, seq_len)
-                    fn = (lambda: cp.model_single_device(loaded, ids, rank, p.sdpa_kernels, 0, warmup=False)) \
-                        if where == "one_device" else \
-                        (lambda: cp.sharded_model(loaded, ids, rank, mesh, sdpa_kernels=p.sdpa_kernels,
-                                                  rotate=o.rotate, reps=0, warmup=False, gather=False))
+                    def fn():
+                        if where == "one_device":
+                            ids = _model_ids(loaded, o.batch_size, seq_len)
+                            return cp.model_single_device(loaded, ids, rank, p.sdpa_kernels, 0, warmup=False)
+                        ids = dd.prepare_together(lambda: _model_ids(loaded, o.batch_size, seq_len), rank)
+                        return cp.sharded_model(loaded, ids, rank, mesh, sdpa_kernels=p.sdpa_kernels, rotate=o.rotate,
+                                                reps=0, warmup=False, gather=False, reserve_bytes=reserve)
                 else:
                     def fn():
-                        work = _workload(p, rank, seq_len)
                         if where == "one_device":
-                            return cp.single_device(work, rank, p.sdpa_kernels, 0, warmup=False)
-                        return _sharded(p, work, rank, mesh, 0, warmup=False, gather=False)
+                            return cp.single_device(_workload(p, rank, seq_len), rank, p.sdpa_kernels, 0,
+                                                    warmup=False)
+                        work = dd.prepare_together(lambda: _workload(p, rank, seq_len), rank)
+                        return _sharded(p, work, rank, mesh, 0, warmup=False, gather=False, reserve_bytes=reserve)
                 try:
                     ran, err = _safely(fn)
                 except Exception as exc:  # not memory: a failure too, with what it was
                     ran, err = None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
                 peaks[seq_len] = ran.run.total_mb if ran else None
+                if where == "sharded" and ran and ran.run.peak_memory_mb and seq_len > rate[1]:
+                    rate = (ran.run.peak_memory_mb * 2**20 / seq_len, seq_len)
                 del ran
                 free_memory(rank.device)  # as every search's probe does (timing.fits_in_memory)
             ok = dd.agree(err is None, rank)
