@@ -14,6 +14,10 @@ proves it in the same run:
   time       median forward latency (ms, the slowest rank), and the scaling efficiency
              T_1 / (N x T_N) against plain SDPA on one device over the whole sequence
 
+By default torch's ring runs on one head at a time (--heads-per-call 1; heads are
+independent, the output is the same): a rank then holds its q/k/v/output shards and one
+head's ring buffers, about 1/N of one device's memory (0.55 on 2 H200s, S 131072, H 32).
+
 Launch it with torchrun, one process per GPU (NCCL); rank 0 prints the result:
   torchrun --nproc-per-node=2 scripts/context_parallel.py --seq-len 131072 --json
 Plain python on a GPU runs world size 1 (the 1-GPU baseline of the same path). On CPU it

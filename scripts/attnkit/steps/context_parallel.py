@@ -18,7 +18,8 @@ Each rank, in turn:
    SDPA over the whole sequence on its own device: the 1-device baseline;
 2. runs the sharded attention (``measure.context_parallel.sharded_attention``: the public
    ``context_parallel`` block on GPUs; ``ring_attention``, torch's ring with the CPU flash
-   kernel, on CPU), under torch.profiler once (which SDPA kernel ran, peak memory) and
+   kernel, on CPU), on ``--heads-per-call`` heads per ring call (default 1,
+   ``DEFAULT_HEADS_PER_CALL``), under torch.profiler once (which SDPA kernel ran, peak memory) and
    ``--reps`` times timed, and gathers the output by ``context_parallel_unshard``;
 3. sends its figures to rank 0, which judges the gathered output against a float64
    reference at sampled query rows with the project's rule
