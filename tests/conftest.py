@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,17 @@ class Run:
         found = [c for c in self.result["checks"] if c["name"] == name]
         assert found, f"no check {name!r} in {[c['name'] for c in self.result['checks']]}"
         return found[0]
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+#: Popen keywords for a child that a test stops with SIGINT (Ctrl-C): SIGINT's default action
+#: back in the child, as in a terminal, even where the test run itself inherited SIGINT
+#: ignored (started as a shell's background job, ``cmd &``), which Python would then keep
+#: ignoring: no KeyboardInterrupt, and the step would finish instead.
+CTRL_C = {"preexec_fn": _sigint_default}
 
 
 def run_script(name: str, *args: str, json_mode: bool = True, env: dict | None = None, cwd: Path | None = None,

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAST, MODELS, ROOT, SCRIPTS, run_script
+from conftest import CTRL_C, FAST, MODELS, ROOT, SCRIPTS, run_script
 
 ZOO = MODELS / "zoo.py"
 
@@ -115,7 +115,7 @@ def _interrupt_at(phase: str, *args: str) -> tuple[subprocess.Popen, list[str], 
     """Start enable_flash.py, send SIGINT the moment ``phase`` appears on stderr, and return
     the process, the progress lines seen before the signal, and its stdout and stderr."""
     proc = subprocess.Popen([sys.executable, str(SCRIPTS / "enable_flash.py"), "--json", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **CTRL_C)
     seen = []
     for line in proc.stderr:
         seen.append(line)

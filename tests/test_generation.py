@@ -12,7 +12,7 @@ import pytest
 import torch
 from attnkit import models
 from attnkit.measure import generation as gen
-from conftest import ROOT, SCRIPTS, run_script
+from conftest import CTRL_C, ROOT, SCRIPTS, run_script
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -146,7 +146,8 @@ def test_json_is_one_object_and_bad_input_is_one_line_exit_2():
 def test_ctrl_c_keeps_what_was_measured(tmp_path):
     proc = subprocess.Popen([sys.executable, str(SCRIPTS / "profile_generation.py"), "--json", "--prompt-len", "16",
                              "--new-tokens", "6", "--batch-size", "1", "--cache", "dynamic", "--min-run-time", "0.05",
-                             "--report-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--report-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **CTRL_C)
     for line in proc.stderr:
         if "sdpa: prompt 16" in line:
             proc.send_signal(signal.SIGINT)
