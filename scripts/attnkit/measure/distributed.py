@@ -147,9 +147,11 @@ def prepare_together(build: Callable[[], Any], rank: Rank, reserve_bytes: int = 
 
     Returns ``build()``'s result when every rank succeeded. Raises, on every rank, when any
     rank ran out of memory (``timing.is_oom``): its own error, or ``PeerOutOfMemory`` on the
-    others; any other error of ``build()`` is raised on its rank alone, as before. Why: a rank out of memory inside a sequence of collectives (torch's ring) leaves
-    the other ranks waiting in NCCL until the process group's timeout; out of memory before
-    the first collective, on every rank together, is a failure they can all report."""
+    others; any other error of ``build()`` is raised on its rank alone, as before.
+
+    Why: a rank out of memory inside a sequence of collectives (torch's ring) leaves the
+    other ranks waiting in NCCL until the process group's timeout; out of memory before the
+    first collective, on every rank together, is a failure they can all report."""
     built, failure = None, None
     try:
         built = build()
@@ -160,7 +162,7 @@ def prepare_together(build: Callable[[], Any], rank: Rank, reserve_bytes: int = 
             raise
         failure = exc
     if not agree(failure is None, rank):
-        built = None
+        built = None  # the traceback keeps this frame alive: free what was built before raising
         raise failure or PeerOutOfMemory("another rank ran out of memory before the collectives began")
     return built
 

@@ -117,6 +117,11 @@ class Plan:
     heads_per_call: int  # heads per ring call (bare attention); == heads: one call
     notes: list[str]
 
+    @property
+    def ring_calls(self) -> int:
+        """Ring calls per attention call: ceil(heads / heads_per_call)."""
+        return -(-self.o.heads // self.heads_per_call)
+
 
 def plan(o: CPOptions) -> Plan:
     """Resolve device, dtype, world size and defaults, and check the API's limits.
@@ -496,7 +501,7 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
         "attention": loaded.attention_shape() if loaded is not None else None,
         "causal": o.causal, "load_balance": p.load_balance, "rotate": o.rotate, "merge_dtype": o.merge_dtype,
         "heads_per_call": p.heads_per_call if loaded is None else None,
-        "ring_calls": -(-o.heads // p.heads_per_call) if loaded is None else None,
+        "ring_calls": p.ring_calls if loaded is None else None,
         "sdpa_kernels_allowed": p.sdpa_kernels,
         "flash_impl": o.flash_impl,
         "limits": cp.LIMITS, "single_device": base.run.to_dict() if base else {"error": base_err},
@@ -572,7 +577,7 @@ def _memory_explained(p: Plan, runs: list[dict]) -> str:
     o, n = p.o, len(runs)
     shard_mb = o.batch_size * o.heads * (p.seq_len // n) * o.head_dim * p.dtype.itemsize / 2**20
     worst = max(runs, key=lambda r: r["total_mb"])
-    calls = -(-o.heads // p.heads_per_call)
+    calls = p.ring_calls
     ring = (f"torch's ring holds a send copy (torch.cat of K and V) and a receive buffer of the K/V shard "
             f"({'all N shards' if o.rotate == 'allgather' else 'one shard'} with --rotate {o.rotate}) and merges the "
             f"partial outputs in {'float32' if o.merge_dtype == 'float32' else dtype_name(p.dtype)} "
