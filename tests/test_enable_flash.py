@@ -16,7 +16,7 @@ import torch
 from conftest import FAST, MODELS, run_script
 
 FUSED_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
-#: The fields DESIGN.md promises in enable_flash's data: agents read them.
+#: The fields ARCHITECTURE.md promises in enable_flash's data: agents read them.
 DATA_FIELDS = {"model", "device", "dtype", "shape", "baseline", "candidate", "speedup", "memory_ratio", "accuracy",
                "rejected", "report_dir"}
 MEASUREMENT_FIELDS = {"backend", "latency_ms", "peak_memory_mb", "kernels"}

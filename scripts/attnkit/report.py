@@ -1,6 +1,6 @@
 """Result objects of a checklist step, and every way they are shown.
 
-The step contract (DESIGN.md): a script prints exactly one JSON object on stdout with
+The step contract (ARCHITECTURE.md): a script prints exactly one JSON object on stdout with
 ``--json`` (logs and progress go to stderr), or a rich rendering for people without it,
 and exits ``0`` pass/skip, ``1`` a check failed, ``2`` the step could not run.
 
@@ -55,7 +55,7 @@ class Check:
 
 @dataclass
 class StepResult:
-    """The one JSON object a step prints (DESIGN.md, "The step contract")."""
+    """The one JSON object a step prints (ARCHITECTURE.md, "The step contract")."""
 
     step: str
     status: str

@@ -25,6 +25,7 @@ reference of a slice of the batch and heads.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -169,7 +170,8 @@ def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out
     ``inputs``: switch to it, time the first call (``compile_s``), time the steady state
     (``time_it``, forward, or forward + backward with ``train``), and judge its inference
     output against ``reference`` (float64) with ``baseline_out`` (the eager output) as the
-    rule's baseline. The model is left on the baseline. Returns ``cands``, updated."""
+    rule's baseline. Every run is inside ``switch.using``: the model keeps the backend it had.
+    Returns ``cands``, updated."""
     lm = loaded.family == "causal-lm"
     runs: dict[str, Callable[[], Any]] = {}
     for c in cands:
@@ -177,10 +179,9 @@ def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out
             continue
 
         def body(c=c):
-            switch.apply(loaded.model, c.backend)
             forward = forward_fn(loaded, inputs, c.sdpa_kernels)
             run = train_fn(loaded, inputs, c.sdpa_kernels) if train else forward
-            with dropout_off(loaded.model):
+            with switch.using(loaded.model, c.backend), dropout_off(loaded.model):
                 _, first = _first_call(run, loaded.device)
                 out = forward()
             runs[c.label] = run
@@ -196,16 +197,14 @@ def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out
         else:
             _attempt(c, body, loaded.device)
 
-    def switched(c: Candidate) -> None:
-        switch.apply(loaded.model, c.backend)
+    def switched(c: Candidate):
+        return switch.using(loaded.model, c.backend)
 
     if progress is not None:
         with progress(f"autotune: timing {len(runs)} candidates in {ROUNDS} interleaved rounds"):
             interleaved(cands, runs, switched, min_run_time, loaded.device, flops)
     else:
         interleaved(cands, runs, switched, min_run_time, loaded.device, flops)
-    if switch.has_switch(loaded.model):
-        switch.apply(loaded.model, BASELINE)
     return cands
 
 
@@ -214,12 +213,13 @@ def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out
 ROUNDS = 5
 
 
-def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], prepare: Callable[[Candidate], None],
+def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], scope: Callable[[Candidate], Any],
                 min_run_time: float, device: str, flops: float | None) -> None:
     """Time every candidate with a ``runs`` entry in ``ROUNDS`` rounds of ``min_run_time /
     ROUNDS`` seconds each (``time_it``): latency = the median of the round medians (ms), IQR
-    = their interquartile range; ``compile_s`` loses one steady-state call. A candidate that
-    fails here becomes ``error``."""
+    = their interquartile range; ``compile_s`` loses one steady-state call. ``scope(c)`` is
+    the context manager each timing runs in (``switch.using`` the candidate's backend). A
+    candidate that fails here becomes ``error``."""
     medians: dict[str, list[float]] = {label: [] for label in runs}
     timed = [c for c in cands if c.label in runs and c.status in ("passed", "failed", "baseline")]
     for _ in range(ROUNDS):
@@ -228,8 +228,8 @@ def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], prep
                 continue
 
             def body(c=c):
-                prepare(c)
-                medians[c.label].append(time_it(runs[c.label], min_run_time / ROUNDS, c.label)[0])
+                with scope(c):
+                    medians[c.label].append(time_it(runs[c.label], min_run_time / ROUNDS, c.label)[0])
 
             _attempt(c, body, device)
     for c in timed:
@@ -300,7 +300,7 @@ def tune_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cands: list[Candi
         _attempt(c, body, device)
         if was_baseline and c.status == "error":
             c.reason = f"the baseline could not be timed: {c.reason}"
-    interleaved(cands, runs, lambda c: None, min_run_time, device, flops)
+    interleaved(cands, runs, lambda c: contextlib.nullcontext(), min_run_time, device, flops)
     return cands
 
 

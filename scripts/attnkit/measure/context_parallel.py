@@ -399,7 +399,8 @@ def cpu_api_probe(work: Workload, rank: Rank, mesh: Any) -> dict[str, Any]:
 
 def _model_forward(loaded: Any, ids: torch.Tensor, positions: torch.Tensor, sdpa_kernels: list[str] | None):
     def run() -> torch.Tensor:
-        with torch.no_grad(), switch.sdpa_kernels(sdpa_kernels):
+        # SDPA is what torch's context parallel API shards: the model runs on it in this scope
+        with torch.no_grad(), switch.using(loaded.model, "sdpa"), switch.sdpa_kernels(sdpa_kernels):
             out = loaded.model(input_ids=ids, position_ids=positions, use_cache=False)
         return select_output(out)
 
@@ -408,7 +409,7 @@ def _model_forward(loaded: Any, ids: torch.Tensor, positions: torch.Tensor, sdpa
 
 def model_single_device(loaded: Any, ids: torch.Tensor, rank: Rank, sdpa_kernels: list[str] | None, reps: int,
                         warmup: bool = True) -> Sharded:
-    """One forward pass of a causal LM (``models.LoadedModel``, already on SDPA) over token
+    """One forward pass of a causal LM (``models.LoadedModel``, switched to SDPA while it runs) over token
     ids [B, S] on this rank's device: the 1-device baseline; output logits [B, S, V]."""
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
     measured, out = _measure(_model_forward(loaded, ids, positions, sdpa_kernels), rank, reps, None, warmup,

@@ -228,13 +228,19 @@ def measure_generation(loaded: Any, backend: str, *, batch_size: int, prompt_len
     Out of memory, any error of the backend, or transformers refusing the switch to it, is
     recorded in ``GenerationRun.error``; the caller goes on with the next run.
     """
-    model, device = loaded.model, loaded.device
     g = GenerationRun(backend, cache, batch_size, prompt_len, new_tokens, compiled=compile)
     try:
-        switch.apply(model, backend)
+        with switch.using(loaded.model, backend):
+            return _time_generation(loaded, g, min_run_time)
     except CannotRun as exc:  # transformers refused it for this model: this backend's result, not the step's
         g.error = exc.message
         return g
+
+
+def _time_generation(loaded: Any, g: GenerationRun, min_run_time: float) -> GenerationRun:
+    """``measure_generation``'s body, on a model already switched to ``g.backend``."""
+    device, backend, batch_size, prompt_len = loaded.device, g.backend, g.batch_size, g.prompt_len
+    new_tokens, cache, compile = g.new_tokens, g.cache, g.compiled
     shape = loaded.attention_shape()
     if shape and shape.get("head_dim"):
         g.kv_cache_mb = kv_cache_bytes(shape, prompt_len + new_tokens, batch_size, loaded.dtype) / 2**20
@@ -297,9 +303,9 @@ def greedy(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch
     """Greedy tokens and logits of ``backend`` on a (left-padded) batch; an error (out of
     memory, the backend failing, transformers refusing the switch) is recorded."""
     try:
-        switch.apply(loaded.model, backend)
-        out = generate_fn(loaded, ids, mask, new_tokens, cache, logits=True)()
-        synchronize(loaded.device)
+        with switch.using(loaded.model, backend):
+            out = generate_fn(loaded, ids, mask, new_tokens, cache, logits=True)()
+            synchronize(loaded.device)
     except CannotRun as exc:
         return Greedy(backend, cache, error=exc.message)
     except Exception as exc:
@@ -312,13 +318,9 @@ def greedy(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch
 def reference_logits(loaded: Any, tokens: torch.Tensor) -> torch.Tensor:
     """The next-token logits [V] after ``tokens`` [n] (one row, no padding), in float64 with
     eager attention; the weights are cast and restored exactly (``accuracy.exact_cast``)."""
-    previous = switch.apply(loaded.model, "eager")
-    try:
-        with exact_cast(loaded.model), torch.inference_mode():
-            out = loaded.model(input_ids=tokens[None].to(loaded.device), use_cache=False)
-        return out.logits[0, -1].double().cpu()
-    finally:
-        switch.revert(loaded.model, previous)
+    with switch.using(loaded.model, "eager"), exact_cast(loaded.model), torch.inference_mode():
+        out = loaded.model(input_ids=tokens[None].to(loaded.device), use_cache=False)
+    return out.logits[0, -1].double().cpu()
 
 
 def agreement(loaded: Any, base: Greedy, cand: Greedy, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
@@ -358,9 +360,9 @@ def fits_fn(loaded: Any, backend: str, batch_size: int, new_tokens: int) -> Call
     """``fits(P)``: True when prefill of [batch, P] plus ``new_tokens`` decode steps (dynamic
     cache) runs; False on out-of-memory; other errors propagate."""
     def fits(p: int) -> bool:
-        switch.apply(loaded.model, backend)
-        return fits_in_memory(lambda: generate_fn(loaded, *prompt(loaded, batch_size, p), new_tokens, "dynamic")(),
-                              loaded.device)
+        with switch.using(loaded.model, backend):
+            return fits_in_memory(lambda: generate_fn(loaded, *prompt(loaded, batch_size, p), new_tokens, "dynamic")(),
+                                  loaded.device)
 
     return fits
 

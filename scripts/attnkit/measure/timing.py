@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..backends import SDPA
 from ..report import CannotRun
 from ..swap import switch
 from .flops import forward_flops
@@ -63,6 +64,10 @@ class Measurement:
     label: str | None = None  # which model / setting, when one step measures several
     seq_len: int | None = None
     peak_memory_by_device: dict[str, float] | None = None  # a device-mapped model: MB per GPU
+    implementation: str | None = None  # what switch.current said while it was measured
+    device: str | None = None
+    fallback_reason: str | None = None  # CUDA ran SDPA's math kernel: torch's reasons the fused kernels refused
+    latency_samples_ms: list[float] = field(default_factory=list)  # interleaved rounds (``paired``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,6 +220,70 @@ def time_it(run: Callable[[], Any], min_run_time: float, label: str) -> tuple[fl
     return m.median * 1e3, iqr, len(m.times) * m.number_per_run
 
 
+#: Rounds of a before/after comparison (``paired``): each side is timed once per round, in
+#: turn, so that a machine that slows down in between slows both alike; 5 samples a side, the
+#: fewest the speed rule (``verdicts.speed_check``) takes for quartiles.
+PAIRED_ROUNDS = 5
+#: Warm-up ends when two consecutive block medians agree within this fraction (``warm_up``).
+STABLE_WITHIN = 0.05
+
+
+def warm_up(run: Callable[[], Any], seconds: float, label: str, tries: int = 3) -> int:
+    """Time ``run`` in blocks of ``seconds`` until two consecutive block medians agree within
+    ``STABLE_WITHIN`` (lazy inits, allocator growth, clocks and caches settle first), at most
+    ``tries`` blocks (the caller's measurement already ran it twice: a warm-up and the
+    profiled pass); returns how many blocks it took."""
+    last = None
+    for block in range(1, tries + 1):
+        median = time_it(run, seconds, label)[0]
+        if last is not None and abs(median - last) <= STABLE_WITHIN * max(median, last):
+            return block
+        last = median
+    return tries
+
+
+def paired(sides: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], min_run_time: float,
+           rounds: int = PAIRED_ROUNDS) -> dict[str, list[float]]:
+    """Interleaved timing of two (or more) ways to run the same work: ``sides`` maps a label
+    to (``scope``, ``run``), where ``scope()`` is a context manager that puts the model in
+    that side's state (``switch.using``) and ``run()`` is one pass. Each side is warmed up
+    until stable (``warm_up``), then timed in ``rounds`` rounds, every side once per round,
+    for ``min_run_time / rounds`` seconds each (``time_it``'s median of that block). Returns
+    label -> the round medians (ms), one per round. Exceptions propagate (the scopes have
+    restored the model)."""
+    block = max(min_run_time / rounds, 1e-3)
+    for label, (scope, run) in sides.items():
+        with scope():
+            warm_up(run, block, label)
+    samples: dict[str, list[float]] = {label: [] for label in sides}
+    for _ in range(rounds):
+        for label, (scope, run) in sides.items():
+            with scope():
+                samples[label].append(time_it(run, block, label)[0])
+    return samples
+
+
+def quartiles(samples: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of ``samples`` (``statistics.quantiles``, exclusive method; a single
+    sample is its own quartiles)."""
+    import statistics
+
+    if len(samples) < 2:
+        return samples[0], samples[0], samples[0]
+    q1, q2, q3 = statistics.quantiles(samples, n=4)
+    return q1, statistics.median(samples), q3
+
+
+def set_latency(m: "Measurement", samples: list[float]) -> None:
+    """Fill ``m``'s latency from interleaved round medians (``paired``): the median of the
+    rounds, their IQR, and the samples themselves; TFLOP/s follows from the median."""
+    q1, median, q3 = quartiles(samples)
+    m.latency_ms, m.latency_iqr_ms, m.latency_samples_ms = median, q3 - q1, list(samples)
+    m.runs = max(m.runs, len(samples))
+    if m.flops and median:
+        m.tflops = m.flops / (median * 1e-3) / 1e12
+
+
 def no_kernel_reasons(caught: list) -> str:
     """torch's own reasons why no SDPA kernel could take the inputs, from its warnings."""
     reasons = []
@@ -228,15 +297,16 @@ def no_kernel_reasons(caught: list) -> str:
 
 def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: float = 1.0,
             flops: float | None = None, mode: str = "forward",
-            devices: list[str] | None = None) -> tuple[Measurement, Any]:
+            devices: list[str] | None = None, timed: bool = True) -> tuple[Measurement, Any]:
     """Measure ``run`` (one forward pass of the model, already switched to ``backend``).
 
     Order: a warm-up pass, a profiled pass (kernels, peak memory, the output returned),
-    then ``time_it``. Out-of-memory at any point is recorded in ``Measurement.error`` and
+    then ``time_it`` (left to the caller with ``timed=False``: a before/after comparison
+    times both sides interleaved, ``paired``). Out-of-memory at any point is recorded in ``Measurement.error`` and
     the output is None. Raises ``CannotRun`` when SDPA has no allowed kernel for the
     inputs (``--sdpa-kernel`` too narrow), with torch's reasons; other exceptions propagate.
     """
-    m = Measurement(backend, flops=flops, mode=mode)
+    m = Measurement(backend, flops=flops, mode=mode, device=device)
     out = None
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -253,6 +323,8 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
                                 "the inputs") from None
         synchronize(device)
         out = profile_once(run, device, m, devices)
+        if not timed:
+            return m, out
         m.latency_ms, m.latency_iqr_ms, m.runs = time_it(run, min_run_time, backend)
         if flops and m.latency_ms:
             m.tflops = flops / (m.latency_ms * 1e-3) / 1e12
@@ -312,36 +384,81 @@ def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None,
 
 
 def run_backend(loaded: Any, inputs: Any, backend: str, sdpa_kernels: list[str] | None = None) -> torch.Tensor:
-    """Switch ``loaded`` to ``backend`` and run one forward pass (no timing); the output.
+    """Run one forward pass of ``loaded`` with ``backend`` (no timing); the output.
 
-    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``).
+    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``). The model is back
+    on its previous backend afterwards (``switch.using``).
     """
-    if switch.has_switch(loaded.model):
-        switch.apply(loaded.model, backend)
-    return forward_fn(loaded, inputs, sdpa_kernels)()
+    with switch.using(loaded.model, backend):
+        return forward_fn(loaded, inputs, sdpa_kernels)()
 
 
 def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: float = 1.0,
                     sdpa_kernels: list[str] | None = None, label: str | None = None, train: bool = False,
-                    flops: float | None = None, gradients: bool = True) -> tuple[Measurement, Any]:
-    """Switch ``loaded`` (a ``models.LoadedModel``) to ``backend`` and ``measure`` its forward
+                    flops: float | None = None, gradients: bool = True, timed: bool = True) -> tuple[Measurement, Any]:
+    """Inside ``switch.using(model, backend)``, ``measure`` the forward
     pass on ``inputs`` (forward + backward with ``train``); returns the measurement and the
     output (with ``train``: the pair (output, gradients); ``gradients=False`` keeps no copy
     of them, see ``train_fn``), None on OOM. ``flops`` overrides
     the model's own count (``forward_flops``; x3 for linear layers and x3.5 for attention
     with ``train``, flash-attn's benchmark counts a backward as 2.5 forwards).
 
-    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``).
+    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``). The model is back
+    on its previous backend afterwards (``switch.using``), whatever happened.
     """
-    if switch.has_switch(loaded.model):
-        switch.apply(loaded.model, backend)
     if flops is None:
         flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, loaded.attention_shape(), train)
     run = train_fn(loaded, inputs, sdpa_kernels, gradients) if train else forward_fn(loaded, inputs, sdpa_kernels)
-    m, out = measure(run, backend=backend, device=loaded.device, min_run_time=min_run_time, flops=flops,
-                     mode="forward+backward" if train else "forward", devices=getattr(loaded, "devices", None))
+    with switch.using(loaded.model, backend):
+        m, out = measure(run, backend=backend, device=loaded.device, min_run_time=min_run_time, flops=flops,
+                         mode="forward+backward" if train else "forward", devices=getattr(loaded, "devices", None),
+                         timed=timed)
+        m.implementation = switch.current(loaded.model)
+        if m.error is None and loaded.device.startswith("cuda") and MATH_OP in m.kernels:
+            m.fallback_reason = fused_refusal(loaded, inputs, sdpa_kernels)
     m.label, m.seq_len = label, inputs.seq_len
     return m, out
+
+
+def time_paired(sides: list[tuple[Any, Any, str, list[str] | None, Measurement]], min_run_time: float,
+                train: bool = False) -> None:
+    """Re-time already measured runs against each other, interleaved (``paired``), and set
+    each ``Measurement``'s latency from its rounds (``set_latency``): ``sides`` holds
+    (``models.LoadedModel``, its ``Inputs``, backend, allowed SDPA kernels, measurement), in
+    the order of a before/after comparison. Each side runs inside ``switch.using`` its
+    backend. Raises what a run raises (out of memory included); the models keep their
+    backends."""
+    runs = {}
+    for i, (loaded, inputs, backend, kernels, m) in enumerate(sides):
+        run = train_fn(loaded, inputs, kernels, gradients=False) if train else forward_fn(loaded, inputs, kernels)
+        runs[f"{i}:{m.label or backend}"] = (lambda loaded=loaded, backend=backend: switch.using(loaded.model, backend),
+                                             run)
+    samples = paired(runs, min_run_time)
+    for values, side in zip(samples.values(), sides):
+        set_latency(side[4], values)
+
+
+#: SDPA's unfused kernel, as the profiler names it: on a GPU, the same work as eager attention.
+MATH_OP = "aten::_scaled_dot_product_attention_math"
+
+
+def fused_refusal(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None) -> str:
+    """Why SDPA ran its math kernel on a GPU: one more forward pass with only the fused
+    kernels allowed (``torch.nn.attention.sdpa_kernel``), where torch raises "No available
+    kernel" and warns each kernel's reason ("Flash attention requires ...", "Mem efficient
+    attention requires last dimension of inputs to be divisible by 4"); their text, or, when
+    a fused kernel could take the inputs, that the math kernel was chosen (``sdpa_kernels``)."""
+    fused_names = [k.name for k in SDPA.kernels if k.fused and "cuda" in k.devices]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            forward_fn(loaded, inputs, fused_names)()
+        except RuntimeError as exc:
+            if not any(t in str(exc) for t in ("No available kernel", "No viable backend")):
+                return f"the fused-only pass raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            return no_kernel_reasons(caught)
+    allowed = ", ".join(sdpa_kernels) if sdpa_kernels else "torch's own choice"
+    return f"a fused kernel can take these inputs; the math kernel ran because it was allowed ({allowed})"
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None, min_run_time: float = 0.5) -> float:

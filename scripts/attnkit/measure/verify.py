@@ -16,7 +16,7 @@ import torch
 
 from ..models import cast_floating, select_output
 from .accuracy import compare, reference, run_reference
-from .kernels import attention_kernels, profiled
+from .kernels import SDPA_OPS, attention_kernels, profiled
 from .timing import run_backend, time_it
 
 
@@ -49,11 +49,18 @@ def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, bac
             acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
                           reference_name=ref_name.replace("eager", "original"))
             live.accuracy = acc.to_dict()
-            kernels = [k for k in attention_kernels(prof.events())
-                       if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
+            seen = attention_kernels(prof.events())
+            kernels = [k for k in seen if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
             live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
             if not acc.passed:
                 live.reason = f"outputs differ after the swap: {acc.evidence()}"
+                continue
+            if not ran_new_call(seen, backend):
+                # the rewrite kept the original path for these inputs (a run-time guard for a
+                # construct SDPA cannot take): the same output proves nothing about the swap
+                live.reason = (f"the swapped code did not call {backend} on the module's own inputs: the profiler saw "
+                               f"{', '.join(sorted(seen)) or 'no attention op'} (its original path ran, behind a "
+                               "run-time guard)")
                 continue
             live.status = "swapped"
         finally:
@@ -61,6 +68,17 @@ def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, bac
     swapper.revert()
     verify_model(swapper, loaded, inputs, dtype)
     return list(swapper.sites.values())
+
+
+def ran_new_call(seen: Any, backend: str) -> bool:
+    """Did the profiler (``kernels.attention_kernels`` counts) see ``backend``'s call run: an
+    SDPA op for sdpa (any of its kernels: which one is the kernels check's business), the
+    library's op for the others (``Backend.kernel_markers``)?"""
+    from ..backends import BACKENDS
+
+    if backend == "sdpa":
+        return any("scaled_dot_product" in k or k in SDPA_OPS for k in seen)
+    return any(m in k for k in seen for m in BACKENDS[backend].kernel_markers)
 
 
 def grad_mode(module: torch.nn.Module, args: tuple, kwargs: dict):

@@ -20,6 +20,12 @@ a folder or hub id (the weights go straight to their devices), accelerate's
 first). Accelerate hooks move the activations between devices; the inputs go to the
 first device that holds weights (``LoadedModel.device``).
 
+A model is moved and cast by ``place``, never by ``Module.to(dtype=...)``, which casts complex
+tensors to real (a complex rotary table loses its sine half). A factory's model is first
+proven unchanged by ``check_placement``: one forward pass of the model as the factory returned
+it, and one after placing it on the device in its own dtype, compared before the cast to the
+run's dtype; the figure goes to ``LoadedModel.notes``.
+
 Every failure to load raises ``CannotRun`` with one line saying what is wrong.
 """
 
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
+import math
 import os
 import re
 import sys
@@ -38,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..env import dtype_name
 from ..report import CannotRun
 from .demos import DEFAULT_MODEL, DEMOS
 from .inputs import TEXT, Inputs, row_lengths
@@ -319,6 +328,252 @@ def select_output(out: Any) -> torch.Tensor:
     raise CannotRun(f"the model returned {type(out).__name__} with no tensor to compare", "")
 
 
+# ----------------------------------------------------------------------------- placement
+
+def place(model: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move ``model`` to ``device`` and cast its floating-point parameters and buffers (and their
+    gradients) to ``dtype``; complex tensors are moved only and keep their dtype, integer and bool
+    tensors keep theirs. ``dtype`` None moves only, each tensor keeping its own dtype. Returns
+    ``model``, changed in place as ``Module.to`` changes it.
+
+    Why not ``model.to(device=device, dtype=dtype)``: torch's ``Module.to`` casts complex
+    parameters and buffers to a floating ``dtype`` as well, and a complex -> real cast keeps the
+    real part only (torch warns "Casting complex values to real discards the imaginary part").
+    Rotary tables kept as a complex ``freqs_cis`` buffer (Meta's reference Llama:
+    ``torch.polar(torch.ones_like(freqs), freqs)``, applied with ``torch.view_as_complex``) become
+    cosine-only, and the model measured is no longer the user's.
+
+    Raises ``ValueError`` when ``dtype`` is not a floating-point dtype (``Module.to`` refuses an
+    integer one too). torch's own errors from the move pass through unchanged:
+    ``torch.OutOfMemoryError``, a ``RuntimeError`` for a device torch cannot use, a
+    ``NotImplementedError`` for a tensor on the meta device.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"place() casts floating-point tensors to a floating-point dtype, not {dtype}")
+    target = torch.device(device)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(target, dtype) if dtype is not None and t.is_floating_point() else t.to(target)
+
+    return model._apply(convert)
+
+
+#: Mantissa bits no placement bound is tighter than: TF32, which torch may use for float32
+#: matmuls and convolutions on a GPU (torch.backends.cuda.matmul.allow_tf32,
+#: torch.backends.cudnn.allow_tf32), keeps 10.
+TF32_BITS = 10
+
+
+def placement_bound(dtype: torch.dtype, scale: float) -> tuple[float, int]:
+    """The largest difference ``check_placement`` accepts between two forward passes whose outputs
+    reach ``scale`` = max|out| in a model computing in ``dtype``: 4 * 2**-m * scale, m the
+    mantissa bits of ``dtype`` and at most ``TF32_BITS``; returns (bound, m)."""
+    bits = min(-round(math.log2(torch.finfo(dtype).eps)), TF32_BITS)
+    return 4 * 2.0 ** -bits * scale, bits
+
+
+def check_placement(loaded: LoadedModel, device: str) -> str:
+    """Place ``loaded.model`` on ``device`` in its own dtypes (``place`` with no dtype) and prove
+    that the placement kept the model; returns the note for ``LoadedModel.notes``.
+
+    ``loaded`` holds the model as the factory returned it: ``device`` where it is, ``dtype`` its
+    own (the dtype of its floating parameters, typically float32). One forward pass runs on
+    ``loaded.probe()`` before the placement, one after it on the same inputs moved to
+    ``device``, each under ``torch.no_grad()`` after ``torch.manual_seed(0)`` (a forward with
+    random ops compares; the caller's RNG state is restored afterwards). Nothing is copied: the
+    first pass keeps only its output, and a fingerprint (two float64 sums) of each buffer and of
+    each parameter that is not floating-point, to name what changed.
+
+    The bound: max|after - before| <= 4 * 2**-m * max|before| (``placement_bound``), m the
+    mantissa bits of the model's dtype but at most 10, since torch may run float32 matmuls in
+    TF32 on a GPU, which keeps 10. On the same device it is the same computation, and the two
+    outputs are equal bit for bit; a placement that loses a tensor changes them by far more.
+
+    The check is skipped, and the note says why, when the model as returned cannot run a forward
+    pass on the probe at all (a failure of its own, reported later by the step that runs it),
+    when the model in its own dtype does not fit on ``device`` (it is then cast on the way),
+    and when its forward is random and ``device`` is another kind of device, whose generator
+    draws other numbers from the same seed. ``loaded.device`` is ``device`` afterwards.
+
+    Raises ``CannotRun`` (one line: the largest difference, the likely cause, and the advice in
+    its hint) when the outputs differ beyond the bound, or when the forward pass that ran before
+    the placement raises after it. Errors of the move itself pass through (see ``place``).
+    """
+    model, source, own = loaded.model, loaded.device, loaded.dtype
+    with torch.random.fork_rng(devices=_cuda_indices(source, device)):
+        skipped, probe, before, facts = None, None, None, {}
+        try:
+            probe = loaded.probe()
+            torch.manual_seed(0)
+            with torch.no_grad():
+                before = loaded.forward(probe).detach()
+            facts = _tensor_facts(model)
+        except Exception as exc:  # the model's own failure (out of memory too): the step that runs it reports it
+            what = f"on {probe.description}" if probe is not None else "on a probe input"
+            skipped = (f"loading check skipped: a forward pass of the model as the factory returned it {what} "
+                       f"raised {_said(exc)}")
+        try:
+            place(model, device)
+        except torch.OutOfMemoryError as exc:
+            _release(device)
+            return (f"loading check skipped: the model in {dtype_name(own)} does not fit on {device} ({_said(exc)}); "
+                    "it is cast to the run's dtype on the way there instead")
+        loaded.device = device
+        if skipped:
+            return skipped
+        moved = Inputs(probe.batch_size, probe.seq_len, _to_device(probe.args, device),
+                       _to_device(probe.kwargs, device), probe.valid, probe.description)
+        where = f"{source} -> {device}" if source != device else f"on {device}"
+        try:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                after = loaded.forward(moved).detach()
+        except torch.OutOfMemoryError as exc:
+            _release(device)
+            return f"loading check skipped: the probe's forward pass ran out of memory on {device} ({_said(exc)})"
+        except Exception as exc:
+            raise CannotRun(f"loading broke the model: its forward pass on {probe.description} ran on the model as "
+                            f"the factory returned it (on {source}) but raised {_said(exc)} after placing it "
+                            f"{where}; likely cause: {_cause(facts, model)}", _PLACEMENT_ADVICE) from None
+        diff, scale = _largest_difference(before, after)
+        bound, bits = placement_bound(own, scale)
+        if diff <= bound:
+            return (f"loading kept the model: max|diff| {diff:.3g} in {dtype_name(own)} on the first forward "
+                    f"({probe.description}, {where}), within 4 x 2^-{bits} x max|out| = {bound:.3g}")
+        if torch.device(source).type != torch.device(device).type:
+            torch.manual_seed(1)
+            with torch.no_grad():
+                again = loaded.forward(moved).detach()
+            if _largest_difference(after, again)[0] > 0:
+                return (f"loading check skipped: the forward pass is random (seeds 0 and 1 differ) and {device} "
+                        f"draws other numbers than {source} from one seed, so the two runs cannot be compared")
+        raise CannotRun(f"loading changed the model: placed {where} in {dtype_name(own)}, its first forward on "
+                        f"{probe.description} differs from the model as the factory returned it by max|diff| "
+                        f"{diff:.3g} (bound 4 x 2^-{bits} x max|out| = {bound:.3g}); likely cause: "
+                        f"{_cause(facts, model)}", _PLACEMENT_ADVICE)
+
+
+_PLACEMENT_ADVICE = ("keep every tensor forward reads a parameter or a registered buffer "
+                     "(self.register_buffer(name, t, persistent=False)), and let .to() / _apply move it unchanged; "
+                     "then check the factory's model gives the same output on the target device")
+
+
+def _said(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, CannotRun) else " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def _cuda_indices(*devices: str) -> list[int]:
+    """The CUDA device indices among ``devices`` (fork_rng's ``devices``)."""
+    out = []
+    for d in devices:
+        dev = torch.device(d)
+        if dev.type == "cuda":
+            out.append(dev.index if dev.index is not None else torch.cuda.current_device())
+    return sorted(set(out))
+
+
+def _release(device: str) -> None:
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _to_device(obj: Any, device: str) -> Any:
+    """``obj`` with every tensor in it, through nested tuples, lists and dicts, moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _own_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a factory returned its floating parameters in (else its floating buffers; float32)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _device_of(model: nn.Module) -> str:
+    """Where a factory's model is: the device of its first parameter or buffer (cpu without any)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return str(t.device)
+    return "cpu"
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[float, float] | None:
+    """sum(t) and sum(|t|) in float64 (complex: over real and imaginary parts); None on the meta device."""
+    if t.is_meta:
+        return None
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == torch.bool:
+        total = float(t.sum(dtype=torch.float64))
+        return total, total
+    return float(t.sum(dtype=torch.float64)), float(t.abs().sum(dtype=torch.float64))
+
+
+def _tensor_facts(model: nn.Module) -> dict[str, tuple[str, torch.dtype, tuple[int, ...], Any]]:
+    """name -> (parameter | buffer, dtype, shape, fingerprint); the fingerprint of buffers and of
+    parameters that are not floating-point only (a model's weights are not summed)."""
+    facts = {}
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            sig = _fingerprint(t) if kind == "buffer" or not t.is_floating_point() else None
+            facts[name] = (kind, t.dtype, tuple(t.shape), sig)
+    return facts
+
+
+def _same_sum(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    if a is None or b is None:
+        return True
+    tol = 1e-9 * max(1.0, abs(a[1]))  # another device may sum in another order
+    return all(x == y or abs(x - y) <= tol or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
+
+
+def _cause(facts: dict[str, tuple], model: nn.Module) -> str:
+    """What most likely changed the model in its placement: a parameter or buffer whose dtype,
+    shape or values changed, else a tensor kept as a plain attribute, which ``.to()`` does not move."""
+    now = _tensor_facts(model)
+    changed = []
+    for name, (kind, dtype, shape, sig) in facts.items():
+        kept = "" if dtype.is_floating_point else ", not floating-point"
+        if name not in now:
+            changed.append(f"{kind} {name} ({dtype_name(dtype)}{kept}) disappeared")
+        elif now[name][1:3] != (dtype, shape):
+            changed.append(f"{kind} {name} ({dtype_name(dtype)}{kept}) changed to {dtype_name(now[name][1])} "
+                           f"{list(now[name][2])}")
+        elif not _same_sum(sig, now[name][3]):
+            changed.append(f"{kind} {name} ({dtype_name(dtype)}{kept}) changed its values")
+    if changed:
+        more = f" and {len(changed) - 2} more" if len(changed) > 2 else ""
+        return "; ".join(changed[:2]) + more + " in the placement"
+    plain = [f"{prefix}.{key}" if prefix else key for prefix, m in model.named_modules()
+             for key, value in vars(m).items() if isinstance(value, torch.Tensor)]
+    if plain:
+        more = f" and {len(plain) - 3} more" if len(plain) > 3 else ""
+        return (f"a tensor kept as a plain attribute ({', '.join(plain[:3])}{more}), which .to() does not move or "
+                "cast and the model may change itself")
+    return "none found: no parameter or buffer changed, so forward depends on the device it runs on"
+
+
+def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """max|a - b| (0 where both are equal or both NaN; inf for other shapes or a NaN against a
+    number) and max|a| over a's finite entries; compared in float64 on the CPU."""
+    if a.shape != b.shape:
+        return math.inf, 0.0
+    a, b = (torch.view_as_real(t) if t.is_complex() else t for t in (a.cpu(), b.cpu()))
+    a, b = a.double(), b.double()
+    diff = (a - b).abs()
+    diff = torch.where((a == b) | (a.isnan() & b.isnan()), 0.0, diff).nan_to_num(nan=math.inf)
+    finite = a[a.isfinite()]
+    return (float(diff.max()) if diff.numel() else 0.0), (float(finite.abs().max()) if finite.numel() else 0.0)
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _family_of(config: Any) -> str:
@@ -394,7 +649,8 @@ def _load_demo(name: str, device: str, dtype: torch.dtype, device_map: str | Non
     return model.eval(), family, None
 
 
-def _load_factory(spec: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, ModuleType]:
+def _load_factory(spec: str) -> tuple[nn.Module, ModuleType]:
+    """The factory's model as it returned it (in eval mode), and the factory's module."""
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py"):
         path = Path(target).expanduser()
@@ -427,7 +683,16 @@ def _load_factory(spec: str, device: str, dtype: torch.dtype) -> tuple[nn.Module
     if not isinstance(obj, nn.Module):
         raise CannotRun(f"factory {spec} returned {type(obj).__name__}, not a torch.nn.Module",
                         "return the model instance from the factory")
-    return obj.to(device=device, dtype=dtype).eval(), module
+    return obj.eval(), module
+
+
+def _place_factory(model: nn.Module, spec: str, module: ModuleType, family: str, device: str,
+                   dtype: torch.dtype, notes: list[str]) -> nn.Module:
+    """A factory's model on ``device`` in ``dtype``, after ``check_placement`` proved that placing
+    it in its own dtype kept it (its note appended to ``notes``). Raises ``CannotRun`` from it."""
+    as_returned = LoadedModel(model, spec, spec, "factory", family, _device_of(model), _own_dtype(model), None, module)
+    notes.append(check_placement(as_returned, device))
+    return place(model, device, dtype)
 
 
 def classify(spec: str) -> str:
@@ -460,8 +725,9 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
 
     Raises ``CannotRun`` (one line) for a path that does not exist, a folder without
     config.json, a hub id not available offline, a factory that fails or returns no
-    ``nn.Module``, remote code without ``trust_remote_code``, a ``device_map`` without
-    accelerate, or one that would offload weights to disk.
+    ``nn.Module``, a factory's model that placing it on ``device`` changed (``check_placement``),
+    remote code without ``trust_remote_code``, a ``device_map`` without accelerate, or one that
+    would offload weights to disk.
     """
     spec = spec or DEFAULT_MODEL
     kind = classify(spec)
@@ -476,12 +742,13 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
     if kind == "demo":
         model, family, tokenizer = _load_demo(spec.split(":", 1)[1], device, dtype, **placement)
     elif kind == "factory":
-        model, module = _load_factory(spec, "cpu" if device_map else device, dtype)
-        if device_map:
-            model = _dispatch(model, device_map, max_memory, dtype).eval()
+        model, module = _load_factory(spec)
         from transformers import PreTrainedModel
 
         family = _family_of(model.config) if isinstance(model, PreTrainedModel) else "module"
+        model = _place_factory(model, spec, module, family, "cpu" if device_map else device, dtype, notes)
+        if device_map:
+            model = _dispatch(model, device_map, max_memory, dtype).eval()
     elif kind == "folder":
         if not (Path(spec).expanduser() / "config.json").is_file():
             raise CannotRun(f"model folder {spec} has no config.json: not a Hugging Face model folder",

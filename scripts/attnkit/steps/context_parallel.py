@@ -284,7 +284,8 @@ def _load_model(p: Plan, rank: dd.Rank) -> models.LoadedModel:
     if loaded.family != "causal-lm" or not loaded.is_transformers:
         raise CannotRun(f"--model {p.o.model} is a {loaded.family} model: context_parallel.py runs transformers "
                         "causal LMs (their SDPA calls are what the API shards)", "")
-    switch.apply(loaded.model, "sdpa")
+    with switch.using(loaded.model, "sdpa"):  # refused here, before any rank measures, when the class cannot switch
+        pass
     limit = loaded.max_seq_len()
     if limit and p.seq_len > limit:
         raise CannotRun(f"--seq-len {p.seq_len} is beyond {p.o.model}'s maximum of {limit} positions", "")

@@ -30,19 +30,20 @@ from typing import Any
 
 from .. import models
 from ..backends import BACKENDS, availability, choose
+from ..backends.choice import Choice
 from ..env import resolve
 from ..measure import accuracy as acc_mod
 from ..measure import autotune
 from ..measure.flops import forward_flops, site_flops
-from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, oom_message, train_fn
+from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, oom_message, time_paired, train_fn
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
-from ..measure.verify import module_timings, verify_sites
+from ..measure.verify import module_timings, ran_new_call, verify_sites
 from ..models.features import needed
-from ..report import (CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_mb, fmt_ms, refuse_to_overwrite,
-                      write_patch, write_run_folder)
+from ..report import (CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_kernels, fmt_mb,
+                      refuse_to_overwrite, write_patch, write_run_folder)
 from ..swap import switch
 from ..swap.patch import patch_of
-from .session import check_shape, open_session
+from .session import Session, check_shape, open_session
 
 STEP = "enable_flash"
 #: How a user keeps a backend transformers does not ship (``Backend.hf`` False).
@@ -104,33 +105,6 @@ def refuse_unsupported_masks(loaded: models.LoadedModel, inputs: models.Inputs, 
                         "use --pad-fraction 0 and a model without a sliding window, or --backend sdpa")
 
 
-def _checks(base: Measurement, cand: Measurement, acc: acc_mod.Accuracy, model: Any, backend: str,
-            trail: str, matrix_mb: float | None = None, sdpa_kernels: list[str] | None = None) -> list[Check]:
-    one_kernel = sdpa_kernels[0] if backend == "sdpa" and sdpa_kernels and len(sdpa_kernels) == 1 else None
-    checks = [Check("switch", switch.current(model) == backend, trail), kernel_check(base, cand, backend, one_kernel)]
-    if cand.error:
-        return checks + [Check("runs", False, f"{backend}: {cand.error}"), Check("accuracy", False, acc.evidence())]
-    checks.append(speed_check(base, cand))
-    mem = memory_check(base, cand, matrix_mb)
-    return checks + ([mem] if mem else []) + [Check("accuracy", acc.passed, acc.evidence())]
-
-
-def _train_accuracy(loaded, inputs, backend: str, dtype, sdpa_kernels) -> tuple[acc_mod.Accuracy, dict]:
-    """Training mode: outputs and every gradient of one forward + backward pass, baseline
-    (eager) and candidate against float64, with dropout set to 0 so the passes compare."""
-    runs = {}
-    with acc_mod.dropout_off(loaded.model):
-        for name in ("eager", backend):
-            switch.apply(loaded.model, name)
-            runs[name] = train_fn(loaded, inputs, sdpa_kernels)()
-        switch.apply(loaded.model, backend)
-        ref_out, ref_grads = acc_mod.reference_train(loaded, inputs)  # leaves no gradients behind
-    (base_out, base_grads), (cand_out, cand_grads) = runs["eager"], runs[backend]
-    accuracy = acc_mod.compare(cand_out, base_out, ref_out, valid=inputs.valid, dtype=dtype,
-                               language_model=loaded.family == "causal-lm")
-    return accuracy, acc_mod.compare_gradients(cand_grads, base_grads, ref_grads, dtype)
-
-
 def _dropout_in_use(loaded: models.LoadedModel, inputs: models.Inputs) -> str:
     """What attention dropout a transformers model applies in training ('' when none), from
     its config. Hand-written sites need no refusal: their FlashAttention-4 call falls back
@@ -146,24 +120,6 @@ def _refuse_without_dropout(backend: str, o: EnableOptions, dropout: str) -> Non
         raise CannotRun(f"--backend {backend} with --train: the model uses attention dropout ({dropout}), which "
                         f"{backend} does not have ({BACKENDS[backend].supports('dropout').how})",
                         "use --backend sdpa or flash_attention_2 for training, or set the attention dropout to 0")
-
-
-def _gate_outputs(loaded: models.LoadedModel, inputs: models.Inputs, notes: list[str]):
-    """The eager output, its float64 reference and the reference's name, for the autotuner's
-    accuracy gate, with dropout off (training mode included); (None, None, name) with a note
-    when either runs out of memory: the candidates are then timed but not gated."""
-    with acc_mod.dropout_off(loaded.model):
-        try:
-            switch.apply(loaded.model, "eager")
-            out = forward_fn(loaded, inputs)()
-            ref, name = acc_mod.reference(loaded, inputs, "eager")
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            notes.append(f"the accuracy gate's eager run or float64 reference ran out of memory ({oom_message(exc)}): "
-                         "autotune candidates were timed but not gated on accuracy")
-            return None, None, "float64 eager"
-    return out, ref, name
 
 
 def _tuned_rejections(cands: list[autotune.Candidate], best: autotune.Candidate | None,
@@ -200,7 +156,9 @@ NEXT_FAIL = {
 
 
 def _save(loaded: models.LoadedModel, backend: str, folder: Path) -> Path:
-    """save_pretrained into ``folder`` with ``attn_implementation`` recorded in config.json."""
+    """save_pretrained into ``folder`` with ``attn_implementation`` recorded in config.json.
+    The one switch without a way back: the saved model is meant to keep ``backend``."""
+    switch.apply(loaded.model, backend)
     loaded.model.save_pretrained(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
@@ -211,11 +169,43 @@ def _save(loaded: models.LoadedModel, backend: str, folder: Path) -> Path:
     return folder
 
 
-def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
-    """Run the main job (see the module docstring). Raises ``CannotRun`` when it cannot
-    start; once measuring has begun, problems are reported in the returned result."""
+# ----------------------------------------------------------------------------- stage 1: before measuring
+
+@dataclass
+class Prepared:
+    """What the run measures, settled before any timing: the session (model, inputs, notes),
+    the static backend choice, the attention dropout in use, and for hand-written attention
+    the recorded calls, their FLOPs and the source patch."""
+
+    session: Session
+    choice: Choice
+    dropout: str
+    flops: float | None = None
+    patch: str = ""
+    calls: list = field(default_factory=list)
+
+    @property
+    def loaded(self) -> models.LoadedModel:
+        return self.session.loaded
+
+    @property
+    def inputs(self) -> models.Inputs:
+        return self.session.inputs
+
+    @property
+    def notes(self) -> list[str]:
+        return self.session.notes
+
+    @property
+    def swapper(self) -> Any:
+        return self.session.swapper
+
+
+def _refuse_early(o: EnableOptions) -> None:
+    """Every refusal that needs no model: bad numbers, an unknown or forward-only backend with
+    --train, --save of a backend transformers does not ship. Raises ``CannotRun``."""
     validate(o)
-    for name in {o.baseline, o.backend} - {"auto"}:  # fail before loading anything
+    for name in {o.baseline, o.backend} - {"auto"}:
         if name not in BACKENDS:
             raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}", "")
         if o.train and not BACKENDS[name].backward:
@@ -226,6 +216,12 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
         raise CannotRun(f"--save would record attn_implementation={o.backend!r} in config.json, a name transformers "
                         f"does not ship, so from_pretrained could not load the copy",
                         f"drop --save; switch at run time instead: {REGISTER_HINT.format(name=o.backend)}")
+
+
+def _prepare(o: EnableOptions, reporter: Reporter) -> Prepared:
+    """Resolve device and dtype, refuse what cannot run here, open the session (load, locate,
+    verify hand-written swaps, inputs) and choose the static backend. Raises ``CannotRun``."""
+    _refuse_early(o)
     env, device, dtype = resolve(o.device, o.dtype)
     if o.backend != "auto":
         choose(o.backend, env=env, device=device, dtype=dtype)
@@ -236,190 +232,354 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
                            pad_fraction=o.pad_fraction, trust_remote_code=o.trust_remote_code, baseline=o.baseline,
                            reporter=reporter, env=env, train=o.train, device_map=o.device_map,
                            max_memory=o.max_memory)
-    loaded, inputs, notes = session.loaded, session.inputs, session.notes
-    seq_len = inputs.seq_len
-    choice = choose(o.backend, env=env, device=device, dtype=dtype, model=loaded.model)
-    refuse_unsupported_masks(loaded, inputs, choice.backend)
-    tuning = o.backend == "auto"
-    swapper, flops, patch = session.swapper, None, ""
-    dropout = _dropout_in_use(loaded, inputs)
-    if not tuning:
-        _refuse_without_dropout(choice.backend, o, dropout)
-    if swapper is not None:
-        if not tuning and choice.backend != swapper.target:
-            with reporter.stage(f"swapping hand-written attention for {choice.backend} and verifying each site"):
-                verify_sites(swapper, loaded, loaded.probe(), dtype, choice.backend)
-            swapper.require_swapped()
-        with reporter.stage(f"recording the attention calls at batch {o.batch_size}, seq_len {seq_len}"):
-            calls = swapper.capture(forward_fn(loaded, inputs))
-        flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, None, o.train,
-                              site_flops(calls))
-        patch = patch_of(swapper)
+    choice = choose(o.backend, env=env, device=device, dtype=dtype, model=session.loaded.model)
+    refuse_unsupported_masks(session.loaded, session.inputs, choice.backend)
+    prep = Prepared(session, choice, _dropout_in_use(session.loaded, session.inputs))
+    if o.backend != "auto":
+        _refuse_without_dropout(choice.backend, o, prep.dropout)
+    if prep.swapper is not None:
+        _prepare_swaps(prep, o, reporter)
+    return prep
 
-    data: dict[str, Any] = session.data()
+
+def _prepare_swaps(prep: Prepared, o: EnableOptions, reporter: Reporter) -> None:
+    """Hand-written attention: verify the swaps for a forced backend other than the one the
+    session verified, record the attention calls at the measured shape, count their FLOPs
+    (``site_flops``) and write the source patch."""
+    swapper, loaded, inputs = prep.swapper, prep.loaded, prep.inputs
+    if o.backend != "auto" and prep.choice.backend != swapper.target:
+        with reporter.stage(f"swapping hand-written attention for {prep.choice.backend} and verifying each site"):
+            verify_sites(swapper, loaded, loaded.probe(), prep.session.dtype, prep.choice.backend)
+        swapper.require_swapped()
+    with reporter.stage(f"recording the attention calls at batch {o.batch_size}, seq_len {inputs.seq_len}"):
+        prep.calls = swapper.capture(forward_fn(loaded, inputs))
+    prep.flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, None, o.train, site_flops(prep.calls))
+    prep.patch = patch_of(swapper)
+
+
+# ----------------------------------------------------------------------------- stage 2: measuring
+
+@dataclass
+class Measured:
+    """What the measuring stages found; None where a stage did not run (out of memory,
+    Ctrl-C). ``backend`` and ``cand_kernels`` are the candidate finally measured (the
+    autotuner's choice under ``--backend auto``)."""
+
+    backend: str
+    cand_kernels: list[str] | None
+    base: Measurement | None = None
+    cand: Measurement | None = None
+    base_out: Any = None
+    cand_out: Any = None
+    ref: Any = None
+    ref_name: str = "float64 eager"
+    train_accuracy: acc_mod.Accuracy | None = None
+    gradients: dict[str, Any] | None = None
+    autotune: dict[str, Any] | None = None
+    rejected: list[dict[str, Any]] | None = None
+    chosen_because: str | None = None
+    modules: dict[str, Any] | None = None
+    stage: str = ""
+    interrupted: bool = False
+
+
+def _measure(prep: Prepared, o: EnableOptions, reporter: Reporter) -> Measured:
+    """Every measuring stage in order; Ctrl-C keeps what was measured (``interrupted``).
+    Every run is inside ``switch.using``: the model keeps the backend it was loaded with."""
+    m = Measured(prep.choice.backend, o.sdpa_kernels)
+    try:
+        _measure_stages(prep, o, reporter, m)
+    except KeyboardInterrupt:
+        m.interrupted = True
+    return m
+
+
+def _stage(m: Measured, reporter: Reporter, text: str):
+    m.stage = text
+    return reporter.stage(text)
+
+
+def _measure_stages(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Measured) -> None:
+    loaded, inputs = prep.loaded, prep.inputs
+    with _stage(m, reporter, f"measuring the baseline, {o.baseline}"):
+        m.base, m.base_out = measure_backend(loaded, inputs, o.baseline, min_run_time=o.min_run_time,
+                                             sdpa_kernels=o.sdpa_kernels, train=o.train, flops=prep.flops, timed=False)
+    if o.backend == "auto":
+        _tune(prep, o, reporter, m)
+    with _stage(m, reporter, f"measuring the candidate, {m.backend}"):
+        m.cand, m.cand_out = measure_backend(loaded, inputs, m.backend, min_run_time=o.min_run_time,
+                                             sdpa_kernels=m.cand_kernels, train=o.train, flops=prep.flops, timed=False)
+    if not m.base.error and not m.cand.error:
+        with _stage(m, reporter, f"timing {o.baseline} and {m.backend} in interleaved rounds"):
+            try:
+                time_paired([(loaded, inputs, o.baseline, o.sdpa_kernels, m.base),
+                             (loaded, inputs, m.backend, m.cand_kernels, m.cand)], o.min_run_time, train=o.train)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                prep.notes.append(f"the interleaved timing ran out of memory ({oom_message(exc)}): no speed figure")
+    if prep.swapper is not None and not m.cand.error:
+        with _stage(m, reporter, "timing each attention module alone"):
+            m.modules = _module_speed(prep.swapper, o)
+    if m.base_out is not None and m.cand_out is not None and m.ref is None:
+        with _stage(m, reporter, "computing the float64 reference"):
+            _reference(prep, o, m)
+
+
+def _module_speed(swapper: Any, o: EnableOptions) -> dict[str, Any]:
+    """``data.attention_modules``: each swapped module alone, eager vs swapped (ms)."""
+    timings = module_timings(swapper, max(0.05, o.min_run_time / 2))
+    before, after = sum(t["eager_ms"] for t in timings), sum(t["swapped_ms"] for t in timings)
+    return {"per_module": timings, "eager_ms": before, "swapped_ms": after, "speedup": before / after if after else None}
+
+
+def _reference(prep: Prepared, o: EnableOptions, m: Measured) -> None:
+    """The float64 reference (or, with --train, the gradients' check); out of memory is a note."""
+    try:
+        if o.train:
+            m.train_accuracy, m.gradients = _train_accuracy(prep.loaded, prep.inputs, m.backend, prep.session.dtype,
+                                                            m.cand_kernels)
+        else:
+            m.ref, m.ref_name = acc_mod.reference(prep.loaded, prep.inputs, "eager")
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        prep.notes.append(f"the float64 reference ran out of memory ({oom_message(exc)})")
+
+
+def _train_accuracy(loaded, inputs, backend: str, dtype, sdpa_kernels) -> tuple[acc_mod.Accuracy, dict]:
+    """Training mode: outputs and every gradient of one forward + backward pass, baseline
+    (eager) and candidate against float64, with dropout set to 0 so the passes compare."""
+    runs = {}
+    with acc_mod.dropout_off(loaded.model):
+        for name in ("eager", backend):
+            with switch.using(loaded.model, name):
+                runs[name] = train_fn(loaded, inputs, sdpa_kernels)()
+        ref_out, ref_grads = acc_mod.reference_train(loaded, inputs)  # leaves no gradients behind
+    (base_out, base_grads), (cand_out, cand_grads) = runs["eager"], runs[backend]
+    accuracy = acc_mod.compare(cand_out, base_out, ref_out, valid=inputs.valid, dtype=dtype,
+                               language_model=loaded.family == "causal-lm")
+    return accuracy, acc_mod.compare_gradients(cand_grads, base_grads, ref_grads, dtype)
+
+
+def _gate_outputs(loaded: models.LoadedModel, inputs: models.Inputs, notes: list[str]):
+    """The eager output, its float64 reference and the reference's name, for the autotuner's
+    accuracy gate, with dropout off (training mode included); (None, None, name) with a note
+    when either runs out of memory: the candidates are then timed but not gated."""
+    try:
+        with acc_mod.dropout_off(loaded.model), switch.using(loaded.model, "eager"):
+            out = forward_fn(loaded, inputs)()
+            ref, name = acc_mod.reference(loaded, inputs, "eager")
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        notes.append(f"the accuracy gate's eager run or float64 reference ran out of memory ({oom_message(exc)}): "
+                     "autotune candidates were timed but not gated on accuracy")
+        return None, None, "float64 eager"
+    return out, ref, name
+
+
+def _tune(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Measured) -> None:
+    """``--backend auto``: gate every candidate on accuracy and time them in interleaved rounds
+    (``measure.autotune``); the fastest that passed becomes ``m.backend``."""
+    loaded, inputs, notes, dtype = prep.loaded, prep.inputs, prep.notes, prep.session.dtype
+    with _stage(m, reporter, "computing the float64 reference for the autotuner's accuracy gate"):
+        if m.base.error:
+            notes.append(f"the baseline could not run ({m.base.error}): autotune candidates were timed but "
+                         "not gated on accuracy")
+            gate_out = None
+        else:
+            gate_out, m.ref, m.ref_name = _gate_outputs(loaded, inputs, notes)
+    cands = autotune.candidates(prep.session.env, prep.session.device, dtype, loaded.model, compiled=o.tune_compiled)
+    _skip_candidates(cands, prep, o)
+    m.stage = "autotune: timing every candidate"
+    tune_time = min(o.min_run_time, 0.5)
+    autotune.tune_model(loaded, inputs, cands, baseline_out=gate_out, reference=m.ref, dtype=dtype,
+                        min_run_time=tune_time, train=o.train, flops=prep.flops, progress=reporter.stage)
+    best = autotune.chosen(cands)
+    mode = "forward+backward (training)" if o.train else "forward (inference)"
+    m.autotune = autotune.summary_dict(cands, best, mode=mode, min_run_time=tune_time, dtype=dtype)
+    m.rejected = _tuned_rejections(cands, best, o.baseline)
+    if best is not None:
+        m.backend, m.cand_kernels = best.backend, best.sdpa_kernels or o.sdpa_kernels
+        m.chosen_because = autotune.explain(best, cands)
+    else:
+        notes.append(f"no autotune candidate passed the accuracy gate; measuring {m.backend} (the static choice)")
+    if o.train:
+        m.ref = None  # the training check runs its own float64 forward + backward
+
+
+def _skip_candidates(cands: list[autotune.Candidate], prep: Prepared, o: EnableOptions) -> None:
+    """Mark the candidates this run cannot take, with the reason: another target than the
+    verified hand-written swaps, an SDPA kernel outside --sdpa-kernel, no dropout for --train."""
+    swapper = prep.swapper
+    for c in cands:
+        if c.status != "pending":
+            continue
+        if swapper is not None and c.backend != swapper.target:
+            c.status, c.reason = "skipped", (f"hand-written attention is swapped to {swapper.target}; pass "
+                                             f"--backend {c.backend} to swap it to {c.backend} instead")
+        elif c.kernel and o.sdpa_kernels and c.kernel not in o.sdpa_kernels:
+            c.status, c.reason = "skipped", f"not among --sdpa-kernel {','.join(o.sdpa_kernels)}"
+        elif o.train and prep.dropout and not BACKENDS[c.backend].supports("dropout").supported:
+            c.status, c.reason = "skipped", f"the model uses attention dropout ({prep.dropout}); {c.backend} has none"
+
+
+# ----------------------------------------------------------------------------- stage 3: judging
+
+def _accuracy(prep: Prepared, o: EnableOptions, m: Measured, reporter: Reporter) -> acc_mod.Accuracy:
+    """The accuracy verdict from what was measured, or why there is none."""
+    inputs = prep.inputs
+    if o.train and m.gradients is not None:
+        return m.train_accuracy
+    if m.ref is not None and m.cand_out is not None and m.base_out is not None:
+        fp8 = " by the FP8 rule, each layer on its own inputs" if BACKENDS[m.backend].precision else ""
+        with reporter.stage("judging accuracy" + fp8):
+            return acc_mod.judge(m.backend, m.cand_out, m.base_out, m.ref, valid=inputs.valid,
+                                 dtype=prep.session.dtype, language_model=prep.loaded.family == "causal-lm",
+                                 loaded=prep.loaded, inputs=inputs, reference_name=m.ref_name)
+    if m.base is not None and m.base.error:
+        why = f"the baseline {o.baseline} could not run ({m.base.error})"
+    elif m.cand is not None and m.cand.error:
+        why = f"{m.backend} could not run ({m.cand.error})"
+    else:
+        why = prep.notes[-1] if prep.notes else "interrupted"
+    return acc_mod.not_compared(f"not compared: {why}", inputs.padding_positions)
+
+
+def _switch_check(prep: Prepared, o: EnableOptions, m: Measured) -> Check:
+    """Did the candidate run on its backend? From what was recorded while it was measured:
+    the implementation the model reported, and for hand-written attention the sites whose
+    new call the profiler saw run (``verify_sites``) and the backend's op in the candidate's
+    own profile."""
+    loaded, cand, swapper = prep.loaded, m.cand, prep.swapper
+    after = f"{switch.current(loaded.model)} again after the run"
+    if swapper is None:
+        return Check("switch", cand.implementation == m.backend,
+                     f"config._attn_implementation: {loaded.original_backend} (as loaded) -> {o.baseline} (baseline) -> "
+                     f"{cand.implementation} (while the candidate was measured); {after}")
+    swapped = [s for s in swapper.sites.values() if s.status == "swapped"]
+    ran = ran_new_call(cand.kernel_counts, m.backend)
+    text = (f"hand-written attention: {len(swapped)} of {len(swapper.sites)} sites swapped to {m.backend}, each seen "
+            f"calling it on its module's own inputs ({', '.join(sorted({s.function for s in swapped}))})")
+    text += (f"; the candidate's forward pass ran {m.backend}" if ran else
+             f"; but the candidate's forward pass ran no {m.backend} op (profiler: {fmt_kernels(cand.kernel_counts)})")
+    return Check("switch", bool(swapped) and ran and cand.implementation == m.backend, text + f"; {after}")
+
+
+def _checks(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Accuracy) -> list[Check]:
+    backend, base, cand = m.backend, m.base, m.cand
+    kernels = m.cand_kernels
+    one_kernel = kernels[0] if backend == "sdpa" and kernels and len(kernels) == 1 else None
+    checks = [_switch_check(prep, o, m), kernel_check(base, cand, backend, one_kernel)]
+    if cand.error:
+        return checks + [Check("runs", False, f"{backend}: {cand.error}"), Check("accuracy", False, accuracy.evidence())]
+    checks.append(speed_check(base, cand))
+    matrix_mb = _matrix_mb(prep)
+    mem = memory_check(base, cand, matrix_mb)
+    checks += ([mem] if mem else []) + [Check("accuracy", accuracy.passed, accuracy.evidence())]
+    if m.gradients is not None:
+        checks.append(Check("gradients", m.gradients["passed"], m.gradients["evidence"]))
+    return checks
+
+
+def _matrix_mb(prep: Prepared) -> float | None:
+    """The largest [B, H, S, S] score matrix eager forms (MB), from the recorded calls."""
+    if prep.swapper is None:
+        return None
+    biggest = max((d[0] * d[1] * d[2] for _, d in prep.calls if len(d) == 4), default=0)
+    return biggest * prep.session.dtype.itemsize / 2**20
+
+
+# ----------------------------------------------------------------------------- stage 4: the result
+
+def _data(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Accuracy) -> dict[str, Any]:
+    """The step's ``data``: the session's fields and every figure this run measured (README:
+    the JSON contract)."""
+    base, cand, swapper = m.base, m.cand, prep.swapper
+    rejected = m.rejected if m.rejected is not None else [r.to_dict() for r in prep.choice.rejected
+                                                          if r.backend != o.baseline]
+    timed = base is not None and cand is not None and base.latency_ms and cand.latency_ms
+    peaks = base is not None and cand is not None and base.peak_memory_mb and cand.peak_memory_mb
+    data = prep.session.data()
     data.update({
-        "baseline": None, "candidate": None, "speedup": None, "memory_ratio": None, "accuracy": None,
-        "chosen": choice.backend, "chosen_because": choice.why,
-        "rejected": [r.to_dict() for r in choice.rejected if r.backend != o.baseline]
-                    + [{"backend": o.baseline, "available": True, "reason": "the baseline this run measures against"}],
-        "sdpa_kernels_allowed": o.sdpa_kernels, "report_dir": None, "saved_to": None, "autotune": None,
+        "baseline": base.to_dict() if base else None, "candidate": cand.to_dict() if cand else None,
+        "speedup": base.latency_ms / cand.latency_ms if timed else None,
+        "memory_ratio": base.peak_memory_mb / cand.peak_memory_mb if peaks else None,
+        "accuracy": accuracy.to_dict(), "chosen": m.backend, "chosen_because": m.chosen_because or prep.choice.why,
+        "rejected": rejected + [{"backend": o.baseline, "available": True,
+                                 "reason": "the baseline this run measures against"}],
+        "sdpa_kernels_allowed": m.cand_kernels, "report_dir": None, "saved_to": None, "autotune": m.autotune,
         "mode": "forward+backward (training)" if o.train else "forward (inference)",
     })
+    if m.gradients is not None:
+        data["gradients"] = m.gradients
     if swapper is not None:
-        biggest = max((d[0] * d[1] * d[2] for _, d in calls if len(d) == 4), default=0)
-        data.update({"sites": [s.to_dict() for s in swapper.sites.values()], "patch": patch, "patch_file": None,
-                     "attention_matrix_mb": biggest * dtype.itemsize / 2**20, "attention_modules": None,
+        data.update({"sites": [s.to_dict() for s in swapper.sites.values()], "patch": prep.patch, "patch_file": None,
+                     "attention_matrix_mb": _matrix_mb(prep), "attention_modules": m.modules,
                      "sites_swapped": sum(s.status == "swapped" for s in swapper.sites.values())})
-    base = cand = None
-    base_out = cand_out = ref = None
-    backend, cand_kernels = choice.backend, o.sdpa_kernels
-    ref_name = "float64 eager"
-    stage = ""
-    interrupted = False
-    try:
-        stage = f"measuring the baseline, {o.baseline}"
-        with reporter.stage(stage):
-            base, base_out = measure_backend(loaded, inputs, o.baseline, min_run_time=o.min_run_time,
-                                             sdpa_kernels=o.sdpa_kernels, train=o.train, flops=flops)
-        data["baseline"] = base.to_dict()
-        if tuning:
-            stage = "computing the float64 reference for the autotuner's accuracy gate"
-            with reporter.stage(stage):
-                if base.error:
-                    notes.append(f"the baseline could not run ({base.error}): autotune candidates were timed but "
-                                 "not gated on accuracy")
-                    gate_out, ref = None, None
-                else:
-                    gate_out, ref, ref_name = _gate_outputs(loaded, inputs, notes)
-            cands = autotune.candidates(env, device, dtype, loaded.model, compiled=o.tune_compiled)
-            for c in cands:
-                if c.status != "pending":
-                    continue
-                if swapper is not None and c.backend != swapper.target:
-                    c.status, c.reason = "skipped", (f"hand-written attention is swapped to {swapper.target}; pass "
-                                                     f"--backend {c.backend} to swap it to {c.backend} instead")
-                elif c.kernel and o.sdpa_kernels and c.kernel not in o.sdpa_kernels:
-                    c.status, c.reason = "skipped", f"not among --sdpa-kernel {','.join(o.sdpa_kernels)}"
-                elif o.train and dropout and not BACKENDS[c.backend].supports("dropout").supported:
-                    c.status, c.reason = "skipped", f"the model uses attention dropout ({dropout}); {c.backend} has none"
-            stage = "autotune: timing every candidate"
-            autotune.tune_model(loaded, inputs, cands, baseline_out=gate_out, reference=ref, dtype=dtype,
-                                min_run_time=min(o.min_run_time, 0.5), train=o.train, flops=flops,
-                                progress=reporter.stage)
-            best = autotune.chosen(cands)
-            data["autotune"] = autotune.summary_dict(cands, best, mode=data["mode"],
-                                                     min_run_time=min(o.min_run_time, 0.5), dtype=dtype)
-            data["rejected"] = _tuned_rejections(cands, best, o.baseline) + [
-                {"backend": o.baseline, "available": True, "reason": "the baseline this run measures against"}]
-            if best is not None:
-                backend, cand_kernels = best.backend, best.sdpa_kernels or o.sdpa_kernels
-                data["chosen"], data["chosen_because"] = backend, autotune.explain(best, cands)
-                data["sdpa_kernels_allowed"] = cand_kernels
-            else:
-                notes.append(f"no autotune candidate passed the accuracy gate; measuring {backend} (the static choice)")
-            if o.train:
-                ref = None  # the training check below runs its own float64 forward + backward
-        stage = f"measuring the candidate, {backend}"
-        with reporter.stage(stage):
-            cand, cand_out = measure_backend(loaded, inputs, backend, min_run_time=o.min_run_time,
-                                             sdpa_kernels=cand_kernels, train=o.train, flops=flops)
-        data["candidate"] = cand.to_dict()
-        if swapper is not None and not cand.error:
-            stage = "timing each attention module alone"
-            with reporter.stage(stage):
-                timings = module_timings(swapper, max(0.05, o.min_run_time / 2))
-                swapper.apply(backend)
-            before, after = sum(t["eager_ms"] for t in timings), sum(t["swapped_ms"] for t in timings)
-            data["attention_modules"] = {"per_module": timings, "eager_ms": before, "swapped_ms": after,
-                                         "speedup": before / after if after else None}
-        if base_out is not None and cand_out is not None and ref is None:
-            stage = "computing the float64 reference"
-            with reporter.stage(stage):
-                try:
-                    if o.train:
-                        train_acc, gradients = _train_accuracy(loaded, inputs, backend, dtype, cand_kernels)
-                        data["gradients"] = gradients
-                    else:
-                        ref, ref_name = acc_mod.reference(loaded, inputs, "eager")
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    notes.append(f"the float64 reference ran out of memory ({oom_message(exc)})")
-    except KeyboardInterrupt:
-        interrupted = True
+    return data
 
-    lm = loaded.family == "causal-lm"
-    if o.train and data.get("gradients") is not None:
-        accuracy = train_acc
-    elif ref is not None and cand_out is not None and base_out is not None:
-        with reporter.stage("judging accuracy" + (" by the FP8 rule, each layer on its own inputs"
-                                                  if BACKENDS[backend].precision else "")):
-            accuracy = acc_mod.judge(backend, cand_out, base_out, ref, valid=inputs.valid, dtype=dtype,
-                                     language_model=lm, loaded=loaded, inputs=inputs, reference_name=ref_name)
-    elif base is not None and base.error:
-        accuracy = acc_mod.not_compared(f"not compared: the baseline {o.baseline} could not run ({base.error})",
-                                        inputs.padding_positions)
-    elif cand is not None and cand.error:
-        accuracy = acc_mod.not_compared(f"not compared: {backend} could not run ({cand.error})",
-                                        inputs.padding_positions)
-    else:
-        accuracy = acc_mod.not_compared("not compared: " + (notes[-1] if notes else "interrupted"),
-                                        inputs.padding_positions)
-    data["accuracy"] = accuracy.to_dict()
-    if base and cand and base.latency_ms and cand.latency_ms:
-        data["speedup"] = base.latency_ms / cand.latency_ms
-    if base and cand and base.peak_memory_mb and cand.peak_memory_mb:
-        data["memory_ratio"] = base.peak_memory_mb / cand.peak_memory_mb
 
-    trail = f"config._attn_implementation: {loaded.original_backend} (as loaded) -> {o.baseline} (baseline) -> " \
-            f"{switch.current(loaded.model)}"
-    if swapper is not None:
-        trail = (f"hand-written attention: {data['sites_swapped']} of {len(swapper.sites)} sites swapped to "
-                 f"{switch.current(loaded.model)} at run time ({', '.join(sorted({s.function for s in swapper.sites.values() if s.status == 'swapped'}))})")
-    arrow = f"{o.baseline} -> {backend}"
-    if interrupted:
+def _result(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Accuracy) -> StepResult:
+    """The verdict: ``error`` when interrupted or when the baseline could not run, else
+    ``pass`` when every check passed and ``fail`` otherwise."""
+    data, backend = _data(prep, o, m, accuracy), m.backend
+    base, cand = m.base, m.cand
+    if m.interrupted:
         kept = ", ".join(k for k in ("baseline", "candidate") if data.get(k)) or "nothing"
-        result = StepResult(STEP, "error", f"interrupted (Ctrl-C) while {stage}; measured so far: {kept}", [], data,
-                            "rerun to finish; the run folder holds what was measured")
-    elif base is not None and base.error:
-        cand_text = (f"{backend} ran: {fmt_ms(cand.latency_ms)}, {fmt_mb(cand.peak_memory_mb)} peak"
-                     if cand and not cand.error else f"{backend}: {cand.error if cand else 'not run'}")
-        result = StepResult(STEP, "error", f"baseline {o.baseline} could not run at batch {o.batch_size}, "
-                                           f"seq_len {seq_len}: {base.error}; {cand_text}; accuracy not compared",
-                            [], data, "the candidate runs where the baseline cannot; to compare accuracy, rerun with a "
-                                      "smaller --batch-size or --seq-len")
-    else:
-        checks = _checks(base, cand, accuracy, loaded.model, backend, trail, data.get("attention_matrix_mb"),
-                         cand_kernels)
-        if data.get("gradients") is not None:
-            checks.append(Check("gradients", data["gradients"]["passed"], data["gradients"]["evidence"]))
-        failed = [c for c in checks if not c.passed]
-        if not failed:
-            summary = (f"{arrow}: {comparison_summary(base, cand)}, "
-                       f"outputs match ({accuracy.evidence().split(' vs ')[0]})")
-            nxt = (f"keep {backend}: load the model with attn_implementation=\"{backend}\""
-                   + ("" if o.save else ", or rerun with --save DIR to write the switched model"))
-            if not BACKENDS[backend].hf:
-                nxt = (f"keep {backend} for inference (forward only): with scripts/ on sys.path, "
-                       + REGISTER_HINT.format(name=backend))
-            if swapper is not None:
-                nxt = ("make the swap permanent: review and apply the source change (git apply), written to "
-                       + (o.write_patch or "swap.patch in the run folder; --write-patch FILE writes it elsewhere"))
-        else:
-            summary = f"{arrow}: " + "; ".join(f"{c.name} failed ({c.evidence})" for c in failed)
-            nxt = " ".join(NEXT_FAIL[c.name] for c in failed)
-        result = StepResult(STEP, "fail" if failed else "pass", summary, checks, data, nxt)
-        if o.save and swapper is not None:
-            notes.append("--save: nothing written for a model without a transformers switch; the permanent change "
-                         "is the source patch")
-        elif o.save and result.status == "pass":
-            with reporter.stage(f"saving the switched model to {o.save}"):
-                data["saved_to"] = str(_save(loaded, backend, Path(o.save).expanduser()))
-            result.next = f"saved to {data['saved_to']}: from_pretrained() loads it with {backend}"
-        elif o.save:
-            notes.append(f"--save {o.save}: nothing written, because a check failed")
-    write_patch(result, patch, o.write_patch)
+        return StepResult(STEP, "error", f"interrupted (Ctrl-C) while {m.stage}; measured so far: {kept}", [], data,
+                          "rerun to finish; the run folder holds what was measured")
+    if base.error:
+        cand_text = (f"{backend} ran: {fmt_mb(cand.peak_memory_mb)} peak" if cand and not cand.error
+                     else f"{backend}: {cand.error if cand else 'not run'}")
+        return StepResult(STEP, "error", f"baseline {o.baseline} could not run at batch {o.batch_size}, seq_len "
+                                         f"{prep.inputs.seq_len}: {base.error}; {cand_text}; accuracy not compared",
+                          [], data, "the candidate runs where the baseline cannot; to compare accuracy, rerun with a "
+                                    "smaller --batch-size or --seq-len")
+    checks = _checks(prep, o, m, accuracy)
+    failed = [c for c in checks if not c.passed]
+    arrow = f"{o.baseline} -> {backend}"
+    if failed:
+        return StepResult(STEP, "fail", f"{arrow}: " + "; ".join(f"{c.name} failed ({c.evidence})" for c in failed),
+                          checks, data, " ".join(NEXT_FAIL[c.name] for c in failed))
+    summary = f"{arrow}: {comparison_summary(base, cand)}, outputs match ({accuracy.evidence().split(' vs ')[0]})"
+    nxt = (f"keep {backend}: load the model with attn_implementation=\"{backend}\""
+           + ("" if o.save else ", or rerun with --save DIR to write the switched model"))
+    if not BACKENDS[backend].hf:
+        nxt = f"keep {backend} for inference (forward only): with scripts/ on sys.path, " + \
+              REGISTER_HINT.format(name=backend)
+    if prep.swapper is not None:
+        nxt = ("make the swap permanent: review and apply the source change (git apply), written to "
+               + (o.write_patch or "swap.patch in the run folder; --write-patch FILE writes it elsewhere"))
+    return StepResult(STEP, "pass", summary, checks, data, nxt)
+
+
+def _finish(result: StepResult, prep: Prepared, o: EnableOptions, reporter: Reporter) -> StepResult:
+    """``--save`` (only a transformers model on which every check passed), the patch, the run
+    folder."""
+    notes, backend = prep.notes, result.data["chosen"]
+    if o.save and prep.swapper is not None:
+        notes.append("--save: nothing written for a model without a transformers switch; the permanent change "
+                     "is the source patch")
+    elif o.save and result.status == "pass":
+        with reporter.stage(f"saving the switched model to {o.save}"):
+            result.data["saved_to"] = str(_save(prep.loaded, backend, Path(o.save).expanduser()))
+        result.next = f"saved to {result.data['saved_to']}: from_pretrained() loads it with {backend}"
+    elif o.save:
+        notes.append(f"--save {o.save}: nothing written, because a check failed")
+    write_patch(result, prep.patch, o.write_patch)
     if o.write_report:
-        write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name),
-                         {"swap.patch": patch})
+        write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, prep.loaded.name),
+                         {"swap.patch": prep.patch})
     return result
+
+
+def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
+    """Run the main job (see the module docstring): prepare, measure, judge, report. Raises
+    ``CannotRun`` when it cannot start; once measuring has begun, problems are reported in
+    the returned result."""
+    prep = _prepare(o, reporter)
+    measured = _measure(prep, o, reporter)
+    accuracy = _accuracy(prep, o, measured, reporter)
+    return _finish(_result(prep, o, measured, accuracy), prep, o, reporter)

@@ -14,6 +14,8 @@ nothing of the user's is edited.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,10 +123,10 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     with reporter.stage(f"loading {o.model} on {device}"):
         loaded = models.load(o.model, device=device, dtype=dtype, trust_remote_code=o.trust_remote_code)
     inputs = loaded.inputs(o.batch_size, min(o.seq_len, loaded.max_seq_len() or o.seq_len), o.pad_fraction)
-    if loaded.is_transformers:
-        switch.apply(loaded.model, "eager")  # its own hand-written path, which the switch replaces
     swapper = Swapper(loaded.model, register=not loaded.is_transformers)
-    with reporter.stage("running the model and tracing its attention"):
+    # a transformers model is traced on its own hand-written path (eager), which the switch replaces
+    eager = switch.using(loaded.model, "eager") if loaded.is_transformers else contextlib.nullcontext()
+    with reporter.stage("running the model and tracing its attention"), eager:
         try:
             try:
                 swapper.discover(forward_fn(loaded, inputs))

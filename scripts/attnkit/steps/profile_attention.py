@@ -12,7 +12,7 @@ from typing import Any
 
 from ..backends import BACKENDS, choose
 from ..env import resolve
-from ..measure.timing import Measurement, measure_backend
+from ..measure.timing import Measurement, measure_backend, time_paired
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
 from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
 from .session import open_session
@@ -36,6 +36,17 @@ class ProfileOptions:
     train: bool = False  # forward + backward in training mode
     report_dir: str | None = None
     write_report: bool = True
+
+
+def _retime(plan: list, before: Measurement, after: Measurement, o: Any) -> None:
+    """The speed verdict's evidence: the first and last plan entries at the longest length,
+    timed against each other in interleaved rounds (``timing.time_paired``)."""
+    sides = []
+    for (s, backend, _), m in ((plan[0], before), (plan[-1], after)):
+        limit = s.loaded.max_seq_len()
+        inputs = s.loaded.inputs(o.batch_size, min(m.seq_len, limit or m.seq_len), o.pad_fraction)
+        sides.append((s.loaded, inputs, backend, o.sdpa_kernels, m))
+    time_paired(sides, o.min_run_time, train=o.train)
 
 
 def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
@@ -113,6 +124,8 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
             checks = [Check("runs", False, f"{failed_run.label}: {failed_run.error}")]
             summary = f"{failed_run.label} could not run at seq_len {failed_run.seq_len}: {failed_run.error}"
         else:
+            with reporter.stage(f"timing {before.label} and {after.label} in interleaved rounds"):
+                _retime(plan, before, after, o)
             checks = [kernel_check(before, after, after.backend)] if after.backend != "eager" else []
             checks.append(speed_check(before, after))
             mem = memory_check(before, after)

@@ -80,6 +80,22 @@ def default_backends() -> list[str]:
     return ["eager"] + [name for name, b in BACKENDS.items() if name not in ("eager", "flex_attention") and b.auto]
 
 
+def _prompt_lens(o: GenerationOptions, limit: int | None, notes: list[str]) -> list[int]:
+    """--prompt-len values, each capped so that it and --new-tokens fit the model's ``limit``
+    positions (a note says so). Raises ``CannotRun`` when no prompt fits."""
+    prompt_lens: list[int] = []
+    for p in dict.fromkeys(o.prompt_lens):
+        if limit and p + o.new_tokens > limit:
+            notes.append(f"--prompt-len {p} capped to {limit - o.new_tokens}: the model's max_position_embeddings "
+                         f"({limit}) minus {o.new_tokens} new tokens")
+            p = limit - o.new_tokens
+        if p >= 1 and p not in prompt_lens:
+            prompt_lens.append(p)
+    if not prompt_lens:
+        raise CannotRun(f"--new-tokens {o.new_tokens} leaves no room for a prompt in {limit} positions", "")
+    return prompt_lens
+
+
 def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
     """Measure generation per backend (see the module docstring). Raises ``CannotRun``
     when it cannot start: bad options, a model that does not load or is not a causal LM,
@@ -114,16 +130,7 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
         raise CannotRun("no backend besides eager can run here: " + "; ".join(
             f"{n}: {verdicts[n].reason}" for n in names if n != "eager"), "see check_env.py")
     limit = loaded.max_seq_len()
-    prompt_lens = []
-    for p in dict.fromkeys(o.prompt_lens):
-        if limit and p + o.new_tokens > limit:
-            notes.append(f"--prompt-len {p} capped to {limit - o.new_tokens}: the model's max_position_embeddings "
-                         f"({limit}) minus {o.new_tokens} new tokens")
-            p = limit - o.new_tokens
-        if p >= 1 and p not in prompt_lens:
-            prompt_lens.append(p)
-    if not prompt_lens:
-        raise CannotRun(f"--new-tokens {o.new_tokens} leaves no room for a prompt in {limit} positions", "")
+    prompt_lens = _prompt_lens(o, limit, notes)
     for note in notes[len(session.notes):]:
         reporter.note(note)
 

@@ -39,7 +39,7 @@ class Session:
         return swapper_of(self.loaded.model)
 
     def data(self) -> dict[str, Any]:
-        """The fields every model step reports (DESIGN.md names); ``device_map`` when
+        """The fields every model step reports (ARCHITECTURE.md, "The step contract"); ``device_map`` when
         accelerate spread the model over devices."""
         placed = self.loaded.device_map
         return {**({"device_map": placed, "devices": self.loaded.devices} if placed else {}),
@@ -146,15 +146,13 @@ def locate_attention(loaded: Any, baseline: str = "eager") -> dict[str, int]:
 
     Raises ``CannotRun`` when the pass fails or when no attention runs.
     """
-    if loaded.is_transformers:
-        switch.apply(loaded.model, baseline)
     probe = loaded.probe()
     try:
         if not loaded.is_transformers:
             sites = Swapper(loaded.model).discover(forward_fn(loaded, probe))
             counts = {f"{s.kind} site at {s.file}:{s.line}": s.calls for s in sites}
         else:
-            with torch.no_grad(), profiled() as prof:
+            with switch.using(loaded.model, baseline), torch.no_grad(), profiled() as prof:
                 loaded.forward(probe)
             counts = dict(attention_kernels(prof.events()))
     except CannotRun:

@@ -7,6 +7,12 @@ module never edits library code. A registry backend transformers does not ship
 the new name: transformers only logs a warning, and leaves the model as it was, for a
 class that cannot switch at run time (one that does not use its ``AttentionInterface``).
 
+Every measurement switches inside a scope, ``with using(model, backend):``, which puts the
+previous implementation back on exit, exceptions included (as ``torch.nn.attention.sdpa_kernel``
+restores torch's kernel choice): a failure inside one measurement cannot leave the model on
+another backend for the next one. ``apply`` without a way back is for ``--save`` alone, which
+keeps the switched model on purpose.
+
 ``sdpa_kernels`` restricts which SDPA kernels may run, with
 ``torch.nn.attention.sdpa_kernel`` (never the deprecated ``torch.backends.cuda.sdp_kernel``).
 Allowing only FLASH_ATTENTION makes SDPA raise when flash cannot take the inputs, instead
@@ -81,10 +87,25 @@ def apply(model: nn.Module, backend: str) -> str | None:
     return previous
 
 
-def revert(model: nn.Module, previous: str | None) -> None:
-    """Undo ``apply``: switch back to ``previous`` (no-op for None)."""
-    if previous is not None and current(model) != previous:
-        apply(model, previous)
+@contextlib.contextmanager
+def using(model: nn.Module, backend: str) -> Iterator[str | None]:
+    """Run the block with ``model`` switched to ``backend``; on exit, exceptions included, put
+    back the implementation it had before. Yields that previous implementation.
+
+    A model with no switch (``has_switch`` False: not a transformers model and no swapped
+    hand-written attention) runs as it is, for any ``backend``: it has one attention path,
+    its own. Raises ``CannotRun`` as ``apply`` does when the switch is refused; the model is
+    then unchanged.
+    """
+    if not has_switch(model):
+        yield None
+        return
+    previous = apply(model, backend)
+    try:
+        yield previous
+    finally:
+        if previous is not None and current(model) != previous:
+            apply(model, previous)
 
 
 @contextlib.contextmanager

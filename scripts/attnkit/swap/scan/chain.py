@@ -366,15 +366,8 @@ class ChainMatcher:
                     ops.append(Op("shape", (), expr, cond))
                     expr = shape[0]
                     continue
-            product = self.score_product(expr)
+            product = self.product_at(expr, loc)
             if product is not None:
-                for side in ("q", "kt"):
-                    if self.leads_to_product(product[side], loc):
-                        other = product["kt" if side == "q" else "q"]
-                        raise Refused(f"talking heads: the attention scores are mixed across heads by "
-                                      f"`{self.code(expr)}` (line {self.line(expr)}) before the softmax, with "
-                                      f"{self.code(other, 40)}; SDPA computes each head on its own")
-                product["loc"] = loc
                 return product
             if isinstance(expr, ast.Call):
                 attr = self.f.attr_type(expr.func)
@@ -394,6 +387,21 @@ class ChainMatcher:
                     continue
             raise Refused(f"the scores go through `{self.code(expr)}` (line {self.line(expr)}), which is not a "
                           "scale, an added bias or a mask")
+
+    def product_at(self, expr: ast.AST, loc: tuple[list, int]) -> dict | None:
+        """``expr`` as the query-key score product (``score_product``) with its ``loc``, or None.
+        Raises ``Refused`` for a product of scores with scores (talking heads)."""
+        product = self.score_product(expr)
+        if product is None:
+            return None
+        for side in ("q", "kt"):
+            if self.leads_to_product(product[side], loc):
+                other = product["kt" if side == "q" else "q"]
+                raise Refused(f"talking heads: the attention scores are mixed across heads by "
+                              f"`{self.code(expr)}` (line {self.line(expr)}) before the softmax, with "
+                              f"{self.code(other, 40)}; SDPA computes each head on its own")
+        product["loc"] = loc
+        return product
 
     def gpt2_mask(self, expr: ast.BinOp, loc) -> tuple | None:
         """``w * b - C * (1 - b)`` (GPT-2's TF-style mask, C >= 1e4): (w, b, C)."""
