@@ -14,7 +14,7 @@ FlashAttention-2/3/4 where installed and usable) run on the same q, k, v [B, S, 
   autotune   a quick pass picks a candidate; the full pass says how close it is to the fastest
 
 With --max-seq-len-search (CUDA), the largest S each backend runs at before it runs out of
-memory (under --memory-limit GB when given). Writes data.grid, data.autotune, report.png
+memory (under --memory-limit GB when given). Writes data.grid, data.autotune_by_config, report.png
 (TFLOP/s against S, a line per backend) and memory.png into the run folder.
 
 examples:

@@ -9,7 +9,7 @@ def test_the_grid_writes_rows_json_and_plots(tmp_path):
                      "--tune-time", "0.02", "--report-dir", str(tmp_path))
     assert run.rc in (0, 1), run.stderr  # the autotune check may fail on a busy CPU: figures, not verdicts
     data = run.result["data"]
-    configs = {(a["shape"], a["seq_len"], a["causal"], a["direction"]) for a in data["autotune"]}
+    configs = {(a["shape"], a["seq_len"], a["causal"], a["direction"]) for a in data["autotune_by_config"]}
     assert len(configs) == 2 * 2 * 2  # S x causal x direction (one GQA shape: 4 query heads, 2 key/value)
     assert data["matmul_peak_tflops"]["float32"] > 0
     timed = [r for r in data["grid"] if r["latency_ms"] is not None]
@@ -21,7 +21,7 @@ def test_the_grid_writes_rows_json_and_plots(tmp_path):
     assert passed and all(r["max_abs_err"] <= r["tolerance"] for r in passed)
     skipped = [r for r in data["grid"] if r["status"] == "skipped"]
     assert skipped and all(r["reason"] for r in skipped)
-    for a in data["autotune"]:
+    for a in data["autotune_by_config"]:
         assert a["chosen"] and a["fastest"] and 0 < a["ratio"] <= 1.0 + 1e-9
     assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "memory.png").stat().st_size > 0
     assert (tmp_path / "report.json").is_file()

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from rich.markup import escape
 
@@ -42,6 +42,21 @@ class CannotRun(Exception):
         self.message = " ".join(str(message).split())  # always one line
         self.hint = hint
         self.data = data or {}
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` on one line (whitespace folded), cut to ``limit`` characters when given: how
+    every message that quotes another (an exception, torch's warnings) is shortened."""
+    folded = " ".join(str(text).split())
+    return folded if limit is None or len(folded) <= limit else folded[:limit]
+
+
+def said(exc: BaseException, limit: int = 200) -> str:
+    """What an exception said, for a one-line message: 'TypeName: its text' (``one_line``,
+    ``limit`` characters of text); a ``CannotRun`` gives its own message."""
+    if isinstance(exc, CannotRun):
+        return one_line(exc.message, limit)
+    return f"{type(exc).__name__}: {one_line(exc, limit)}"
 
 
 @dataclass
@@ -237,13 +252,63 @@ def measurement_rows(runs: list[dict], with_seq_len: bool = False) -> list[list[
 MEASUREMENT_HEADER = ["backend", "median latency", "peak memory", "TFLOP/s", "SDPA kernel", "attention kernels seen"]
 
 
-def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The figures of a step as (title, header, rows) tables, shared by rich and markdown."""
-    d = result.data
-    out: list[tuple[str, list[str], list[list[str]]]] = []
-    runs = [d[k] for k in ("baseline", "candidate") if isinstance(d.get(k), dict)]
-    runs += [m for m in d.get("measurements", []) if isinstance(m, dict)]
-    if runs:
+Table = tuple[str, list[str], list[list[str]]]
+
+
+class View(Protocol):
+    """How one step's result is drawn: its tables (title, header, rows), shared by rich and
+    markdown, and its plot. Each step registers its own (``register_view``), so this module
+    never guesses from a dict's keys what a step measured."""
+
+    def tables(self, data: dict[str, Any]) -> list[Table]: ...
+
+    def plot(self, data: dict[str, Any], folder: Path) -> Path | None: ...
+
+
+@dataclass(frozen=True)
+class Sections:
+    """A ``View`` put together from parts: each of ``parts`` turns the step's data into tables,
+    ``figure`` writes the plot into the run folder (or returns None)."""
+
+    parts: tuple[Callable[[dict[str, Any]], list[Table]], ...] = ()
+    figure: Callable[[dict[str, Any], Path], Path | None] | None = None
+
+    def tables(self, data: dict[str, Any]) -> list[Table]:
+        return [t for part in self.parts for t in part(data)]
+
+    def plot(self, data: dict[str, Any], folder: Path) -> Path | None:
+        return self.figure(data, folder) if self.figure is not None else None
+
+
+#: step name -> its view (``register_view``); a step without one is drawn as summary and checks.
+VIEWS: dict[str, View] = {}
+
+
+def register_view(step: str, view: View) -> View:
+    """Make ``view`` the way results of ``step`` are drawn; returns it."""
+    VIEWS[step] = view
+    return view
+
+
+def tables(result: StepResult) -> list[Table]:
+    """The figures of a step as (title, header, rows) tables, from the step's registered view."""
+    view = VIEWS.get(result.step)
+    return view.tables(result.data) if view is not None else []
+
+
+def _runs(data: dict[str, Any], keys: tuple[str, ...], list_key: str | None) -> list[dict]:
+    """The measurements a view names: ``data[k]`` for each of ``keys``, then ``data[list_key]``."""
+    runs = [data[k] for k in keys if data.get(k)]
+    return runs + list(data.get(list_key) or []) if list_key else runs
+
+
+def measured(*keys: str, list_key: str | None = None) -> Callable[[dict[str, Any]], list[Table]]:
+    """A part: the measurements (``measure.timing.Measurement`` dicts) at ``keys`` and in the
+    list at ``list_key``, as one table; a sweep of lengths gets a seq_len column."""
+    def part(d: dict[str, Any]) -> list[Table]:
+        runs = _runs(d, keys, list_key)
+        if not runs:
+            return []
         shape = d.get("shape") or {}
         title = "measured"
         if shape:
@@ -251,16 +316,42 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
         if any(m.get("mode") == "forward+backward" for m in runs):
             title += " (forward + backward)"
         sweep = len({m.get("seq_len") for m in runs}) > 1
-        out.append((title if not sweep else title.rsplit(", seq_len", 1)[0], (["seq_len"] if sweep else []) +
-                    MEASUREMENT_HEADER, measurement_rows(runs, with_seq_len=sweep)))
-    out += generation_tables(d)
+        return [(title if not sweep else title.rsplit(", seq_len", 1)[0], (["seq_len"] if sweep else []) +
+                 MEASUREMENT_HEADER, measurement_rows(runs, with_seq_len=sweep))]
+    return part
+
+
+def measured_figure(*keys: str, list_key: str | None = None) -> Callable[[dict[str, Any], Path], Path | None]:
+    """A figure: latency and peak memory of the measurements at ``keys`` / ``list_key``, against
+    sequence length when they sweep it (``plot_sweep``), else as bars (``plot_measurements``)."""
+    def figure(d: dict[str, Any], folder: Path) -> Path | None:
+        runs = _runs(d, keys, list_key)
+        shape = d.get("shape") or {}
+        seq = shape.get("seq_lens") or [shape.get("seq_len")]
+        seq_text = f"seq_len {seq[0]}" if len(seq) == 1 else f"seq_len {min(seq)}-{max(seq)}"
+        title = (f"{d.get('model', '')} on {d.get('device', '')} {d.get('dtype', '')}, "
+                 f"batch {shape.get('batch_size')}, {seq_text}")
+        return plot_sweep(runs, folder / "report.png", title) or plot_measurements(runs, folder / "report.png", title)
+    return figure
+
+
+def accuracy_part(d: dict[str, Any]) -> list[Table]:
+    """A part: ``data.accuracy`` (a ``measure.accuracy.Accuracy``) by its rule: the dtype rule's
+    figures, or the FP8 rule's."""
     acc = d.get("accuracy")
-    if isinstance(acc, dict) and acc.get("max_abs_err") is not None:
-        rows = [["max_abs_err (vs float64 reference)", fmt_err(acc.get("max_abs_err"))],
-                ["baseline's own max_abs_err", fmt_err(acc.get("baseline_max_abs_err"))],
+    out: list[Table] = []
+    if not acc:
+        return out
+    if acc.get("max_abs_err") is not None:
+        rows = [[f"max_abs_err (vs {acc.get('reference') or 'float64 reference'})", fmt_err(acc.get("max_abs_err"))],
+                ["baseline's own max_abs_err (vs float64)", fmt_err(acc.get("baseline_max_abs_err"))],
                 ["tolerance", f"{fmt_err(acc.get('tolerance'))}  ({acc.get('rule', '')})"],
                 ["max_rel_err", fmt_err(acc.get("max_rel_err"))],
                 ["candidate vs baseline max_abs_err", fmt_err(acc.get("candidate_vs_baseline_max_abs_err"))]]
+        if acc.get("reference_error_bound") is not None:
+            rows.append(["the reference's bound on the baseline's error (64 x eps x max|ref|)",
+                         fmt_err(acc.get("reference_error_bound")) +
+                         ("" if acc.get("reference_trusted") else " (exceeded: reference not used)")])
         if acc.get("top1_agreement") is not None:
             rows.append(["top-1 token agreement with baseline", f"{100 * acc['top1_agreement']:.2f} %"])
         rows.append(["positions compared / padding left out",
@@ -268,7 +359,7 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
         if acc.get("padding_positions"):
             rows.append(["max_abs_err at padding (not judged)", fmt_err(acc.get("padding_max_abs_err"))])
         out.append(("accuracy", ["figure", "value"], rows))
-    if isinstance(acc, dict) and acc.get("precision") == "fp8_e4m3" and acc.get("rel_rms_err") is not None:
+    if acc.get("precision") == "fp8_e4m3" and acc.get("rel_rms_err") is not None:
         rows = [["rule", acc.get("rule", "")],
                 ["rel RMS err vs " + str(acc.get("reference")), f"{acc['rel_rms_err']:.2e}"],
                 ["baseline's own rel RMS err", f"{acc['baseline_rel_rms_err']:.2e}"],
@@ -281,164 +372,31 @@ def tables(result: StepResult) -> list[tuple[str, list[str], list[list[str]]]]:
             rows.append([f"attention, layer {a['layer']}: rel RMS vs fp32 on its own q, k, v",
                          f"{a['rel_rms']:.3f} (<= {acc['attention_tolerance']:.3f})"])
         out.append(("FP8 accuracy rule", ["figure", "value"], rows))
-    grid = d.get("grid_table")
-    if isinstance(grid, dict) and grid.get("rows"):
-        out.append((grid["title"], grid["header"], grid["rows"]))
-    if isinstance(d.get("grid"), list) and d["grid"] and "label" in d["grid"][0]:  # benchmark_attention's rows
-        out.append(("grid: every candidate per configuration", ["configuration", "candidate", "status", "median",
-                                                                 "TFLOP/s", "% matmul peak", "peak memory", "note"],
-                    [[f"{r['shape']} S{r['seq_len']} {'causal' if r['causal'] else 'non-causal'} {r['direction']} "
-                      f"{r['dtype']}", r["label"], r["status"], fmt_ms(r.get("latency_ms")),
-                      "n/a" if r.get("tflops") is None else f"{r['tflops']:.3g}",
-                      "n/a" if r.get("pct_of_matmul_peak") is None else f"{r['pct_of_matmul_peak']:.0f} %",
-                      fmt_mb(r.get("peak_memory_mb")), " ".join(str(r.get("reason") or "").split())[:80]]
-                     for r in d["grid"] if r["status"] != "skipped"]))
-    if isinstance(d.get("autotune"), list) and d["autotune"]:
-        out.append(("autotune: the quick pass's choice against the fastest of the full pass",
-                    ["configuration", "chosen", "fastest", "chosen / fastest"],
-                    [[f"{a['shape']} S{a['seq_len']} {'causal' if a['causal'] else 'non-causal'} {a['direction']} "
-                      f"{a['dtype']}", str(a.get("chosen")), str(a.get("fastest")),
-                      "n/a" if a.get("ratio") is None else f"{a['ratio']:.2f}x"] for a in d["autotune"]]))
+    return out
+
+
+def autotune_part(d: dict[str, Any]) -> list[Table]:
+    """A part: ``data.autotune`` (``measure.autotune.summary_dict``), every candidate ranked."""
     tune = d.get("autotune")
-    if isinstance(tune, dict) and tune.get("candidates"):
-        rows = []
-        for i, c in enumerate(tune["candidates"], 1):
-            label = f"{c['backend']}[{c['kernel']}]" if c.get("kernel") else c["backend"]
-            mark = " (chosen)" if label == tune.get("chosen_label") else ""
-            acc = "" if c.get("accuracy_passed") is None else ("within tol" if c["accuracy_passed"] else "OUTSIDE tol")
-            rows.append([str(i) if c.get("latency_ms") is not None else "-", label + mark, c["status"],
-                         fmt_ms(c.get("latency_ms")), "n/a" if c.get("compile_s") is None else f"{c['compile_s']:.2f} s",
-                         acc, " ".join(str(c.get("reason") or "").split())[:160]])
-        out.append((f"autotune ({tune.get('mode', '')}, fastest first; compile = first call minus one run)",
-                    ["#", "candidate", "status", "median", "compile", "accuracy", "reason"], rows))
-    if isinstance(d.get("rejected"), list) and d["rejected"]:
-        out.append(("backends not chosen", ["backend", "reason"],
-                    [[r["backend"], r["reason"]] for r in d["rejected"]]))
-    if isinstance(d.get("steps"), list) and d["steps"] and "mark" in d["steps"][0]:
-        out.append((d.get("title", "checklist"), ["", "step", "result"],
-                    [[f"[{r['mark']}]", r["title"], r["summary"] + (f" (rule: {r['evidence']})" if r["mark"] == "!"
-                                                                    and r["evidence"] else "")]
-                     for r in d["steps"]]))
-    if isinstance(d.get("workflows"), list):
-        out.append(("workflows", ["workflow", "step", "command"],
-                    [[f"{w['number']} {w['workflow']}" if i == 0 else "", s["title"], s["run"]]
-                     for w in d["workflows"] for i, s in enumerate(w["steps"])]))
-    if isinstance(d.get("features"), list):
-        out.append((f"features ({d.get('backend', '')})", ["feature", "model uses it", "backend provides it", "how",
-                                                           "source"],
-                    [[f["feature"], f["detail"] or "no", "yes" if f["supported"] else "NO", f["how"], f["source"]]
-                     for f in d["features"]]))
-    if isinstance(d.get("facts"), list):
-        out.append(("environment", ["fact", "value"], [[f["name"], f["value"]] for f in d["facts"]]))
-    return out
-
-
-def generation_backends(d: dict) -> list[dict]:
-    """The per-backend entries of a generation step's data (``data.backends``), else []."""
-    rows = d.get("backends")
-    if isinstance(rows, list) and rows and all(isinstance(r, dict) and "decode_ms_per_token" in r for r in rows):
-        return rows
-    return []
-
-
-def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
-def generation_tables(d: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """profile_generation's tables: every timed run, then per backend agreement and longest context."""
-    entries = generation_backends(d)
-    if not entries:
+    if not tune or not tune.get("candidates"):
         return []
-    runs = []
-    for e in entries:
-        for r in e.get("runs", []):
-            if r.get("error"):
-                runs.append([e["backend"], str(r["prompt_len"]), str(r["batch_size"]), r["cache"], "error", "", "",
-                             "", "", r["error"]])
-                continue
-            kv = fmt_mb(r.get("kv_cache_mb"))
-            if r.get("kv_cache_matches_formula") is False:
-                kv += f" (object: {fmt_mb(r.get('kv_cache_measured_mb'))})"
-            runs.append([e["backend"], str(r["prompt_len"]), str(r["batch_size"]), r["cache"], fmt_ms(r["prefill_ms"]),
-                         fmt_ms(r.get("decode_ms_per_token")), _rate(r.get("decode_tokens_per_s")),
-                         fmt_mb(r.get("peak_memory_mb")), kv, ", ".join(sorted(r.get("kernels") or {})) or "-"])
-    out = []
-    if runs:
-        out.append((f"generation on {d.get('device', '?')} {d.get('dtype', '')}, {d.get('new_tokens')} new tokens "
-                    f"(greedy)", ["backend", "prompt", "batch", "cache", "prefill", "decode / token", "tokens/s",
-                                  "peak memory", "KV cache", "attention kernels seen"], runs))
     rows = []
-    for e in entries:
-        if not e.get("available", True):
-            rows.append([e["backend"], "not run", "", e.get("reason", "").split("; ")[0]])
-            continue
-        agree = "; ".join(f"{a['cache']}: " + ("error: " + str(a.get("error")) if a.get("agreement") is None else
-                                              f"{a['agreement']:.3f}" + (f" ({a['rows_differing']} rows differ)"
-                                                                          if a.get("rows_differing") else ""))
-                          for a in e.get("agreement", []))
-        lc = e.get("longest_context") or {}
-        if lc.get("error"):
-            ctx = "error: " + lc["error"]
-        elif lc:
-            ctx = f"{lc['max_context']}" + (" (the model's limit)" if lc.get("capped") else
-                                            f" (fails at {lc.get('first_failure')})")
-            ctx += f"; limit {lc.get('memory_limit_gb', 0):.2f} GB, {lc.get('enforced_by', '')}"
-        else:
-            ctx = "not searched (--max-context)"
-        rows.append([e["backend"], agree or "n/a", ctx, ""])
-    batch = d.get("agreement_batch") or {}
-    title = "greedy agreement with eager and longest prompt that fits"
-    if batch:
-        title += f" (agreement: left-padded batch of prompts of {batch.get('prompt_lens')} tokens)"
-    out.append((title, ["backend", "greedy agreement", "longest prompt", "note"], rows))
-    if d.get("not_available"):
-        out.append(("backends not available here (not run)", ["backend", "reason"],
-                    [[r["backend"], r["reason"].split("; ")[0]] for r in d["not_available"]]))
-    return out
+    for i, c in enumerate(tune["candidates"], 1):
+        label = f"{c['backend']}[{c['kernel']}]" if c.get("kernel") else c["backend"]
+        mark = " (chosen)" if label == tune.get("chosen_label") else ""
+        acc = "" if c.get("accuracy_passed") is None else ("within tol" if c["accuracy_passed"] else "OUTSIDE tol")
+        rows.append([str(i) if c.get("latency_ms") is not None else "-", label + mark, c["status"],
+                     fmt_ms(c.get("latency_ms")), "n/a" if c.get("compile_s") is None else f"{c['compile_s']:.2f} s",
+                     acc, " ".join(str(c.get("reason") or "").split())[:160]])
+    return [(f"autotune ({tune.get('mode', '')}, fastest first; compile = first call minus one run)",
+             ["#", "candidate", "status", "median", "compile", "accuracy", "reason"], rows)]
 
 
-def plot_generation(d: dict, path: Path) -> Path | None:
-    """Prefill (ms) and decode (ms per token) per backend, a bar per (prompt, batch, cache), as PNG."""
-    entries = generation_backends(d)
-    configs = list(dict.fromkeys((r["prompt_len"], r["batch_size"], r["cache"]) for e in entries
-                                 for r in e.get("runs", []) if not r.get("error")))
-    if not configs:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [e["backend"] for e in entries if e.get("runs")]
-    width = 0.8 / len(configs)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(names) * 2), 3.6))
-    for ax, key, unit in ((axes[0], "prefill_ms", "prefill (ms)"), (axes[1], "decode_ms_per_token",
-                                                                     "decode (ms per token)")):
-        shown = []
-        for i, cfg in enumerate(configs):
-            values = []
-            for name in names:
-                run = next((r for e in entries if e["backend"] == name for r in e["runs"]
-                            if (r["prompt_len"], r["batch_size"], r["cache"]) == cfg), None)
-                values.append(run.get(key) if run and run.get(key) else 0.0)
-            xs = [j + (i - (len(configs) - 1) / 2) * width for j in range(len(names))]
-            bars = ax.bar(xs, values, width, label=f"P{cfg[0]} B{cfg[1]} {cfg[2]}")
-            if len(configs) * len(names) <= 12:
-                ax.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in values], fontsize=7)
-            shown += [v for v in values if v]
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel(unit)
-        if shown and max(shown) / min(shown) > 30:  # prompts of 512 and 32768 tokens on one axis
-            ax.set_yscale("log")
-        ax.grid(True, axis="y", which="both", alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"{d.get('model', '')} on {d.get('device', '')} {d.get('dtype', '')}, {d.get('new_tokens')} new "
-                 "tokens, greedy; a missing bar: out of memory or not run", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def rejected_part(d: dict[str, Any]) -> list[Table]:
+    """A part: ``data.rejected``, each backend not chosen with its reason."""
+    if not d.get("rejected"):
+        return []
+    return [("backends not chosen", ["backend", "reason"], [[r["backend"], r["reason"]] for r in d["rejected"]])]
 
 
 # ----------------------------------------------------------------------------- files
@@ -533,87 +491,6 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
-def plot_grid(rows: list[dict], path: Path, metric: str, unit: str, title: str) -> Path | None:
-    """``metric`` (a key of the benchmark's ``data.grid`` rows, e.g. tflops) against S, a
-    line per candidate, one panel per (shape, causal, direction, dtype); log-log axes."""
-    ok = [r for r in rows if r.get(metric) is not None and r.get("status") in ("passed", "baseline")]
-    panels = list(dict.fromkeys((r["shape"], r["causal"], r["direction"], r["dtype"]) for r in ok))
-    if not panels:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
-    cols = min(4, len(panels))
-    nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, panels):
-        sub = [r for r in ok if (r["shape"], r["causal"], r["direction"], r["dtype"]) == key]
-        for label in dict.fromkeys(r["label"] for r in sub):
-            pts = sorted((r["seq_len"], r[metric]) for r in sub if r["label"] == label)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label,
-                    color="#9e9e9e" if label == "eager" else None)
-        seq = sorted({r["seq_len"] for r in sub})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(seq, [str(s) for s in seq], fontsize=7)
-        if metric != "tflops":
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.set_title(f"{key[0]}, {'causal' if key[1] else 'non-causal'}, {key[2]}, {key[3]}", fontsize=8)
-        ax.set_xlabel("sequence length S", fontsize=8)
-        ax.set_ylabel(unit, fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_fp8(rows: list[dict], path: Path, title: str) -> Path | None:
-    """TFLOP/s against sequence length, one panel per (head_dim, causal), a line each for
-    the FP8 kernel, FP8 with quantisation and the bf16 kernels (``fp8_attention`` rows)."""
-    ok = [r for r in rows if not r.get("error") and r.get("fp8")]
-    if not ok:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["head_dim"], r["causal"]) for r in ok})
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-    for ax, (d, causal) in zip(axes[0], panels):
-        mine = sorted((r for r in ok if (r["head_dim"], r["causal"]) == (d, causal)), key=lambda r: r["seq_len"])
-        lines = {"FP8 (cuDNN)": [r["fp8"] for r in mine], "FP8 + quantise": [r["fp8_with_quantize"] for r in mine]}
-        for name in dict.fromkeys(n for r in mine for n in r.get("bf16", {})):
-            lines[f"bf16 {name}"] = [r["bf16"].get(name, {}) for r in mine]
-        for name, ms in lines.items():
-            pts = [(r["seq_len"], m["tflops"]) for r, m in zip(mine, ms) if m.get("tflops")]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
-                        linestyle="--" if "quantise" in name else "-")
-        ax.set_xscale("log", base=2)
-        seq = [r["seq_len"] for r in mine]
-        ax.set_xticks(seq, [str(x) for x in seq], fontsize=7)
-        ax.set_xlabel("sequence length S")
-        ax.set_ylabel("TFLOP/s")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"head_dim {d}, {'causal' if causal else 'full'}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def default_run_folder(step: str, model: str, root: Path = Path("attention-reports")) -> Path:
     """./attention-reports/<step>-<YYYYmmdd-HHMMSS>-<model>: where a run's report goes by default."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
@@ -637,8 +514,8 @@ def write_patch(result: StepResult, patch: str, path: str | None) -> None:
 
 
 def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | None = None) -> Path:
-    """Write report.json, report.md, (when latencies were measured) report.png, and each
-    non-empty ``extra`` file (name -> text, e.g. swap.patch).
+    """Write report.json, report.md, the step's plot (its ``View``: report.png, and any other
+    plot the view writes), and each non-empty ``extra`` file (name -> text, e.g. swap.patch).
 
     ``folder`` is created; files already in it with these names are replaced, nothing
     else is touched. Its absolute path is stored in ``result.data["report_dir"]``.
@@ -646,29 +523,9 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
     folder = folder.expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     result.data["report_dir"] = str(folder)
-    runs = [result.data[k] for k in ("baseline", "candidate") if isinstance(result.data.get(k), dict)]
-    runs += [m for m in result.data.get("measurements", []) if isinstance(m, dict)]
-    shape = result.data.get("shape") or {}
-    seq = shape.get("seq_lens") or [shape.get("seq_len")]
-    seq_text = f"seq_len {seq[0]}" if len(seq) == 1 else f"seq_len {min(seq)}-{max(seq)}"
-    title = (f"{result.data.get('model', '')} on {result.data.get('device', '')} {result.data.get('dtype', '')}, "
-             f"batch {shape.get('batch_size')}, {seq_text}")
+    view = VIEWS.get(result.step)
     try:
-        if isinstance(result.data.get("grid"), list) and result.data["grid"] and "label" in result.data["grid"][0]:
-            where = f"{result.data.get('gpu') or result.data.get('device', '')}, torch {result.data.get('torch', '')}"
-            png = plot_grid(result.data["grid"], folder / "report.png", "tflops", "TFLOP/s", f"attention TFLOP/s, {where}")
-            mem = plot_grid(result.data["grid"], folder / "memory.png", "peak_memory_mb", "peak memory (MB)",
-                            f"attention peak memory, {where}")
-            if mem:
-                result.data["memory_plot"] = str(mem)
-        elif isinstance(result.data.get("grid_table"), dict):
-            png = plot_fp8(result.data.get("shapes") or [], folder / "report.png",
-                           result.data["grid_table"]["title"] + " (TFLOP/s)")
-        elif generation_backends(result.data):
-            png = plot_generation(result.data, folder / "report.png")
-        else:
-            png = (plot_sweep(runs, folder / "report.png", title) or
-                   plot_measurements(runs, folder / "report.png", title))
+        png = view.plot(result.data, folder) if view is not None else None
     except Exception as exc:  # a missing plotting backend must not lose the report
         png = None
         result.data["plot_error"] = f"{type(exc).__name__}: {exc}"

@@ -36,7 +36,7 @@ import torch
 
 from ..backends import BACKENDS, SDPA, availability
 from ..env import Environment, dtype_name
-from ..report import CannotRun
+from ..report import CannotRun, said
 from ..swap import switch
 from .accuracy import RULE, Accuracy, compare, dropout_off
 from .flops import attention_flops
@@ -149,7 +149,7 @@ def _attempt(c: Candidate, body: Callable[[], None], device: str) -> None:
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         else:
-            c.status, c.reason = "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
+            c.status, c.reason = "error", f"{said(exc, 240)}"
 
 
 def _judge(c: Candidate, acc: Accuracy | None) -> None:

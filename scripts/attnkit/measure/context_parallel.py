@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import select_output
-from ..report import CannotRun
+from ..report import CannotRun, said
 from ..swap import switch
 from .distributed import Rank, RankRun, prepare_together, profile_call, timed_runs
 
@@ -118,7 +118,7 @@ def activate_flash_impl(name: str) -> None:
         attention.activate_flash_attention_impl(name)
     except Exception as exc:
         raise CannotRun(f"--flash-impl {name}: torch {torch.__version__} could not activate it "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                        f"({said(exc, 200)})",
                         "FA4 needs flash-attn-4 (module flash_attn.cute) and an sm90/sm100 GPU") from None
 
 
@@ -393,7 +393,7 @@ def cpu_api_probe(work: Workload, rank: Rank, mesh: Any) -> dict[str, Any]:
                 (full,) = context_parallel_unshard(mesh, [out], [2])
                 found["causal_error" if causal else "noncausal"] = None if causal else full
             except Exception as exc:  # torch's own refusal, kept as evidence
-                found["causal_error" if causal else "noncausal"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                found["causal_error" if causal else "noncausal"] = f"{said(exc, 200)}"
     return found
 
 

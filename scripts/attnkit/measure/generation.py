@@ -61,7 +61,7 @@ from typing import Any, Callable
 import torch
 
 from ..env import dtype_name
-from ..report import CannotRun
+from ..report import CannotRun, said
 from ..swap import switch
 from .accuracy import compare, exact_cast
 from .timing import (Measurement, cap_cuda_memory, fits_in_memory, free_memory, is_oom, oom_message, profile_once,
@@ -269,7 +269,7 @@ def _time_generation(loaded: Any, g: GenerationRun, min_run_time: float) -> Gene
             if shape and shape.get("head_dim") and tokens:
                 g.kv_cache_matches_formula = measured == kv_cache_bytes(shape, tokens, batch_size, loaded.dtype)
     except Exception as exc:  # out of memory, or the backend failing in generate: recorded, the run goes on
-        g.error = oom_message(exc) if is_oom(exc) else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        g.error = oom_message(exc) if is_oom(exc) else f"{said(exc, 300)}"
         free_memory(device)
         return g
     decode = g.generate_ms - g.prefill_ms
@@ -311,7 +311,7 @@ def greedy(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch
     except Exception as exc:
         free_memory(loaded.device)
         return Greedy(backend, cache, error=oom_message(exc) if is_oom(exc) else
-                      f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+                      f"{said(exc, 300)}")
     return Greedy(backend, cache, out.sequences[:, ids.shape[1]:].cpu(), [t.float().cpu() for t in out.logits])
 
 
@@ -411,7 +411,7 @@ def longest_context(loaded: Any, backend: str, *, batch_size: int = 1, new_token
         info["error"] = exc.message
         return info
     except Exception as exc:
-        info["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        info["error"] = f"{said(exc, 300)}"
         return info
     info.update(result)
     if info.get("max_context") == 0:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..backends import SDPA
-from ..report import CannotRun
+from ..report import CannotRun, said
 from ..swap import switch
 from .flops import forward_flops
 from .kernels import SDPA_OPS, attention_kernels, fused, profiled
@@ -455,7 +455,7 @@ def fused_refusal(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None) -> s
             forward_fn(loaded, inputs, fused_names)()
         except RuntimeError as exc:
             if not any(t in str(exc) for t in ("No available kernel", "No viable backend")):
-                return f"the fused-only pass raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                return f"the fused-only pass raised {said(exc, 200)}"
             return no_kernel_reasons(caught)
     allowed = ", ".join(sdpa_kernels) if sdpa_kernels else "torch's own choice"
     return f"a fused kernel can take these inputs; the math kernel ran because it was allowed ({allowed})"

@@ -18,6 +18,7 @@ from ..models import cast_floating, select_output
 from .accuracy import compare, reference, run_reference
 from .kernels import SDPA_OPS, attention_kernels, profiled
 from .timing import run_backend, time_it
+from ..report import one_line, said
 
 
 def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, backend: str = "sdpa") -> list:
@@ -44,7 +45,7 @@ def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, bac
                 with swapper.trial(live), mode(), autocast_of(loaded), profiled() as prof:
                     cand = select_output(module(*args, **kwargs))
             except Exception as exc:
-                live.reason = f"the swapped code raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                live.reason = f"the swapped code raised {said(exc, 200)}"
                 continue
             acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
                           reference_name=ref_name.replace("eager", "original"))
@@ -113,7 +114,7 @@ def verify_model(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype) -> 
             base = run_backend(loaded, inputs, "eager")
             cand = run_backend(loaded, inputs, swapper.target)
         except Exception as exc:
-            return f"the model raised {type(exc).__name__} with the swaps: {' '.join(str(exc).split())[:160]}"
+            return f"the model raised {type(exc).__name__} with the swaps: {one_line(exc, 160)}"
         finally:
             swapper.revert()
         ref, name = reference(loaded, inputs, "eager")

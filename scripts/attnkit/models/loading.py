@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..env import dtype_name
-from ..report import CannotRun
+from ..report import CannotRun, one_line, said
 from .demos import DEFAULT_MODEL, DEMOS
 from .inputs import TEXT, Inputs, row_lengths
 
@@ -411,12 +411,12 @@ def check_placement(loaded: LoadedModel, device: str) -> str:
         except Exception as exc:  # the model's own failure (out of memory too): the step that runs it reports it
             what = f"on {probe.description}" if probe is not None else "on a probe input"
             skipped = (f"loading check skipped: a forward pass of the model as the factory returned it {what} "
-                       f"raised {_said(exc)}")
+                       f"raised {said(exc, 160)}")
         try:
             place(model, device)
         except torch.OutOfMemoryError as exc:
             _release(device)
-            return (f"loading check skipped: the model in {dtype_name(own)} does not fit on {device} ({_said(exc)}); "
+            return (f"loading check skipped: the model in {dtype_name(own)} does not fit on {device} ({said(exc, 160)}); "
                     "it is cast to the run's dtype on the way there instead")
         loaded.device = device
         if skipped:
@@ -430,10 +430,10 @@ def check_placement(loaded: LoadedModel, device: str) -> str:
                 after = loaded.forward(moved).detach()
         except torch.OutOfMemoryError as exc:
             _release(device)
-            return f"loading check skipped: the probe's forward pass ran out of memory on {device} ({_said(exc)})"
+            return f"loading check skipped: the probe's forward pass ran out of memory on {device} ({said(exc, 160)})"
         except Exception as exc:
             raise CannotRun(f"loading broke the model: its forward pass on {probe.description} ran on the model as "
-                            f"the factory returned it (on {source}) but raised {_said(exc)} after placing it "
+                            f"the factory returned it (on {source}) but raised {said(exc, 160)} after placing it "
                             f"{where}; likely cause: {_cause(facts, model)}", _PLACEMENT_ADVICE) from None
         diff, scale = _largest_difference(before, after)
         bound, bits = placement_bound(own, scale)
@@ -456,11 +456,6 @@ def check_placement(loaded: LoadedModel, device: str) -> str:
 _PLACEMENT_ADVICE = ("keep every tensor forward reads a parameter or a registered buffer "
                      "(self.register_buffer(name, t, persistent=False)), and let .to() / _apply move it unchanged; "
                      "then check the factory's model gives the same output on the target device")
-
-
-def _said(exc: BaseException) -> str:
-    text = exc.message if isinstance(exc, CannotRun) else " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:160]}"
 
 
 def _cuda_indices(*devices: str) -> list[int]:
@@ -618,13 +613,13 @@ def _from_pretrained(ref: str | Path, *, device: str, dtype: torch.dtype, trust_
                             "read that code first; rerun with --trust-remote-code if you trust it") from None
         raise CannotRun(f"cannot read the config of {ref}: {exc}", "") from None
     except OSError as exc:  # not in the cache / not downloadable / not a model folder
-        raise CannotRun(f"cannot read the config of {ref}: {' '.join(str(exc).split())[:300]}", "") from None
+        raise CannotRun(f"cannot read the config of {ref}: {one_line(exc, 300)}", "") from None
     family = _family_of(config)
     placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     try:
         model = _auto_class(family).from_pretrained(ref, dtype=dtype, **placement, **kw)
     except (OSError, ValueError) as exc:
-        raise CannotRun(f"cannot load the weights of {ref}: {' '.join(str(exc).split())[:300]}", "") from None
+        raise CannotRun(f"cannot load the weights of {ref}: {one_line(exc, 300)}", "") from None
     if device_map:
         _refuse_disk(getattr(model, "hf_device_map", {}))
         return model.eval(), family, _tokenizer(ref, **kw)

@@ -19,7 +19,7 @@ flex_attention, FlashAttention-2/3/4 where usable) runs on the same q, k, v [B, 
 * with ``--max-seq-len-search``, the largest S each backend runs at before it runs out of
   memory (on CUDA; under ``--memory-limit`` GB when given).
 
-Results: ``data.grid`` (one row per candidate and configuration), ``data.autotune`` (one
+Results: ``data.grid`` (one row per candidate and configuration), ``data.autotune_by_config`` (one
 row per configuration), report.png (TFLOP/s against S) and memory.png (peak memory
 against S) in the run folder.
 """
@@ -37,7 +37,8 @@ from ..env import dtype_name, environment, parse_dtype, resolve_device
 from ..measure import autotune
 from ..measure.timing import (cap_cuda_memory, fits_in_memory, is_oom, matmul_peak, oom_message, peak_memory_mb,
                               search_longest)
-from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+from ..report import (CannotRun, Check, Sections, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
+                      register_view, said, write_run_folder)
 
 STEP = "benchmark_attention"
 
@@ -128,7 +129,7 @@ def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
             raise CannotRun("--memory-limit applies to a CUDA device only", "use --device cuda")
         cap_cuda_memory(o.memory_limit, device)
     data: dict[str, Any] = {"device": device, "gpu": env.gpus[0].name if env.gpus and device != "cpu" else None,
-                            "torch": torch.__version__, "grid": [], "autotune": [], "matmul_peak_tflops": {},
+                            "torch": torch.__version__, "grid": [], "autotune_by_config": [], "matmul_peak_tflops": {},
                             "max_seq_len": None, "report_dir": None, "memory_limit_gb": o.memory_limit,
                             "min_run_time_s": o.min_run_time, "tune_time_s": o.tune_time}
     interrupted = ""
@@ -151,7 +152,7 @@ def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
         if o.max_seq_len_search:
             data["max_seq_len"] = _search(o, env, device, dtypes[0], shapes[-1], reporter)
     except KeyboardInterrupt:
-        interrupted = f"interrupted (Ctrl-C) after {len(data['autotune'])} configurations"
+        interrupted = f"interrupted (Ctrl-C) after {len(data['autotune_by_config'])} configurations"
     result = _verdict(data, interrupted)
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, device))
@@ -167,7 +168,7 @@ def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, confi
     except Exception as exc:
         if not is_oom(exc):
             raise
-        data["autotune"].append({**config, "chosen": None, "fastest": None, "ratio": None,
+        data["autotune_by_config"].append({**config, "chosen": None, "fastest": None, "ratio": None,
                                  "note": f"inputs do not fit: {oom_message(exc)}"})
         return
 
@@ -196,7 +197,7 @@ def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, confi
     picked = next((c for c in full if choice is not None and c.label == choice.label), None)
     ratio = (best_full.latency_ms / picked.latency_ms if best_full is not None and picked is not None
              and picked.latency_ms else None)
-    data["autotune"].append({**config, "chosen": choice.label if choice else None,
+    data["autotune_by_config"].append({**config, "chosen": choice.label if choice else None,
                              "chosen_latency_ms": picked.latency_ms if picked else None,
                              "fastest": best_full.label if best_full else None,
                              "fastest_latency_ms": best_full.latency_ms if best_full else None, "ratio": ratio})
@@ -233,12 +234,12 @@ def _search(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, shape, re
                 got = search_longest(fits, o.search_cap, start=1024, unit=1024, name="seq_len")
                 out["backends"][c.label] = {"fits": got["max_context"] or None, "oom_at": got["first_failure"]}
             except Exception as exc:
-                out["backends"][c.label] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+                out["backends"][c.label] = {"error": f"{said(exc, 200)}"}
     return out
 
 
 def _verdict(data: dict, interrupted: str) -> StepResult:
-    configs = data["autotune"]
+    configs = data["autotune_by_config"]
     ran = [a for a in configs if a.get("fastest")]
     if interrupted or not configs:
         return StepResult(STEP, "error", interrupted or "nothing was measured", [], data, "rerun to finish")
@@ -263,4 +264,85 @@ def _verdict(data: dict, interrupted: str) -> StepResult:
     return StepResult(STEP, "pass" if ok else "fail", summary, checks, data,
                       "read data.grid for every figure and report.png for TFLOP/s against S" if ok else
                       "a configuration had no passing candidate, or the quick pass chose a slow one: read "
-                      "data.autotune and rerun with a longer --tune-time")
+                      "data.autotune_by_config and rerun with a longer --tune-time")
+
+
+def _grid_tables(d: dict[str, Any]) -> list[Table]:
+    """Every candidate per configuration, and the quick pass's choice against the fastest."""
+    def config(r: dict) -> str:
+        return f"{r['shape']} S{r['seq_len']} {'causal' if r['causal'] else 'non-causal'} {r['direction']} {r['dtype']}"
+
+    out: list[Table] = []
+    if d.get("grid"):
+        out.append(("grid: every candidate per configuration", ["configuration", "candidate", "status", "median",
+                                                                 "TFLOP/s", "% matmul peak", "peak memory", "note"],
+                    [[config(r), r["label"], r["status"], fmt_ms(r.get("latency_ms")),
+                      "n/a" if r.get("tflops") is None else f"{r['tflops']:.3g}",
+                      "n/a" if r.get("pct_of_matmul_peak") is None else f"{r['pct_of_matmul_peak']:.0f} %",
+                      fmt_mb(r.get("peak_memory_mb")), " ".join(str(r.get("reason") or "").split())[:80]]
+                     for r in d["grid"] if r["status"] != "skipped"]))
+    if d.get("autotune_by_config"):
+        out.append(("autotune: the quick pass's choice against the fastest of the full pass",
+                    ["configuration", "chosen", "fastest", "chosen / fastest"],
+                    [[config(a), str(a.get("chosen")), str(a.get("fastest")),
+                      "n/a" if a.get("ratio") is None else f"{a['ratio']:.2f}x"] for a in d["autotune_by_config"]]))
+    return out
+
+
+def _grid_figure(d: dict[str, Any], folder: Path) -> Path | None:
+    """report.png (TFLOP/s against S) and memory.png (peak memory against S), a panel per configuration."""
+    if not d.get("grid"):
+        return None
+    where = f"{d.get('gpu') or d.get('device', '')}, torch {d.get('torch', '')}"
+    png = plot_grid(d["grid"], folder / "report.png", "tflops", "TFLOP/s", f"attention TFLOP/s, {where}")
+    mem = plot_grid(d["grid"], folder / "memory.png", "peak_memory_mb", "peak memory (MB)",
+                    f"attention peak memory, {where}")
+    if mem:
+        d["memory_plot"] = str(mem)
+    return png
+
+
+def plot_grid(rows: list[dict], path: Path, metric: str, unit: str, title: str) -> Path | None:
+    """``metric`` (a key of the benchmark's ``data.grid`` rows, e.g. tflops) against S, a
+    line per candidate, one panel per (shape, causal, direction, dtype); log-log axes."""
+    ok = [r for r in rows if r.get(metric) is not None and r.get("status") in ("passed", "baseline")]
+    panels = list(dict.fromkeys((r["shape"], r["causal"], r["direction"], r["dtype"]) for r in ok))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        sub = [r for r in ok if (r["shape"], r["causal"], r["direction"], r["dtype"]) == key]
+        for label in dict.fromkeys(r["label"] for r in sub):
+            pts = sorted((r["seq_len"], r[metric]) for r in sub if r["label"] == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label,
+                    color="#9e9e9e" if label == "eager" else None)
+        seq = sorted({r["seq_len"] for r in sub})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seq, [str(s) for s in seq], fontsize=7)
+        if metric != "tflops":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_title(f"{key[0]}, {'causal' if key[1] else 'non-causal'}, {key[2]}, {key[3]}", fontsize=8)
+        ax.set_xlabel("sequence length S", fontsize=8)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+#: How a result of this step is drawn (report.View): the grid and the autotuner's misses, two plots.
+VIEW = register_view(STEP, Sections((_grid_tables,), _grid_figure))

@@ -6,10 +6,12 @@ GPUs it needs, why ``auto`` would not take it) from the backend registry.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..backends import BACKENDS, FLASH_ATTENTION_BACKENDS, Fp8Availability, choose, fp8_availability, library_status
 from ..backends.probe import torch_fa4_bridge
 from ..env import MIN_TORCH_FOR_SDPA, Environment, architecture, environment, parse_dtype, resolve_device
-from ..report import CannotRun, Check, StepResult
+from ..report import CannotRun, Check, Sections, StepResult, Table, register_view, rejected_part
 
 #: ``--require`` names that ask for a FlashAttention library -> its backend (module names, as
 #: earlier versions took them, and the backend names).
@@ -161,3 +163,11 @@ def check_env_step(require: list[str] | None = None, device: str = "auto", dtype
     hint = ("run enable_flash.py --model SPEC to switch and verify" if ok else
             " ".join(f"{c.name}: {c.evidence}." for c in failed))
     return StepResult("check_env", "pass" if ok else "fail", summary, checks, data, hint)
+
+
+def _facts_table(d: dict[str, Any]) -> list[Table]:
+    return [("environment", ["fact", "value"], [[f["name"], f["value"]] for f in d["facts"]])] if d.get("facts") else []
+
+
+#: How a result of this step is drawn (report.View): the facts, and the backends auto would not start from.
+VIEW = register_view("check_env", Sections((_facts_table, rejected_part)))

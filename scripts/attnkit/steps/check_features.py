@@ -17,7 +17,8 @@ from ..backends import BACKENDS, FEATURES, availability, choose
 from ..env import resolve
 from ..measure.accuracy import judge_outputs
 from ..models.features import needed
-from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+from ..report import (CannotRun, Check, Sections, StepResult, Table, accuracy_part, default_run_folder, register_view,
+                      write_run_folder)
 from .session import open_session
 
 
@@ -89,3 +90,15 @@ def check_features(o: FeatureOptions, reporter: Any) -> StepResult:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder("check_features",
                                                                                             loaded.name))
     return result
+
+
+def _features_table(d: dict[str, Any]) -> list[Table]:
+    if not d.get("features"):
+        return []
+    return [(f"features ({d.get('backend', '')})", ["feature", "model uses it", "backend provides it", "how", "source"],
+             [[f["feature"], f["detail"] or "no", "yes" if f["supported"] else "NO", f["how"], f["source"]]
+              for f in d["features"]])]
+
+
+#: How a result of this step is drawn (report.View): every feature, and the accuracy figures.
+VIEW = register_view("check_features", Sections((_features_table, accuracy_part)))

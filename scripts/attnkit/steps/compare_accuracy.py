@@ -13,7 +13,8 @@ from typing import Any
 from ..backends import BACKENDS, choose
 from ..env import dtype_name, resolve
 from ..measure.accuracy import judge_outputs
-from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+from ..report import (CannotRun, Check, Sections, StepResult, accuracy_part, default_run_folder, register_view,
+                      write_run_folder)
 from .session import open_session
 
 
@@ -85,3 +86,7 @@ def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else
                          default_run_folder("compare_accuracy", first.loaded.name))
     return result
+
+
+#: How a result of this step is drawn (report.View): the accuracy figures.
+VIEW = register_view("compare_accuracy", Sections((accuracy_part,)))

@@ -52,7 +52,8 @@ from ..measure import distributed as dd
 from ..measure.flops import attention_flops
 from ..measure.kernels import SDPA_OPS
 from ..measure.timing import cap_cuda_memory, free_memory, is_oom, oom_message, search_longest
-from ..report import CannotRun, Check, Reporter, StepResult, fmt_mb, fmt_ms
+from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy_part, fmt_mb, fmt_ms, register_view,
+                      said)
 from ..swap import switch
 
 STEP = "context_parallel"
@@ -456,7 +457,7 @@ def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, shard: cp.Sharded | 
                 try:
                     ran, err = _safely(fn)
                 except Exception as exc:  # not memory: a failure too, with what it was
-                    ran, err = None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                    ran, err = None, f"{said(exc, 160)}"
                 peaks[seq_len] = ran.run.total_mb if ran else None
                 if where == "sharded" and ran and ran.run.peak_memory_mb and seq_len > rate[1]:
                     rate = (ran.run.peak_memory_mb * 2**20 / seq_len, seq_len)
@@ -614,3 +615,7 @@ def _cpu_api_record(p: Plan, rank: dd.Rank, found: dict) -> dict[str, Any]:
                           dtype=p.dtype, language_model=False, reference_name="float64 attention, non-causal")
     record.update(noncausal_math=f"ran: {acc.evidence()}", matches=acc.passed)
     return record
+
+
+#: How a result of this step is drawn (report.View): the accuracy figures.
+VIEW = register_view(STEP, Sections((accuracy_part,)))

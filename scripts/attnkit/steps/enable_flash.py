@@ -39,8 +39,9 @@ from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, o
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
 from ..measure.verify import module_timings, ran_new_call, verify_sites
 from ..models.features import needed
-from ..report import (CannotRun, Check, Reporter, StepResult, default_run_folder, fmt_kernels, fmt_mb,
-                      refuse_to_overwrite, write_patch, write_run_folder)
+from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy_part, autotune_part,
+                      default_run_folder, fmt_kernels, fmt_mb, measured, measured_figure, refuse_to_overwrite,
+                      register_view, rejected_part, write_patch, write_run_folder)
 from ..swap import switch
 from ..swap.patch import patch_of
 from .session import Session, check_shape, open_session
@@ -583,3 +584,8 @@ def enable_flash(o: EnableOptions, reporter: Reporter) -> StepResult:
     measured = _measure(prep, o, reporter)
     accuracy = _accuracy(prep, o, measured, reporter)
     return _finish(_result(prep, o, measured, accuracy), prep, o, reporter)
+
+
+#: How a result of this step is drawn (report.View): the two measurements, accuracy, autotune, rejections.
+VIEW = register_view(STEP, Sections((measured("baseline", "candidate"), accuracy_part, autotune_part, rejected_part),
+                                    measured_figure("baseline", "candidate")))

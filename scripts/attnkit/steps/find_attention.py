@@ -24,7 +24,7 @@ from .. import models
 from ..env import resolve
 from ..measure.timing import forward_fn
 from ..measure.verify import verify_sites
-from ..report import (CannotRun, Check, StepResult, default_run_folder, refuse_to_overwrite, write_patch,
+from ..report import (CannotRun, Check, StepResult, default_run_folder, refuse_to_overwrite, said, write_patch,
                       write_run_folder)
 from ..swap import switch
 from ..swap.live import Swapper
@@ -139,7 +139,7 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
         except CannotRun:
             raise
         except Exception as exc:
-            raise CannotRun(f"a forward pass of {o.model} raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+            raise CannotRun(f"a forward pass of {o.model} raised {said(exc, 200)}",
                             "check that the model runs on its own") from None
     if not swapper.sites:
         raise CannotRun(f"no attention in {o.model}: a forward pass ran no softmax, SDPA or flash-attn op",

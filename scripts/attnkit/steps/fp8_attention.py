@@ -49,7 +49,7 @@ from ..env import architecture, environment
 from ..measure.flops import attention_flops
 from ..measure.kernels import library_kernels, profiled
 from ..measure.timing import free_memory, is_oom, oom_message, synchronize, time_it
-from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+from ..report import CannotRun, Check, Sections, StepResult, Table, default_run_folder, register_view, write_run_folder
 
 STEP = "fp8_attention"
 E4M3_EPS = float(torch.finfo(fp8_cudnn.E4M3).eps)  # 0.125
@@ -376,3 +376,56 @@ def _fa4_reason(env: Any) -> str:
     found = probe.imports(FLASH_ATTENTION_4)
     return "" if found.importable else f"flash_attn.cute: {found.meaning} [{found.error}]"
 
+
+def _grid_table(d: dict[str, Any]) -> list[Table]:
+    grid = d.get("grid_table")
+    return [(grid["title"], grid["header"], grid["rows"])] if grid and grid.get("rows") else []
+
+
+def _fp8_figure(d: dict[str, Any], folder: Path) -> Path | None:
+    if not d.get("grid_table"):
+        return None
+    return plot_fp8(d.get("shapes") or [], folder / "report.png", d["grid_table"]["title"] + " (TFLOP/s)")
+
+
+def plot_fp8(rows: list[dict], path: Path, title: str) -> Path | None:
+    """TFLOP/s against sequence length, one panel per (head_dim, causal), a line each for
+    the FP8 kernel, FP8 with quantisation and the bf16 kernels (``fp8_attention`` rows)."""
+    ok = [r for r in rows if not r.get("error") and r.get("fp8")]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["head_dim"], r["causal"]) for r in ok})
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (d, causal) in zip(axes[0], panels):
+        mine = sorted((r for r in ok if (r["head_dim"], r["causal"]) == (d, causal)), key=lambda r: r["seq_len"])
+        lines = {"FP8 (cuDNN)": [r["fp8"] for r in mine], "FP8 + quantise": [r["fp8_with_quantize"] for r in mine]}
+        for name in dict.fromkeys(n for r in mine for n in r.get("bf16", {})):
+            lines[f"bf16 {name}"] = [r["bf16"].get(name, {}) for r in mine]
+        for name, ms in lines.items():
+            pts = [(r["seq_len"], m["tflops"]) for r, m in zip(mine, ms) if m.get("tflops")]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                        linestyle="--" if "quantise" in name else "-")
+        ax.set_xscale("log", base=2)
+        seq = [r["seq_len"] for r in mine]
+        ax.set_xticks(seq, [str(x) for x in seq], fontsize=7)
+        ax.set_xlabel("sequence length S")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"head_dim {d}, {'causal' if causal else 'full'}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+#: How a result of this step is drawn (report.View): FP8 against bf16 per shape, TFLOP/s against S.
+VIEW = register_view(STEP, Sections((_grid_table,), _fp8_figure))

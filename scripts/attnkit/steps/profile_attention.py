@@ -14,7 +14,8 @@ from ..backends import BACKENDS, choose
 from ..env import resolve
 from ..measure.timing import Measurement, measure_backend, time_paired
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
-from ..report import CannotRun, Check, StepResult, default_run_folder, write_run_folder
+from ..report import (CannotRun, Check, Sections, StepResult, default_run_folder, measured, measured_figure,
+                      register_view, write_run_folder)
 from .session import open_session
 
 
@@ -146,3 +147,8 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else
                          default_run_folder("profile_attention", first.loaded.name))
     return result
+
+
+#: How a result of this step is drawn (report.View): every measurement, and a sweep over lengths.
+VIEW = register_view("profile_attention", Sections((measured(list_key="measurements"),),
+                                                   measured_figure(list_key="measurements")))

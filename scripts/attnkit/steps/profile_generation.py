@@ -21,7 +21,8 @@ from ..backends import BACKENDS, availability
 from ..env import dtype_name, resolve
 from ..measure import generation as gen
 from ..measure.kernels import fused
-from ..report import CannotRun, Check, StepResult, default_run_folder, fmt_ms, write_run_folder
+from ..report import (CannotRun, Check, Sections, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
+                      register_view, write_run_folder)
 from .session import open_session
 
 STEP = "profile_generation"
@@ -331,3 +332,119 @@ def _summary(data: dict, entries: dict[str, dict], runnable: list[str]) -> str:
     tail = (f"; agreement on a left-padded batch of {batch['rows']} prompts of {batch['prompt_lens']} tokens"
             if batch else "")
     return head + "; ".join(parts) + tail
+
+
+def generation_backends(d: dict) -> list[dict]:
+    """The per-backend entries of a generation step's data (``data.backends``), else []."""
+    rows = d.get("backends")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) and "decode_ms_per_token" in r for r in rows):
+        return rows
+    return []
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def generation_tables(d: dict) -> list[Table]:
+    """profile_generation's tables: every timed run, then per backend agreement and longest context."""
+    entries = generation_backends(d)
+    if not entries:
+        return []
+    runs = []
+    for e in entries:
+        for r in e.get("runs", []):
+            if r.get("error"):
+                runs.append([e["backend"], str(r["prompt_len"]), str(r["batch_size"]), r["cache"], "error", "", "",
+                             "", "", r["error"]])
+                continue
+            kv = fmt_mb(r.get("kv_cache_mb"))
+            if r.get("kv_cache_matches_formula") is False:
+                kv += f" (object: {fmt_mb(r.get('kv_cache_measured_mb'))})"
+            runs.append([e["backend"], str(r["prompt_len"]), str(r["batch_size"]), r["cache"], fmt_ms(r["prefill_ms"]),
+                         fmt_ms(r.get("decode_ms_per_token")), _rate(r.get("decode_tokens_per_s")),
+                         fmt_mb(r.get("peak_memory_mb")), kv, ", ".join(sorted(r.get("kernels") or {})) or "-"])
+    out = []
+    if runs:
+        out.append((f"generation on {d.get('device', '?')} {d.get('dtype', '')}, {d.get('new_tokens')} new tokens "
+                    f"(greedy)", ["backend", "prompt", "batch", "cache", "prefill", "decode / token", "tokens/s",
+                                  "peak memory", "KV cache", "attention kernels seen"], runs))
+    rows = []
+    for e in entries:
+        if not e.get("available", True):
+            rows.append([e["backend"], "not run", "", e.get("reason", "").split("; ")[0]])
+            continue
+        agree = "; ".join(f"{a['cache']}: " + ("error: " + str(a.get("error")) if a.get("agreement") is None else
+                                              f"{a['agreement']:.3f}" + (f" ({a['rows_differing']} rows differ)"
+                                                                          if a.get("rows_differing") else ""))
+                          for a in e.get("agreement", []))
+        lc = e.get("longest_context") or {}
+        if lc.get("error"):
+            ctx = "error: " + lc["error"]
+        elif lc:
+            ctx = f"{lc['max_context']}" + (" (the model's limit)" if lc.get("capped") else
+                                            f" (fails at {lc.get('first_failure')})")
+            ctx += f"; limit {lc.get('memory_limit_gb', 0):.2f} GB, {lc.get('enforced_by', '')}"
+        else:
+            ctx = "not searched (--max-context)"
+        rows.append([e["backend"], agree or "n/a", ctx, ""])
+    batch = d.get("agreement_batch") or {}
+    title = "greedy agreement with eager and longest prompt that fits"
+    if batch:
+        title += f" (agreement: left-padded batch of prompts of {batch.get('prompt_lens')} tokens)"
+    out.append((title, ["backend", "greedy agreement", "longest prompt", "note"], rows))
+    if d.get("not_available"):
+        out.append(("backends not available here (not run)", ["backend", "reason"],
+                    [[r["backend"], r["reason"].split("; ")[0]] for r in d["not_available"]]))
+    return out
+
+
+def plot_generation(d: dict, path: Path) -> Path | None:
+    """Prefill (ms) and decode (ms per token) per backend, a bar per (prompt, batch, cache), as PNG."""
+    entries = generation_backends(d)
+    configs = list(dict.fromkeys((r["prompt_len"], r["batch_size"], r["cache"]) for e in entries
+                                 for r in e.get("runs", []) if not r.get("error")))
+    if not configs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e["backend"] for e in entries if e.get("runs")]
+    width = 0.8 / len(configs)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(names) * 2), 3.6))
+    for ax, key, unit in ((axes[0], "prefill_ms", "prefill (ms)"), (axes[1], "decode_ms_per_token",
+                                                                     "decode (ms per token)")):
+        shown = []
+        for i, cfg in enumerate(configs):
+            values = []
+            for name in names:
+                run = next((r for e in entries if e["backend"] == name for r in e["runs"]
+                            if (r["prompt_len"], r["batch_size"], r["cache"]) == cfg), None)
+                values.append(run.get(key) if run and run.get(key) else 0.0)
+            xs = [j + (i - (len(configs) - 1) / 2) * width for j in range(len(names))]
+            bars = ax.bar(xs, values, width, label=f"P{cfg[0]} B{cfg[1]} {cfg[2]}")
+            if len(configs) * len(names) <= 12:
+                ax.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in values], fontsize=7)
+            shown += [v for v in values if v]
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel(unit)
+        if shown and max(shown) / min(shown) > 30:  # prompts of 512 and 32768 tokens on one axis
+            ax.set_yscale("log")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{d.get('model', '')} on {d.get('device', '')} {d.get('dtype', '')}, {d.get('new_tokens')} new "
+                 "tokens, greedy; a missing bar: out of memory or not run", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _generation_figure(d: dict[str, Any], folder: Path) -> Path | None:
+    return plot_generation(d, folder / "report.png")
+
+
+#: How a result of this step is drawn (report.View): every timed run, agreement and longest context, a plot.
+VIEW = register_view(STEP, Sections((generation_tables,), _generation_figure))

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from ..report import CannotRun, Check, Reporter, StepResult
+from ..report import CannotRun, Check, Reporter, Sections, StepResult, Table, register_view
 
 #: ``- [ ] TITLE: `python ${HERMES_SKILL_DIR}/scripts/STEP.py ...``` (one command per line)
 CHECKLIST_LINE = re.compile(r"^- \[ \] (?P<title>.+?): `(?P<run>python \$\{HERMES_SKILL_DIR\}/scripts/[\w.-]+\.py[^`]*)`\s*$")
@@ -259,3 +259,25 @@ def listing(root: Path) -> StepResult:
     return StepResult("run_checklist", "pass", f"{len(rows)} workflows: " + ", ".join(
         f"{r['number']} {r['workflow']}" for r in rows), [], {"workflows": rows},
         "run_checklist.py WORKFLOW runs one, e.g. run_checklist.py enable")
+
+
+def _steps_table(d: dict[str, Any]) -> list[Table]:
+    """A run of one workflow: each step's mark, title and result."""
+    if not d.get("steps"):
+        return []
+    return [(d.get("title", "checklist"), ["", "step", "result"],
+             [[f"[{r['mark']}]", r["title"], r["summary"] + (f" (rule: {r['evidence']})" if r["mark"] == "!"
+                                                             and r["evidence"] else "")] for r in d["steps"]])]
+
+
+def _workflows_table(d: dict[str, Any]) -> list[Table]:
+    """The list of workflows (no workflow named): each step's command."""
+    if not d.get("workflows"):
+        return []
+    return [("workflows", ["workflow", "step", "command"],
+             [[f"{w['number']} {w['workflow']}" if i == 0 else "", s["title"], s["run"]]
+              for w in d["workflows"] for i, s in enumerate(w["steps"])])]
+
+
+#: How a result of this step is drawn (report.View): the checklist run, or the list of workflows.
+VIEW = register_view("run_checklist", Sections((_steps_table, _workflows_table)))

@@ -18,7 +18,7 @@ from ..env import Environment, dtype_name, resolve
 from ..measure.kernels import attention_kernels, profiled
 from ..measure.timing import forward_fn
 from ..measure.verify import verify_sites
-from ..report import CannotRun, Reporter
+from ..report import CannotRun, Reporter, one_line
 from ..swap import switch
 from ..swap.live import Swapper, swapper_of
 
@@ -132,7 +132,7 @@ def autocast_fallback(loaded: Any, exc: BaseException) -> bool:
         return False
     loaded.use_autocast()
     loaded.notes.append(f"a plain cast of the model to {dtype_name(loaded.dtype)} does not run "
-                        f"({' '.join(str(exc).split())[:160]}): it runs under torch.autocast({dtype_name(loaded.dtype)}) "
+                        f"({one_line(exc, 160)}): it runs under torch.autocast({dtype_name(loaded.dtype)}) "
                         "with float32 weights, as its users run it (data.dtype_policy = autocast)")
     return True
 
@@ -161,7 +161,7 @@ def locate_attention(loaded: Any, baseline: str = "eager") -> dict[str, int]:
         if autocast_fallback(loaded, exc):
             return locate_attention(loaded, baseline)
         raise CannotRun(f"a forward pass of {loaded.spec} on {probe.description} raised {type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:200]}", "check that the model runs on its own; a factory "
+                        f"{one_line(exc, 200)}", "check that the model runs on its own; a factory "
                         "may define example_inputs(batch_size, seq_len)") from None
     if not counts:
         raise CannotRun(f"no attention in {loaded.spec}: a forward pass ran no softmax, SDPA or flash-attn op",

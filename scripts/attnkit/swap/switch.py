@@ -27,7 +27,7 @@ from typing import Iterator
 from torch import nn
 
 from ..backends import BACKENDS, SDPA
-from ..report import CannotRun
+from ..report import CannotRun, one_line
 from . import registered
 from .live import swapper_of
 
@@ -80,7 +80,7 @@ def apply(model: nn.Module, backend: str) -> str | None:
         model.set_attn_implementation(backend)
     except (ValueError, ImportError) as exc:
         raise CannotRun(f"transformers refused attn_implementation={backend!r} for {type(model).__name__}: "
-                        f"{' '.join(str(exc).split())[:300]}", "use --backend auto") from None
+                        f"{one_line(exc, 300)}", "use --backend auto") from None
     if current(model) != backend:
         raise CannotRun(f"{type(model).__name__} did not switch to {backend} (still {current(model)}): the class "
                         "cannot change its attention at run time", f"load it with attn_implementation={backend!r}")
