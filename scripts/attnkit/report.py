@@ -491,17 +491,132 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
-def default_run_folder(step: str, model: str, root: Path = Path("attention-reports")) -> Path:
-    """./attention-reports/<step>-<YYYYmmdd-HHMMSS>-<model>: where a run's report goes by default."""
+#: The files a run writes into its run folder, any of which a user's folder may already hold.
+REPORT_FILES = ("report.json", "report.md", "report.png", "memory.png", "swap.patch")
+#: Where the run folders go by default, under the working directory.
+REPORTS_ROOT = Path("attention-reports")
+
+
+def default_run_folder(step: str, model: str, root: Path = REPORTS_ROOT) -> Path:
+    """A new folder ./attention-reports/<step>-<YYYYmmdd-HHMMSS.mmm>-<random>-<model>, created
+    here (``exist_ok=False``): two runs started in the same millisecond still get their own."""
+    import secrets
+
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
-    return root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    for _ in range(100):
+        now = time.time()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+        folder = root / f"{step}-{stamp}-{secrets.token_hex(2)}-{name}"
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return folder
+    raise CannotRun(f"could not create a new run folder under {root}", "pass --report-dir DIR")
+
+
+def _cannot_write(folder: Path) -> str | None:
+    """Why no file can be created in the existing folder ``folder``, or None when one can: a
+    real attempt (an unnamed temporary file), so that read-only mounts and permissions are
+    judged as the write itself would be."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def _check_creatable(path: Path, flag: str, shown: str, hint: str = "") -> None:
+    """Raise ``CannotRun`` unless ``path`` (a file or folder to create, folders above it
+    included) can be created: its nearest existing ancestor is a folder we can write in."""
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise CannotRun(f"{flag} {shown}: {above} is a file, not a folder; nothing was written",
+                        hint or f"pass a path in a folder for {flag}")
+    why = _cannot_write(above)
+    if why:
+        raise CannotRun(f"{flag} {shown}: cannot write in {above} ({why}); nothing was written",
+                        hint or f"pass a folder you can write to for {flag}")
+
+
+def check_run_folder(path: str, flag: str = "--report-dir") -> None:
+    """Raise ``CannotRun`` before any work when the run folder ``path`` cannot take a report:
+    a file, a folder we cannot write in, or a folder already holding a report (a user's, or
+    another run's): a run never overwrites one."""
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise CannotRun(f"{flag} {path} is a file, not a folder; nothing was written",
+                            f"pass a new or empty folder for {flag}")
+        held = [name for name in REPORT_FILES if (folder / name).exists()]
+        if held:
+            raise CannotRun(f"{flag} {path} already holds {', '.join(held)}, which this run would overwrite; "
+                            "nothing was written", f"pass a new or empty folder for {flag}, or move those files")
+        why = _cannot_write(folder)
+        if why:
+            raise CannotRun(f"{flag} {path}: cannot write in it ({why}); nothing was written",
+                            f"pass a folder you can write to for {flag}")
+    else:
+        _check_creatable(folder, flag, path)
+
+
+def check_new_folder(path: str, flag: str) -> None:
+    """Raise ``CannotRun`` before any work unless ``path`` is a folder to create, or an empty
+    one we can write in (``--save``)."""
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir() or any(folder.iterdir()):
+            raise CannotRun(f"{flag} {path} already exists and is not an empty folder; nothing was written",
+                            "pass a new folder: the job never overwrites your files")
+        why = _cannot_write(folder)
+        if why:
+            raise CannotRun(f"{flag} {path}: cannot write in it ({why}); nothing was written",
+                            f"pass a folder you can write to for {flag}")
+    else:
+        _check_creatable(folder, flag, path)
 
 
 def refuse_to_overwrite(path: str | None, flag: str) -> None:
-    """Raise ``CannotRun`` before any work when ``path`` (the value of ``flag``) exists."""
-    if path and Path(path).expanduser().exists():
+    """Raise ``CannotRun`` before any work when the new file ``path`` (the value of ``flag``)
+    exists, or cannot be created: its folder missing, not a folder, or not writable."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.exists() or target.is_symlink():
         raise CannotRun(f"{flag} {path} already exists; nothing was written",
                         "pass a new file name: the job never overwrites your files")
+    folder = target.parent
+    if not folder.exists():
+        raise CannotRun(f"{flag} {path}: the folder {folder} does not exist; nothing was written",
+                        f"create {folder} first, or pass a file in an existing folder")
+    if not folder.is_dir():
+        raise CannotRun(f"{flag} {path}: {folder} is not a folder; nothing was written",
+                        "pass a file in an existing folder")
+    why = _cannot_write(folder)
+    if why:
+        raise CannotRun(f"{flag} {path}: cannot write in {folder} ({why}); nothing was written",
+                        f"pass a file in a folder you can write to for {flag}")
+
+
+def check_outputs(args: Any) -> None:
+    """Check every output target a step's parsed arguments name, before anything is loaded or
+    measured, so that a long run never ends in "cannot write": --report-dir (or the default
+    ./attention-reports), --save, --write-patch. Raises ``CannotRun``."""
+    if hasattr(args, "report_dir") and not getattr(args, "no_report", False):
+        if args.report_dir:
+            check_run_folder(args.report_dir)
+        else:
+            _check_creatable(REPORTS_ROOT.absolute() / "run", "the default run folder", f"./{REPORTS_ROOT}",
+                             "pass --report-dir DIR in a folder you can write to, or --no-report")
+    if getattr(args, "save", None):
+        check_new_folder(args.save, "--save")
+    refuse_to_overwrite(getattr(args, "write_patch", None), "--write-patch")
 
 
 def write_patch(result: StepResult, patch: str, path: str | None) -> None:
@@ -517,11 +632,18 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
     """Write report.json, report.md, the step's plot (its ``View``: report.png, and any other
     plot the view writes), and each non-empty ``extra`` file (name -> text, e.g. swap.patch).
 
-    ``folder`` is created; files already in it with these names are replaced, nothing
-    else is touched. Its absolute path is stored in ``result.data["report_dir"]``.
+    ``folder`` is created. A folder that already holds a report (another run given the same
+    --report-dir finished first; ``check_run_folder`` refused one at the start) is never
+    overwritten: the report goes into a new subfolder (``default_run_folder``'s naming),
+    and ``result.data["report_dir_note"]`` says so. The absolute path is stored in
+    ``result.data["report_dir"]``.
     """
     folder = folder.expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    if any((folder / name).exists() for name in REPORT_FILES):
+        taken = folder
+        folder = default_run_folder(result.step, "run", root=taken).resolve()
+        result.data["report_dir_note"] = f"{taken} already held a report when this run finished; written to {folder}"
     result.data["report_dir"] = str(folder)
     view = VIEWS.get(result.step)
     try:
@@ -531,7 +653,8 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
         result.data["plot_error"] = f"{type(exc).__name__}: {exc}"
     if png:
         result.data["plot"] = str(png)
-    (folder / "report.json").write_text(result.to_json() + "\n")
+    with open(folder / "report.json", "x") as f:
+        f.write(result.to_json() + "\n")
     (folder / "report.md").write_text(to_markdown(result))
     for name, text in (extra or {}).items():
         if text:

@@ -39,7 +39,7 @@ from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, o
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
 from ..measure.verify import module_timings, ran_new_call, verify_sites
 from ..models.features import needed
-from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy_part, autotune_part,
+from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy_part, autotune_part, check_new_folder,
                       default_run_folder, fmt_kernels, fmt_mb, measured, measured_figure, refuse_to_overwrite,
                       register_view, rejected_part, write_patch, write_run_folder)
 from ..swap import switch
@@ -84,10 +84,7 @@ def validate(o: EnableOptions) -> None:
     if o.min_run_time <= 0:
         raise CannotRun(f"--min-run-time must be positive, not {o.min_run_time}", "")
     if o.save:
-        path = Path(o.save).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise CannotRun(f"--save {o.save} already exists and is not an empty folder; nothing was written",
-                            "pass a new folder: the job never overwrites your files")
+        check_new_folder(o.save, "--save")
     refuse_to_overwrite(o.write_patch, "--write-patch")
     if o.device_map and o.device != "auto":
         raise CannotRun(f"--device {o.device} with --device-map: the map places the model", "use --max-memory to limit it")
