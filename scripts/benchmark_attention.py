@@ -41,26 +41,27 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N")
     g.add_argument("--dtype", dest="dtypes", action="append", metavar="DTYPE",
                    help="repeatable; default: bfloat16 and float16 on a GPU, float32 on a CPU")
-    g.add_argument("--shape", dest="shapes", action="append", metavar="B,H,D",
+    g.add_argument("--shape", dest="shapes", action="append", metavar="B,H,D", type=cli.text,
                    help="batch, heads, head_dim (or B,H,H_KV,D for GQA); repeatable; default: 8,32,64 and 2,16,128")
-    g.add_argument("--seq-len", dest="seq_lens", type=int, action="append", metavar="S",
+    g.add_argument("--seq-len", dest="seq_lens", type=cli.integer(1, cli.MAX_SEQ_LEN), action="append", metavar="S",
                    help="repeatable; default: 512 to 16384 on a GPU, 512 and 1024 on a CPU")
     g.add_argument("--causal", default="both", choices=("causal", "non-causal", "both"), help="(default: both)")
     g.add_argument("--direction", choices=("fwd", "fwd+bwd", "both"),
                    help="forward, forward + backward, or both (default: both on a GPU, fwd on a CPU)")
-    g.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x], metavar="LIST",
+    g.add_argument("--backends", type=cli.backend_list(labels=True), metavar="LIST",
                    help="only these candidates, by backend or label (e.g. sdpa,flash_attention_4 or sdpa[cudnn]); "
                         "eager is always timed as the baseline")
-    g.add_argument("--min-run-time", type=float, default=0.2, metavar="SEC",
+    g.add_argument("--min-run-time", type=cli.seconds, default=0.2, metavar="SEC",
                    help="timing per candidate and configuration, split over interleaved rounds (default: 0.2)")
-    g.add_argument("--tune-time", type=float, default=0.05, metavar="SEC",
+    g.add_argument("--tune-time", type=cli.seconds, default=0.05, metavar="SEC",
                    help="timing per candidate in the autotuner's quick pass (default: 0.05)")
     g.add_argument("--tune-compiled", action=argparse.BooleanOptionalAction, default=None,
                    help="time torch.compile candidates (flex_attention); default: on CUDA only")
     g.add_argument("--max-seq-len-search", action="store_true",
                    help="also find the largest S each backend runs at (CUDA; causal forward on the last --shape)")
-    g.add_argument("--search-cap", type=int, default=262144, metavar="S", help="stop the search there (default: 262144)")
-    g.add_argument("--memory-limit", type=float, metavar="GB",
+    g.add_argument("--search-cap", type=cli.integer(1, cli.MAX_SEQ_LEN), default=262144, metavar="S",
+                   help="stop the search there (default: 262144)")
+    g.add_argument("--memory-limit", type=cli.gigabytes, metavar="GB",
                    help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction)")
     cli.add_output_args(p, "benchmark_attention")
     return p

@@ -30,7 +30,8 @@ def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("compare_accuracy.py", doc[0], "\n\n".join(doc[1:]))
     cli.add_model_args(p)
-    p.add_argument("--against", metavar="SPEC", help="a second model spec whose outputs are compared with --model's")
+    p.add_argument("--against", metavar="SPEC", type=cli.text,
+                   help="a second model spec whose outputs are compared with --model's")
     g = p.add_argument_group("backends")
     g.add_argument("--baseline", choices=BACKEND_NAMES, help="backend of the baseline (default: eager; with --against, "
                                                         "the first model as loaded)")

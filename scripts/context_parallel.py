@@ -51,12 +51,15 @@ def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("context_parallel.py", doc[0], "\n\n".join(doc[1:]))
     g = p.add_argument_group("attention: q [B, H, S, D], k and v [B, H, S_kv, D]")
-    g.add_argument("--seq-len", type=int, metavar="S",
+    g.add_argument("--seq-len", type=cli.integer(2, cli.MAX_SEQ_LEN), metavar="S",
                    help="sequence length, the one that is sharded (default: 131072 on GPUs, 512 on CPU)")
-    g.add_argument("--kv-len", type=int, metavar="S_KV", help="key/value length (default: S; non-causal only)")
-    g.add_argument("--batch-size", type=int, default=1, metavar="B", help="batch size (default: 1)")
-    g.add_argument("--heads", type=int, default=32, metavar="H", help="heads (default: 32)")
-    g.add_argument("--head-dim", type=int, default=128, metavar="D", help="head_dim (default: 128)")
+    g.add_argument("--kv-len", type=cli.integer(2, cli.MAX_SEQ_LEN), metavar="S_KV",
+                   help="key/value length (default: S; non-causal only)")
+    g.add_argument("--batch-size", type=cli.integer(1, cli.MAX_BATCH), default=1, metavar="B",
+                   help="batch size (default: 1)")
+    g.add_argument("--heads", type=cli.integer(1, cli.MAX_HEADS), default=32, metavar="H", help="heads (default: 32)")
+    g.add_argument("--head-dim", type=cli.integer(1, cli.MAX_HEAD_DIM), default=128, metavar="D",
+                   help="head_dim (default: 128)")
     g.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal attention (default: causal)")
     g.add_argument("--attn-mask", action="store_true",
@@ -64,7 +67,7 @@ def build_parser():
     g.add_argument("--dtype", default="auto", help="auto (bf16 on sm80+ GPUs, fp32 on CPU), float32, bfloat16 or "
                                                    "float16 (default: auto)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    g.add_argument("--model", metavar="SPEC",
+    g.add_argument("--model", metavar="SPEC", type=cli.text,
                    help="run a transformers causal LM (demo:NAME, folder or hub id) instead of bare attention: token "
                         "and position ids are sharded, every SDPA call becomes ring attention, the logits are "
                         "gathered (GPUs only)")
@@ -80,7 +83,7 @@ def build_parser():
                    help="dtype the ring merges partial outputs in: float32 (torch's default, "
                         "_cp_options.convert_to_f32) or input (the input's dtype: less memory, judged by the same "
                         "accuracy check) (default: float32)")
-    c.add_argument("--heads-per-call", type=int, metavar="N",
+    c.add_argument("--heads-per-call", type=cli.integer(1, cli.MAX_HEADS), metavar="N",
                    help="run torch's ring on N heads at a time, the outputs written into one [B, H, S/N_ranks, D] "
                         "tensor: heads are independent, so the output is the same, and what the ring allocates "
                         "beyond the q/k/v/output shards (K/V send and receive buffers, merge temporaries) falls to "
@@ -91,18 +94,18 @@ def build_parser():
                    help="put FlashAttention-3 or -4 behind SDPA's flash kernel (torch.nn.attention."
                         "activate_flash_attention_impl, a torch 2.13 prototype) for the 1-device run and the ring; "
                         "implies --sdpa-kernel flash; needs flash-attn-4 (FA4) or the FA3 build and a Hopper GPU")
-    c.add_argument("--nproc", type=int, metavar="N",
+    c.add_argument("--nproc", type=cli.integer(1, 1024), metavar="N",
                    help="processes to spawn when not under torchrun (default: 2 on CPU, 1 on a GPU)")
     m = p.add_argument_group("measurement")
-    m.add_argument("--reps", type=int, default=5, metavar="N",
+    m.add_argument("--reps", type=cli.integer(0, cli.MAX_COUNT), default=5, metavar="N",
                    help="timed runs per path, the same count on every rank (default: 5; 0: no timing)")
-    m.add_argument("--check-rows", type=int, default=1024, metavar="R",
+    m.add_argument("--check-rows", type=cli.integer(1, cli.MAX_SEQ_LEN), default=1024, metavar="R",
                    help="query rows the float64 reference is computed at, plus the shard edges (default: 1024; all "
                         "rows when S is smaller)")
-    m.add_argument("--max-seq-len-search", type=int, metavar="CAP",
+    m.add_argument("--max-seq-len-search", type=cli.integer(2, cli.MAX_SEQ_LEN), metavar="CAP",
                    help="also find the longest sequence up to CAP that runs, on one device and sharded: CAP first, "
                         "then doubling from --seq-len, then bisecting to 1/64, one forward pass per probe")
-    m.add_argument("--memory-limit", type=float, metavar="GB",
+    m.add_argument("--memory-limit", type=cli.gigabytes, metavar="GB",
                    help="during --max-seq-len-search, cap each rank's GPU memory at GB "
                         "(torch.cuda.set_per_process_memory_fraction), so that the search ends sooner; the longest "
                         "sequences then scale with the cap (the search gathers no output)")

@@ -62,7 +62,7 @@ def build_parser():
     g.add_argument("--train", action="store_true",
                    help="measure forward + backward in training mode, and check the gradients of the parameters and "
                         "floating inputs as well as the outputs (dropout set to 0 for the comparison)")
-    g.add_argument("--write-patch", metavar="FILE",
+    g.add_argument("--write-patch", metavar="FILE", type=cli.text,
                    help="for hand-written attention: write the source change of the swapped sites, a unified diff, to "
                         "FILE (a new file); it is always written to swap.patch in the run folder")
     cli.add_device_map_args(p)

@@ -37,12 +37,13 @@ from attnkit.steps.find_attention import FindOptions, find_attention  # noqa: E4
 def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("find_attention.py", doc[0], "\n\n".join(doc[1:]))
-    p.add_argument("--source", metavar="PATH", help="a .py file or a folder of them, read without importing")
+    p.add_argument("--source", metavar="PATH", type=cli.text,
+                   help="a .py file or a folder of them, read without importing")
     cli.add_model_args(p, default_seq_len=32, default_batch_size=2, batch_why=", for the tracing pass",
                        model_help="a model to run and trace instead of --source (see enable_flash.py --help for "
                                   "SPEC); with neither, the embedded default demo:llama")
-    p.add_argument("--write-patch", metavar="FILE", help="write the source change of the swappable sites, a unified "
-                                                         "diff, to FILE (a new file)")
+    p.add_argument("--write-patch", metavar="FILE", type=cli.text,
+                   help="write the source change of the swappable sites, a unified diff, to FILE (a new file)")
     cli.add_output_args(p, "find_attention")
     return p
 

@@ -43,20 +43,22 @@ def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("fp8_attention.py", doc[0], "\n\n".join(doc[1:]))
     g = p.add_argument_group("shapes: q [B, S, H, D], k and v [B, S, H_kv, D]; the default is the seed's grid")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default: 8)")
-    g.add_argument("--heads", type=int, default=32, metavar="H", help="query heads (default: 32)")
-    g.add_argument("--kv-heads", type=int, default=None, metavar="H_KV",
+    g.add_argument("--batch-size", type=cli.integer(1, cli.MAX_BATCH), default=8, metavar="B",
+                   help="batch size (default: 8)")
+    g.add_argument("--heads", type=cli.integer(1, cli.MAX_HEADS), default=32, metavar="H",
+                   help="query heads (default: 32)")
+    g.add_argument("--kv-heads", type=cli.integer(1, cli.MAX_HEADS), default=None, metavar="H_KV",
                    help="key/value heads, fewer than H for GQA (default: as many as --heads)")
-    g.add_argument("--head-dim", type=int, action="append", dest="head_dims", metavar="D",
+    g.add_argument("--head-dim", type=cli.integer(1, cli.MAX_HEAD_DIM), action="append", dest="head_dims", metavar="D",
                    help="head_dim, a multiple of 16 up to 256; repeatable (default: 64 and 128)")
-    g.add_argument("--seq-len", type=int, action="append", dest="seq_lens", metavar="S",
+    g.add_argument("--seq-len", type=cli.integer(2, cli.MAX_SEQ_LEN), action="append", dest="seq_lens", metavar="S",
                    help="sequence length; repeatable (default: 1024 2048 4096 8192 16384)")
     g.add_argument("--causal", choices=("both", "yes", "no"), default="both",
                    help="causal (top-left) attention, full attention, or both (default: both)")
     m = p.add_argument_group("measurement")
-    m.add_argument("--min-run-time", type=float, default=0.25, metavar="SEC",
+    m.add_argument("--min-run-time", type=cli.seconds, default=0.25, metavar="SEC",
                    help="seconds of timed runs per kernel and shape (default: 0.25)")
-    m.add_argument("--ref-heads", type=int, default=4, metavar="N",
+    m.add_argument("--ref-heads", type=cli.integer(1, cli.MAX_HEADS), default=4, metavar="N",
                    help="query heads of batch 0 the float64 reference covers (default: 4)")
     cli.add_output_args(p, "fp8_attention")
     return p

@@ -36,8 +36,9 @@ def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("profile_attention.py", doc[0], "\n\n".join(doc[1:]))
     cli.add_model_args(p, sweep=True)
-    p.add_argument("--against", metavar="SPEC", help="a second model spec to compare with --model, same inputs")
-    p.add_argument("--backends", action="append", metavar="LIST",
+    p.add_argument("--against", metavar="SPEC", type=cli.text,
+                   help="a second model spec to compare with --model, same inputs")
+    p.add_argument("--backends", action="append", metavar="LIST", type=cli.backend_list(extra=("auto",)),
                    help="comma-separated backends in order, first = before, last = after (auto allowed; "
                         "repeatable); default: eager,auto, or each model as loaded with --against")
     p.add_argument("--train", action="store_true",
@@ -49,7 +50,7 @@ def build_parser():
 
 
 def run(args, reporter):
-    backends = [b.strip() for item in (args.backends or []) for b in item.split(",") if b.strip()] or None
+    backends = [b for item in (args.backends or []) for b in item] or None
     return profile_attention(cli.options(ProfileOptions, args, backends=backends, seq_lens=args.seq_len or [1024]),
                              reporter)
 

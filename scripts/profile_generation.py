@@ -54,22 +54,22 @@ def build_parser():
     doc = __doc__.split("\n\n")
     p = cli.parser("profile_generation.py", doc[0], "\n\n".join(doc[1:]))
     g = cli.add_model_args(p, shape=False)
-    g.add_argument("--prompt-len", type=int, action="append", metavar="P",
+    g.add_argument("--prompt-len", type=cli.integer(1, cli.MAX_SEQ_LEN), action="append", metavar="P",
                    help="prompt length P in tokens, capped to the model's maximum minus --new-tokens; repeatable "
                         "(default: 512)")
-    g.add_argument("--new-tokens", type=int, default=32, metavar="N",
+    g.add_argument("--new-tokens", type=cli.integer(2, cli.MAX_COUNT), default=32, metavar="N",
                    help="tokens generated per run, every one of them (min_new_tokens = N); also the length of the "
                         "agreement run (default: 32)")
-    g.add_argument("--batch-size", type=int, action="append", metavar="B",
+    g.add_argument("--batch-size", type=cli.integer(1, cli.MAX_BATCH), action="append", metavar="B",
                    help="batch size B, repeatable (default: 1 and 8)")
     g.add_argument("--cache", action="append", choices=("dynamic", "static"), dest="caches",
                    help="KV cache: dynamic (DynamicCache) or static (StaticCache), repeatable (default: both)")
     b = p.add_argument_group("backends")
-    b.add_argument("--backends", action="append", metavar="LIST",
+    b.add_argument("--backends", action="append", metavar="LIST", type=cli.backend_list(),
                    help="comma-separated backends (repeatable; " + ", ".join(BACKEND_NAMES) + "); eager is always "
                         "added as the reference; default: eager and every backend auto may pick that can run here")
     m = p.add_argument_group("measurement")
-    m.add_argument("--min-run-time", type=float, default=1.0, metavar="SEC",
+    m.add_argument("--min-run-time", type=cli.seconds, default=1.0, metavar="SEC",
                    help="seconds of timed runs per generate call for torch.utils.benchmark's blocked_autorange "
                         "(default: 1.0)")
     m.add_argument("--compile", action="store_true",
@@ -77,7 +77,7 @@ def build_parser():
                         "(first call untimed); off by default here")
     m.add_argument("--max-context", action="store_true",
                    help="also search the longest prompt that fits per backend (see above)")
-    m.add_argument("--memory-limit", type=float, metavar="GB",
+    m.add_argument("--memory-limit", type=cli.gigabytes, metavar="GB",
                    help="the memory --max-context may use (GB, 2**30 bytes): on CUDA the whole process's share of "
                         "the GPU, weights included; on CPU what the search may add beyond the loaded process "
                         "(default: the GPU's memory, or MemAvailable on CPU)")
@@ -86,7 +86,7 @@ def build_parser():
 
 
 def run(args, reporter):
-    backends = [b.strip() for item in (args.backends or []) for b in item.split(",") if b.strip()] or None
+    backends = [b for item in (args.backends or []) for b in item] or None
     return profile_generation(cli.options(GenerationOptions, args, backends=backends,
                                           prompt_lens=args.prompt_len or [512],
                                           batch_sizes=args.batch_size or [1, 8],

@@ -9,7 +9,13 @@ unless --keep-going. The model options given here (--model, --batch-size, --seq-
 --pad-fraction, --dtype, --device, --trust-remote-code) are passed on to the steps that
 take them.
 
-The step passes when every step passed or was skipped.
+The run folder (--report-dir, default ./attention-reports/run_checklist-<time>-<workflow>)
+holds the checklist's report.json and report.md and every file a step writes (a relative
+--write-patch FILE lands there, never in the working directory); with --no-report it is
+created only for such a file.
+
+The step passes when every step passed or was skipped; it is an error (exit 2) when a step
+could not run.
 
 examples:
   python scripts/run_checklist.py --list
@@ -36,13 +42,18 @@ def build_parser():
     p.add_argument("--list", action="store_true", help="list the workflows and their steps")
     p.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
     g = p.add_argument_group("passed on to the steps that take them")
-    g.add_argument("--model", metavar="SPEC", help="model spec (see enable_flash.py --help)")
-    g.add_argument("--batch-size", type=int, metavar="B")
-    g.add_argument("--seq-len", type=int, metavar="S")
-    g.add_argument("--pad-fraction", type=float, metavar="F")
-    g.add_argument("--dtype")
-    g.add_argument("--device")
-    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--model", metavar="SPEC", type=cli.text, help="model spec (see enable_flash.py --help)")
+    g.add_argument("--batch-size", type=cli.integer(1, cli.MAX_BATCH), metavar="B",
+                   help="batch size B (default: each step's own)")
+    g.add_argument("--seq-len", type=cli.integer(2, cli.MAX_SEQ_LEN), metavar="S",
+                   help="sequence length S in tokens (default: each step's own)")
+    g.add_argument("--pad-fraction", type=cli.fraction, metavar="F",
+                   help="right-pad rows 1..B-1 by up to F*S tokens, F in [0, 1) (default: each step's own)")
+    g.add_argument("--dtype", type=cli.text, help="auto, float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--device", type=cli.text, help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a Hub model's own modelling code to run (off by default: read it first)")
+    cli.add_output_args(p, "run_checklist")
     return p
 
 
@@ -53,7 +64,8 @@ def run(args, reporter):
         raise CannotRun("name a workflow to run, or pass --list", "run_checklist.py --list")
     options = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "pad_fraction", "dtype", "device",
                                              "trust_remote_code")}
-    return run_workflow(SKILL_DIR, args.workflow, options, args.keep_going, reporter)
+    return run_workflow(SKILL_DIR, args.workflow, options, args.keep_going, reporter, report_dir=args.report_dir,
+                        write_report=not args.no_report)
 
 
 def main(argv=None):

@@ -4,16 +4,27 @@
 function returning a ``StepResult``) and prints the result: exactly one JSON object on
 stdout with ``--json``, a rich rendering without it. Whatever goes wrong becomes a
 result too, never a traceback: a bad argument or ``CannotRun`` -> status ``error``, one
-line, exit 2; Ctrl-C before anything was measured -> ``error``, exit 2; an unexpected
-exception -> ``error`` with its type and message (``--debug`` re-raises it to show the
-traceback).
+line, exit 2; Ctrl-C before anything was measured -> ``error``, exit 2; ``sys.exit`` called
+by the model's code -> ``error``, exit 2; an unexpected exception -> ``error`` with its type
+and message (``--debug`` re-raises it to show the traceback). Writing the result itself
+may fail: a full disk (``> /dev/full``) is one line on stderr and exit 2; a reader that
+went away (``| head``, a broken pipe) keeps the step's exit code, since the verdict stands.
+
+Every number and name is checked while the arguments are parsed, by the shared argument
+types below (``integer``, ``positive_float``, ``fraction``, ``text``, ``backend_list``):
+every value of a repeated option, with the bounds stated in the message. The output
+targets (``--report-dir``, ``--save``, ``--write-patch``, the default run folder) are
+checked right after parsing, before anything is loaded or measured (``report.check_outputs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import math
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -23,25 +34,125 @@ from typing import Callable, Sequence
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
-from .report import CannotRun, Reporter, StepResult  # noqa: E402
+from .report import CannotRun, Reporter, StepResult, check_outputs  # noqa: E402
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
+
+#: Upper bounds of the counting options: far above any run that fits on a machine, low enough
+#: that a typo (99999999999999999999) is refused at once instead of hanging while the inputs
+#: are built. Every bound is stated in the message that refuses a value.
+MAX_BATCH = 2**16
+MAX_SEQ_LEN = 2**24
+MAX_HEADS = 2**12
+MAX_HEAD_DIM = 2**12
+MAX_COUNT = 2**20  # repetitions, rows, tokens, processes
+#: The longest timing window a step takes per measurement (seconds): an hour.
+MAX_SECONDS = 3600.0
 
 
 class Parser(argparse.ArgumentParser):
     """argparse that raises ``CannotRun`` (exit 2, one line) instead of printing usage."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        # "argument --seq-len: must be at least 2, not -1" -> "--seq-len must be at least 2, not -1";
+        # "argument --backends: unknown backend 'x'; ..." -> "--backends: unknown backend 'x'; ..."
+        message = re.sub(r"^argument (\S+): (must|is) ", r"\1 \2 ", message)
+        message = re.sub(r"^argument (\S+): ", r"\1: ", message)
         raise CannotRun(f"{self.prog}: {message}", f"see {self.prog} --help")
 
 
 def parser(prog: str, description: str, epilog: str = "") -> Parser:
+    """A step's parser: --json, --quiet, --debug; no abbreviated options (``--jso`` is refused,
+    not taken for ``--json``)."""
     p = Parser(prog=prog, description=description, epilog=(epilog + "\n\n" + EXIT_CODES_HELP).strip(),
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (progress goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return p
+
+
+# ----------------------------------------------------------------------------- argument types
+# Each returns a function for ``add_argument(type=...)``: argparse calls it on every value,
+# each one of a repeated option included, and turns its ArgumentTypeError into one line.
+
+def integer(low: int = 1, high: int = MAX_COUNT) -> Callable[[str], int]:
+    """An int in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, not {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def positive_float(high: float | None = None, unit: str = "") -> Callable[[str], float]:
+    """A finite float above 0 (nan and inf refused), at most ``high`` when given."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive finite number{unit}, not {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}{unit}, not {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+def fraction(text: str) -> float:
+    """A float in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    return value
+
+
+def text(value: str) -> str:
+    """A string that is not empty (``--model ""`` would otherwise mean the default)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def backend_list(extra: Sequence[str] = (), labels: bool = False) -> Callable[[str], list[str]]:
+    """A comma-separated list of backends from ``attnkit.backends.BACKENDS`` (and ``extra``,
+    e.g. auto), at least one; with ``labels`` an SDPA kernel may be named too, sdpa[cudnn]."""
+    def parse(value: str) -> list[str]:
+        from .backends import BACKENDS, SDPA
+
+        names = [x.strip() for x in value.split(",") if x.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"must name at least one backend: {', '.join((*extra, *BACKENDS))}")
+        kernels = [k.name for k in SDPA.kernels]
+        for name in names:
+            base, _, kernel = name.partition("[")
+            ok = name in extra or name in BACKENDS or (
+                labels and base == SDPA.name and kernel.endswith("]") and kernel[:-1] in kernels)
+            if not ok:
+                valid = ", ".join((*extra, *BACKENDS)) + (
+                    ", or " + ", ".join(f"sdpa[{k}]" for k in kernels) if labels else "")
+                raise argparse.ArgumentTypeError(f"unknown backend {name!r}; choose from {valid}")
+        return names
+    parse.__name__ = "backend list"
+    return parse
+
+
+#: --min-run-time, --tune-time: a positive, finite timing window of at most an hour.
+seconds = positive_float(MAX_SECONDS, " of seconds")
+#: --memory-limit: a positive, finite number of GB.
+gigabytes = positive_float(unit=" of GB")
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, model_required: bool = False,
@@ -58,7 +169,7 @@ def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, m
     from .steps import DEMO_NAMES
 
     g = p.add_argument_group("model and inputs")
-    g.add_argument("--model", metavar="SPEC", required=model_required,
+    g.add_argument("--model", metavar="SPEC", required=model_required, type=text,
                    help=model_help or "a Hugging Face id or local folder, path/to/file.py:factory, package.module:"
                         f"factory, or a built-in demo:NAME ({', '.join(DEMO_NAMES)}); "
                         "default: demo:llama, a small Llama-architecture causal LM with random weights")
@@ -75,16 +186,16 @@ def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, m
 
 def _add_shape_args(g: argparse._ArgumentGroup, default_seq_len: int, sweep: bool, default_batch_size: int,
                     batch_why: str, default_pad_fraction: float | None) -> None:
-    g.add_argument("--batch-size", type=int, default=default_batch_size, metavar="B",
+    g.add_argument("--batch-size", type=integer(1, MAX_BATCH), default=default_batch_size, metavar="B",
                    help=f"batch size B (default: {default_batch_size}{batch_why})")
     if sweep:
-        g.add_argument("--seq-len", type=int, action="append", metavar="S",
+        g.add_argument("--seq-len", type=integer(2, MAX_SEQ_LEN), action="append", metavar="S",
                        help=f"sequence length S in tokens, capped to the model's maximum; repeat it for a sweep "
                             f"(default: {default_seq_len})")
     else:
-        g.add_argument("--seq-len", type=int, default=default_seq_len, metavar="S",
+        g.add_argument("--seq-len", type=integer(2, MAX_SEQ_LEN), default=default_seq_len, metavar="S",
                        help=f"sequence length S in tokens, capped to the model's maximum (default: {default_seq_len})")
-    g.add_argument("--pad-fraction", type=float, default=default_pad_fraction, metavar="F",
+    g.add_argument("--pad-fraction", type=fraction, default=default_pad_fraction, metavar="F",
                    help="right-pad rows 1..B-1 by up to F*S tokens, row 0 is full (default: " +
                         (f"{default_pad_fraction}" if default_pad_fraction is not None else
                          "0 for causal LMs, 0.5 for encoders") +
@@ -97,14 +208,14 @@ def add_device_map_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-map", metavar="MAP", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                    help="spread the model over the visible GPUs (then the CPU) with accelerate, as from_pretrained("
                         "device_map=MAP) does: auto, balanced, balanced_low_0 or sequential; needs accelerate")
-    g.add_argument("--max-memory", metavar="DEV=SIZE,...",
+    g.add_argument("--max-memory", metavar="DEV=SIZE,...", type=text,
                    help="what each device may hold, e.g. 0=10GiB,1=10GiB,cpu=50GiB (devices left out get nothing); "
                         "with --device-map")
 
 
 def add_measure_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
-    g.add_argument("--min-run-time", type=float, default=1.0, metavar="SEC",
+    g.add_argument("--min-run-time", type=seconds, default=1.0, metavar="SEC",
                    help="seconds of timed runs per backend for torch.utils.benchmark's blocked_autorange, after a "
                         "warm-up pass (default: 1.0)")
     add_sdpa_kernel_arg(g)
@@ -132,12 +243,13 @@ def options(cls: type, args: argparse.Namespace, **overrides: object) -> object:
 def add_output_args(p: argparse.ArgumentParser, step: str, save: bool = False) -> None:
     """--report-dir and --no-report (and --save for the main job)."""
     g = p.add_argument_group("output")
-    g.add_argument("--report-dir", metavar="DIR",
+    g.add_argument("--report-dir", metavar="DIR", type=text,
                    help=f"run folder for report.json / report.md / report.png "
-                        f"(default: ./attention-reports/{step}-<time>-<model>)")
+                        f"(default: ./attention-reports/{step}-<time>-<model>, a new folder); a folder of "
+                        f"yours is used only when it holds no report yet")
     g.add_argument("--no-report", action="store_true", help="write no run folder")
     if save:
-        g.add_argument("--save", metavar="DIR",
+        g.add_argument("--save", metavar="DIR", type=text,
                        help="save the switched model (save_pretrained, attn_implementation recorded in config.json) "
                             "into DIR, a new or empty folder, only when every check passed")
 
@@ -183,7 +295,8 @@ def stdout_to_stderr(active: bool):
 
 def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],
         argv: Sequence[str] | None = None) -> int:
-    """Parse, call ``fn``, print the result, return the exit code (see the module docstring).
+    """Parse, check the output targets, call ``fn``, print the result, return the exit code
+    (see the module docstring).
 
     In a process that a launcher such as torchrun started as rank 1 or higher (``RANK`` in
     the environment), nothing is printed: rank 0 prints the one result.
@@ -192,29 +305,82 @@ def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace,
     silent = os.environ.get("RANK", "0") not in ("", "0")
     reporter = Reporter(json_mode="--json" in argv, quiet="--quiet" in argv or silent)
     _sigterm_as_interrupt()
-    debug = "--debug" in argv
     try:
-        args = p.parse_args(argv)
-        with stdout_to_stderr(reporter.json_mode):
-            result = fn(args, reporter)
+        args = p.parse_args(argv)  # --help prints and raises SystemExit(0), as argparse does
     except CannotRun as exc:
         result = StepResult.error(step, exc)
+    else:
+        result = _call(step, fn, args, reporter, debug="--debug" in argv)
+    if silent:
+        return result.exit_code
+    return _print(result, reporter)
+
+
+def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], args: argparse.Namespace,
+          reporter: Reporter, debug: bool) -> StepResult:
+    """``fn``'s result, or what stopped it as a result: the one boundary every failure meets."""
+    try:
+        check_outputs(args)
+        with stdout_to_stderr(reporter.json_mode):
+            return fn(args, reporter)
+    except CannotRun as exc:
+        return StepResult.error(step, exc)
     except KeyboardInterrupt:
-        result = StepResult(step, "error", "interrupted (Ctrl-C) before anything was measured", [], {}, "rerun it")
+        return StepResult(step, "error", "interrupted (Ctrl-C) before anything was measured", [], {}, "rerun it")
+    except SystemExit as exc:  # the model's code (or a library it runs) called sys.exit or exit()
+        return StepResult(step, "error", f"the step was stopped by sys.exit({exc.code!r}), called by the model's "
+                                         "code or a library it runs", [], {},
+                          "keep sys.exit out of the code a model spec imports and calls (put it under "
+                          "if __name__ == '__main__':); rerun with --debug for the traceback")
     except Exception as exc:  # a bug, or a library failing in a way we did not foresee
         if debug:
             raise
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
-        result = StepResult(step, "error", f"unexpected error: {message}", [], {},
-                            "rerun with --debug for the traceback, and report it")
-    if silent:
-        return result.exit_code
-    if result.status == "error" and not reporter.json_mode:
-        from rich.markup import escape
+        return StepResult(step, "error", f"unexpected error: {message}", [], {},
+                          "rerun with --debug for the traceback, and report it")
 
-        line = f"[bold red]error:[/] {escape(result.summary)}"
-        if result.next:
-            line += f" [dim](next: {escape(result.next)})[/]"
-        reporter.err.print(line, soft_wrap=True)
+
+def _print(result: StepResult, reporter: Reporter) -> int:
+    """Print ``result`` (an error without --json as one line on stderr) and return the exit
+    code; a failure to write it is ``_output_failed``'s."""
+    try:
+        if result.status == "error" and not reporter.json_mode:
+            from rich.markup import escape
+
+            line = f"[bold red]error:[/] {escape(result.summary)}"
+            if result.next:
+                line += f" [dim](next: {escape(result.next)})[/]"
+            reporter.err.print(line, soft_wrap=True)
+            sys.stderr.flush()
+            return result.exit_code
+        code = reporter.emit(result)
+        sys.stdout.flush()
+        return code
+    except OSError as exc:
+        return _output_failed(exc, result)
+    except SystemExit:  # rich's Console.on_broken_pipe: the reader of its output went away
+        return _output_failed(BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)), result)
+
+
+def _output_failed(exc: OSError, result: StepResult) -> int:
+    """Writing the result failed. A broken pipe (the reader left, ``| head``) keeps the step's
+    exit code: the verdict stands. Any other error (``ENOSPC``: ``> /dev/full``) is one line
+    on stderr and exit 2. Either way stdout then points at /dev/null, so that the
+    interpreter's last flush cannot fail again with a traceback."""
+    for stream in (sys.stdout, sys.stderr) if exc.errno == errno.EPIPE else (sys.stdout,):
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # no file descriptor (an embedding host)
+            pass
+    if exc.errno == errno.EPIPE:
         return result.exit_code
-    return reporter.emit(result)
+    try:
+        sys.stderr.write(f"error: could not write the {result.step} result ({result.status}) to stdout: "
+                         f"{exc.strerror or exc} (next: write it where there is room, e.g. > result.json on "
+                         f"another disk)\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return 2
