@@ -31,6 +31,7 @@ Every failure to load raises ``CannotRun`` with one line saying what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -41,7 +42,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -644,8 +645,27 @@ def _load_demo(name: str, device: str, dtype: torch.dtype, device_map: str | Non
     return model.eval(), family, None
 
 
+@contextlib.contextmanager
+def _as_user_code(what: str, argv0: str) -> Iterator[None]:
+    """Run user code (a factory module's import, the factory call) as if it were its own
+    program's: ``sys.argv`` is ``[argv0]``, so a module that parses its command line at import
+    sees none of the step's options, and ``sys.exit`` / ``exit()`` becomes ``CannotRun`` naming
+    ``what``, so that stdout still holds one JSON object. ``sys.argv`` is put back after."""
+    saved = sys.argv
+    sys.argv = [argv0]
+    try:
+        yield
+    except SystemExit as exc:
+        raise CannotRun(f"{what} called sys.exit({exc.code!r}), which would have ended the step",
+                        "keep sys.exit (and argument parsing that exits) under if __name__ == '__main__': in the "
+                        "code a model spec imports") from None
+    finally:
+        sys.argv = saved
+
+
 def _load_factory(spec: str) -> tuple[nn.Module, ModuleType]:
-    """The factory's model as it returned it (in eval mode), and the factory's module."""
+    """The factory's model as it returned it (in eval mode), and the factory's module. The
+    module is imported and the factory called as user code (``_as_user_code``)."""
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py"):
         path = Path(target).expanduser()
@@ -657,22 +677,33 @@ def _load_factory(spec: str) -> tuple[nn.Module, ModuleType]:
         sys.modules[module_name] = module
         sys.path.insert(0, str(path.resolve().parent))
         try:
-            module_spec.loader.exec_module(module)
+            with _as_user_code(f"importing {target}", str(path)):
+                module_spec.loader.exec_module(module)
+        except CannotRun:
+            raise
         except Exception as exc:
             raise CannotRun(f"importing {target} raised {type(exc).__name__}: {exc}", "fix that file") from None
         finally:
             sys.path.remove(str(path.resolve().parent))
+        argv0 = str(path)
     else:
         try:
-            module = importlib.import_module(target)
+            with _as_user_code(f"importing module {target}", target):
+                module = importlib.import_module(target)
+        except CannotRun:
+            raise
         except Exception as exc:
             raise CannotRun(f"cannot import module {target}: {type(exc).__name__}: {exc}",
                             "pass package.module:factory importable from here, or path/to/file.py:factory") from None
+        argv0 = getattr(module, "__file__", None) or target
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CannotRun(f"{target} has no callable {attr!r}", f"define def {attr}(): return your nn.Module")
     try:
-        obj = factory()
+        with _as_user_code(f"factory {spec}", argv0):
+            obj = factory()
+    except CannotRun:
+        raise
     except Exception as exc:
         raise CannotRun(f"factory {spec} raised {type(exc).__name__}: {exc}", "fix the factory") from None
     if not isinstance(obj, nn.Module):
@@ -696,6 +727,9 @@ def classify(spec: str) -> str:
     if spec.startswith("demo:"):
         return "demo"
     target, sep, attr = spec.rpartition(":")
+    if sep and attr.isidentifier() and not target.endswith(".py") and Path(target).expanduser().is_file():
+        raise CannotRun(f"factory file {target} is not a .py file: a FILE:factory spec names a Python source file",
+                        f"put def {attr}(): return your nn.Module into a .py file and pass path/to/file.py:{attr}")
     if sep and attr.isidentifier() and (target.endswith(".py") or re.fullmatch(r"[A-Za-z_][\w.]*", target)) \
             and not re.match(r"^[A-Za-z]:[\\/]", spec):
         return "factory"
