@@ -1,6 +1,7 @@
 """run_checklist.py runs a workflow's steps as commands and judges each by its rule."""
 
 import sys
+from pathlib import Path
 
 import pytest
 from attnkit.steps import run_checklist as checklist
@@ -82,5 +83,9 @@ def test_workflow_4_runs_on_a_hand_written_model(tmp_path):
         assert steps[sid]["mark"] == "x", steps[sid]
     assert steps["swap_training"]["result"]["data"]["gradients"]["passed"]
     assert "--model" in steps["swap"]["command"] and "--seq-len 1024" in steps["swap"]["command"]
-    patch = (tmp_path / "attention-sdpa.patch").read_text()
+    # the patch lands in the checklist's run folder, not in the working directory
+    assert not (tmp_path / "attention-sdpa.patch").exists()
+    folder = Path(run.result["data"]["report_dir"])
+    assert folder.parent == (tmp_path / "attention-reports").resolve()
+    patch = (folder / "attention-sdpa.patch").read_text()
     assert "+        y = F.scaled_dot_product_attention(" in patch

@@ -19,7 +19,9 @@ A ``pass`` rule maps a dotted path in the step's JSON object to what it must hol
 value (equal), a list (one of), or a string ``"OP NUMBER"`` with OP one of
 ``> >= < <= == !=``. ``run_workflow`` runs the steps as an agent's terminal would (one
 process per command), reads each JSON object, judges it by its rule, and stops at the
-first failure unless asked to keep going.
+first failure unless asked to keep going. Files a step writes (``OUTPUT_FLAGS``: a
+relative ``--write-patch FILE``) go into the checklist's run folder, never into the
+working directory, where a second run would find them and refuse.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any
 
 import yaml
 
-from ..report import CannotRun, Check, Reporter, Sections, StepResult, Table, register_view
+from ..report import (CannotRun, Check, Reporter, Sections, StepResult, Table, default_run_folder, register_view,
+                      write_run_folder)
 
 #: ``- [ ] TITLE: `python ${HERMES_SKILL_DIR}/scripts/STEP.py ...``` (one command per line)
 CHECKLIST_LINE = re.compile(r"^- \[ \] (?P<title>.+?): `(?P<run>python \$\{HERMES_SKILL_DIR\}/scripts/[\w.-]+\.py[^`]*)`\s*$")
@@ -49,6 +52,10 @@ PASS_THROUGH = {
     "dtype": ("dtype",),
     "device": ("device",),
 }
+
+#: Options of a step's command that name a file the step writes: a relative path is taken
+#: inside the checklist's run folder.
+OUTPUT_FLAGS = ("--write-patch",)
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
 
@@ -150,13 +157,18 @@ def evaluate(rule: dict[str, Any], result: dict) -> tuple[bool, str]:
     return ok, "; ".join(parts)
 
 
-def command(step: Step, skill_dir: Path, options: dict[str, Any]) -> list[str]:
-    """The step's argv: ${HERMES_SKILL_DIR} replaced, ``python`` as this interpreter, and the
-    options the step ``takes`` appended (``options`` maps dest names to values)."""
+def command(step: Step, skill_dir: Path, options: dict[str, Any], folder: Path | None = None) -> list[str]:
+    """The step's argv: ${HERMES_SKILL_DIR} replaced, ``python`` as this interpreter, a
+    relative file of ``OUTPUT_FLAGS`` placed in ``folder`` (the run folder) when given, and
+    the options the step ``takes`` appended (``options`` maps dest names to values)."""
     text = step.run.replace("${HERMES_SKILL_DIR}", str(skill_dir))
     argv = shlex.split(text)
     if argv and argv[0] in ("python", "python3"):
         argv[0] = sys.executable
+    if folder is not None:
+        for i, arg in enumerate(argv[:-1]):
+            if arg in OUTPUT_FLAGS and not Path(argv[i + 1]).expanduser().is_absolute():
+                argv[i + 1] = str(folder / argv[i + 1])
     for group in step.takes:
         for dest in PASS_THROUGH.get(group, ()):
             value = options.get(dest)
@@ -213,15 +225,34 @@ def run_step(step: Step, argv: list[str], quiet: bool = False) -> StepRun:
     return run
 
 
+def writes_files(step: Step) -> bool:
+    """Whether the step's command names a file it writes (``OUTPUT_FLAGS``)."""
+    return any(flag in shlex.split(step.run) for flag in OUTPUT_FLAGS)
+
+
 def run_workflow(root: Path, workflow_id: str, options: dict[str, Any], keep_going: bool,
-                 reporter: Reporter) -> StepResult:
-    """Run a workflow's steps in order (see the module docstring); the run_checklist result."""
+                 reporter: Reporter, report_dir: str | None = None, write_report: bool = True) -> StepResult:
+    """Run a workflow's steps in order (see the module docstring); the run_checklist result.
+
+    The run folder (``report_dir``, or a new ./attention-reports/run_checklist-...) holds the
+    checklist's report unless ``write_report`` is off, and the files the steps write; it is
+    created only when one of them is written. Status ``error`` when a step could not run
+    (its own status ``error``, exit 2), as a bad --model makes every model step do.
+    """
     manifest = load_manifest(root)
     workflow = manifest.workflow(workflow_id)
+    if options.get("model"):
+        from ..models.loading import classify
+
+        classify(options["model"])  # a path that does not exist: refused before any step runs
+    folder: Path | None = None
+    if write_report or any(writes_files(s) for s in workflow.steps):
+        folder = Path(report_dir).expanduser() if report_dir else default_run_folder("run_checklist", workflow.id)
+        folder.mkdir(parents=True, exist_ok=True)
     runs: list[StepRun] = []
     stopped = ""
     for i, step in enumerate(workflow.steps, 1):
-        argv = command(step, root, options)
+        argv = command(step, root, options, folder)
         if stopped:
             runs.append(StepRun(step.id, step.title, argv, " ", summary=f"not run: {stopped}"))
             continue
@@ -238,16 +269,21 @@ def run_workflow(root: Path, workflow_id: str, options: dict[str, Any], keep_goi
     failed = [r for r in runs if r.mark == "!"]
     passed = [r for r in runs if r.mark == "x"]
     skipped = [r for r in runs if r.mark == "-"]
+    could_not_run = [r for r in failed if r.status == "error" or r.result is None and r.rc not in (0, 1)]
     checks = [Check(r.id, r.mark in ("x", "-"), r.evidence or r.summary) for r in runs if r.mark != " "]
-    status = "error" if stopped.startswith("interrupted") else "fail" if failed else "pass"
-    summary = (f"{workflow.title}: {len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped"
+    status = "error" if stopped.startswith("interrupted") or could_not_run else "fail" if failed else "pass"
+    summary = (f"{workflow.title}: {len(passed)} passed, {len(failed)} failed"
+               + (f" ({len(could_not_run)} could not run)" if could_not_run else "") + f", {len(skipped)} skipped"
                + (f", {sum(r.mark == ' ' for r in runs)} not run" if stopped else ""))
     nxt = (f"{failed[0].title}: {failed[0].hint}" if failed else
            "every step passed" + (" or was skipped (see why)" if skipped else ""))
     data = {"workflow": workflow.id, "title": workflow.title, "skill_dir": str(root),
             "options": {k: v for k, v in options.items() if v not in (None, False)},
-            "steps": [r.to_dict() for r in runs]}
-    return StepResult("run_checklist", status, summary, checks, data, nxt)
+            "steps": [r.to_dict() for r in runs], "report_dir": str(folder.resolve()) if folder else None}
+    result = StepResult("run_checklist", status, summary, checks, data, nxt)
+    if write_report and folder is not None:
+        write_run_folder(result, folder)
+    return result
 
 
 def listing(root: Path) -> StepResult:
