@@ -619,12 +619,86 @@ def _from_pretrained(ref: str | Path, *, device: str, dtype: torch.dtype, trust_
     placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     try:
         model = _auto_class(family).from_pretrained(ref, dtype=dtype, **placement, **kw)
-    except (OSError, ValueError) as exc:
-        raise CannotRun(f"cannot load the weights of {ref}: {one_line(exc, 300)}", "") from None
+    except Exception as exc:
+        raise _weights_error(ref, config, family, exc) from None
     if device_map:
         _refuse_disk(getattr(model, "hf_device_map", {}))
         return model.eval(), family, _tokenizer(ref, **kw)
     return model.to(device).eval(), family, _tokenizer(ref, **kw)
+
+
+def _weight_files(ref: str | Path) -> list[Path]:
+    """The weight files of a local model folder (safetensors, else PyTorch's .bin), sorted."""
+    folder = Path(ref)
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def _unreadable(files: list[Path]) -> list[str]:
+    """Each safetensors file whose header or data does not hold together (a truncated copy, a
+    download cut short), with what safetensors said."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    st.get_slice(key).get_shape()
+        except Exception as exc:
+            bad.append(f"{f} ({one_line(exc, 120)})")
+    return bad
+
+
+def _mismatched_shapes(files: list[Path], config: Any, family: str) -> list[str]:
+    """'name: [a, b] in FILE, [c, d] from config.json' for each tensor of the safetensors files
+    whose shape is not the one the config builds (the model built on the meta device)."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = _auto_class(family).from_config(config)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = []
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                want = (expected.get(key) or expected.get(f"{prefix}.{key}")
+                        or expected.get(key.removeprefix(prefix + ".")))
+                shape = list(st.get_slice(key).get_shape())
+                if want is not None and want != shape:
+                    out.append(f"{key}: {shape} in {f.name}, {want} from config.json")
+    return out
+
+
+def _weights_error(ref: str | Path, config: Any, family: str, exc: Exception) -> CannotRun:
+    """``from_pretrained``'s failure as a one-line ``CannotRun`` that names it: a truncated or
+    corrupt weights file, a config.json whose shapes do not fit the weights (both with the
+    file), or what transformers said. Anything else is re-raised: a bug, not the user's model."""
+    text = one_line(exc, 300)
+    files = _weight_files(ref)
+    if type(exc).__name__ == "SafetensorError" or "deserializ" in text or "incomplete metadata" in text:
+        bad = _unreadable(files)
+        return CannotRun(f"the weights of {ref} cannot be read: " + ("; ".join(bad) if bad else text) +
+                         " is truncated or corrupt", "copy or download the weights again (compare the file size with "
+                                                   "the original)")
+    if "mismatched_sizes" in text or "size mismatch" in text:
+        try:
+            wrong = _mismatched_shapes(files, config, family)
+        except Exception:  # the comparison itself is a courtesy: the message stands without it
+            wrong = []
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        return CannotRun(f"the config.json of {ref} does not fit its weights"
+                         + (f": {shown}" if shown else f" ({text})"),
+                         "restore the config.json saved with these weights (save_pretrained writes both)")
+    if isinstance(exc, (OSError, ValueError)):
+        return CannotRun(f"cannot load the weights of {ref}: {text}", "")
+    raise exc
 
 
 def _load_demo(name: str, device: str, dtype: torch.dtype, device_map: str | None = None,
