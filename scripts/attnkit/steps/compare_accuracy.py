@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..backends import BACKENDS, choose
+from ..backends import BACKENDS, availability, choose
 from ..env import dtype_name, resolve
 from ..measure.accuracy import judge_outputs
 from ..report import (CannotRun, Check, Sections, StepResult, accuracy_part, default_run_folder, register_view,
@@ -37,6 +37,17 @@ class AccuracyOptions:
     write_report: bool = True
 
 
+def _refuse_other_vocabulary(first: Any, second: Any) -> None:
+    """Raise ``CannotRun`` when the two models' vocabularies differ: the same token ids then
+    mean other tokens (or none: an id past the smaller table), so there is nothing to compare."""
+    sizes = [getattr(m.text_config, "vocab_size", None) for m in (first, second)]
+    if first is not second and all(isinstance(v, int) for v in sizes) and sizes[0] != sizes[1]:
+        raise CannotRun(f"--model {first.name} and --against {second.name} have different vocabularies ({sizes[0]} "
+                        f"and {sizes[1]} tokens): the same token ids are not the same input, so their outputs cannot "
+                        "be compared", "compare a model with its own switched copy (enable_flash.py --save), or two "
+                                       "backends of one model with --baseline and --candidate")
+
+
 def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
     """Compare the outputs of two backends of one model, or of two model specs (for example
     a checkpoint and its switched copy from ``enable_flash.py --save``), on the same inputs,
@@ -49,10 +60,16 @@ def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
         if name not in (None, "auto") and name not in BACKENDS:
             raise CannotRun(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}", "")
     env, device, dtype = resolve(o.device, o.dtype)
+    for flag, name, instead in (("--baseline", o.baseline, "eager"), ("--candidate", o.candidate, "auto")):
+        if name not in (None, "auto"):
+            av = availability(name, env=env, device=device, dtype=dtype)
+            if not av.available:
+                raise CannotRun(f"{flag} {name} cannot run here: {av.reason}", f"use {flag} {instead}")
     kw = dict(device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=o.seq_len, pad_fraction=o.pad_fraction,
               trust_remote_code=o.trust_remote_code, reporter=reporter, env=env)
     first = open_session(o.model, **kw)
     second = open_session(o.against, **kw) if o.against else first
+    _refuse_other_vocabulary(first.loaded, second.loaded)
 
     def pick(session, requested, default):
         name = requested or default or "eager"

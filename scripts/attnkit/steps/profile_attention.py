@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends import BACKENDS, choose
+from ..backends import BACKENDS, availability, choose
 from ..env import resolve
 from ..measure.timing import Measurement, measure_backend, time_paired
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
@@ -69,10 +69,15 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
         raise CannotRun("with --against, give at most two backends: one for each model", "")
     if not o.against and len(names) == 1:
         raise CannotRun("give at least two backends to compare, e.g. --backends eager,sdpa", "")
-    if o.min_run_time <= 0:
+    if not 0 < o.min_run_time < float("inf"):  # NaN and inf never end a timing loop
         raise CannotRun(f"--min-run-time must be positive, not {o.min_run_time}", "")
     seq_lens = sorted(set(o.seq_lens))
     env, device, dtype = resolve(o.device, o.dtype)
+    for name in dict.fromkeys(names):
+        av = availability(name, env=env, device=device, dtype=dtype) if name != "auto" else None
+        if av is not None and not av.available:
+            raise CannotRun(f"--backends {name} cannot run here: {av.reason}",
+                            "drop it from --backends; check_env.py says which backends run here")
     kw = dict(device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=seq_lens[-1], pad_fraction=o.pad_fraction,
               trust_remote_code=o.trust_remote_code, reporter=reporter, env=env, train=o.train)
     first = open_session(o.model, **kw)
