@@ -619,13 +619,18 @@ def check_outputs(args: Any) -> None:
     refuse_to_overwrite(getattr(args, "write_patch", None), "--write-patch")
 
 
-def write_patch(result: StepResult, patch: str, path: str | None) -> None:
+def write_patch(result: StepResult, patch: str, path: str | None, why_none: str = "") -> None:
     """Write ``patch`` to the new file ``path`` (when both are given) and record it as
-    ``data["patch_file"]``."""
+    ``data["patch_file"]``. With ``path`` but no patch, nothing is written and a note in
+    ``data["notes"]`` says so, and why (``why_none``)."""
     if path and patch:
         target = Path(path).expanduser()
-        target.write_text(patch)
+        with open(target, "x") as f:  # never over a file that appeared since the start
+            f.write(patch)
         result.data["patch_file"] = str(target.resolve())
+    elif path:
+        result.data.setdefault("notes", []).append(
+            f"--write-patch {path}: nothing written, there is no source change" + (f": {why_none}" if why_none else ""))
 
 
 def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | None = None) -> Path:

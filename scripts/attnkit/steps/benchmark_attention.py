@@ -119,7 +119,7 @@ def _wanted(c: autotune.Candidate, backends: list[str] | None) -> bool:
 def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
     """Run the grid (see the module docstring). Raises ``CannotRun`` for bad options or a
     device that does not exist here; out-of-memory at a point is a row's ``error``."""
-    if o.min_run_time <= 0 or o.tune_time <= 0:
+    if not (0 < o.min_run_time < float("inf") and 0 < o.tune_time < float("inf")):  # NaN, inf: no end
         raise CannotRun("--min-run-time and --tune-time must be positive", "")
     env = environment()
     device = resolve_device(o.device, env)

@@ -149,8 +149,8 @@ def plan(o: CPOptions) -> Plan:
         launcher = "single-process" if world_size == 1 else "spawn"
         if kind == "cuda" and world_size > torch.cuda.device_count():
             raise CannotRun(f"--nproc {world_size} needs {world_size} GPUs; {torch.cuda.device_count()} visible", "")
-    seq_len = o.seq_len or DEFAULT_SEQ_LEN[kind]
-    kv_len = o.kv_len or seq_len
+    seq_len = DEFAULT_SEQ_LEN[kind] if o.seq_len is None else o.seq_len  # 0 is refused below, not the default
+    kv_len = seq_len if o.kv_len is None else o.kv_len
     if seq_len < 2 or kv_len < 2:
         raise CannotRun(f"--seq-len and --kv-len must be at least 2, not {seq_len} and {kv_len}")
     notes = []

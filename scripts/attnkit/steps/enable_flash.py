@@ -81,7 +81,7 @@ class EnableOptions:
 def validate(o: EnableOptions) -> None:
     """Reject bad numbers and an unsafe --save folder before any work. Raises ``CannotRun``."""
     check_shape(o.batch_size, o.seq_len, o.pad_fraction)
-    if o.min_run_time <= 0:
+    if not 0 < o.min_run_time < float("inf"):  # NaN and inf never end a timing loop
         raise CannotRun(f"--min-run-time must be positive, not {o.min_run_time}", "")
     if o.save:
         check_new_folder(o.save, "--save")
@@ -527,7 +527,8 @@ def _result(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Acc
     if m.interrupted:
         kept = ", ".join(k for k in ("baseline", "candidate") if data.get(k)) or "nothing"
         return StepResult(STEP, "error", f"interrupted (Ctrl-C) while {m.stage}; measured so far: {kept}", [], data,
-                          "rerun to finish; the run folder holds what was measured")
+                          "rerun to finish; " + ("the run folder holds what was measured" if o.write_report else
+                                                 "this result holds what was measured (--no-report: no run folder)"))
     if base.error:
         cand_text = (f"{backend} ran: {fmt_mb(cand.peak_memory_mb)} peak" if cand and not cand.error
                      else f"{backend}: {cand.error if cand else 'not run'}")
@@ -566,7 +567,9 @@ def _finish(result: StepResult, prep: Prepared, o: EnableOptions, reporter: Repo
         result.next = f"saved to {result.data['saved_to']}: from_pretrained() loads it with {backend}"
     elif o.save:
         notes.append(f"--save {o.save}: nothing written, because a check failed")
-    write_patch(result, prep.patch, o.write_patch)
+    write_patch(result, prep.patch, o.write_patch,
+                "a transformers model is switched through attn_implementation, not by editing its source (--save "
+                "writes the switched model)" if prep.swapper is None else "no hand-written attention site was swapped")
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, prep.loaded.name),
                          {"swap.patch": prep.patch})

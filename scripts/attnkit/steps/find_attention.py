@@ -82,7 +82,10 @@ def find_attention(o: FindOptions, reporter: Any) -> StepResult:
         result, patch, name = _from_source(o, reporter)
     else:
         result, patch, name = _from_model(o, reporter)
-    write_patch(result, patch, o.write_patch)
+    transformers = "model_class" in result.data and not result.data["verified"]  # traced, not swapped: transformers
+    write_patch(result, patch, o.write_patch,
+                "a transformers model is switched through attn_implementation (enable_flash.py), not by editing its "
+                "source" if transformers else "no hand-written attention site can be swapped")
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, name),
                          {"swap.patch": patch})

@@ -89,7 +89,7 @@ def shapes(o: Fp8Options) -> list[dict[str, Any]]:
 
 def validate(o: Fp8Options) -> None:
     """Reject shapes the kernel cannot take before any work. Raises ``CannotRun``."""
-    kv = o.kv_heads or o.heads
+    kv = o.heads if o.kv_heads is None else o.kv_heads  # --kv-heads 0 is refused, not taken for the default
     if o.batch_size < 1 or o.heads < 1 or kv < 1 or o.heads % kv:
         raise CannotRun(f"--heads {o.heads} must be a positive multiple of --kv-heads {kv}, --batch-size positive", "")
     for d in o.head_dims or GRID_HEAD_DIMS:
@@ -100,7 +100,7 @@ def validate(o: Fp8Options) -> None:
             raise CannotRun(f"--seq-len {s} must be at least 2", "")
     if o.causal not in ("both", "yes", "no"):
         raise CannotRun(f"--causal {o.causal!r}: choose both, yes or no", "")
-    if o.min_run_time <= 0 or o.ref_heads < 1:
+    if not 0 < o.min_run_time < float("inf") or o.ref_heads < 1:
         raise CannotRun("--min-run-time and --ref-heads must be positive", "")
 
 

@@ -66,9 +66,9 @@ def validate(o: GenerationOptions) -> None:
     unknown = [b for b in o.backends or [] if b not in BACKENDS]
     if unknown:
         raise CannotRun(f"unknown backend {', '.join(unknown)}; choose from {', '.join(BACKENDS)}", "")
-    if o.min_run_time <= 0:
+    if not 0 < o.min_run_time < float("inf"):  # NaN and inf never end a timing loop
         raise CannotRun(f"--min-run-time must be positive, not {o.min_run_time}", "")
-    if o.memory_limit is not None and o.memory_limit <= 0:
+    if o.memory_limit is not None and not 0 < o.memory_limit < float("inf"):
         raise CannotRun(f"--memory-limit must be a positive number of GB, not {o.memory_limit}", "")
     if o.memory_limit is not None and not o.max_context:
         raise CannotRun("--memory-limit bounds the --max-context search; add --max-context", "")
