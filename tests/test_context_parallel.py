@@ -135,7 +135,7 @@ LIMITS = [
     (["--seq-len", "257", "--no-load-balance"], "is not divisible by the world size 2"),
     (["--rotate", "ring"], "invalid choice: 'ring'"),
     (["--merge-dtype", "bf16"], "invalid choice: 'bf16'"),
-    (["--heads-per-call", "0"], "--heads-per-call must be positive, not 0"),
+    (["--heads-per-call", "0"], "--heads-per-call must be at least 1, not 0"),
     (["--model", "demo:llama", "--heads-per-call", "1"], "--heads-per-call applies to the attention workload only"),
     (["--model", "demo:llama", "--load-balance", "--device", "cuda"], None),
 ]

@@ -55,7 +55,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # "argument --seq-len: must be at least 2, not -1" -> "--seq-len must be at least 2, not -1";
-        # "argument --backends: unknown backend 'x'; ..." -> "--backends: unknown backend 'x'; ..."
+        # "argument --backends: unknown backend x; ..." -> "--backends: unknown backend x; ..."
         message = re.sub(r"^argument (\S+): (must|is) ", r"\1 \2 ", message)
         message = re.sub(r"^argument (\S+): ", r"\1: ", message)
         raise CannotRun(f"{self.prog}: {message}", f"see {self.prog} --help")
@@ -143,7 +143,7 @@ def backend_list(extra: Sequence[str] = (), labels: bool = False) -> Callable[[s
             if not ok:
                 valid = ", ".join((*extra, *BACKENDS)) + (
                     ", or " + ", ".join(f"sdpa[{k}]" for k in kernels) if labels else "")
-                raise argparse.ArgumentTypeError(f"unknown backend {name!r}; choose from {valid}")
+                raise argparse.ArgumentTypeError(f"unknown backend {name}; choose from {valid}")
         return names
     parse.__name__ = "backend list"
     return parse
