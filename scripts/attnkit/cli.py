@@ -341,10 +341,11 @@ def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], a
 
 
 def _print(result: StepResult, reporter: Reporter) -> int:
-    """Print ``result`` (an error without --json as one line on stderr) and return the exit
-    code; a failure to write it is ``_output_failed``'s."""
+    """Print ``result`` and return the exit code: without --json an error is one line on
+    stderr, unless it carries checks (run_checklist: steps judged before one could not
+    run), which are drawn as a failure's are. A failure to write is ``_output_failed``'s."""
     try:
-        if result.status == "error" and not reporter.json_mode:
+        if result.status == "error" and not reporter.json_mode and not result.checks:
             from rich.markup import escape
 
             line = f"[bold red]error:[/] {escape(result.summary)}"
