@@ -307,11 +307,14 @@ def _measure_stages(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Mea
     with _stage(m, reporter, f"measuring the candidate, {m.backend}"):
         m.cand, m.cand_out = measure_backend(loaded, inputs, m.backend, min_run_time=o.min_run_time,
                                              sdpa_kernels=m.cand_kernels, train=o.train, flops=prep.flops, timed=False)
-    if not m.base.error and not m.cand.error:
-        with _stage(m, reporter, f"timing {o.baseline} and {m.backend} in interleaved rounds"):
+    # both sides timed against each other; a side that could not run leaves the other timed alone
+    sides = [(loaded, inputs, name, kernels, mm) for name, kernels, mm in
+             ((o.baseline, o.sdpa_kernels, m.base), (m.backend, m.cand_kernels, m.cand)) if not mm.error]
+    if sides:
+        names = " and ".join(side[2] for side in sides)
+        with _stage(m, reporter, f"timing {names} in interleaved rounds" if len(sides) > 1 else f"timing {names}"):
             try:
-                time_paired([(loaded, inputs, o.baseline, o.sdpa_kernels, m.base),
-                             (loaded, inputs, m.backend, m.cand_kernels, m.cand)], o.min_run_time, train=o.train)
+                time_paired(sides, o.min_run_time, train=o.train)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
