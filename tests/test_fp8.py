@@ -14,7 +14,7 @@ from attnkit.backends.fp8_cudnn import E4M3, E4M3_MAX
 from attnkit.env import environment
 from attnkit.measure import accuracy as acc
 from attnkit.report import CannotRun
-from attnkit.swap import registered
+from attnkit.swap import registered, switch
 from conftest import run_script
 
 ON_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)
@@ -171,10 +171,10 @@ def test_a_llama_runs_fp8_attention_through_transformers_and_passes_the_rule():
     with torch.inference_mode():
         base = loaded.forward(inputs)
     errors = acc.attention_errors(loaded, inputs, "fp8_emulated")
-    assert loaded.model.config._attn_implementation == "fp8_emulated"
+    assert loaded.model.config._attn_implementation == "eager"  # measured inside switch.using: restored
     assert [e["layer"] for e in errors] == [0, 1, 2, 3]  # every layer went through the FP8 function
     assert all(0.005 < e["rel_rms"] < acc.E4M3_EPS for e in errors)
-    with torch.inference_mode():
+    with switch.using(loaded.model, "fp8_emulated"), torch.inference_mode():
         cand = loaded.forward(inputs)
     ref = acc.reference_output(loaded, inputs, "eager")
     result = acc.compare_fp8(cand, base, ref, valid=inputs.valid, dtype=torch.bfloat16, language_model=True,

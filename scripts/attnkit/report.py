@@ -44,6 +44,16 @@ class CannotRun(Exception):
         self.data = data or {}
 
 
+class Unsupported(CannotRun):
+    """A construct a backend cannot take (``construct``), and where it was met (``where``): raised
+    by library code that users call directly, such as the attention functions registered
+    with transformers, so its advice speaks of the API, not of a script's flags."""
+
+    def __init__(self, construct: str, where: str = "", hint: str = ""):
+        super().__init__(f"{where}: {construct}" if where else construct, hint)
+        self.construct, self.where = construct, where
+
+
 def one_line(text: object, limit: int | None = None) -> str:
     """``text`` on one line (whitespace folded), cut to ``limit`` characters when given: how
     every message that quotes another (an exception, torch's warnings) is shortened."""

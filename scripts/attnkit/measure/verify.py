@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..models import cast_floating, select_output
-from .accuracy import compare, reference, run_reference
+from .accuracy import compare, dropout_off, reference, run_reference
 from .kernels import SDPA_OPS, attention_kernels, profiled
 from .timing import run_backend, time_it
 from ..report import one_line, said
@@ -110,14 +110,16 @@ def verify_model(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype) -> 
     checked again; if it still fails, every swap is reverted."""
 
     def check() -> str:
-        try:
-            base = run_backend(loaded, inputs, "eager")
-            cand = run_backend(loaded, inputs, swapper.target)
-        except Exception as exc:
-            return f"the model raised {type(exc).__name__} with the swaps: {one_line(exc, 160)}"
-        finally:
-            swapper.revert()
-        ref, name = reference(loaded, inputs, "eager")
+        # dropout off: in training mode two passes (and the float64 one) would draw other masks
+        with dropout_off(loaded.model):
+            try:
+                base = run_backend(loaded, inputs, "eager")
+                cand = run_backend(loaded, inputs, swapper.target)
+            except Exception as exc:
+                return f"the model raised {type(exc).__name__} with the swaps: {one_line(exc, 160)}"
+            finally:
+                swapper.revert()
+            ref, name = reference(loaded, inputs, "eager")
         acc = compare(cand, base, ref, valid=inputs.valid, dtype=dtype, language_model=False,
                       reference_name=name.replace("eager", "original"))
         return "" if acc.passed else f"the model's output differs with the swaps: {acc.evidence()}"

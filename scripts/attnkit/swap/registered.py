@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..backends import Backend
-from ..report import CannotRun
+from ..report import CannotRun, Unsupported
 
 _REGISTERED: dict[str, Callable] = {}
 _OBSERVERS: list[Callable] = []
@@ -58,15 +58,18 @@ def attention_function(record: Backend) -> Callable:
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                 is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         # query [B, H, S_q, D], key/value [B, H_kv, S_k, D]
+        where = type(module).__name__
         if attention_mask is not None:
-            raise CannotRun(f"{name} takes no attention mask, and this batch needs one (padding, a sliding window or "
-                            f"a custom mask: {list(attention_mask.shape)}): {record.description}",
-                            "run without padding (--pad-fraction 0) on a model without sliding windows, or use sdpa")
+            raise Unsupported(f"{name} takes no attention mask, and this batch needs one (padding, a sliding window or "
+                              f"a custom mask: {list(attention_mask.shape)}): {record.description}", where,
+                              "call the model without attention_mask on unpadded batches of a model without sliding "
+                              "windows, or use attn_implementation='sdpa'")
         if dropout:
-            raise CannotRun(f"{name} has no attention dropout (p={dropout}); it runs inference only",
-                            "call model.eval() first")
+            raise Unsupported(f"{name} has no attention dropout (p={dropout}); it runs inference only", where,
+                              "call model.eval() first")
         if kwargs.get("softcap"):
-            raise CannotRun(f"{name} takes no logit soft-capping", "use eager or flex_attention for softcap")
+            raise Unsupported(f"{name} takes no logit soft-capping", where,
+                              "use attn_implementation='eager' or 'flex_attention' for softcap")
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(is_causal) and query.shape[2] > 1  # one query token sees every cached key
         out = call(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),  # [B, S, H, D] views
