@@ -50,6 +50,21 @@ def _retime(plan: list, before: Measurement, after: Measurement, o: Any) -> None
     time_paired(sides, o.min_run_time, train=o.train)
 
 
+def _validate(o: ProfileOptions) -> list[str]:
+    """The backend names asked for, after refusing what cannot be compared (``CannotRun``)."""
+    names = list(o.backends or [])
+    unknown = [b for b in names if b != "auto" and b not in BACKENDS]
+    if unknown:
+        raise CannotRun(f"unknown backend {', '.join(unknown)}; choose from auto, {', '.join(BACKENDS)}", "")
+    if o.against and len(names) > 2:
+        raise CannotRun("with --against, give at most two backends: one for each model", "")
+    if not o.against and len(names) == 1:
+        raise CannotRun("give at least two backends to compare, e.g. --backends eager,sdpa", "")
+    if not 0 < o.min_run_time < float("inf"):  # NaN and inf never end a timing loop
+        raise CannotRun(f"--min-run-time must be positive, not {o.min_run_time}", "")
+    return names
+
+
 def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
     """Measure backends (or two model specs) side by side, over one or more sequence lengths.
 
@@ -61,16 +76,7 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
     Passes when, at the longest sequence, the last run shows its fused kernel, is faster
     than the first and uses no more peak memory. Raises ``CannotRun`` when it cannot start.
     """
-    names = list(o.backends or [])
-    unknown = [b for b in names if b != "auto" and b not in BACKENDS]
-    if unknown:
-        raise CannotRun(f"unknown backend {', '.join(unknown)}; choose from auto, {', '.join(BACKENDS)}", "")
-    if o.against and len(names) > 2:
-        raise CannotRun("with --against, give at most two backends: one for each model", "")
-    if not o.against and len(names) == 1:
-        raise CannotRun("give at least two backends to compare, e.g. --backends eager,sdpa", "")
-    if not 0 < o.min_run_time < float("inf"):  # NaN and inf never end a timing loop
-        raise CannotRun(f"--min-run-time must be positive, not {o.min_run_time}", "")
+    names = _validate(o)
     seq_lens = sorted(set(o.seq_lens))
     env, device, dtype = resolve(o.device, o.dtype)
     for name in dict.fromkeys(names):
