@@ -109,8 +109,10 @@ def test_step_reports_prefill_decode_and_agreement_for_eager_and_sdpa(tmp_path):
 
 
 def test_max_context_stops_at_the_memory_limit_and_at_the_models_positions(tmp_path):
+    # 8 new tokens and 0.2 s a timing: on a busy 2-core machine, 4 tokens timed for 0.05 s once left
+    # decode unresolved (generate 22.7 ms, prefill 48.2 ms); the search caps at 4 new tokens either way
     run = run_script("profile_generation.py", "--model", "demo:gpt2", "--backends", "eager,sdpa", "--prompt-len", "16",
-                     "--new-tokens", "4", "--batch-size", "1", "--cache", "dynamic", "--min-run-time", "0.05",
+                     "--new-tokens", "8", "--batch-size", "1", "--cache", "dynamic", "--min-run-time", "0.2",
                      "--max-context", "--memory-limit", "0.25", "--no-report")
     assert run.rc == 0, run.result["summary"]
     eager, sdpa = run.result["data"]["backends"]
