@@ -59,10 +59,15 @@ def test_cpu_gloo_check_runs_torchs_ring_and_gathers_the_output():
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
 def test_under_torchrun_only_rank_0_prints_and_alltoall_non_causal_match():
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(SCRIPTS / "context_parallel.py"), *SMALL,
-                           "--no-causal", "--kv-len", "128", "--rotate", "alltoall", "--json"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(SCRIPTS / "context_parallel.py"),
+           *SMALL, "--no-causal", "--kv-len", "128", "--rotate", "alltoall", "--json"]
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # Known flake, cause not found (2026-12-07): under the full suite's load on 2 cores, rank 0 died
+        # with SIGABRT inside torchrun in 2 of 3 fresh-clone runs, never alone. One retry, for that only.
+        if proc.returncode == 0 or "SIGABRT" not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)  # exactly one object: rank 1 printed nothing on stdout
     assert result["status"] == "pass", result["summary"]
     d = result["data"]
