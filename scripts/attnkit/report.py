@@ -555,6 +555,14 @@ def _check_creatable(path: Path, flag: str, shown: str, hint: str = "") -> None:
                         hint or f"pass a folder you can write to for {flag}")
 
 
+def _require_writable(folder: Path, flag: str, shown: str) -> None:
+    """Raise ``CannotRun`` when no file can be created in the existing folder ``folder``."""
+    why = _cannot_write(folder)
+    if why:
+        raise CannotRun(f"{flag} {shown}: cannot write in it ({why}); nothing was written",
+                        f"pass a folder you can write to for {flag}")
+
+
 def check_run_folder(path: str, flag: str = "--report-dir") -> None:
     """Raise ``CannotRun`` before any work when the run folder ``path`` cannot take a report:
     a file, a folder we cannot write in, or a folder already holding a report (a user's, or
@@ -568,10 +576,7 @@ def check_run_folder(path: str, flag: str = "--report-dir") -> None:
         if held:
             raise CannotRun(f"{flag} {path} already holds {', '.join(held)}, which this run would overwrite; "
                             "nothing was written", f"pass a new or empty folder for {flag}, or move those files")
-        why = _cannot_write(folder)
-        if why:
-            raise CannotRun(f"{flag} {path}: cannot write in it ({why}); nothing was written",
-                            f"pass a folder you can write to for {flag}")
+        _require_writable(folder, flag, path)
     else:
         _check_creatable(folder, flag, path)
 
@@ -584,10 +589,7 @@ def check_new_folder(path: str, flag: str) -> None:
         if not folder.is_dir() or any(folder.iterdir()):
             raise CannotRun(f"{flag} {path} already exists and is not an empty folder; nothing was written",
                             "pass a new folder: the job never overwrites your files")
-        why = _cannot_write(folder)
-        if why:
-            raise CannotRun(f"{flag} {path}: cannot write in it ({why}); nothing was written",
-                            f"pass a folder you can write to for {flag}")
+        _require_writable(folder, flag, path)
     else:
         _check_creatable(folder, flag, path)
 

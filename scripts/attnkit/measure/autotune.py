@@ -26,7 +26,6 @@ reference of a slice of the batch and heads.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,7 +39,8 @@ from ..report import CannotRun, said
 from ..swap import switch
 from .accuracy import RULE, Accuracy, compare, dropout_off
 from .flops import attention_flops
-from .timing import forward_fn, is_oom, no_kernel_reasons, oom_message, synchronize, time_it, train_fn
+from .timing import (forward_fn, is_oom, no_kernel_error, no_kernel_reasons, oom_message, quartiles, synchronize,
+                     time_it, train_fn)
 
 BASELINE = "eager"
 
@@ -130,7 +130,7 @@ def _first_call(run: Callable[[], Any], device: str) -> tuple[Any, float]:
         try:
             out = run()
         except RuntimeError as exc:
-            if any(t in str(exc) for t in ("No available kernel", "No viable backend")):
+            if no_kernel_error(exc):
                 raise CannotRun(no_kernel_reasons(caught)) from None
             raise
     synchronize(device)
@@ -236,9 +236,8 @@ def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], scop
         values = sorted(medians[c.label])
         if c.status == "error" or not values:
             continue
-        c.latency_ms = statistics.median(values)
-        q = statistics.quantiles(values, n=4) if len(values) >= 4 else None
-        c.latency_iqr_ms = q[2] - q[0] if q else None
+        q1, c.latency_ms, q3 = quartiles(values)
+        c.latency_iqr_ms = q3 - q1 if len(values) >= 4 else None
         c.compile_s = max(0.0, (c.compile_s or 0.0) - c.latency_ms / 1e3)
         if flops:
             c.tflops = flops / (c.latency_ms * 1e-3) / 1e12

@@ -284,6 +284,11 @@ def set_latency(m: "Measurement", samples: list[float]) -> None:
         m.tflops = m.flops / (median * 1e-3) / 1e12
 
 
+def no_kernel_error(exc: BaseException) -> bool:
+    """SDPA's (or a library's) error when no allowed kernel could take the inputs."""
+    return any(t in str(exc) for t in ("No available kernel", "No viable backend"))
+
+
 def no_kernel_reasons(caught: list) -> str:
     """torch's own reasons why no SDPA kernel could take the inputs, from its warnings."""
     reasons = []
@@ -314,7 +319,7 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
             try:
                 run()  # warm-up: lazy inits, allocator growth, kernel selection
             except RuntimeError as exc:
-                if not any(t in str(exc) for t in ("No available kernel", "No viable backend")):
+                if not no_kernel_error(exc):
                     raise
                 reasons = no_kernel_reasons(caught)
                 if device == "cpu" and reasons == "torch gave no reason":
@@ -454,7 +459,7 @@ def fused_refusal(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None) -> s
         try:
             forward_fn(loaded, inputs, fused_names)()
         except RuntimeError as exc:
-            if not any(t in str(exc) for t in ("No available kernel", "No viable backend")):
+            if not no_kernel_error(exc):
                 return f"the fused-only pass raised {said(exc, 200)}"
             return no_kernel_reasons(caught)
     allowed = ", ".join(sdpa_kernels) if sdpa_kernels else "torch's own choice"
