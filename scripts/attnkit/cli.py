@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
-from .report import CannotRun, Reporter, StepResult, check_outputs  # noqa: E402
+from .report import CannotRun, OutOfMemory, Reporter, StepData, StepResult, check_outputs  # noqa: E402
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
 
@@ -293,6 +293,20 @@ def stdout_to_stderr(active: bool):
             os.close(saved)
 
 
+#: The command line's advice for a library error that carries none (the library speaks of its
+#: API, never of a script's flags): exception type -> what to change on the command line.
+ADVICE: dict[type[CannotRun], str] = {
+    OutOfMemory: "lower --batch-size or --seq-len",
+}
+
+
+def with_advice(exc: CannotRun) -> CannotRun:
+    """``exc``, its ``hint`` set from ``ADVICE`` when the library gave none."""
+    if not exc.hint:
+        exc.hint = next((text for kind, text in ADVICE.items() if isinstance(exc, kind)), "")
+    return exc
+
+
 def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],
         argv: Sequence[str] | None = None) -> int:
     """Parse, check the output targets, call ``fn``, print the result, return the exit code
@@ -324,19 +338,19 @@ def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], a
         with stdout_to_stderr(reporter.json_mode):
             return fn(args, reporter)
     except CannotRun as exc:
-        return StepResult.error(step, exc)
+        return StepResult.error(step, with_advice(exc))
     except KeyboardInterrupt:
-        return StepResult(step, "error", "interrupted (Ctrl-C) before anything was measured", [], {}, "rerun it")
+        return StepResult(step, "error", "interrupted (Ctrl-C) before anything was measured", [], StepData(), "rerun it")
     except SystemExit as exc:  # the model's code (or a library it runs) called sys.exit or exit()
         return StepResult(step, "error", f"the step was stopped by sys.exit({exc.code!r}), called by the model's "
-                                         "code or a library it runs", [], {},
+                                         "code or a library it runs", [], StepData(),
                           "keep sys.exit out of the code a model spec imports and calls (put it under "
                           "if __name__ == '__main__':); rerun with --debug for the traceback")
     except Exception as exc:  # a bug, or a library failing in a way we did not foresee
         if debug:
             raise
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
-        return StepResult(step, "error", f"unexpected error: {message}", [], {},
+        return StepResult(step, "error", f"unexpected error: {message}", [], StepData(),
                           "rerun with --debug for the traceback, and report it")
 
 

@@ -20,9 +20,9 @@ import re
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 from rich.markup import escape
 
@@ -37,11 +37,11 @@ class CannotRun(Exception):
     object's ``next``; ``data`` carries whatever was measured before the step stopped.
     """
 
-    def __init__(self, message: str, hint: str = "", data: dict | None = None):
+    def __init__(self, message: str, hint: str = "", data: "StepData | None" = None):
         super().__init__(message)
         self.message = " ".join(str(message).split())  # always one line
         self.hint = hint
-        self.data = data or {}
+        self.data = data if data is not None else StepData()
 
 
 class Unsupported(CannotRun):
@@ -52,6 +52,16 @@ class Unsupported(CannotRun):
     def __init__(self, construct: str, where: str = "", hint: str = ""):
         super().__init__(f"{where}: {construct}" if where else construct, hint)
         self.construct, self.where = construct, where
+
+
+class OutOfMemory(CannotRun):
+    """A run that must finish ran out of memory (``where``: what ran, and at what shape;
+    ``detail``: the allocator's words, ``measure.timing.oom_message``). The library raises it
+    without advice; the command line adds its flags' (``cli.ADVICE``)."""
+
+    def __init__(self, where: str, detail: str):
+        super().__init__(f"{where}: {detail}" if where else detail)
+        self.where, self.detail = where, detail
 
 
 def one_line(text: object, limit: int | None = None) -> str:
@@ -78,15 +88,62 @@ class Check:
     evidence: str
 
 
+@dataclass(kw_only=True)
+class StepData:
+    """What a step measured: the base of each step's own typed ``data`` (e.g.
+    ``steps.enable_flash.EnableFlashData``), and its one JSON form, ``to_dict``.
+
+    Fields are the JSON object's keys, in order; a field named in ``OMIT_IF_NONE`` is left
+    out of the JSON while it is None (keys that only some runs have, such as ``gradients``
+    without ``--train``). Values may be typed objects (``Measurement``, ``Accuracy``): the JSON
+    form takes their ``to_dict``. Reading by key (``data["candidate"]``, ``data.get``) gives the
+    JSON form of that key, so a view or a test reads a live result as it reads report.json.
+
+    The fields here are written by the generic writers (``write_run_folder``, ``write_patch``)
+    for every step.
+    """
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
+    _BASE_OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"report_dir_note", "plot", "plot_error", "patch_file"})
+
+    notes: list[str] = field(default_factory=list)
+    report_dir: str | None = None
+    report_dir_note: str | None = None
+    plot: str | None = None
+    plot_error: str | None = None
+    patch_file: str | None = None
+
+    def _omitted(self, name: str) -> bool:
+        return getattr(self, name) is None and (name in self.OMIT_IF_NONE or name in self._BASE_OPTIONAL)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: every field not omitted, typed values by their ``to_dict``; NaN and
+        inf become None (``_jsonable``)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self) if not self._omitted(f.name)}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        return _jsonable(getattr(self, key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in {f.name for f in fields(self)} and not self._omitted(key)
+
+
 @dataclass
 class StepResult:
-    """The one JSON object a step prints (ARCHITECTURE.md, "The step contract")."""
+    """The one JSON object a step prints (ARCHITECTURE.md, "The step contract"): the verdict
+    (``status``, ``summary``, ``checks``, ``next``) and the step's own typed ``data``."""
 
     step: str
     status: str
     summary: str
     checks: list[Check] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
+    data: StepData = field(default_factory=StepData)
     next: str = ""
 
     def __post_init__(self) -> None:
@@ -303,7 +360,7 @@ def register_view(step: str, view: View) -> View:
 def tables(result: StepResult) -> list[Table]:
     """The figures of a step as (title, header, rows) tables, from the step's registered view."""
     view = VIEWS.get(result.step)
-    return view.tables(result.data) if view is not None else []
+    return view.tables(result.data.to_dict()) if view is not None else []
 
 
 def _runs(data: dict[str, Any], keys: tuple[str, ...], list_key: str | None) -> list[dict]:
@@ -639,9 +696,9 @@ def write_patch(result: StepResult, patch: str, path: str | None, why_none: str 
         target = Path(path).expanduser()
         with open(target, "x") as f:  # never over a file that appeared since the start
             f.write(patch)
-        result.data["patch_file"] = str(target.resolve())
+        result.data.patch_file = str(target.resolve())
     elif path:
-        result.data.setdefault("notes", []).append(
+        result.data.notes.append(
             f"--write-patch {path}: nothing written, there is no source change" + (f": {why_none}" if why_none else ""))
 
 
@@ -660,16 +717,16 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
     if any((folder / name).exists() for name in REPORT_FILES):
         taken = folder
         folder = default_run_folder(result.step, "run", root=taken).resolve()
-        result.data["report_dir_note"] = f"{taken} already held a report when this run finished; written to {folder}"
-    result.data["report_dir"] = str(folder)
+        result.data.report_dir_note = f"{taken} already held a report when this run finished; written to {folder}"
+    result.data.report_dir = str(folder)
     view = VIEWS.get(result.step)
     try:
-        png = view.plot(result.data, folder) if view is not None else None
+        png = view.plot(result.data.to_dict(), folder) if view is not None else None
     except Exception as exc:  # a missing plotting backend must not lose the report
         png = None
-        result.data["plot_error"] = f"{type(exc).__name__}: {exc}"
+        result.data.plot_error = f"{type(exc).__name__}: {exc}"
     if png:
-        result.data["plot"] = str(png)
+        result.data.plot = str(png)
     with open(folder / "report.json", "x") as f:
         f.write(result.to_json() + "\n")
     (folder / "report.md").write_text(to_markdown(result))

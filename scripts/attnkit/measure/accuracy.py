@@ -67,9 +67,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..backends import BACKENDS
-from ..report import CannotRun
+from ..report import CannotRun, OutOfMemory
 from ..swap import switch
-from .timing import is_oom, oom_message, run_backend, train_fn
+from .timing import is_oom, oom_caught, run_backend, train_fn
 
 RULE = "err <= 2 x baseline err + eps(dtype) x max|ref| (flash-attn tests)"
 #: A correct run in ``dtype`` errs against float64 by at most this many eps(dtype) x max|ref|
@@ -599,21 +599,18 @@ def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate
     """Run ``inputs`` through ``first`` with ``baseline`` and ``second`` (``models.LoadedModel``,
     possibly the same) with ``candidate``, and through ``first`` in float64; ``compare``.
 
-    Raises ``CannotRun`` on out-of-memory (nothing to compare then) or when the two
-    outputs differ in shape.
+    Raises ``OutOfMemory`` (nothing to compare then), or ``CannotRun`` when the two outputs
+    differ in shape.
     """
-    try:
+    with oom_caught() as oom:
         with reporter.stage(f"running {labels[0]}"):
             base_out = run_backend(first, inputs, baseline, sdpa_kernels)
         with reporter.stage(f"running {labels[1]}"):
             cand_out = run_backend(second, inputs, candidate, sdpa_kernels)
         with reporter.stage("computing the float64 reference"):
             ref, ref_name = reference(first, inputs, "eager")
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        raise CannotRun(f"out of memory at batch {inputs.batch_size}, seq_len {inputs.seq_len}: {oom_message(exc)}",
-                        "lower --batch-size or --seq-len") from None
+    if oom:
+        raise OutOfMemory(f"batch {inputs.batch_size}, seq_len {inputs.seq_len}", oom.message)
     if cand_out.shape != base_out.shape:
         raise CannotRun(f"the outputs differ in shape: {labels[0]} gives {list(base_out.shape)}, {labels[1]} gives "
                         f"{list(cand_out.shape)}", "compare two models with the same architecture and vocabulary")

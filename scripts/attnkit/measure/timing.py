@@ -19,8 +19,9 @@ from __future__ import annotations
 import gc
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -43,6 +44,39 @@ def oom_message(exc: BaseException) -> str:
     first = " ".join(str(exc).split())
     match = re.search(r"(tried to allocate [\d.]+ ?\w+)", first, re.IGNORECASE)
     return "out of memory" + (f" ({match.group(1)})" if match else f": {first[:160]}")
+
+
+@dataclass
+class OomCaught:
+    """What ``oom_caught`` caught: ``message`` (``oom_message``) when the block ran out of
+    memory, else None; true when it did."""
+
+    message: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.message is not None
+
+
+@contextmanager
+def oom_caught(device: str | None = None) -> Iterator[OomCaught]:
+    """Run the block; running out of memory ends it quietly and is kept as ``caught.message``,
+    and the allocator's cache on ``device`` is emptied (any CUDA device when None). Any other
+    error propagates. The one out-of-memory catch of the library::
+
+        with oom_caught(device) as oom:
+            time_paired(...)
+        if oom:
+            notes.append(f"the timing ran out of memory ({oom.message})")
+    """
+    caught = OomCaught()
+    try:
+        yield caught
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        caught.message = oom_message(exc)
+    if caught:  # outside the handler: the traceback, and the tensors its frames hold, are gone
+        free_memory(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @dataclass
@@ -121,16 +155,11 @@ def fits_in_memory(run: Callable[[], Any], device: str) -> bool:
     """True when ``run()`` finishes on ``device``, False when it runs out of memory (any other
     error is raised); the allocator's cache is emptied afterwards either way. The probe of
     every longest-sequence search."""
-    try:
+    with oom_caught(device) as oom:
         run()
         synchronize(device)
-        return True
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        return False
-    finally:
-        free_memory(device)
+    free_memory(device)
+    return not oom
 
 
 def search_longest(fits: Callable[[int], bool], cap: int, start: int = 512, unit: int = 1,
@@ -313,7 +342,7 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
     """
     m = Measurement(backend, flops=flops, mode=mode, device=device)
     out = None
-    try:
+    with oom_caught(device) as oom:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -333,12 +362,8 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
         m.latency_ms, m.latency_iqr_ms, m.runs = time_it(run, min_run_time, backend)
         if flops and m.latency_ms:
             m.tflops = flops / (m.latency_ms * 1e-3) / 1e12
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        m.error = oom_message(exc)
-        out = None
-        free_memory(device)
+    if oom:
+        m.error, out = oom.message, None
     return m, out
 
 

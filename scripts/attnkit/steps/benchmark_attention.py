@@ -35,7 +35,7 @@ import torch
 from ..backends import BACKENDS, SDPA
 from ..env import dtype_name, environment, parse_dtype, resolve_device
 from ..measure import autotune
-from ..measure.timing import (cap_cuda_memory, fits_in_memory, is_oom, matmul_peak, oom_message, peak_memory_mb,
+from ..measure.timing import (cap_cuda_memory, fits_in_memory, matmul_peak, oom_caught, peak_memory_mb,
                               search_longest)
 from ..report import (CannotRun, Check, Sections, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
                       register_view, said, write_run_folder)
@@ -163,13 +163,11 @@ def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, confi
                 data: dict) -> None:
     b, h, h_kv, d, s = config["batch"], config["heads"], config["kv_heads"], config["head_dim"], config["seq_len"]
     backward, causal = config["direction"] == "fwd+bwd", config["causal"]
-    try:
+    with oom_caught(device) as oom:
         q, k, v = _inputs(b, s, h, h_kv, d, dtype, device)
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
+    if oom:
         data["autotune_by_config"].append({**config, "chosen": None, "fastest": None, "ratio": None,
-                                 "note": f"inputs do not fit: {oom_message(exc)}"})
+                                           "note": f"inputs do not fit: {oom.message}"})
         return
 
     def fresh() -> list[autotune.Candidate]:

@@ -51,7 +51,7 @@ from ..measure import context_parallel as cp
 from ..measure import distributed as dd
 from ..measure.flops import attention_flops
 from ..measure.kernels import SDPA_OPS
-from ..measure.timing import cap_cuda_memory, free_memory, is_oom, oom_message, search_longest
+from ..measure.timing import cap_cuda_memory, free_memory, oom_caught, search_longest
 from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy_part, fmt_mb, fmt_ms, register_view,
                       said)
 from ..swap import switch
@@ -253,15 +253,11 @@ def _spawn(p: Plan) -> StepResult:
 # ----------------------------------------------------------------------------- on every rank
 
 def _safely(fn, *args, **kwargs) -> tuple[Any, str | None]:
-    """``fn(...)``, or (None, the out-of-memory message) when it runs out of memory."""
-    try:
-        return fn(*args, **kwargs), None
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None, oom_message(exc)
+    """(``fn(...)``, None), or (None, the out-of-memory message) when it runs out of memory."""
+    value = None
+    with oom_caught() as oom:
+        value = fn(*args, **kwargs)
+    return value, oom.message
 
 
 def _workload(p: Plan, rank: dd.Rank, seq_len: int, kv_len: int | None = None) -> cp.Workload:
@@ -381,7 +377,7 @@ def _accuracy(p: Plan, rank: dd.Rank, output: torch.Tensor, base_rows: torch.Ten
     """The gathered output against float64, judged against the 1-device baseline's own error
     (rank 0 only). None, with a note, when the reference runs out of memory."""
     o = p.o
-    try:
+    with oom_caught() as oom:
         if loaded is None:
             work = _workload(p, rank, p.seq_len, p.kv_len)
             ref = cp.reference_rows(work, rows)
@@ -394,12 +390,9 @@ def _accuracy(p: Plan, rank: dd.Rank, output: torch.Tensor, base_rows: torch.Ten
         ref = acc_mod.reference_output(loaded, inputs, "eager")
         return acc_mod.compare(output, base_rows.to(output.device), ref, valid=None, dtype=p.dtype,
                                language_model=True)
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        notes.append(f"the float64 reference ran out of memory ({oom_message(exc)}); rerun at a shorter --seq-len "
-                     "for the accuracy check")
-        return None
+    notes.append(f"the float64 reference ran out of memory ({oom.message}); rerun at a shorter --seq-len "
+                 "for the accuracy check")
+    return None
 
 
 #: A sharded probe of the search holds this much more than the sharded call is expected to

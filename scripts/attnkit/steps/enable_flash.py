@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import models
 from ..backends import BACKENDS, availability, choose
@@ -35,7 +35,7 @@ from ..env import resolve
 from ..measure import accuracy as acc_mod
 from ..measure import autotune
 from ..measure.flops import forward_flops, site_flops
-from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, oom_message, time_paired, train_fn
+from ..measure.timing import Measurement, forward_fn, measure_backend, oom_caught, time_paired, train_fn
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
 from ..measure.verify import module_timings, ran_new_call, verify_sites
 from ..models.features import needed
@@ -44,7 +44,7 @@ from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy
                       register_view, rejected_part, write_patch, write_run_folder)
 from ..swap import switch
 from ..swap.patch import patch_of
-from .session import Session, check_shape, open_session
+from .session import Session, SessionData, check_shape, open_session
 
 STEP = "enable_flash"
 #: How a user keeps a backend transformers does not ship (``Backend.hf`` False).
@@ -313,12 +313,10 @@ def _measure_stages(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Mea
     if sides:
         names = " and ".join(side[2] for side in sides)
         with _stage(m, reporter, f"timing {names} in interleaved rounds" if len(sides) > 1 else f"timing {names}"):
-            try:
+            with oom_caught() as oom:
                 time_paired(sides, o.min_run_time, train=o.train)
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                prep.notes.append(f"the interleaved timing ran out of memory ({oom_message(exc)}): no speed figure")
+            if oom:
+                prep.notes.append(f"the interleaved timing ran out of memory ({oom.message}): no speed figure")
     if prep.swapper is not None and not m.cand.error:
         with _stage(m, reporter, "timing each attention module alone"):
             m.modules = _module_speed(prep.swapper, o)
@@ -336,16 +334,14 @@ def _module_speed(swapper: Any, o: EnableOptions) -> dict[str, Any]:
 
 def _reference(prep: Prepared, o: EnableOptions, m: Measured) -> None:
     """The float64 reference (or, with --train, the gradients' check); out of memory is a note."""
-    try:
+    with oom_caught() as oom:
         if o.train:
             m.train_accuracy, m.gradients = _train_accuracy(prep.loaded, prep.inputs, m.backend, prep.session.dtype,
                                                             m.cand_kernels)
         else:
             m.ref, m.ref_name = acc_mod.reference(prep.loaded, prep.inputs, "eager")
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        prep.notes.append(f"the float64 reference ran out of memory ({oom_message(exc)})")
+    if oom:
+        prep.notes.append(f"the float64 reference ran out of memory ({oom.message})")
 
 
 def _train_accuracy(loaded, inputs, backend: str, dtype, sdpa_kernels) -> tuple[acc_mod.Accuracy, dict]:
@@ -367,14 +363,11 @@ def _gate_outputs(loaded: models.LoadedModel, inputs: models.Inputs, notes: list
     """The eager output, its float64 reference and the reference's name, for the autotuner's
     accuracy gate, with dropout off (training mode included); (None, None, name) with a note
     when either runs out of memory: the candidates are then timed but not gated."""
-    try:
-        with acc_mod.dropout_off(loaded.model), switch.using(loaded.model, "eager"):
-            out = forward_fn(loaded, inputs)()
-            ref, name = acc_mod.reference(loaded, inputs, "eager")
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        notes.append(f"the accuracy gate's eager run or float64 reference ran out of memory ({oom_message(exc)}): "
+    with oom_caught() as oom, acc_mod.dropout_off(loaded.model), switch.using(loaded.model, "eager"):
+        out = forward_fn(loaded, inputs)()
+        ref, name = acc_mod.reference(loaded, inputs, "eager")
+    if oom:
+        notes.append(f"the accuracy gate's eager run or float64 reference ran out of memory ({oom.message}): "
                      "autotune candidates were timed but not gated on accuracy")
         return None, None, "float64 eager"
     return out, ref, name
@@ -494,31 +487,58 @@ def _matrix_mb(prep: Prepared) -> float | None:
 
 # ----------------------------------------------------------------------------- stage 4: the result
 
-def _data(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Accuracy) -> dict[str, Any]:
-    """The step's ``data``: the session's fields and every figure this run measured (README:
-    the JSON contract)."""
+@dataclass(kw_only=True)
+class EnableFlashData(SessionData):
+    """``data`` of enable_flash (README: the JSON contract): the session's fields, the two
+    measurements, their ratios, the accuracy verdict, how the backend was chosen and, for
+    hand-written attention, the sites and the source patch.
+
+    ``speedup`` = baseline / candidate median latency; ``memory_ratio`` = baseline / candidate
+    peak memory (MB); both None unless both sides were measured."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = SessionData.OMIT_IF_NONE | {
+        "gradients", "sites", "patch", "attention_matrix_mb", "attention_modules", "sites_swapped"}
+
+    baseline: Measurement | None = None
+    candidate: Measurement | None = None
+    speedup: float | None = None
+    memory_ratio: float | None = None
+    accuracy: acc_mod.Accuracy | None = None
+    chosen: str = ""
+    chosen_because: str = ""
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    sdpa_kernels_allowed: list[str] | None = None
+    saved_to: str | None = None
+    autotune: dict[str, Any] | None = None
+    mode: str = "forward (inference)"
+    gradients: dict[str, Any] | None = None
+    sites: list[Any] | None = None
+    patch: str | None = None
+    attention_matrix_mb: float | None = None
+    attention_modules: dict[str, Any] | None = None
+    sites_swapped: int | None = None
+
+
+def _data(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Accuracy) -> EnableFlashData:
+    """The step's typed ``data``: the session's fields and every figure this run measured."""
     base, cand, swapper = m.base, m.cand, prep.swapper
     rejected = m.rejected if m.rejected is not None else [r.to_dict() for r in prep.choice.rejected
                                                           if r.backend != o.baseline]
     timed = base is not None and cand is not None and base.latency_ms and cand.latency_ms
     peaks = base is not None and cand is not None and base.peak_memory_mb and cand.peak_memory_mb
-    data = prep.session.data()
-    data.update({
-        "baseline": base.to_dict() if base else None, "candidate": cand.to_dict() if cand else None,
-        "speedup": base.latency_ms / cand.latency_ms if timed else None,
-        "memory_ratio": base.peak_memory_mb / cand.peak_memory_mb if peaks else None,
-        "accuracy": accuracy.to_dict(), "chosen": m.backend, "chosen_because": m.chosen_because or prep.choice.why,
-        "rejected": rejected + [{"backend": o.baseline, "available": True,
-                                 "reason": "the baseline this run measures against"}],
-        "sdpa_kernels_allowed": m.cand_kernels, "report_dir": None, "saved_to": None, "autotune": m.autotune,
-        "mode": "forward+backward (training)" if o.train else "forward (inference)",
-    })
-    if m.gradients is not None:
-        data["gradients"] = m.gradients
+    data = EnableFlashData(
+        **prep.session.fields(), baseline=base, candidate=cand,
+        speedup=base.latency_ms / cand.latency_ms if timed else None,
+        memory_ratio=base.peak_memory_mb / cand.peak_memory_mb if peaks else None,
+        accuracy=accuracy, chosen=m.backend, chosen_because=m.chosen_because or prep.choice.why,
+        rejected=rejected + [{"backend": o.baseline, "available": True,
+                              "reason": "the baseline this run measures against"}],
+        sdpa_kernels_allowed=m.cand_kernels, autotune=m.autotune,
+        mode="forward+backward (training)" if o.train else "forward (inference)", gradients=m.gradients)
     if swapper is not None:
-        data.update({"sites": [s.to_dict() for s in swapper.sites.values()], "patch": prep.patch, "patch_file": None,
-                     "attention_matrix_mb": _matrix_mb(prep), "attention_modules": m.modules,
-                     "sites_swapped": sum(s.status == "swapped" for s in swapper.sites.values())})
+        data.sites = list(swapper.sites.values())
+        data.patch, data.attention_matrix_mb, data.attention_modules = prep.patch, _matrix_mb(prep), m.modules
+        data.sites_swapped = sum(s.status == "swapped" for s in swapper.sites.values())
     return data
 
 
@@ -528,7 +548,7 @@ def _result(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Acc
     data, backend = _data(prep, o, m, accuracy), m.backend
     base, cand = m.base, m.cand
     if m.interrupted:
-        kept = ", ".join(k for k in ("baseline", "candidate") if data.get(k)) or "nothing"
+        kept = ", ".join(k for k in ("baseline", "candidate") if getattr(data, k)) or "nothing"
         return StepResult(STEP, "error", f"interrupted (Ctrl-C) while {m.stage}; measured so far: {kept}", [], data,
                           "rerun to finish; " + ("the run folder holds what was measured" if o.write_report else
                                                  "this result holds what was measured (--no-report: no run folder)"))
@@ -560,14 +580,14 @@ def _result(prep: Prepared, o: EnableOptions, m: Measured, accuracy: acc_mod.Acc
 def _finish(result: StepResult, prep: Prepared, o: EnableOptions, reporter: Reporter) -> StepResult:
     """``--save`` (only a transformers model on which every check passed), the patch, the run
     folder."""
-    notes, backend = prep.notes, result.data["chosen"]
+    notes, backend = prep.notes, result.data.chosen
     if o.save and prep.swapper is not None:
         notes.append("--save: nothing written for a model without a transformers switch; the permanent change "
                      "is the source patch")
     elif o.save and result.status == "pass":
         with reporter.stage(f"saving the switched model to {o.save}"):
-            result.data["saved_to"] = str(_save(prep.loaded, backend, Path(o.save).expanduser()))
-        result.next = f"saved to {result.data['saved_to']}: from_pretrained() loads it with {backend}"
+            result.data.saved_to = str(_save(prep.loaded, backend, Path(o.save).expanduser()))
+        result.next = f"saved to {result.data.saved_to}: from_pretrained() loads it with {backend}"
     elif o.save:
         notes.append(f"--save {o.save}: nothing written, because a check failed")
     write_patch(result, prep.patch, o.write_patch,

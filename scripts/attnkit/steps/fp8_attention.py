@@ -48,7 +48,7 @@ from ..backends.catalogue import FLASH_ATTENTION_4
 from ..env import architecture, environment
 from ..measure.flops import attention_flops
 from ..measure.kernels import library_kernels, profiled
-from ..measure.timing import free_memory, is_oom, oom_message, synchronize, time_it
+from ..measure.timing import free_memory, is_oom, oom_caught, synchronize, time_it
 from ..report import CannotRun, Check, Sections, StepResult, Table, default_run_folder, register_view, write_run_folder
 
 STEP = "fp8_attention"
@@ -176,7 +176,7 @@ def run_shape(shape: dict[str, Any], o: Fp8Options, fa4: str, device: str = "cud
     def randn(heads: int) -> torch.Tensor:
         return torch.randn(b, s, heads, d, device=device, dtype=torch.bfloat16, generator=gen)  # [B, S, H, D]
 
-    try:
+    with oom_caught(device) as oom:
         q, k, v = randn(h), randn(kv), randn(kv)
         # pre-quantised inputs: what the kernel alone is timed on ([B, H, S, D] views of [B, S, H, D] buffers)
         q8, dq = fp8_cudnn.quantize(q.transpose(1, 2))
@@ -237,12 +237,9 @@ def run_shape(shape: dict[str, Any], o: Fp8Options, fa4: str, device: str = "cud
             row["tolerance"] = 2 * base["rel_rms_err"] + E4M3_EPS
             fp8 = row["accuracy"]["fp8"]
             row["passed"] = fp8["finite"] and fp8["rel_rms_err"] <= row["tolerance"]
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        row["error"] = oom_message(exc)
-    finally:
-        free_memory(device)
+    if oom:
+        row["error"] = oom.message
+    free_memory(device)
     return row
 
 

@@ -9,7 +9,7 @@ start here, so they measure the same thing the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,7 +18,7 @@ from ..env import Environment, dtype_name, resolve
 from ..measure.kernels import attention_kernels, profiled
 from ..measure.timing import forward_fn
 from ..measure.verify import verify_sites
-from ..report import CannotRun, Reporter, one_line
+from ..report import CannotRun, Reporter, StepData, one_line
 from ..swap import switch
 from ..swap.live import Swapper, swapper_of
 
@@ -38,21 +38,42 @@ class Session:
         """The hand-written attention swapper of a model without a transformers switch (or None)."""
         return swapper_of(self.loaded.model)
 
-    def data(self) -> dict[str, Any]:
-        """The fields every model step reports (ARCHITECTURE.md, "The step contract"); ``device_map`` when
-        accelerate spread the model over devices."""
+    def fields(self) -> dict[str, Any]:
+        """The ``SessionData`` fields of this session, as keyword arguments for a step's data
+        class (``EnableFlashData(**session.fields(), ...)``); ``notes`` is this session's list."""
         placed = self.loaded.device_map
-        return {**({"device_map": placed, "devices": self.loaded.devices} if placed else {}),
-            "model": self.loaded.spec, "model_class": type(self.loaded.model).__name__, "family": self.loaded.family,
-            "device": self.device, "dtype": dtype_name(self.dtype),
-            "shape": {"batch_size": self.inputs.batch_size, "seq_len": self.inputs.seq_len},
-            "inputs": self.inputs.description, "original_backend": self.loaded.original_backend,
-            "dtype_policy": self.loaded.dtype_policy,
-            "attention": self.loaded.attention_shape(),
-            "versions": {"torch": torch.__version__, "transformers": self.env.transformers.version,
-                         "python": self.env.python},
-            "notes": self.notes,
-        }
+        return {"device_map": placed or None, "devices": self.loaded.devices if placed else None,
+                "model": self.loaded.spec, "model_class": type(self.loaded.model).__name__,
+                "family": self.loaded.family, "device": self.device, "dtype": dtype_name(self.dtype),
+                "shape": {"batch_size": self.inputs.batch_size, "seq_len": self.inputs.seq_len},
+                "inputs": self.inputs.description, "original_backend": self.loaded.original_backend,
+                "dtype_policy": self.loaded.dtype_policy, "attention": self.loaded.attention_shape(),
+                "versions": {"torch": torch.__version__, "transformers": self.env.transformers.version,
+                             "python": self.env.python},
+                "notes": self.notes}
+
+
+@dataclass(kw_only=True)
+class SessionData(StepData):
+    """The fields every model step reports (ARCHITECTURE.md, "The step contract"): the model,
+    where and how it ran, its inputs' shape and its attention; ``device_map`` and ``devices``
+    only when accelerate spread the model over devices."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"device_map", "devices"})
+
+    device_map: dict[str, Any] | None = None
+    devices: list[str] | None = None
+    model: str = ""
+    model_class: str = ""
+    family: str = ""
+    device: str = ""
+    dtype: str = ""
+    shape: dict[str, Any] = field(default_factory=dict)
+    inputs: str = ""
+    original_backend: str | None = None
+    dtype_policy: str | None = None
+    attention: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 def check_shape(batch_size: int, seq_len: int, pad_fraction: float | None) -> None:
