@@ -114,6 +114,11 @@ class StepData:
     plot_error: str | None = None
     patch_file: str | None = None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.__dataclass_fields__:  # a step cannot grow an undocumented key
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}: declare it in the class")
+        object.__setattr__(self, name, value)
+
     def _omitted(self, name: str) -> bool:
         return getattr(self, name) is None and (name in self.OMIT_IF_NONE or name in self._BASE_OPTIONAL)
 
