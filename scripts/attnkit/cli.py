@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
-from .report import CannotRun, OutOfMemory, Reporter, StepData, StepResult, check_outputs  # noqa: E402
+from .report import CannotRun, OutOfMemory, Reporter, StepResult, check_outputs  # noqa: E402
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
 
@@ -340,17 +340,17 @@ def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], a
     except CannotRun as exc:
         return StepResult.error(step, with_advice(exc))
     except KeyboardInterrupt:
-        return StepResult(step, "error", "interrupted (Ctrl-C) before anything was measured", [], StepData(), "rerun it")
+        return StepResult(step, "error", "interrupted (Ctrl-C) before anything was measured", [], None, "rerun it")
     except SystemExit as exc:  # the model's code (or a library it runs) called sys.exit or exit()
         return StepResult(step, "error", f"the step was stopped by sys.exit({exc.code!r}), called by the model's "
-                                         "code or a library it runs", [], StepData(),
+                                         "code or a library it runs", [], None,
                           "keep sys.exit out of the code a model spec imports and calls (put it under "
                           "if __name__ == '__main__':); rerun with --debug for the traceback")
     except Exception as exc:  # a bug, or a library failing in a way we did not foresee
         if debug:
             raise
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
-        return StepResult(step, "error", f"unexpected error: {message}", [], StepData(),
+        return StepResult(step, "error", f"unexpected error: {message}", [], None,
                           "rerun with --debug for the traceback, and report it")
 
 

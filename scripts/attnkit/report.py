@@ -41,7 +41,7 @@ class CannotRun(Exception):
         super().__init__(message)
         self.message = " ".join(str(message).split())  # always one line
         self.hint = hint
-        self.data = data if data is not None else StepData()
+        self.data = data
 
 
 class Unsupported(CannotRun):
@@ -148,7 +148,7 @@ class StepResult:
     status: str
     summary: str
     checks: list[Check] = field(default_factory=list)
-    data: StepData = field(default_factory=StepData)
+    data: StepData | None = None  # None: nothing was measured (an error before the step ran); JSON {}
     next: str = ""
 
     def __post_init__(self) -> None:
@@ -165,7 +165,7 @@ class StepResult:
             "status": self.status,
             "summary": self.summary,
             "checks": [asdict(c) for c in self.checks],
-            "data": _jsonable(self.data),
+            "data": self.data.to_dict() if self.data is not None else {},
             "next": self.next,
         }
 
@@ -296,7 +296,7 @@ def render_rich(result: StepResult, console) -> None:
         console.print(table)
     if result.next:
         console.print(f"[bold]next:[/] {escape(result.next)}")
-    report_dir = result.data.get("report_dir")
+    report_dir = result.data.get("report_dir") if result.data is not None else None
     if report_dir:
         console.print(f"[dim]report: {escape(str(report_dir))}[/]")
 
@@ -365,7 +365,7 @@ def register_view(step: str, view: View) -> View:
 def tables(result: StepResult) -> list[Table]:
     """The figures of a step as (title, header, rows) tables, from the step's registered view."""
     view = VIEWS.get(result.step)
-    return view.tables(result.data.to_dict()) if view is not None else []
+    return view.tables(result.data.to_dict()) if view is not None and result.data is not None else []
 
 
 def _runs(data: dict[str, Any], keys: tuple[str, ...], list_key: str | None) -> list[dict]:
@@ -492,7 +492,7 @@ def to_markdown(result: StepResult) -> str:
         lines.append("")
     if result.next:
         lines += ["## next", "", result.next, ""]
-    versions = result.data.get("versions")
+    versions = result.data.get("versions") if result.data is not None else None
     if versions:
         lines += ["## versions", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
     return "\n".join(lines)
