@@ -147,7 +147,8 @@ class Gpu:
 
 @dataclass
 class Environment:
-    """Every fact ``check_env`` reports; ``to_dict`` is the step's ``data``."""
+    """Every fact ``check_env`` reports: its fields open the step's ``data``
+    (``steps.check_env.CheckEnvData``), under the same names; ``to_dict`` is their JSON form."""
 
     python: str
     platform: str

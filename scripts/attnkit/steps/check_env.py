@@ -6,12 +6,15 @@ GPUs it needs, why ``auto`` would not take it) from the backend registry.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
-from ..backends import BACKENDS, FLASH_ATTENTION_BACKENDS, Fp8Availability, choose, fp8_availability, library_status
+from ..backends import (BACKENDS, FLASH_ATTENTION_BACKENDS, Availability, Fp8Availability, choose, fp8_availability,
+                        library_status)
 from ..backends.probe import torch_fa4_bridge
-from ..env import MIN_TORCH_FOR_SDPA, Environment, architecture, environment, parse_dtype, resolve_device
-from ..report import CannotRun, Check, Sections, StepResult, Table, register_view, rejected_part
+from ..env import (MIN_TORCH_FOR_SDPA, Environment, Gpu, Kernel, PackageProbe, architecture, environment, parse_dtype,
+                   resolve_device)
+from ..report import CannotRun, Check, Sections, StepData, StepResult, Table, register_view, rejected_part
 
 #: ``--require`` names that ask for a FlashAttention library -> its backend (module names, as
 #: earlier versions took them, and the backend names).
@@ -126,6 +129,47 @@ def facts(env: Environment) -> list[dict[str, str]]:
     return [{"name": n, "value": v} for n, v in rows]
 
 
+@dataclass(kw_only=True)
+class CheckEnvData(StepData):
+    """``data`` of check_env: every field of ``env.Environment`` (python, torch, CUDA, each
+    GPU with its memory in MB, SDPA's kernels per device, transformers) under its own name,
+    then what the step derives from it.
+
+    ``flash_attn``: each FlashAttention version (``backends.library_status``);
+    ``torch_fa4_bridge``: whether torch's own FA4 bridge can run; ``device`` and ``dtype``: what
+    the recommendation is for; ``fp8``: every FP8 attention library, installed and usable here
+    or why not; ``facts``: the environment as (name, value) rows for people;
+    ``recommendation``: the backend ``auto`` would pick, why, and why not each other one (also
+    in ``rejected``); ``required``: each ``--require`` and what it means.
+
+    check_env writes no run folder and has no notes: ``notes`` and ``report_dir`` stay out of
+    its JSON."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notes", "report_dir"})
+
+    notes: list[str] | None = None
+    python: str
+    platform: str
+    torch_version: str
+    torch_sdpa_ok: bool
+    cuda_available: bool
+    cuda_version: str | None
+    cpu_capability: str
+    cpu_threads: int
+    gpus: list[Gpu] = field(default_factory=list)
+    sdpa_kernels: dict[str, list[Kernel]] = field(default_factory=dict)
+    transformers: PackageProbe | None = None
+    flash_attn: list[dict[str, Any]] = field(default_factory=list)
+    torch_fa4_bridge: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+    dtype: str = ""
+    fp8: list[Fp8Availability] = field(default_factory=list)
+    facts: list[dict[str, str]] = field(default_factory=list)
+    recommendation: dict[str, Any] = field(default_factory=dict)
+    rejected: list[Availability] = field(default_factory=list)
+    required: dict[str, str] = field(default_factory=dict)
+
+
 def check_env_step(require: list[str] | None = None, device: str = "auto", dtype: str = "auto") -> StepResult:
     """The ``check_env`` step: facts, the recommended backend, and the requested checks.
 
@@ -142,21 +186,17 @@ def check_env_step(require: list[str] | None = None, device: str = "auto", dtype
     dt = parse_dtype(dtype, env, dev)
     checks = [_requirement_check(r, env, dev) for r in require]
     choice = choose("auto", env=env, device=dev, dtype=dt, model=None)
-    data = env.to_dict()
-    data["flash_attn"] = flash_attention(env)
-    data["torch_fa4_bridge"] = torch_fa4_bridge()
-    data["device"] = dev
-    data["dtype"] = str(dt).replace("torch.", "")
     paths = fp8_paths(env)
-    data["fp8"] = [p.to_dict() for p in paths]
-    data["facts"] = facts(env) + [dict(zip(("name", "value"), fp8_facts(paths)))]
-    data["recommendation"] = {"backend": choice.backend, "why": choice.why,
-                              "rejected": [r.to_dict() for r in choice.rejected]}
-    data["rejected"] = [r.to_dict() for r in choice.rejected]
-    data["required"] = {r: REQUIREMENTS[r] for r in require}
+    data = CheckEnvData(
+        **{f.name: getattr(env, f.name) for f in fields(Environment)}, flash_attn=flash_attention(env),
+        torch_fa4_bridge=torch_fa4_bridge(), device=dev, dtype=str(dt).replace("torch.", ""), fp8=paths,
+        facts=facts(env) + [dict(zip(("name", "value"), fp8_facts(paths)))],
+        recommendation={"backend": choice.backend, "why": choice.why,
+                        "rejected": [r.to_dict() for r in choice.rejected]},
+        rejected=list(choice.rejected), required={r: REQUIREMENTS[r] for r in require})
     ok = all(c.passed for c in checks)
     failed = [c for c in checks if not c.passed]
-    summary = (f"{'ready' if ok else 'not ready'}: torch {env.torch_version}, {dev} {data['dtype']}; "
+    summary = (f"{'ready' if ok else 'not ready'}: torch {env.torch_version}, {dev} {data.dtype}; "
                f"recommended backend: {choice.backend}")
     if failed:
         summary += "; missing: " + ", ".join(c.name for c in failed)

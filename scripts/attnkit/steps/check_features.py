@@ -15,11 +15,11 @@ from typing import Any
 
 from ..backends import BACKENDS, FEATURES, availability, choose
 from ..env import resolve
-from ..measure.accuracy import judge_outputs
+from ..measure.accuracy import Accuracy, judge_outputs
 from ..models.features import needed
 from ..report import (CannotRun, Check, Sections, StepResult, Table, accuracy_part, default_run_folder, register_view,
                       write_run_folder)
-from .session import open_session
+from .session import SessionData, open_session
 
 
 @dataclass
@@ -37,6 +37,21 @@ class FeatureOptions:
     report_dir: str | None = None
     write_report: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class CheckFeaturesData(SessionData):
+    """``data`` of check_features: the session's fields, then ``backend`` (the one checked),
+    ``needed`` (feature -> how the model uses it, from ``models.features.needed``),
+    ``features`` (one row per feature of ``backends.FEATURES``: needed, the detail, supported,
+    how, and the source of that statement) and ``accuracy`` (the backend's outputs against
+    eager's, a ``measure.accuracy.Accuracy``; None when it did not run: a lacking feature, or
+    a backend that cannot run here)."""
+
+    backend: str = ""
+    needed: dict[str, str] = field(default_factory=dict)
+    features: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: Accuracy | None = None
 
 
 def check_features(o: FeatureOptions, reporter: Any) -> StepResult:
@@ -57,8 +72,7 @@ def check_features(o: FeatureOptions, reporter: Any) -> StepResult:
     record = BACKENDS[backend]
     table = [{"feature": f, "needed": f in uses, "detail": uses.get(f, ""), "supported": record.supports(f).supported,
               "how": record.supports(f).how, "source": record.supports(f).source} for f in FEATURES]
-    data = session.data()
-    data.update({"backend": backend, "needed": uses, "features": table, "accuracy": None, "report_dir": None})
+    data = CheckFeaturesData(**session.fields(), backend=backend, needed=uses, features=table)
     lacking = [row for row in table if row["needed"] and not row["supported"]]
     names = ", ".join(uses) or "none of the advanced features"
     can = availability(backend, env=env, device=device, dtype=dtype, model=loaded.model)
@@ -77,7 +91,7 @@ def check_features(o: FeatureOptions, reporter: Any) -> StepResult:
                             f"run this step where {backend} can run to verify the outputs")
     else:
         acc = judge_outputs(loaded, loaded, inputs, "eager", backend, ("eager", backend), reporter, dtype)
-        data["accuracy"] = acc.to_dict()
+        data.accuracy = acc
         checks.append(Check("accuracy", acc.passed, acc.evidence()))
         status = "pass" if acc.passed else "fail"
         summary = (f"{backend} on {loaded.name} with {names}: " +

@@ -6,16 +6,16 @@ stay within 2 x the baseline's own error + eps(dtype) x max|reference|.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..backends import BACKENDS, availability, choose
 from ..env import dtype_name, resolve
-from ..measure.accuracy import judge_outputs
+from ..measure.accuracy import Accuracy, judge_outputs
 from ..report import (CannotRun, Check, Sections, StepResult, accuracy_part, default_run_folder, register_view,
                       write_run_folder)
-from .session import open_session
+from .session import SessionData, open_session
 
 
 @dataclass
@@ -35,6 +35,21 @@ class AccuracyOptions:
     trust_remote_code: bool = False
     report_dir: str | None = None
     write_report: bool = True
+
+
+@dataclass(kw_only=True)
+class CompareAccuracyData(SessionData):
+    """``data`` of compare_accuracy: the first model's session fields, then ``against`` (the
+    second model spec, or None for two backends of one model), ``baseline`` and ``candidate``
+    (each ``{"backend", "label"}``: the backend run and how the result names it),
+    ``sdpa_kernels_allowed`` (--sdpa-kernel, or None) and ``accuracy`` (the candidate against
+    float64, judged against the baseline's own error: a ``measure.accuracy.Accuracy``)."""
+
+    against: str | None = None
+    baseline: dict[str, str] = field(default_factory=dict)
+    candidate: dict[str, str] = field(default_factory=dict)
+    sdpa_kernels_allowed: list[str] | None = None
+    accuracy: Accuracy | None = None
 
 
 def _refuse_other_vocabulary(first: Any, second: Any) -> None:
@@ -87,11 +102,9 @@ def compare_accuracy(o: AccuracyOptions, reporter: Any) -> StepResult:
     inputs = first.inputs
     acc = judge_outputs(first.loaded, second.loaded, inputs, baseline, candidate, labels, reporter, dtype,
                         o.sdpa_kernels)
-    data = first.data()
-    data.update({"against": o.against, "baseline": {"backend": baseline, "label": labels[0]},
-                 "candidate": {"backend": candidate, "label": labels[1]}, "report_dir": None,
-                 "sdpa_kernels_allowed": o.sdpa_kernels})
-    data["accuracy"] = acc.to_dict()
+    data = CompareAccuracyData(**first.fields(), against=o.against, baseline={"backend": baseline, "label": labels[0]},
+                               candidate={"backend": candidate, "label": labels[1]},
+                               sdpa_kernels_allowed=o.sdpa_kernels, accuracy=acc)
     check = Check("accuracy", acc.passed, acc.evidence())
     verdict = "outputs match" if acc.passed else "outputs differ"
     summary = f"{labels[0]} -> {labels[1]}: {verdict} ({acc.evidence().split(' vs ')[0]})"

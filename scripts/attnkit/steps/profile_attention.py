@@ -6,6 +6,7 @@ profiler saw, peak memory, median latency with its IQR, TFLOP/s.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ..measure.timing import Measurement, measure_backend, time_paired
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
 from ..report import (CannotRun, Check, Sections, StepResult, default_run_folder, measured, measured_figure,
                       register_view, write_run_folder)
-from .session import open_session
+from .session import SessionData, open_session
 
 
 @dataclass
@@ -37,6 +38,31 @@ class ProfileOptions:
     train: bool = False  # forward + backward in training mode
     report_dir: str | None = None
     write_report: bool = True
+
+
+@dataclass(kw_only=True)
+class ProfileAttentionData(SessionData):
+    """``data`` of profile_attention: the first model's session fields (``shape`` adds
+    ``seq_lens``, every length measured), then:
+
+    ``against``: the second model spec, or None for backends of one model; ``measurements``:
+    every run as the sweep measured it (``measure.timing.Measurement``: latency in ms, peak
+    memory in MB, TFLOP/s), by length, then in plan order; ``speedup``: the first run's median
+    latency / the last run's at the longest length, the two re-timed against each other in
+    interleaved rounds (None unless both ran); ``memory_ratio``: their peak memory (MB), first
+    / last (None unless both have one); ``sweep``: ``{"seq_len", "speedup"}`` for each length
+    where the first and last runs both ran (the sweep's own latencies);
+    ``sdpa_kernels_allowed``: --sdpa-kernel, or None; ``mode``: "forward" or
+    "forward+backward"; ``weights_mb``: the first model's parameters (MB)."""
+
+    against: str | None = None
+    measurements: list[Measurement] = field(default_factory=list)
+    speedup: float | None = None
+    memory_ratio: float | None = None
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    sdpa_kernels_allowed: list[str] | None = None
+    mode: str = "forward"
+    weights_mb: float | None = None
 
 
 def _retime(plan: list, before: Measurement, after: Measurement, o: Any) -> None:
@@ -99,12 +125,11 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
         for b in names or ["eager", "auto"]:
             b = choose(b, env=env, device=device, dtype=dtype, model=first.loaded.model).backend if b == "auto" else b
             plan.append((first, b, b))
-    data = first.data()
-    data.update({"against": o.against, "measurements": [], "speedup": None, "memory_ratio": None,
-                 "sweep": [], "sdpa_kernels_allowed": o.sdpa_kernels, "mode": "forward+backward" if o.train else
-                 "forward", "weights_mb": sum(p.numel() * p.element_size() for p in first.loaded.model.parameters())
-                 / 2**20, "report_dir": None})
-    data["shape"]["seq_lens"] = seq_lens
+    data = ProfileAttentionData(
+        **first.fields(), against=o.against, sdpa_kernels_allowed=o.sdpa_kernels,
+        mode="forward+backward" if o.train else "forward",
+        weights_mb=sum(p.numel() * p.element_size() for p in first.loaded.model.parameters()) / 2**20)
+    data.shape["seq_lens"] = seq_lens
     runs: list[Measurement] = []
     interrupted = ""
     try:
@@ -118,13 +143,13 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
                                            sdpa_kernels=o.sdpa_kernels, label=label, train=o.train,
                                            gradients=False)
                 runs.append(m)
-                data["measurements"].append(m.to_dict())
+                data.measurements.append(copy.deepcopy(m))  # as measured: _retime re-times the last pair in place
     except KeyboardInterrupt:
         interrupted = f"interrupted (Ctrl-C) after {len(runs)} of {len(plan) * len(seq_lens)} runs"
     for seq_len in seq_lens:
         row = [m for m in runs if m.seq_len == seq_len]
         if len(row) == len(plan) and not row[0].error and not row[-1].error:
-            data["sweep"].append({"seq_len": seq_len, "speedup": row[0].latency_ms / row[-1].latency_ms})
+            data.sweep.append({"seq_len": seq_len, "speedup": row[0].latency_ms / row[-1].latency_ms})
     last_s = [m for m in runs if m.seq_len == max((m.seq_len or 0) for m in runs)] if runs else []
     if interrupted or len(last_s) < len(plan):
         result = StepResult("profile_attention", "error", interrupted or "not every run finished", [], data,
@@ -142,13 +167,13 @@ def profile_attention(o: ProfileOptions, reporter: Any) -> StepResult:
             checks.append(speed_check(before, after))
             mem = memory_check(before, after)
             checks += [mem] if mem else []
-            data["speedup"] = before.latency_ms / after.latency_ms
+            data.speedup = before.latency_ms / after.latency_ms
             if before.peak_memory_mb and after.peak_memory_mb:
-                data["memory_ratio"] = before.peak_memory_mb / after.peak_memory_mb
+                data.memory_ratio = before.peak_memory_mb / after.peak_memory_mb
             summary = f"{before.label} -> {after.label} at seq_len {after.seq_len}: {comparison_summary(before, after)}"
-            if len(data["sweep"]) > 1:
+            if len(data.sweep) > 1:
                 summary += "; speedup by seq_len: " + ", ".join(f"{r['seq_len']}: {r['speedup']:.2f}x"
-                                                                for r in data["sweep"])
+                                                                for r in data.sweep)
         ok = all(c.passed for c in checks)
         result = StepResult("profile_attention", "pass" if ok else "fail", summary, checks, data,
                             "run compare_accuracy.py to check that the outputs still match" if ok else

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,7 +23,7 @@ from ..measure import generation as gen
 from ..measure.kernels import fused
 from ..report import (CannotRun, Check, Sections, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
                       register_view, write_run_folder)
-from .session import open_session
+from .session import SessionData, open_session
 
 STEP = "profile_generation"
 
@@ -47,6 +47,38 @@ class GenerationOptions:
     trust_remote_code: bool = False
     report_dir: str | None = None
     write_report: bool = True
+
+
+@dataclass(kw_only=True)
+class ProfileGenerationData(SessionData):
+    """``data`` of profile_generation: the session's fields without ``shape`` (each run has
+    its own prompt length and batch size), then what was asked and measured.
+
+    ``prompt_lens`` (tokens, each capped to the model's limit), ``new_tokens``,
+    ``batch_sizes``, ``caches`` and ``compiled`` (--compile): the grid of runs;
+    ``min_run_time``: seconds of timing per run; ``kv_cache_formula``: how ``kv_cache_mb``
+    is computed (``measure.generation.KV_FORMULA``); ``weights_mb``: the model's parameters
+    (MB); ``timing``: how prefill (ms), decode (ms per token) and tokens/s are derived;
+    ``agreement_batch``: the left-padded batch greedy agreement runs on (None until it is
+    built); ``backends``: one entry per backend (availability, headline figures of the first
+    prompt length, batch size and cache, every run, its greedy agreement with eager, its
+    longest context); ``not_available``: default backends that cannot run here, with why."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = SessionData.OMIT_IF_NONE | {"shape"}
+
+    shape: dict[str, Any] | None = None
+    prompt_lens: list[int] = field(default_factory=list)
+    new_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    caches: list[str] = field(default_factory=list)
+    compiled: bool = False
+    min_run_time: float = 0.0
+    kv_cache_formula: str = ""
+    weights_mb: float | None = None
+    timing: str = ""
+    agreement_batch: dict[str, Any] | None = None
+    backends: list[dict[str, Any]] = field(default_factory=list)
+    not_available: list[dict[str, str]] = field(default_factory=list)
 
 
 def validate(o: GenerationOptions) -> None:
@@ -139,26 +171,24 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
                    "prefill_ms": None, "decode_ms_per_token": None, "decode_tokens_per_s": None,
                    "peak_memory_mb": None, "kv_cache_mb": None, "greedy_agreement": None, "max_context": None,
                    "runs": [], "agreement": [], "longest_context": None} for n in names}
-    data = session.data()
-    data.pop("shape", None)
-    data.update({"prompt_lens": prompt_lens, "new_tokens": o.new_tokens, "batch_sizes": list(dict.fromkeys(o.batch_sizes)),
-                 "caches": list(dict.fromkeys(o.caches)), "compiled": o.compile, "min_run_time": o.min_run_time,
-                 "notes": notes, "kv_cache_formula": gen.KV_FORMULA,
-                 "weights_mb": sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20,
-                 "timing": "prefill = generate(1 token); decode per token = (generate(N) - prefill) / (N - 1); "
-                           "tokens/s = batch x 1000 / decode ms per token; medians of torch.utils.benchmark",
-                 "agreement_batch": None, "backends": list(entries.values()), "not_available": skipped,
-                 "report_dir": None})
+    data = ProfileGenerationData(  # no one shape: each run has its own; notes: the session's and this step's
+        **{**session.fields(), "shape": None, "notes": notes}, prompt_lens=prompt_lens, new_tokens=o.new_tokens,
+        batch_sizes=list(dict.fromkeys(o.batch_sizes)), caches=list(dict.fromkeys(o.caches)), compiled=o.compile,
+        min_run_time=o.min_run_time, kv_cache_formula=gen.KV_FORMULA,
+        weights_mb=sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20,
+        timing="prefill = generate(1 token); decode per token = (generate(N) - prefill) / (N - 1); "
+               "tokens/s = batch x 1000 / decode ms per token; medians of torch.utils.benchmark",
+        backends=list(entries.values()), not_available=skipped)
     interrupted = ""
     base = None
     try:
         ids, mask, lengths = gen.left_padded(loaded, longest=min(gen.AGREEMENT_LEN, max(4, (limit or 10**9) // 2)))
-        data["agreement_batch"] = {"rows": len(lengths), "prompt_lens": lengths, "padding": "left",
-                                   "new_tokens": o.new_tokens, "reference": "eager, dynamic cache"}
+        data.agreement_batch = {"rows": len(lengths), "prompt_lens": lengths, "padding": "left",
+                                "new_tokens": o.new_tokens, "reference": "eager, dynamic cache"}
         with reporter.stage(f"greedy reference: eager on a left-padded batch of prompts of {lengths} tokens"):
             base = gen.greedy(loaded, "eager", "dynamic", ids, mask, o.new_tokens)
         for n in runnable:
-            for cache in data["caches"]:
+            for cache in data.caches:
                 if n == "eager" and cache == "dynamic":
                     continue
                 with reporter.stage(f"greedy agreement: {n}, {cache} cache"):
@@ -175,11 +205,11 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
             for n in runnable:
                 with reporter.stage(f"{n}: searching the longest prompt that fits"):
                     entries[n]["longest_context"] = gen.longest_context(
-                        loaded, n, batch_size=data["batch_sizes"][0], new_tokens=min(4, o.new_tokens),
+                        loaded, n, batch_size=data.batch_sizes[0], new_tokens=min(4, o.new_tokens),
                         memory_limit_gb=o.memory_limit, trust_remote_code=o.trust_remote_code)
         for p in prompt_lens:
-            for b in data["batch_sizes"]:
-                for cache in data["caches"]:
+            for b in data.batch_sizes:
+                for cache in data.caches:
                     for n in runnable:
                         with reporter.stage(f"{n}: prompt {p}, batch {b}, {cache} cache, {o.new_tokens} new tokens"):
                             run = gen.measure_generation(loaded, n, batch_size=b, prompt_len=p,
@@ -189,7 +219,7 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
     except KeyboardInterrupt:
         interrupted = "interrupted (Ctrl-C); what was measured is kept"
     for e in entries.values():
-        _headline(e, prompt_lens[0], data["batch_sizes"][0], data["caches"][0])
+        _headline(e, prompt_lens[0], data.batch_sizes[0], data.caches[0])
     result = _verdict(data, entries, runnable, base, dtype, interrupted)
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name))
@@ -270,7 +300,7 @@ def kernel_evidence(entries: dict[str, dict], runnable: list[str]) -> Check:
     return Check("kernels", ok, "; ".join(parts))
 
 
-def _verdict(data: dict, entries: dict[str, dict], runnable: list[str], base: Any, dtype: torch.dtype,
+def _verdict(data: ProfileGenerationData, entries: dict[str, dict], runnable: list[str], base: Any, dtype: torch.dtype,
              interrupted: str) -> StepResult:
     checks = []
     if base is not None:
@@ -309,9 +339,9 @@ def _verdict(data: dict, entries: dict[str, dict], runnable: list[str], base: An
     return StepResult(STEP, "pass" if ok else "fail", summary, checks, data, nxt)
 
 
-def _summary(data: dict, entries: dict[str, dict], runnable: list[str]) -> str:
-    head = (f"{data['model']} on {data['device']} {data['dtype']}, prompt {data['prompt_lens'][0]}, "
-            f"batch {data['batch_sizes'][0]}, {data['caches'][0]} cache, {data['new_tokens']} new tokens: ")
+def _summary(data: ProfileGenerationData, entries: dict[str, dict], runnable: list[str]) -> str:
+    head = (f"{data.model} on {data.device} {data.dtype}, prompt {data.prompt_lens[0]}, "
+            f"batch {data.batch_sizes[0]}, {data.caches[0]} cache, {data.new_tokens} new tokens: ")
     parts = []
     for n in runnable:
         e = entries[n]
@@ -328,7 +358,7 @@ def _summary(data: dict, entries: dict[str, dict], runnable: list[str]) -> str:
             text += f", longest prompt {e['max_context']}" + (" (the model's limit)" if e["longest_context"]["capped"]
                                                               else "")
         parts.append(text)
-    batch = data.get("agreement_batch") or {}
+    batch = data.agreement_batch or {}
     tail = (f"; agreement on a left-padded batch of {batch['rows']} prompts of {batch['prompt_lens']} tokens"
             if batch else "")
     return head + "; ".join(parts) + tail
