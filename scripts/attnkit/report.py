@@ -709,7 +709,9 @@ def write_patch(result: StepResult, patch: str, path: str | None, why_none: str 
 
 def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | None = None) -> Path:
     """Write report.json, report.md, the step's plot (its ``View``: report.png, and any other
-    plot the view writes), and each non-empty ``extra`` file (name -> text, e.g. swap.patch).
+    plot the view writes, whose path it may record under a key of the JSON form it is given
+    that is a field of the step's data left out while None, e.g. benchmark_attention's
+    ``memory_plot``), and each non-empty ``extra`` file (name -> text, e.g. swap.patch).
 
     ``folder`` is created. A folder that already holds a report (another run given the same
     --report-dir finished first; ``check_run_folder`` refused one at the start) is never
@@ -725,11 +727,15 @@ def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | N
         result.data.report_dir_note = f"{taken} already held a report when this run finished; written to {folder}"
     result.data.report_dir = str(folder)
     view = VIEWS.get(result.step)
+    shown = result.data.to_dict()
     try:
-        png = view.plot(result.data.to_dict(), folder) if view is not None else None
+        png = view.plot(shown, folder) if view is not None else None
     except Exception as exc:  # a missing plotting backend must not lose the report
         png = None
         result.data.plot_error = f"{type(exc).__name__}: {exc}"
+    for name in (f.name for f in fields(result.data)):  # a key the plot added (another plot's path): kept
+        if name in shown and name not in result.data:
+            setattr(result.data, name, shown[name])
     if png:
         result.data.plot = str(png)
     with open(folder / "report.json", "x") as f:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,7 +37,7 @@ from ..env import dtype_name, environment, parse_dtype, resolve_device
 from ..measure import autotune
 from ..measure.timing import (cap_cuda_memory, fits_in_memory, matmul_peak, oom_caught, peak_memory_mb,
                               search_longest)
-from ..report import (CannotRun, Check, Sections, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
+from ..report import (CannotRun, Check, Sections, StepData, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
                       register_view, said, write_run_folder)
 
 STEP = "benchmark_attention"
@@ -112,6 +112,36 @@ def _inputs(b: int, s: int, h: int, h_kv: int, d: int, dtype: torch.dtype, devic
     return q, k, v
 
 
+@dataclass(kw_only=True)
+class BenchmarkData(StepData):
+    """``data`` of benchmark_attention: where the grid ran and every figure it measured.
+
+    ``device``, ``gpu`` (GPU 0's name, None on CPU) and ``torch`` (its version): where.
+    ``grid``: one row per candidate and configuration (the configuration's keys, the
+    candidate's ``autotune.Candidate.to_dict``, ``label``, ``pct_of_matmul_peak`` (% of this
+    dtype's matmul peak), ``peak_memory_mb`` (MB above the inputs), ``memory_error`` when
+    that could not be measured); ``autotune_by_config``: one row per configuration, the
+    quick pass's choice against the full pass's fastest (latencies in ms, ``ratio`` = fastest
+    / chosen latency); ``matmul_peak_tflops``: dtype name -> TFLOP/s of a square matmul here;
+    ``max_seq_len``: the ``--max-seq-len-search`` result (``_search``), else None;
+    ``memory_limit_gb`` (GB), ``min_run_time_s`` and ``tune_time_s`` (s): the options;
+    ``memory_plot``: memory.png in the run folder, when it was drawn."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"memory_plot"})
+
+    device: str = ""
+    gpu: str | None = None
+    torch: str = ""
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    autotune_by_config: list[dict[str, Any]] = field(default_factory=list)
+    matmul_peak_tflops: dict[str, float] = field(default_factory=dict)
+    max_seq_len: dict[str, Any] | None = None
+    memory_limit_gb: float | None = None
+    min_run_time_s: float = 0.0
+    tune_time_s: float = 0.0
+    memory_plot: str | None = None
+
+
 def _wanted(c: autotune.Candidate, backends: list[str] | None) -> bool:
     return not backends or c.backend in backends or c.label in backends
 
@@ -128,16 +158,15 @@ def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
         if not device.startswith("cuda"):
             raise CannotRun("--memory-limit applies to a CUDA device only", "use --device cuda")
         cap_cuda_memory(o.memory_limit, device)
-    data: dict[str, Any] = {"device": device, "gpu": env.gpus[0].name if env.gpus and device != "cpu" else None,
-                            "torch": torch.__version__, "grid": [], "autotune_by_config": [], "matmul_peak_tflops": {},
-                            "max_seq_len": None, "report_dir": None, "memory_limit_gb": o.memory_limit,
-                            "min_run_time_s": o.min_run_time, "tune_time_s": o.tune_time}
+    data = BenchmarkData(device=device, gpu=env.gpus[0].name if env.gpus and device != "cpu" else None,
+                         torch=torch.__version__, memory_limit_gb=o.memory_limit, min_run_time_s=o.min_run_time,
+                         tune_time_s=o.tune_time)
     interrupted = ""
     try:
         for dtype in dtypes:
             with reporter.stage(f"matmul peak ({dtype_name(dtype)})"):
-                data["matmul_peak_tflops"][dtype_name(dtype)] = matmul_peak(device, dtype)
-            peak = data["matmul_peak_tflops"][dtype_name(dtype)]
+                data.matmul_peak_tflops[dtype_name(dtype)] = matmul_peak(device, dtype)
+            peak = data.matmul_peak_tflops[dtype_name(dtype)]
             for b, h, h_kv, d in shapes:
                 for causal in causals:
                     for backward in directions:
@@ -150,9 +179,9 @@ def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
                                                 f"{config['direction']} {config['dtype']}"):
                                 _one_config(o, env, device, dtype, config, peak, data)
         if o.max_seq_len_search:
-            data["max_seq_len"] = _search(o, env, device, dtypes[0], shapes[-1], reporter)
+            data.max_seq_len = _search(o, env, device, dtypes[0], shapes[-1], reporter)
     except KeyboardInterrupt:
-        interrupted = f"interrupted (Ctrl-C) after {len(data['autotune_by_config'])} configurations"
+        interrupted = f"interrupted (Ctrl-C) after {len(data.autotune_by_config)} configurations"
     result = _verdict(data, interrupted)
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, device))
@@ -160,14 +189,14 @@ def benchmark_attention(o: BenchmarkOptions, reporter: Any) -> StepResult:
 
 
 def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, config: dict, peak: float,
-                data: dict) -> None:
+                data: BenchmarkData) -> None:
     b, h, h_kv, d, s = config["batch"], config["heads"], config["kv_heads"], config["head_dim"], config["seq_len"]
     backward, causal = config["direction"] == "fwd+bwd", config["causal"]
     with oom_caught(device) as oom:
         q, k, v = _inputs(b, s, h, h_kv, d, dtype, device)
     if oom:
-        data["autotune_by_config"].append({**config, "chosen": None, "fastest": None, "ratio": None,
-                                           "note": f"inputs do not fit: {oom.message}"})
+        data.autotune_by_config.append({**config, "chosen": None, "fastest": None, "ratio": None,
+                                        "note": f"inputs do not fit: {oom.message}"})
         return
 
     def fresh() -> list[autotune.Candidate]:
@@ -190,15 +219,15 @@ def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, confi
                 row["peak_memory_mb"] = peak_memory_mb(lambda: record.call(q, k, v, **kw), device)
             except Exception as exc:  # measured already; memory is a figure, not a reason to stop
                 row["memory_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        data["grid"].append(row)
+        data.grid.append(row)
     best_full = autotune.chosen(full)
     picked = next((c for c in full if choice is not None and c.label == choice.label), None)
     ratio = (best_full.latency_ms / picked.latency_ms if best_full is not None and picked is not None
              and picked.latency_ms else None)
-    data["autotune_by_config"].append({**config, "chosen": choice.label if choice else None,
-                             "chosen_latency_ms": picked.latency_ms if picked else None,
-                             "fastest": best_full.label if best_full else None,
-                             "fastest_latency_ms": best_full.latency_ms if best_full else None, "ratio": ratio})
+    data.autotune_by_config.append({**config, "chosen": choice.label if choice else None,
+                                    "chosen_latency_ms": picked.latency_ms if picked else None,
+                                    "fastest": best_full.label if best_full else None,
+                                    "fastest_latency_ms": best_full.latency_ms if best_full else None, "ratio": ratio})
     q = k = v = None  # free the inputs before the next configuration allocates its own
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -236,8 +265,8 @@ def _search(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, shape, re
     return out
 
 
-def _verdict(data: dict, interrupted: str) -> StepResult:
-    configs = data["autotune_by_config"]
+def _verdict(data: BenchmarkData, interrupted: str) -> StepResult:
+    configs = data.autotune_by_config
     ran = [a for a in configs if a.get("fastest")]
     if interrupted or not configs:
         return StepResult(STEP, "error", interrupted or "nothing was measured", [], data, "rerun to finish")
@@ -250,13 +279,13 @@ def _verdict(data: dict, interrupted: str) -> StepResult:
                         f"{sum(r >= 0.95 for r in ratios)} of {len(ratios)} configurations; worst "
                         + (f"{worst:.2f}x of the fastest" if worst is not None else "n/a")))
     best = {}
-    for row in data["grid"]:
+    for row in data.grid:
         if row["status"] == "passed" and row.get("tflops"):
             key = row["label"]
             best[key] = max(best.get(key, 0.0), row["tflops"])
     top = sorted(best.items(), key=lambda kv: -kv[1])[:3]
-    summary = (f"{len(configs)} configurations on {data['device']}"
-               + (f" ({data['gpu']})" if data.get("gpu") else "") + "; best TFLOP/s: "
+    summary = (f"{len(configs)} configurations on {data.device}"
+               + (f" ({data.gpu})" if data.gpu else "") + "; best TFLOP/s: "
                + ", ".join(f"{k} {v:.3g}" for k, v in top) + f"; {checks[-1].evidence}")
     ok = all(c.passed for c in checks)
     return StepResult(STEP, "pass" if ok else "fail", summary, checks, data,
@@ -296,7 +325,7 @@ def _grid_figure(d: dict[str, Any], folder: Path) -> Path | None:
     mem = plot_grid(d["grid"], folder / "memory.png", "peak_memory_mb", "peak memory (MB)",
                     f"attention peak memory, {where}")
     if mem:
-        d["memory_plot"] = str(mem)
+        d["memory_plot"] = str(mem)  # write_run_folder keeps it in the data (BenchmarkData.memory_plot)
     return png
 
 

@@ -39,8 +39,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -52,8 +52,8 @@ from ..measure import distributed as dd
 from ..measure.flops import attention_flops
 from ..measure.kernels import SDPA_OPS
 from ..measure.timing import cap_cuda_memory, free_memory, oom_caught, search_longest
-from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy_part, fmt_mb, fmt_ms, register_view,
-                      said)
+from ..report import (CannotRun, Check, Reporter, Sections, StepData, StepResult, accuracy_part, fmt_mb, fmt_ms,
+                      register_view, said)
 from ..swap import switch
 
 STEP = "context_parallel"
@@ -122,6 +122,74 @@ class Plan:
     def ring_calls(self) -> int:
         """Ring calls per attention call: ceil(heads / heads_per_call)."""
         return -(-self.o.heads // self.heads_per_call)
+
+
+@dataclass(kw_only=True)
+class ContextParallelData(StepData):
+    """``data`` of rank 0's result: how the run was launched and sharded, and what it measured.
+
+    ``single_device``: the 1-device baseline's run (``distributed.RankRun.to_dict``: kernels,
+    ``resident_mb``, ``peak_memory_mb``, ``total_mb`` in MB, ``latency_ms``), or its
+    ``error``; ``ranks``: the same for the sharded run on every rank. ``latency_ms``: the
+    slowest rank's median (ms); ``speedup`` = 1-device latency / ``latency_ms``;
+    ``scaling_efficiency`` = speedup / world size; ``memory_per_rank_mb``: the largest
+    rank's ``total_mb`` (MB); ``memory_ratio`` = that / the 1-device ``total_mb``;
+    ``tflops``: attention TFLOP/s at ``latency_ms`` (bare attention only); each None when
+    not measured. ``accuracy``: the gathered output against float64, judged against the
+    baseline's own error (``measure.accuracy.Accuracy``; its ``note`` says why when not
+    compared). ``heads_per_call`` and ``ring_calls``: bare attention only (None with --model).
+    Only some runs have ``max_seq_len`` (--max-seq-len-search: ``_search``),
+    ``memory_explained`` (bare attention on several ranks) and ``cpu_public_api`` (on CPU:
+    ``_cpu_api_record``). No run folder is written, so no ``report_dir``."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"report_dir", "max_seq_len", "memory_explained", "cpu_public_api"})
+
+    mode: str = "attention"  # attention | model
+    path: str = ""
+    launcher: str = ""
+    world_size: int = 1
+    backend: str = ""
+    device: str = ""
+    dtype: str = ""
+    model: str | None = None
+    shape: dict[str, int] = field(default_factory=dict)
+    attention: dict[str, Any] | None = None
+    causal: bool = True
+    load_balance: bool = False
+    rotate: str = "allgather"
+    merge_dtype: str = "float32"
+    heads_per_call: int | None = None
+    ring_calls: int | None = None
+    sdpa_kernels_allowed: list[str] | None = None
+    flash_impl: str | None = None
+    limits: list[dict[str, str]] = field(default_factory=list)
+    single_device: dict[str, Any] = field(default_factory=dict)
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    latency_ms: float | None = None
+    speedup: float | None = None
+    scaling_efficiency: float | None = None
+    memory_per_rank_mb: float | None = None
+    memory_ratio: float | None = None
+    tflops: float | None = None
+    accuracy: acc_mod.Accuracy | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    max_seq_len: dict[str, Any] | None = None
+    memory_explained: str | None = None
+    cpu_public_api: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class NotMeasuredData(StepData):
+    """``data`` of a context_parallel result that measured nothing: a ``skip`` names what
+    it found (``torch``: a version without the API; or the ``model`` and ``device``), and a
+    rank other than 0 returns it empty (rank 0's result holds every rank's figures)."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"report_dir", "torch", "model", "device"})
+
+    torch: str | None = None
+    model: str | None = None
+    device: str | None = None
 
 
 def plan(o: CPOptions) -> Plan:
@@ -197,12 +265,12 @@ def context_parallel(o: CPOptions, reporter: Reporter) -> StepResult:
     p = plan(o)
     missing = cp.api_missing()
     if missing:
-        return StepResult(STEP, "skip", f"skip: {missing}", [], {"torch": torch.__version__},
+        return StepResult(STEP, "skip", f"skip: {missing}", [], NotMeasuredData(torch=torch.__version__),
                           "context parallelism needs torch 2.7 or newer with torch.distributed")
     if p.device_kind == "cpu" and o.model is not None:
         return StepResult(STEP, "skip", "skip: --model needs CUDA GPUs: on CPU, torch's context_parallel block runs "
                           "no causal SDPA kernel (the CPU flash kernel has no DTensor sharding strategy, and the math "
-                          "kernel refuses causal)", [], {"model": o.model, "device": "cpu"},
+                          "kernel refuses causal)", [], NotMeasuredData(model=o.model, device="cpu"),
                           "run it under torchrun on GPUs; on CPU, run without --model for the check of the ring")
     if p.launcher == "spawn":
         return _spawn(p)
@@ -229,7 +297,7 @@ def _spawned(index: int, p: Plan, port: int, queue: Any) -> None:
         except CannotRun as exc:
             result = StepResult.error(STEP, exc)
         if rank.is_main:
-            queue.put(result.to_dict())
+            queue.put(result)
     finally:
         dd.leave()
 
@@ -246,8 +314,7 @@ def _spawn(p: Plan) -> StepResult:
         message = f"{lines[0].strip(' -')}: {lines[-1].strip()}"[:400] if lines else type(exc).__name__
         if queue.empty():
             raise CannotRun(f"a spawned rank failed: {message}", "rerun with --debug, or under torchrun") from None
-    d = queue.get()
-    return StepResult(d["step"], d["status"], d["summary"], [Check(**c) for c in d["checks"]], d["data"], d["next"])
+    return queue.get()
 
 
 # ----------------------------------------------------------------------------- on every rank
@@ -369,7 +436,7 @@ def _run_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
     status = [result.status if result else None]
     if rank.world_size > 1:
         torch.distributed.broadcast_object_list(status, src=0)
-    return result or StepResult(STEP, status[0], f"rank {rank.rank}: see rank 0's result", [], {}, "")
+    return result or StepResult(STEP, status[0], f"rank {rank.rank}: see rank 0's result", [], NotMeasuredData(), "")
 
 
 def _accuracy(p: Plan, rank: dd.Rank, output: torch.Tensor, base_rows: torch.Tensor, rows: torch.Tensor,
@@ -478,73 +545,77 @@ def _kernel_names(kernels: dict[str, int]) -> str:
     return ", ".join(sorted(named)) or "no SDPA kernel seen"
 
 
+def _data(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, base_err: str | None,
+          notes: list[str], loaded: Any, search: dict | None) -> ContextParallelData:
+    """Rank 0's typed ``data``: the run's settings and the figures from every rank's runs."""
+    o, n = p.o, rank.world_size
+    data = ContextParallelData(
+        mode="model" if loaded is not None else "attention",
+        path=("torch.distributed.tensor.experimental.context_parallel: ring attention over SDPA"
+              if p.device_kind == "cuda" else
+              "torch's ring (_templated_ring_attention) with SDPA's CPU flash kernel, on shards from "
+              "_context_parallel_shard, gathered with context_parallel_unshard"),
+        launcher=rank.launcher, world_size=n, backend=rank.backend, device=p.device_kind,
+        dtype=dtype_name(p.dtype), model=o.model,
+        shape={"batch_size": o.batch_size, "seq_len": p.seq_len, "kv_len": p.kv_len,
+               **({"heads": o.heads, "head_dim": o.head_dim} if loaded is None else {})},
+        attention=loaded.attention_shape() if loaded is not None else None,
+        causal=o.causal, load_balance=p.load_balance, rotate=o.rotate, merge_dtype=o.merge_dtype,
+        heads_per_call=p.heads_per_call if loaded is None else None,
+        ring_calls=p.ring_calls if loaded is None else None,
+        sdpa_kernels_allowed=p.sdpa_kernels, flash_impl=o.flash_impl,
+        limits=cp.LIMITS, single_device=base.run.to_dict() if base else {"error": base_err}, ranks=runs,
+        versions={"torch": torch.__version__, "python": platform.python_version()}, notes=notes,
+        max_seq_len=search)
+    ok_runs = [r for r in runs if not r.get("error")]
+    if len(ok_runs) == n:
+        data.latency_ms = max(r["latency_ms"] for r in runs) if o.reps else None
+        data.memory_per_rank_mb = max(r["total_mb"] for r in runs) if all(r["total_mb"] for r in runs) else None
+    if base and data.latency_ms and base.run.latency_ms:
+        data.speedup = base.run.latency_ms / data.latency_ms
+        data.scaling_efficiency = data.speedup / n
+    if base and data.memory_per_rank_mb and base.run.total_mb:
+        data.memory_ratio = data.memory_per_rank_mb / base.run.total_mb
+    if loaded is None and n > 1 and len(ok_runs) == n and all(r["total_mb"] for r in runs):
+        data.memory_explained = _memory_explained(p, runs)
+    if loaded is None and data.latency_ms:
+        data.tflops = attention_flops(o.batch_size, p.seq_len, o.heads, o.head_dim, 1, o.causal,
+                                      kv_len=p.kv_len) / (data.latency_ms * 1e-3) / 1e12
+    return data
+
+
 def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, base_err: str | None,
             shard: cp.Sharded | None, shard_err: str | None, accuracy: acc_mod.Accuracy | None, notes: list[str],
             loaded: Any, cpu_api: dict | None, search: dict | None, reporter: Reporter) -> StepResult:
-    o, n = p.o, rank.world_size
+    """Rank 0's verdict: every rank ran the sharded call, on a ring kernel, and the gathered
+    output matches the 1-device output within its own error against float64."""
+    n = rank.world_size
     ring_ops = RING_OPS[p.device_kind]
-    data: dict[str, Any] = {
-        "mode": "model" if loaded is not None else "attention",
-        "path": ("torch.distributed.tensor.experimental.context_parallel: ring attention over SDPA"
-                 if p.device_kind == "cuda" else
-                 "torch's ring (_templated_ring_attention) with SDPA's CPU flash kernel, on shards from "
-                 "_context_parallel_shard, gathered with context_parallel_unshard"),
-        "launcher": rank.launcher, "world_size": n, "backend": rank.backend, "device": p.device_kind,
-        "dtype": dtype_name(p.dtype), "model": o.model,
-        "shape": {"batch_size": o.batch_size, "seq_len": p.seq_len, "kv_len": p.kv_len,
-                  **({"heads": o.heads, "head_dim": o.head_dim} if loaded is None else {})},
-        "attention": loaded.attention_shape() if loaded is not None else None,
-        "causal": o.causal, "load_balance": p.load_balance, "rotate": o.rotate, "merge_dtype": o.merge_dtype,
-        "heads_per_call": p.heads_per_call if loaded is None else None,
-        "ring_calls": p.ring_calls if loaded is None else None,
-        "sdpa_kernels_allowed": p.sdpa_kernels,
-        "flash_impl": o.flash_impl,
-        "limits": cp.LIMITS, "single_device": base.run.to_dict() if base else {"error": base_err},
-        "ranks": runs, "latency_ms": None, "speedup": None, "scaling_efficiency": None,
-        "memory_per_rank_mb": None, "memory_ratio": None, "tflops": None, "accuracy": None,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()}, "notes": notes,
-    }
-    if search is not None:
-        data["max_seq_len"] = search
+    data = _data(p, rank, runs, base, base_err, notes, loaded, search)
     ok_runs = [r for r in runs if not r.get("error")]
-    if len(ok_runs) == n:
-        data["latency_ms"] = max(r["latency_ms"] for r in runs) if o.reps else None
-        data["memory_per_rank_mb"] = max(r["total_mb"] for r in runs) if all(r["total_mb"] for r in runs) else None
-    if base and data["latency_ms"] and base.run.latency_ms:
-        data["speedup"] = base.run.latency_ms / data["latency_ms"]
-        data["scaling_efficiency"] = data["speedup"] / n
-    if base and data["memory_per_rank_mb"] and base.run.total_mb:
-        data["memory_ratio"] = data["memory_per_rank_mb"] / base.run.total_mb
-    if loaded is None and n > 1 and len(ok_runs) == n and all(r["total_mb"] for r in runs):
-        data["memory_explained"] = _memory_explained(p, runs)
-    if loaded is None and data["latency_ms"]:
-        data["tflops"] = attention_flops(o.batch_size, p.seq_len, o.heads, o.head_dim, 1, o.causal,
-                                         kv_len=p.kv_len) / (data["latency_ms"] * 1e-3) / 1e12
-
     if accuracy is None:
-        why = shard_err or base_err or (data["notes"][-1] if data["notes"] else "nothing to compare")
+        why = shard_err or base_err or (data.notes[-1] if data.notes else "nothing to compare")
         accuracy = acc_mod.not_compared(f"not compared: {why}")
-    data["accuracy"] = accuracy.to_dict()
-
+    data.accuracy = accuracy
     checks = [Check("ranks", len(ok_runs) == n,
-                    f"{len(ok_runs)} of {n} ranks ran the sharded {data['mode']}" +
+                    f"{len(ok_runs)} of {n} ranks ran the sharded {data.mode}" +
                     ("" if len(ok_runs) == n else f" ({'; '.join(str(r.get('error')) for r in runs if r.get('error'))})"))]
     ring = [r for r in ok_runs if any(op in r["kernels"] for op in ring_ops)]
     checks.append(Check("kernels", len(ring) == n and n > 0,
                         "; ".join(f"rank {r['rank']}: {_kernel_names(r.get('kernels') or {})}" for r in runs)))
     checks.append(Check("accuracy", accuracy.passed, accuracy.evidence()))
     if cpu_api is not None:
-        data["cpu_public_api"] = _cpu_api_record(p, rank, cpu_api)
+        data.cpu_public_api = _cpu_api_record(p, rank, cpu_api)
     failed = [c for c in checks if not c.passed]
     if base is None and base_err and shard is not None:
-        data["notes"].append(f"the 1-device baseline ran out of memory at seq_len {p.seq_len} ({base_err}); the sharded "
-                             "run did not")
+        data.notes.append(f"the 1-device baseline ran out of memory at seq_len {p.seq_len} ({base_err}); the sharded "
+                          "run did not")
     per_rank = ", ".join(fmt_mb(r.get("total_mb")) for r in runs)
-    figures = (f"{n} rank(s), seq_len {p.seq_len}: {fmt_ms(data['latency_ms'])} (1 device: "
+    figures = (f"{n} rank(s), seq_len {p.seq_len}: {fmt_ms(data.latency_ms)} (1 device: "
                f"{fmt_ms(base.run.latency_ms if base else None)}), per-rank memory {per_rank} (1 device: "
                f"{fmt_mb(base.run.total_mb if base else None)})")
-    if data["scaling_efficiency"] is not None:
-        figures += f", scaling efficiency {100 * data['scaling_efficiency']:.0f} %"
+    if data.scaling_efficiency is not None:
+        figures += f", scaling efficiency {100 * data.scaling_efficiency:.0f} %"
     if search is not None:
         longest = [(search.get(w) or {}).get("longest") for w in ("one_device", "sharded")]
         figures += (f"; longest sequence: {longest[0]['seq_len'] if longest[0] else 'none'} on 1 device"
@@ -560,7 +631,7 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
         nxt = ("context parallelism works here with these settings; compare data.memory_per_rank_mb and "
                "data.scaling_efficiency with one GPU (FlashAttention on one device) before choosing it")
         status = "pass"
-    for note in data["notes"]:
+    for note in data.notes:
         reporter.note(note)
     return StepResult(STEP, status, summary, checks, data, nxt)
 

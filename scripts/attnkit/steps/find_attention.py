@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import contextlib
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import models
 from ..env import resolve
 from ..measure.timing import forward_fn
 from ..measure.verify import verify_sites
-from ..report import (CannotRun, Check, StepResult, default_run_folder, refuse_to_overwrite, said, write_patch,
-                      write_run_folder)
+from ..report import (CannotRun, Check, StepData, StepResult, default_run_folder, refuse_to_overwrite, said,
+                      write_patch, write_run_folder)
 from ..swap import switch
 from ..swap.live import Swapper
 from ..swap.patch import patch_of, unified_diff
@@ -50,6 +50,46 @@ class FindOptions:
     write_patch: str | None = None
     report_dir: str | None = None
     write_report: bool = True
+
+
+@dataclass(kw_only=True)
+class FindAttentionData(StepData):
+    """``data`` of find_attention, what both modes report: ``sites`` (one dict per attention
+    site, ``swap.scan.site.Site`` / ``swap.live.LiveSite`` ``to_dict``: where, form, mask, scale,
+    status and why), ``patch`` (the unified diff of the swappable sites, '' when none) and
+    ``verified`` (True when each swap was run and checked on the module's own inputs).
+    ``patch_file`` is always in the JSON here (None until --write-patch writes it)."""
+
+    _BASE_OPTIONAL: ClassVar[frozenset[str]] = StepData._BASE_OPTIONAL - {"patch_file"}
+
+    mode: str = ""
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    patch: str = ""
+    verified: bool = False
+
+
+@dataclass(kw_only=True)
+class FindSourceData(FindAttentionData):
+    """``--source PATH``: the resolved ``source`` path and the files that did not parse
+    (``unparsed``: 'file: error' lines)."""
+
+    mode: str = "source (not imported)"
+    source: str = ""
+    unparsed: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class FindModelData(FindAttentionData):
+    """``--model SPEC``: the model traced by running it, where and how (``shape``: the
+    batch_size and seq_len of the traced inputs)."""
+
+    mode: str = "live model (traced by running)"
+    model: str = ""
+    model_class: str = ""
+    device: str = ""
+    dtype: str = ""
+    dtype_policy: str | None = None
+    shape: dict[str, int] = field(default_factory=dict)
 
 
 def _summarise(found: list[dict], where: str) -> tuple[str, list[Check], str]:
@@ -82,7 +122,7 @@ def find_attention(o: FindOptions, reporter: Any) -> StepResult:
         result, patch, name = _from_source(o, reporter)
     else:
         result, patch, name = _from_model(o, reporter)
-    transformers = "model_class" in result.data and not result.data["verified"]  # traced, not swapped: transformers
+    transformers = isinstance(result.data, FindModelData) and not result.data.verified  # traced, not swapped
     write_patch(result, patch, o.write_patch,
                 "a transformers model is switched through attn_implementation (enable_flash.py), not by editing its "
                 "source" if transformers else "no hand-written attention site can be swapped")
@@ -107,12 +147,10 @@ def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
             by_file.setdefault(s.file, []).extend(s.edits)
     patch = unified_diff(by_file)
     summary, checks, hint = _summarise(found, str(o.source))
-    data = {"source": str(path.resolve()), "mode": "source (not imported)", "sites": found, "unparsed": unparsed,
-            "patch": patch, "patch_file": None, "report_dir": None,
-            "verified": False}
+    data = FindSourceData(source=str(path.resolve()), sites=found, unparsed=unparsed, patch=patch)
     if any("causal_buffer" in s["needs"] for s in found):
-        data["notes"] = ["a causal buffer (self.bias[..., :T, :T] == 0) is assumed lower-triangular here; "
-                         "--model checks it on the live module"]
+        data.notes.append("a causal buffer (self.bias[..., :T, :T] == 0) is assumed lower-triangular here; "
+                          "--model checks it on the live module")
     if unparsed:
         summary += f"; {len(unparsed)} file(s) did not parse"
     status = "pass" if all(c.passed for c in checks) else "fail"
@@ -159,11 +197,10 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
                                                  "attn_implementation"
     summary, checks, hint = _summarise(
         [{**s, "status": "swapped" if s["status"] == "switch" else s["status"]} for s in found], o.model)
-    data = {"model": o.model, "model_class": type(loaded.model).__name__, "mode": "live model (traced by running)",
-            "device": device, "dtype": str(dtype).replace("torch.", ""), "dtype_policy": loaded.dtype_policy,
-            "notes": list(loaded.notes),
-            "shape": {"batch_size": inputs.batch_size, "seq_len": inputs.seq_len}, "sites": found,
-            "patch": patch, "patch_file": None, "report_dir": None, "verified": not loaded.is_transformers}
+    data = FindModelData(model=o.model, model_class=type(loaded.model).__name__, device=device,
+                         dtype=str(dtype).replace("torch.", ""), dtype_policy=loaded.dtype_policy,
+                         notes=list(loaded.notes), shape={"batch_size": inputs.batch_size, "seq_len": inputs.seq_len},
+                         sites=found, patch=patch, verified=not loaded.is_transformers)
     if loaded.is_transformers:
         hint = "a transformers model: run enable_flash.py --model SPEC to switch it through attn_implementation"
     status = "pass" if all(c.passed for c in checks) else "fail"

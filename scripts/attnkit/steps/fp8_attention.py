@@ -37,9 +37,9 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,7 +49,8 @@ from ..env import architecture, environment
 from ..measure.flops import attention_flops
 from ..measure.kernels import library_kernels, profiled
 from ..measure.timing import free_memory, is_oom, oom_caught, synchronize, time_it
-from ..report import CannotRun, Check, Sections, StepResult, Table, default_run_folder, register_view, write_run_folder
+from ..report import (CannotRun, Check, Sections, StepData, StepResult, Table, default_run_folder, register_view,
+                      write_run_folder)
 
 STEP = "fp8_attention"
 E4M3_EPS = float(torch.finfo(fp8_cudnn.E4M3).eps)  # 0.125
@@ -292,6 +293,37 @@ def not_here(env: Any) -> list[str]:
     return sorted(reasons, key=lambda r: "GPU" not in r)
 
 
+@dataclass(kw_only=True)
+class Fp8AttentionData(StepData):
+    """``data`` of fp8_attention: the GPU, the grid, and per shape FP8 against bf16.
+
+    ``grid``: the shapes asked for (``shapes``); ``fp8``: every FP8 attention path and whether
+    it can run here (``backends.fp8_availability``); ``capability``: GPU 0's, e.g. "9.0";
+    ``rule``: the accuracy rule (``RULE``). Only when the step ran (not on ``skip``):
+    ``versions`` (torch, CUDA, cuDNN, the frontend), ``flash_attention_4`` ('available' or why
+    not), ``shapes`` (one row per shape, ``run_shape``: latencies in ms, TFLOP/s, errors
+    against float64, the kernels seen, ``error`` when out of memory), ``graph_builds`` (each
+    cuDNN graph built: shapes, build time in s), and the per-shape summary as ``table``
+    (markdown) and ``grid_table`` (title, header, rows)."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"versions", "flash_attention_4", "shapes", "graph_builds", "table", "grid_table"})
+
+    path: str = "cudnn sdpa_fp8 (nvidia-cudnn-frontend)"
+    device: str = ""
+    gpu: str | None = None
+    capability: str | None = None
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    rule: str = RULE
+    fp8: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, Any] | None = None
+    flash_attention_4: str | None = None
+    shapes: list[dict[str, Any]] | None = None
+    graph_builds: list[dict[str, Any]] | None = None
+    table: str | None = None
+    grid_table: dict[str, Any] | None = None
+
+
 def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
     """Run the grid (see the module docstring); ``skip`` when FP8 attention cannot run here.
 
@@ -301,11 +333,10 @@ def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
     validate(o)
     env = environment()
     grid = shapes(o)
-    data: dict[str, Any] = {"path": "cudnn sdpa_fp8 (nvidia-cudnn-frontend)", "device": "cuda" if env.cuda_available
-                            else "cpu", "gpu": env.gpus[0].name if env.gpus else None,
-                            "capability": env.gpus[0].capability if env.gpus else None,
-                            "grid": grid, "rule": RULE, "fp8": [p.to_dict() for p in fp8_availability(env)],
-                            "report_dir": None}
+    data = Fp8AttentionData(device="cuda" if env.cuda_available else "cpu",
+                            gpu=env.gpus[0].name if env.gpus else None,
+                            capability=env.gpus[0].capability if env.gpus else None,
+                            grid=grid, fp8=[p.to_dict() for p in fp8_availability(env)])
     missing = not_here(env)
     if missing:
         return StepResult(STEP, "skip", "FP8 attention not run: " + "; ".join(missing), [], data,
@@ -317,13 +348,13 @@ def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
     fa4 = availability(FLASH_ATTENTION_4.name, env=env, device="cuda", dtype=torch.bfloat16).reason \
         if FLASH_ATTENTION_4.name in BACKENDS else _fa4_reason(env)
     fa4 = "" if fa4 == "available" else fa4
-    data.update({"versions": versions, "flash_attention_4": fa4 or "available", "shapes": []})
+    data.versions, data.flash_attention_4, data.shapes = versions, fa4 or "available", []
     for i, shape in enumerate(grid, 1):
         with reporter.stage(f"[{i}/{len(grid)}] B{shape['batch_size']} H{shape['heads']}/{shape['kv_heads']} "
                             f"{_label(shape)}"):
-            data["shapes"].append(run_shape(shape, o, fa4))
-    data["graph_builds"] = fp8_cudnn.graph_builds()
-    rows = data["shapes"]
+            data.shapes.append(run_shape(shape, o, fa4))
+    data.graph_builds = fp8_cudnn.graph_builds()
+    rows = data.shapes
     done = [r for r in rows if not r.get("error")]
     kernels = sorted({r["fp8_kernels"]["main"] for r in done if r["fp8_kernels"]["main"]})
     ran = Check("fp8_runs", len(done) == len(rows) and all(r["accuracy"]["fp8"]["finite"] for r in done),
@@ -341,11 +372,11 @@ def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
                  f"{max(r['accuracy']['bf16_cudnn']['rel_rms_err'] for r in judged):.4f} (float64 reference)")
                 if worst else "no shape could be judged (bf16 cuDNN did not run)")
     checks = [ran, seen, acc]
-    data["table"] = markdown_table(rows)
-    data["grid_table"] = {"title": f"FP8 vs bf16 on {data['gpu']}, B{o.batch_size} H{o.heads}/{o.kv_heads or o.heads}",
-                          "header": TABLE_HEADER, "rows": table(rows)}
+    data.table = markdown_table(rows)
+    data.grid_table = {"title": f"FP8 vs bf16 on {data.gpu}, B{o.batch_size} H{o.heads}/{o.kv_heads or o.heads}",
+                       "header": TABLE_HEADER, "rows": table(rows)}
     speedups = [r["speedup_vs_bf16"] for r in done if r.get("speedup_vs_bf16")]
-    gpu = data["gpu"]
+    gpu = data.gpu
     if speedups:
         best = max(done, key=lambda r: r.get("speedup_vs_bf16") or 0)
         summary = (f"FP8 (cuDNN sdpa_fp8) on {gpu}: {min(speedups):.2f}x-{max(speedups):.2f}x the best bf16 kernel "

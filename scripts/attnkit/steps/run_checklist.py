@@ -35,12 +35,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from ..report import (CannotRun, Check, Reporter, Sections, StepResult, Table, default_run_folder, register_view,
-                      write_run_folder)
+from ..report import (CannotRun, Check, Reporter, Sections, StepData, StepResult, Table, default_run_folder,
+                      register_view, write_run_folder)
 
 #: ``- [ ] TITLE: `python ${HERMES_SKILL_DIR}/scripts/STEP.py ...``` (one command per line)
 CHECKLIST_LINE = re.compile(r"^- \[ \] (?P<title>.+?): `(?P<run>python \$\{HERMES_SKILL_DIR\}/scripts/[\w.-]+\.py[^`]*)`\s*$")
@@ -201,6 +201,31 @@ class StepRun:
                 "evidence": self.evidence, "hint": self.hint, "seconds": self.seconds, "result": self.result}
 
 
+@dataclass(kw_only=True)
+class ChecklistData(StepData):
+    """``data`` of a workflow's run: the ``workflow`` (id, ``title``), the ``skill_dir`` its
+    commands ran from, the ``options`` passed through (those set), and ``steps``: one
+    ``StepRun.to_dict`` per step (mark, exit code, the step's own JSON object as ``result``,
+    the rule's evidence, ``seconds``: wall time in s). ``report_dir`` is the run folder, None
+    when nothing was written."""
+
+    workflow: str = ""
+    title: str = ""
+    skill_dir: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class WorkflowListData(StepData):
+    """``data`` of ``run_checklist.py --list``: ``workflows``, one dict per workflow (id as
+    ``workflow``, ``number``, ``title``, and its ``steps``: id, title, command, ``takes``)."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"report_dir"})  # no run folder is written
+
+    workflows: list[dict[str, Any]] = field(default_factory=list)
+
+
 def run_step(step: Step, argv: list[str], quiet: bool = False) -> StepRun:
     """Run one step's command, read its JSON object and judge it."""
     run = StepRun(step.id, step.title, argv, "!")
@@ -277,9 +302,9 @@ def run_workflow(root: Path, workflow_id: str, options: dict[str, Any], keep_goi
                + (f", {sum(r.mark == ' ' for r in runs)} not run" if stopped else ""))
     nxt = (f"{failed[0].title}: {failed[0].hint}" if failed else
            "every step passed" + (" or was skipped (see why)" if skipped else ""))
-    data = {"workflow": workflow.id, "title": workflow.title, "skill_dir": str(root),
-            "options": {k: v for k, v in options.items() if v not in (None, False)},
-            "steps": [r.to_dict() for r in runs], "report_dir": str(folder.resolve()) if folder else None}
+    data = ChecklistData(workflow=workflow.id, title=workflow.title, skill_dir=str(root),
+                         options={k: v for k, v in options.items() if v not in (None, False)},
+                         steps=[r.to_dict() for r in runs], report_dir=str(folder.resolve()) if folder else None)
     result = StepResult("run_checklist", status, summary, checks, data, nxt)
     if write_report and folder is not None:
         write_run_folder(result, folder)
@@ -293,7 +318,7 @@ def listing(root: Path) -> StepResult:
              "steps": [{"id": s.id, "title": s.title, "run": s.run, "takes": s.takes} for s in w.steps]}
             for i, w in enumerate(manifest.workflows, 1)]
     return StepResult("run_checklist", "pass", f"{len(rows)} workflows: " + ", ".join(
-        f"{r['number']} {r['workflow']}" for r in rows), [], {"workflows": rows},
+        f"{r['number']} {r['workflow']}" for r in rows), [], WorkflowListData(workflows=rows),
         "run_checklist.py WORKFLOW runs one, e.g. run_checklist.py enable")
 
 
