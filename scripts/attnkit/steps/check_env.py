@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from ..backends import (BACKENDS, FLASH_ATTENTION_BACKENDS, Availability, Fp8Availability, choose, fp8_availability,
                         library_status)
 from ..backends.probe import torch_fa4_bridge
-from ..env import (MIN_TORCH_FOR_SDPA, Environment, Gpu, Kernel, PackageProbe, architecture, environment, parse_dtype,
+from ..env import (MIN_TORCH_FOR_SDPA, Environment, architecture, environment, parse_dtype,
                    resolve_device)
 from ..report import CannotRun, Check, Sections, StepData, StepResult, Table, register_view, rejected_part
 
@@ -130,7 +130,7 @@ def facts(env: Environment) -> list[dict[str, str]]:
 
 
 @dataclass(kw_only=True)
-class CheckEnvData(StepData):
+class CheckEnvData(StepData, Environment):
     """``data`` of check_env: every field of ``env.Environment`` (python, torch, CUDA, each
     GPU with its memory in MB, SDPA's kernels per device, transformers) under its own name,
     then what the step derives from it.
@@ -148,17 +148,6 @@ class CheckEnvData(StepData):
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notes", "report_dir"})
 
     notes: list[str] | None = None
-    python: str
-    platform: str
-    torch_version: str
-    torch_sdpa_ok: bool
-    cuda_available: bool
-    cuda_version: str | None
-    cpu_capability: str
-    cpu_threads: int
-    gpus: list[Gpu] = field(default_factory=list)
-    sdpa_kernels: dict[str, list[Kernel]] = field(default_factory=dict)
-    transformers: PackageProbe | None = None
     flash_attn: list[dict[str, Any]] = field(default_factory=list)
     torch_fa4_bridge: dict[str, Any] = field(default_factory=dict)
     device: str = ""
