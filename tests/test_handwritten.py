@@ -214,3 +214,27 @@ def test_write_patch_refuses_to_overwrite(tmp_path):
     assert run.result["data"]["patch_file"] == str(out.resolve())
     assert out.read_text().startswith("--- a/") and "+        y = F.scaled_dot_product_attention(" in out.read_text()
     assert ROOT.exists()
+
+
+BETWEEN = MODELS / "between.py"
+
+
+def test_a_line_that_only_fed_the_softmax_goes_with_the_scores_and_the_main_job_passes():
+    """``dt = scores.dtype`` between the scores and the softmax: on the commit before this
+    test, the rewrite removed ``scores`` and kept that line, and every site failed its trial
+    with NameError."""
+    run = run_script("enable_flash.py", "--backend", "sdpa", "--model", f"{BETWEEN}:keeps_dtype", "--seq-len", "64",
+                     "--no-report", *FAST)
+    assert run.rc in (0, 1) and run.check("switch")["passed"], run.result["summary"]  # speed is for benchmarks
+    assert run.result["data"]["sites_swapped"] == 2
+    assert "dt = scores.dtype" in run.result["data"]["patch"]  # removed by the patch, with the scores
+    assert run.check("accuracy")["passed"] and FUSED in run.check("kernels")["evidence"]
+
+
+def test_a_line_whose_value_is_still_read_keeps_the_site_with_both_lines_named():
+    run = run_script("find_attention.py", "--model", f"{BETWEEN}:reads_later", "--seq-len", "32", "--no-report")
+    assert run.rc == 1
+    reasons = {s["reason"] for s in run.result["data"]["sites"]}
+    assert len(reasons) == 1
+    reason = reasons.pop()
+    assert "reads 'scores', which the swap removes" in reason and "reads what it sets" in reason

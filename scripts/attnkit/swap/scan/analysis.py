@@ -97,13 +97,14 @@ def finish(f: Function, chain: Chain) -> Site:
         if mask is None:
             return site
         lay = f.layouts.layout(chain)
+        k_src, v_src, gqa = lay["k"], lay["v"], lay["gqa"]
+        if not gqa and k_src == f.seg(lay["k_node"]) and v_src == f.seg(lay["v_node"]):
+            k_src, v_src, gqa = f.layouts.gqa(k_src, v_src, chain, site)
+        lay["k"], lay["v"] = k_src, v_src
+        f.writer.write(chain, lay["q"], k_src, v_src, lay["out_perm"], mask[0], mask[1], gqa, chain.returned,
+                       lay=lay)
     except Refused as exc:
         return refuse(site, str(exc))
-    k_src, v_src, gqa = lay["k"], lay["v"], lay["gqa"]
-    if not gqa and k_src == f.seg(lay["k_node"]) and v_src == f.seg(lay["v_node"]):
-        k_src, v_src, gqa = f.layouts.gqa(k_src, v_src, chain, site)
-    lay["k"], lay["v"] = k_src, v_src
-    f.writer.write(chain, lay["q"], k_src, v_src, lay["out_perm"], mask[0], mask[1], gqa, chain.returned, lay=lay)
     return site
 
 

@@ -16,7 +16,7 @@ import ast
 import re
 
 from ...backends import BACKENDS
-from .chain import Chain
+from .chain import Chain, Refused
 from .site import Site
 from .syntax import Function, const, dotted, strip_comment, wrap
 
@@ -419,9 +419,11 @@ class CallWriter:
         return f"{p_src} if {self.f.seg(training)} else 0.0"
 
     def edits(self, block, chain: list[int], product_node: ast.AST, call: str) -> list[tuple[int, int, list[str]]]:
-        """Remove the chain's statements; replace the value product inside the last one."""
+        """Remove the chain's statements, and those between them that only fed them
+        (``dead_between``); replace the value product inside the last one."""
         out = []
         removed = [i for i in chain[:-1] if i != chain[-1]]
+        removed = sorted(set(removed) | dead_between(block, removed, chain[-1]))
         for i in removed:
             st = block[i]
             out.append((st.lineno, st.end_lineno, []))
@@ -444,3 +446,33 @@ class CallWriter:
         lines = list(lines)
         lines[row] = line[:a] + "None" + line[b:]
         return lines
+
+
+def _names(st: ast.AST, ctx: type) -> set[str]:
+    return {n.id for n in ast.walk(st) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)}
+
+
+def dead_between(block: list[ast.stmt], removed: list[int], last: int) -> set[int]:
+    """The statements between a chain's first and last that read a name the swap removes
+    (``wdtype = weight.dtype`` between the scores and their softmax) and whose own names
+    nothing that stays reads: they go with the chain. Raises ``Refused`` for one whose
+    names are still read, naming both lines: removing the chain would leave it reading a
+    name that no longer exists."""
+    lost = set().union(*(_names(block[i], ast.Store) for i in removed)) if removed else set()
+    gone: set[int] = set()
+    for i in range(min(removed, default=last), last):
+        st = block[i]
+        if i in removed or not (_names(st, ast.Load) & lost):
+            continue
+        sets = _names(st, ast.Store)
+        readers = [block[j] for j in range(i + 1, len(block)) if j not in removed and j not in gone
+                   and (j == last or _names(block[j], ast.Load) & sets)]
+        live = [r for r in readers if _names(r, ast.Load) & sets]
+        if live or not sets:
+            name = sorted(_names(st, ast.Load) & lost)[0]
+            raise Refused(f"line {st.lineno} reads '{name}', which the swap removes"
+                          + (f", and line {live[0].lineno} reads what it sets" if live else ""))
+        gone.add(i)
+        lost |= sets
+    return gone
+
