@@ -25,6 +25,13 @@ from .catalogue import BACKENDS, FP8_PATHS
 AUTO_ORDER = ("flash_attention_3", "flash_attention_2", "sdpa")
 
 
+def _after_order() -> tuple[str, ...]:
+    """The backends ``auto`` tries when none of ``AUTO_ORDER`` can run the model (a class that
+    takes no SDPA, as transformers' soft-capped Gemma-2 does): every other one that auto may
+    pick, in the registry's order (FlashAttention-4, flex_attention)."""
+    return tuple(n for n, r in BACKENDS.items() if r.auto and n not in AUTO_ORDER)
+
+
 @dataclass
 class Availability:
     """Whether ``backend`` can run for this model, device and dtype, and why not."""
@@ -122,7 +129,8 @@ def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype,
     """Pick the backend: ``auto`` or a forced name.
 
     ``auto`` takes the first available of ``AUTO_ORDER`` (FlashAttention-3 only on Hopper,
-    the GPU it is written for). Raises ``CannotRun`` when a forced backend cannot run here,
+    the GPU it is written for), then of the other backends auto may pick (``_after_order``).
+    Raises ``CannotRun`` when a forced backend cannot run here,
     with what to install or pass, or when ``auto`` finds nothing better than eager.
     """
     verdicts = {name: availability(name, env=env, device=device, dtype=dtype, model=model) for name in BACKENDS}
@@ -135,7 +143,7 @@ def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype,
         chosen, why = requested, "forced with --backend"
     else:
         chosen, why = None, ""
-        for name in AUTO_ORDER:
+        for name in AUTO_ORDER + _after_order():
             v = verdicts[name]
             if name == "flash_attention_3" and v.available and (env.capability or (0, 0))[0] != 9:
                 verdicts[name] = Availability(name, True, "available, but auto takes FlashAttention-3 only on Hopper "
@@ -143,10 +151,14 @@ def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype,
                 continue
             if v.available:
                 chosen, why = name, BACKENDS[name].why
+                if name not in AUTO_ORDER:
+                    why += (f" (none of {', '.join(AUTO_ORDER)} can run this model here: "
+                            + "; ".join(f"{n}: {verdicts[n].reason}" for n in AUTO_ORDER) + ")")
                 break
         if chosen is None:
             raise CannotRun("no fused attention backend can run here: " +
-                            "; ".join(f"{n}: {verdicts[n].reason}" for n in AUTO_ORDER), "see check_env.py")
+                            "; ".join(f"{n}: {verdicts[n].reason}" for n in AUTO_ORDER + _after_order()),
+                            "see check_env.py")
     rejected = []
     for name in BACKENDS:
         if name == chosen:

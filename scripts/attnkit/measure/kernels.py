@@ -10,10 +10,13 @@ from the backend records (``Backend.kernel_markers``, ``SdpaKernel.ops``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 from ..backends import BACKENDS, SDPA
 
@@ -53,16 +56,19 @@ def library_kernels(events: Any) -> set[str]:
     compiled at run time) is still proved by what ran inside its range."""
     names = set()
     for e in events:
-        if not str(getattr(e, "device_type", "")).endswith("CUDA") and any(m in e.name for m in LIBRARY_MARKERS):
+        if (not str(getattr(e, "device_type", "")).endswith("CUDA") and not e.name.startswith(CALL_RANGE)
+                and any(m in e.name for m in LIBRARY_MARKERS)):
             names.update(k.name for k in getattr(e, "kernels", ()) or ())
     return names
 
 
 def attention_kernels(events: Any) -> Counter:
     """Count the attention evidence in a profiler's events: fused ops, unfused ops,
-    library ops and ranges, GPU kernels whose names say attention or softmax, and GPU
-    kernels launched inside a library's range (``library_kernels``). GPU-side copies of
-    profiler ranges (user annotations) are not kernels and are left out."""
+    library ops and ranges, GPU kernels whose names say attention or softmax, GPU kernels
+    launched inside a library's range (``library_kernels``), and compiled graphs that ran
+    inside a call range (``compiled_calls``). GPU-side copies of profiler ranges (user
+    annotations) are not kernels and are left out; a call range alone proves a call, not a
+    kernel, and is not counted."""
     counts: Counter = Counter()
     events = list(events)
     launched = library_kernels(events)
@@ -74,9 +80,67 @@ def attention_kernels(events: Any) -> Counter:
                 continue
             if DEVICE_KERNEL.search(name) or name in launched:
                 counts["gpu:" + _short(name)] += 1
+        elif name.startswith(CALL_RANGE):
+            continue
         elif name in SDPA_OPS or name in UNFUSED_OPS or any(m in name for m in LIBRARY_MARKERS):
             counts[name] += 1
+    counts.update(compiled_calls(events))
     return counts
+
+
+#: The profiler range ``call_range`` opens around each call of a backend's attention function.
+CALL_RANGE = "attnkit.call: "
+#: How torch.compile's compiled code shows in a CPU trace (dynamo's range around each graph).
+COMPILED_REGION = "Torch-Compiled Region"
+
+
+def compiled_calls(events: Any) -> Counter:
+    """'<backend> (compiled)' for each compiled graph (``COMPILED_REGION``) that ran inside a
+    ``call_range`` of that backend: the evidence for a backend that torch.compile builds
+    per shape (flex_attention), whose kernels carry no name of their own (inductor's C++
+    on CPU, generated Triton on CUDA). Uncompiled, flex_attention runs a reference that
+    forms the whole score matrix, and counts nothing here."""
+    counts: Counter = Counter()
+    for e in events:
+        if str(getattr(e, "device_type", "")).endswith("CUDA") or not e.name.startswith(COMPILED_REGION):
+            continue
+        parent = getattr(e, "cpu_parent", None)
+        while parent is not None and not parent.name.startswith(CALL_RANGE):
+            parent = getattr(parent, "cpu_parent", None)
+        if parent is not None:
+            counts[parent.name.removeprefix(CALL_RANGE) + " (compiled)"] += 1
+    return counts
+
+
+@contextlib.contextmanager
+def call_range(backend: str) -> Iterator[None]:
+    """Inside the block, each call that transformers makes to ``backend``'s attention function
+    (``ALL_ATTENTION_FUNCTIONS``) runs inside a profiler range ``CALL_RANGE + backend``; the
+    mapping is put back on exit. Nothing changes where transformers has no such function."""
+    import sys
+
+    utils = sys.modules.get("transformers.modeling_utils")
+    functions = getattr(utils, "ALL_ATTENTION_FUNCTIONS", None)
+    if functions is None or backend not in functions:
+        yield
+        return
+    local = functions._local_mapping
+    had, before = backend in local, local.get(backend)
+    inner = functions[backend]
+
+    @functools.wraps(inner)
+    def traced(*args, **kwargs):
+        with torch.profiler.record_function(CALL_RANGE + backend):
+            return inner(*args, **kwargs)
+
+    functions[backend] = traced
+    try:
+        yield
+    finally:
+        if had:
+            local[backend] = before
+        else:
+            local.pop(backend, None)
 
 
 @contextlib.contextmanager

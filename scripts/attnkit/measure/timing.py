@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import re
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from ..backends import SDPA
 from ..report import CannotRun, said
 from ..swap import switch
 from .flops import forward_flops
-from .kernels import SDPA_OPS, attention_kernels, fused, profiled
+from .kernels import SDPA_OPS, attention_kernels, call_range, fused, profiled
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -102,6 +103,7 @@ class Measurement:
     device: str | None = None
     fallback_reason: str | None = None  # CUDA ran SDPA's math kernel: torch's reasons the fused kernels refused
     latency_samples_ms: list[float] = field(default_factory=list)  # interleaved rounds (``paired``)
+    first_call_s: float | None = None  # the warm-up call, in s: compilation for a backend that compiles per shape
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -334,7 +336,7 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
             devices: list[str] | None = None, timed: bool = True) -> tuple[Measurement, Any]:
     """Measure ``run`` (one forward pass of the model, already switched to ``backend``).
 
-    Order: a warm-up pass, a profiled pass (kernels, peak memory, the output returned),
+    Order: a warm-up pass (its time, compilation included, is ``first_call_s``), a profiled pass (kernels, peak memory, the output returned),
     then ``time_it`` (left to the caller with ``timed=False``: a before/after comparison
     times both sides interleaved, ``paired``). Out-of-memory at any point is recorded in ``Measurement.error`` and
     the output is None. Raises ``CannotRun`` when SDPA has no allowed kernel for the
@@ -346,7 +348,10 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                run()  # warm-up: lazy inits, allocator growth, kernel selection
+                t0 = time.perf_counter()
+                run()  # warm-up: lazy inits, allocator growth, kernel selection, torch.compile's compilation
+                synchronize(device)
+                m.first_call_s = time.perf_counter() - t0
             except RuntimeError as exc:
                 if not no_kernel_error(exc):
                     raise
@@ -356,7 +361,8 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
                 raise CannotRun(f"{backend}: no allowed SDPA kernel can take these inputs: {reasons}", "allow more kernels (drop --sdpa-kernel) or change "
                                 "the inputs") from None
         synchronize(device)
-        out = profile_once(run, device, m, devices)
+        with call_range(backend):  # a compiled backend's graphs are told apart by the call they ran in
+            out = profile_once(run, device, m, devices)
         if not timed:
             return m, out
         m.latency_ms, m.latency_iqr_ms, m.runs = time_it(run, min_run_time, backend)

@@ -96,6 +96,18 @@ def _mistral_config():
                          sliding_window=64), "causal-lm"
 
 
+def _gemma2_config():
+    from transformers import Gemma2Config
+
+    # Gemma-2's attention: logit soft-capping (attn_logit_softcapping 50, the published
+    # configs' value), a sliding window on alternate layers, GQA. transformers sets
+    # _supports_sdpa = False for the class ("sdpa does not support softcapping").
+    return Gemma2Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=64,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                        max_position_embeddings=8192), "causal-lm"
+
+
 def _gpt2_config():
     from transformers import GPT2Config
 
@@ -136,6 +148,9 @@ DEMOS: dict[str, Demo] = {
     "qwen2": Demo("qwen2", "Qwen2 causal LM, 2 layers, hidden 128, GQA, random weights", _qwen2_config),
     "mistral": Demo("mistral", "Mistral causal LM, 2 layers, hidden 128, GQA, sliding window 64, random weights",
                     _mistral_config),
+    "gemma2": Demo("gemma2", "Gemma-2 causal LM, 2 layers, hidden 128, GQA, attention logit soft-capping 50 and a "
+                             "sliding window 64 on alternate layers (no SDPA in transformers), random weights",
+                   _gemma2_config),
     "gpt2": Demo("gpt2", "GPT-2 causal LM, 2 layers, hidden 128, random weights", _gpt2_config),
     "bert": Demo("bert", "BERT encoder, 2 layers, hidden 128, random weights", _bert_config),
     "minilm": Demo("minilm", "the real pretrained all-MiniLM-L6-v2 (BERT encoder, 6 layers) from the "

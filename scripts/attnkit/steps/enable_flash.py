@@ -307,6 +307,10 @@ def _measure_stages(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Mea
     with _stage(m, reporter, f"measuring the candidate, {m.backend}"):
         m.cand, m.cand_out = measure_backend(loaded, inputs, m.backend, min_run_time=o.min_run_time,
                                              sdpa_kernels=m.cand_kernels, train=o.train, flops=prep.flops, timed=False)
+    compiles = BACKENDS[m.backend].compiles
+    if compiles and m.base is not None and m.cand.first_call_s is not None and m.base.first_call_s is not None:
+        prep.notes.append(f"{m.backend}'s first call took {m.cand.first_call_s:.2f} s against {o.baseline}'s "
+                          f"{m.base.first_call_s:.2f} s ({compiles}): paid once per shape, not in the timings")
     # both sides timed against each other; a side that could not run leaves the other timed alone
     sides = [(loaded, inputs, name, kernels, mm) for name, kernels, mm in
              ((o.baseline, o.sdpa_kernels, m.base), (m.backend, m.cand_kernels, m.cand)) if not mm.error]
@@ -397,8 +401,11 @@ def _tune(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Measured) -> 
     if best is not None:
         m.backend, m.cand_kernels = best.backend, best.sdpa_kernels or o.sdpa_kernels
         m.chosen_because = autotune.explain(best, cands)
-    else:
+    elif any(c.status not in ("skipped", "baseline") for c in cands):
         notes.append(f"no autotune candidate passed the accuracy gate; measuring {m.backend} (the static choice)")
+    else:
+        notes.append(f"no autotune candidate could run here (data.autotune has each one's reason); measuring "
+                     f"{m.backend} (the static choice)")
     if o.train:
         m.ref = None  # the training check runs its own float64 forward + backward
 
