@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
-from .report import CannotRun, OutOfMemory, Reporter, StepResult, check_outputs  # noqa: E402
+from .report import CannotRun, OutOfMemory, Reporter, StepResult, check_outputs, said  # noqa: E402
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
 
@@ -349,7 +349,7 @@ def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], a
     except Exception as exc:  # a bug, or a library failing in a way we did not foresee
         if debug:
             raise
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        message = said(exc, 400)
         return StepResult(step, "error", f"unexpected error: {message}", [], None,
                           "rerun with --debug for the traceback, and report it")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .report import CannotRun
+from .report import CannotRun, one_line
 
 #: SDPA's FlashAttention-2 kernel arrived in PyTorch 2.2 ("scaled_dot_product_attention
 #: (SDPA) now supports FlashAttention-2", PyTorch 2.2 release notes, Jan 2024). The
@@ -216,7 +216,7 @@ def _cuda_kernels() -> list[Kernel]:
                 except Exception as exc:  # an old torch without this kernel's checker
                     usable[name], reasons[name] = False, f"{type(exc).__name__}: {exc}"
             if not usable[name] and caught:
-                reasons[name] = "; ".join(" ".join(str(w.message).split()) for w in caught)[:400]
+                reasons[name] = one_line("; ".join(str(w.message) for w in caught), 400)
         usable["math"] = True
     for name in ("flash", "efficient", "cudnn", "math"):
         kernels.append(Kernel(name, compiled[name], enabled[name], usable[name], reasons[name]))

@@ -459,7 +459,7 @@ def autotune_part(d: dict[str, Any]) -> list[Table]:
         acc = "" if c.get("accuracy_passed") is None else ("within tol" if c["accuracy_passed"] else "OUTSIDE tol")
         rows.append([str(i) if c.get("latency_ms") is not None else "-", label + mark, c["status"],
                      fmt_ms(c.get("latency_ms")), "n/a" if c.get("compile_s") is None else f"{c['compile_s']:.2f} s",
-                     acc, " ".join(str(c.get("reason") or "").split())[:160]])
+                     acc, one_line(c.get("reason") or "", 160)])
     return [(f"autotune ({tune.get('mode', '')}, fastest first; compile = first call minus one run)",
              ["#", "candidate", "status", "median", "compile", "accuracy", "reason"], rows)]
 

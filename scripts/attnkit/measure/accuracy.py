@@ -67,7 +67,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..backends import BACKENDS
-from ..report import CannotRun, OutOfMemory
+from ..report import CannotRun, OutOfMemory, one_line
 from ..swap import switch
 from .timing import is_oom, oom_caught, run_backend, train_fn
 
@@ -537,14 +537,14 @@ def run_reference(model: nn.Module, run: Callable[[nn.Module, torch.dtype], Any]
                     return run(m, torch.float64), "float64 eager"
                 with Float64Everywhere():
                     return run(m, torch.float64), ("float64 eager, op by op (the model builds lower-precision "
-                                                   f"tensors inside forward: {errors[0][:120]})")
+                                                   f"tensors inside forward: {one_line(errors[0], 120)})")
         except Exception as exc:
             if is_oom(exc) or not _dtype_error(exc):
                 raise
-            errors.append(" ".join(str(exc).split()))
+            errors.append(one_line(exc))
     with torch.no_grad():
         out = run(model, low)
-    return out, f"{str(low).replace('torch.', '')} eager (float64 did not run: {errors[-1][:120]})"
+    return out, f"{str(low).replace('torch.', '')} eager (float64 did not run: {one_line(errors[-1], 120)})"
 
 
 def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.Tensor:

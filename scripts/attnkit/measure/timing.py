@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..backends import SDPA
-from ..report import CannotRun, said
+from ..report import CannotRun, one_line, said
 from ..swap import switch
 from .flops import forward_flops
 from .kernels import SDPA_OPS, attention_kernels, call_range, fused, profiled
@@ -324,11 +324,11 @@ def no_kernel_reasons(caught: list) -> str:
     """torch's own reasons why no SDPA kernel could take the inputs, from its warnings."""
     reasons = []
     for w in caught:
-        text = " ".join(str(w.message).split())
+        text = one_line(w.message)
         text = re.sub(r" ?\(Triggered internally at [^)]*\)\.?", "", text).strip()
         if text and not text.endswith("not used because:") and text not in reasons:
             reasons.append(text)
-    return "; ".join(reasons)[:600] or "torch gave no reason"
+    return one_line("; ".join(reasons), 600) or "torch gave no reason"
 
 
 def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: float = 1.0,

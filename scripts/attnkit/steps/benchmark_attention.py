@@ -38,7 +38,7 @@ from ..measure import autotune
 from ..measure.timing import (cap_cuda_memory, fits_in_memory, matmul_peak, oom_caught, peak_memory_mb,
                               search_longest)
 from ..report import (CannotRun, Check, Sections, StepData, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
-                      register_view, said, write_run_folder)
+                      one_line, register_view, said, write_run_folder)
 
 STEP = "benchmark_attention"
 
@@ -306,7 +306,7 @@ def _grid_tables(d: dict[str, Any]) -> list[Table]:
                     [[config(r), r["label"], r["status"], fmt_ms(r.get("latency_ms")),
                       "n/a" if r.get("tflops") is None else f"{r['tflops']:.3g}",
                       "n/a" if r.get("pct_of_matmul_peak") is None else f"{r['pct_of_matmul_peak']:.0f} %",
-                      fmt_mb(r.get("peak_memory_mb")), " ".join(str(r.get("reason") or "").split())[:80]]
+                      fmt_mb(r.get("peak_memory_mb")), one_line(r.get("reason") or "", 80)]
                      for r in d["grid"] if r["status"] != "skipped"]))
     if d.get("autotune_by_config"):
         out.append(("autotune: the quick pass's choice against the fastest of the full pass",

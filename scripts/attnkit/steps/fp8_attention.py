@@ -50,7 +50,7 @@ from ..measure.flops import attention_flops
 from ..measure.kernels import library_kernels, profiled
 from ..measure.timing import free_memory, is_oom, oom_caught, synchronize, time_it
 from ..report import (CannotRun, Check, Sections, StepData, StepResult, Table, default_run_folder, register_view,
-                      write_run_folder)
+                      said, write_run_folder)
 
 STEP = "fp8_attention"
 E4M3_EPS = float(torch.finfo(fp8_cudnn.E4M3).eps)  # 0.125
@@ -207,7 +207,7 @@ def run_shape(shape: dict[str, Any], o: Fp8Options, fa4: str, device: str = "cud
             except Exception as exc:  # a bf16 kernel refusing this shape is a fact, not a failure of FP8
                 if is_oom(exc):
                     raise
-                row["bf16"][name] = {"error": " ".join(f"{type(exc).__name__}: {exc}".split())[:300]}
+                row["bf16"][name] = {"error": said(exc, 300)}
         if fa4:
             row["bf16"]["flash_attention_4"] = {"error": fa4}
         timed = {n: m["latency_ms"] for n, m in row["bf16"].items() if m.get("latency_ms")}
