@@ -81,7 +81,10 @@ def build_parser():
                    help="the memory --max-context may use (GB, 2**30 bytes): on CUDA the whole process's share of "
                         "the GPU, weights included; on CPU what the search may add beyond the loaded process "
                         "(default: the GPU's memory, or MemAvailable on CPU)")
-    cli.add_output_args(p, "profile_generation")
+    cli.add_output_args(p, "profile_generation", save=(
+        "write the chosen configuration into DIR, a new or empty folder, only when every check passed: "
+        "generation_config.json (the model's own, with the chosen cache and compile settings; "
+        "GenerationConfig.from_pretrained(DIR) reads it) and use_chosen.py (the lines that apply it)"))
     return p
 
 
@@ -90,7 +93,8 @@ def run(args, reporter):
     return profile_generation(cli.options(GenerationOptions, args, backends=backends,
                                           prompt_lens=args.prompt_len or [512],
                                           batch_sizes=args.batch_size or [1, 8],
-                                          caches=args.caches or ["dynamic", "static"]), reporter)
+                                          caches=args.caches or ["dynamic", "static"],
+                                          save=args.save), reporter)
 
 
 def main(argv=None):

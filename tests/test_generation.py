@@ -52,6 +52,24 @@ def test_a_backend_that_ignores_the_padding_is_caught(llama):
     assert not agreement_check(entries, torch.bfloat16, None).passed  # not a near-tie in half precision either
 
 
+def test_teacher_forced_logits_of_sdpa_agree_at_every_step_and_a_dropped_mask_does_not(llama):
+    """Every configuration is fed eager's tokens; each step's logits are judged against a
+    float64 eager forward without a cache. SDPA with either cache passes every step; the
+    same decoding with the padding mask dropped fails (padded rows attend to pad tokens)."""
+    ids, mask, _ = gen.left_padded(llama)
+    tokens = gen.greedy(llama, "eager", "dynamic", ids, mask, 8).tokens
+    reference = gen.forced_reference(llama, ids, mask, tokens)
+    base = gen.teacher_forced(llama, "eager", "dynamic", ids, mask, tokens)
+    assert base.error is None and base.logits.shape == reference.shape == (4, 8, llama.model.config.vocab_size)
+    for cache in gen.CACHES:
+        result = gen.forced_agreement(base, gen.teacher_forced(llama, "sdpa", cache, ids, mask, tokens), reference,
+                                      torch.float32)
+        assert result["agreement"] == 1.0 and result["steps"] == 8, result
+    broken = gen.teacher_forced(llama, "sdpa", "dynamic", ids, torch.ones_like(mask), tokens)
+    result = gen.forced_agreement(base, broken, reference, torch.float32)
+    assert result["agreement"] < 1.0 and result["worst_max_abs_err"] > result["worst_tolerance"]
+
+
 def test_kv_cache_size_follows_the_formula_and_the_cache_object(llama):
     shape = llama.attention_shape()
     assert gen.kv_cache_bytes(shape, 10, 2, torch.float32) == 2 * 4 * 2 * 32 * 10 * 2 * 4
@@ -82,10 +100,34 @@ def test_the_search_finds_the_longest_length_that_fits_within_its_resolution():
 
 
 def test_step_reports_prefill_decode_and_agreement_for_eager_and_sdpa(tmp_path):
+    saved = tmp_path / "chosen"
     run = run_script("profile_generation.py", "--prompt-len", "16", "--new-tokens", "16", "--batch-size", "1",
-                     "--batch-size", "2", "--min-run-time", "0.3", "--report-dir", str(tmp_path))
+                     "--batch-size", "2", "--min-run-time", "0.3", "--report-dir", str(tmp_path / "run"),
+                     "--save", str(saved))
     assert run.rc == 0, run.result["summary"] + json.dumps(run.result["checks"])
     data = run.result["data"]
+    assert run.check("teacher_forced")["passed"]
+    assert {(a["backend"], a["cache"], a["agreement"]) for e in data["backends"] for a in e["teacher_forced"]} == {
+        (b, c, 1.0) for b in ("eager", "sdpa") for c in ("dynamic", "static")}
+    assert data["bandwidth_gb_s"] > 0
+    for r in (r for e in data["backends"] for r in e["runs"]):  # the floor: weights + KV cache over bandwidth
+        assert r["decode_floor_ms"] > 0
+        assert r["floor_percent"] == pytest.approx(100 * r["decode_floor_ms"] / r["decode_ms_per_token"])
+    chosen = data["chosen"]  # the lowest request time among the configurations that passed, at P16 B1
+    runs = {(r["backend"], r["cache"]): r for e in data["backends"] for r in e["runs"] if r["batch_size"] == 1}
+    assert chosen["request_ms"] == pytest.approx(min(r["prefill_ms"] + 15 * r["decode_ms_per_token"]
+                                                     for r in runs.values()))
+    # the saved configuration applies: GenerationConfig reads it, and its code switches a fresh model
+    from transformers import GenerationConfig
+
+    assert data["saved_to"] == str(saved)
+    config = GenerationConfig.from_pretrained(saved)
+    assert config.cache_implementation == ("static" if chosen["cache"] == "static" else None)
+    model = models.load("demo:llama", device="cpu", dtype=torch.float32).model
+    model.set_attn_implementation("eager")
+    exec((saved / "use_chosen.py").read_text(), {"model": model})
+    assert model.config._attn_implementation == chosen["backend"]
+    tmp_path = tmp_path / "run"
     assert [e["backend"] for e in data["backends"]] == ["eager", "sdpa"]  # nothing else runs on a CPU
     assert data["agreement_batch"]["padding"] == "left" and len(set(data["agreement_batch"]["prompt_lens"])) == 4
     for e in data["backends"]:

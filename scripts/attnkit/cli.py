@@ -240,8 +240,13 @@ def options(cls: type, args: argparse.Namespace, **overrides: object) -> object:
     return cls(**values)
 
 
-def add_output_args(p: argparse.ArgumentParser, step: str, save: bool = False) -> None:
-    """--report-dir and --no-report (and --save for the main job)."""
+SAVE_MODEL = ("save the switched model (save_pretrained, attn_implementation recorded in config.json) into DIR, a "
+              "new or empty folder, only when every check passed")
+
+
+def add_output_args(p: argparse.ArgumentParser, step: str, save: bool | str = False) -> None:
+    """--report-dir and --no-report; --save with ``save``: True gives the main job's help
+    (``SAVE_MODEL``), a string is the help of a step that saves something else."""
     g = p.add_argument_group("output")
     g.add_argument("--report-dir", metavar="DIR", type=text,
                    help=f"run folder for report.json / report.md / report.png "
@@ -249,9 +254,7 @@ def add_output_args(p: argparse.ArgumentParser, step: str, save: bool = False) -
                         f"yours is used only when it holds no report yet")
     g.add_argument("--no-report", action="store_true", help="write no run folder")
     if save:
-        g.add_argument("--save", metavar="DIR", type=text,
-                       help="save the switched model (save_pretrained, attn_implementation recorded in config.json) "
-                            "into DIR, a new or empty folder, only when every check passed")
+        g.add_argument("--save", metavar="DIR", type=text, help=SAVE_MODEL if save is True else save)
 
 
 def _sigterm_as_interrupt() -> None:

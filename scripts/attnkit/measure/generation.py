@@ -99,6 +99,8 @@ class GenerationRun:
     kv_cache_matches_formula: bool | None = None  # measured bytes == the formula at kv_cache_tokens
     kernels: dict[str, int] = field(default_factory=dict)
     compiled: bool = False
+    decode_floor_ms: float | None = None  # the memory floor of one decode step (decode_floor_ms)
+    floor_percent: float | None = None  # 100 x decode_floor_ms / decode_ms_per_token
     timing_attempts: int = 0  # 2: the first timing was not resolved (see measure_generation)
     error: str | None = None
 
@@ -221,9 +223,12 @@ def cache_tensors(cache: Any) -> tuple[int, int | None]:
 # ----------------------------------------------------------------------------- timing one configuration
 
 def measure_generation(loaded: Any, backend: str, *, batch_size: int, prompt_len: int, new_tokens: int, cache: str,
-                       min_run_time: float = 1.0, compile: bool = False) -> GenerationRun:
+                       min_run_time: float = 1.0, compile: bool = False, bandwidth: float | None = None
+                       ) -> GenerationRun:
     """Time prefill and decode of ``backend`` (see the module docstring) and measure peak
     memory, the attention kernels that ran and the KV cache, for one configuration.
+    ``bandwidth`` (bytes/s, ``copy_bandwidth``): also the decode step's memory floor and the
+    percentage of it reached.
 
     Out of memory, any error of the backend, or transformers refusing the switch to it, is
     recorded in ``GenerationRun.error``; the caller goes on with the next run.
@@ -231,10 +236,17 @@ def measure_generation(loaded: Any, backend: str, *, batch_size: int, prompt_len
     g = GenerationRun(backend, cache, batch_size, prompt_len, new_tokens, compiled=compile)
     try:
         with switch.using(loaded.model, backend):
-            return _time_generation(loaded, g, min_run_time)
+            _time_generation(loaded, g, min_run_time)
     except CannotRun as exc:  # transformers refused it for this model: this backend's result, not the step's
         g.error = exc.message
         return g
+    shape = loaded.attention_shape()
+    if bandwidth and g.decode_ms_per_token and shape and shape.get("head_dim"):
+        g.decode_floor_ms = decode_floor_ms(weight_bytes_per_token(loaded.model),
+                                            kv_cache_bytes(shape, 1, 1, loaded.dtype), prompt_len, new_tokens,
+                                            batch_size, bandwidth)
+        g.floor_percent = 100.0 * g.decode_floor_ms / g.decode_ms_per_token
+    return g
 
 
 def _time_generation(loaded: Any, g: GenerationRun, min_run_time: float) -> GenerationRun:
@@ -352,6 +364,175 @@ def agreement(loaded: Any, base: Greedy, cand: Greedy, ids: torch.Tensor, mask: 
                      "tolerance": judged.tolerance, "near_tie": judged.passed})
     return {"backend": cand.backend, "cache": cand.cache, "agreement": float(equal.double().mean()),
             "tokens_compared": int(equal.numel()), "rows_differing": len(rows), "divergences": rows}
+
+
+# ----------------------------------------------------------------------------- teacher-forced agreement
+
+@dataclass
+class Forced:
+    """Next-token logits of one configuration fed the same tokens at every step: ``logits``
+    is [rows, N, V] (float32, on the CPU), step k's row the logits after the prompt and the
+    first k forced tokens; or the error that stopped it."""
+
+    backend: str
+    cache: str
+    logits: torch.Tensor | None = None
+    error: str | None = None
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, S] of a left-padded batch, as ``generate`` derives them: the count of
+    real tokens before each one; 1 at padding (never attended to)."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def _parameters(model: Any) -> set[str]:
+    """The names the model's forward takes (empty when it cannot be read)."""
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _keeps_last(model: Any) -> dict[str, Any]:
+    """``{"logits_to_keep": 1}`` where the model's forward takes it (only the last position's
+    logits are made: [B, 1, V] rather than [B, P, V]), else {}."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _parameters(model) else {}
+
+
+def forced_logits(loaded: Any, cache: str, ids: torch.Tensor, mask: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced decoding with a KV cache: prefill (ids, mask) [rows, P], then N - 1
+    decode steps of one token each, step k feeding ``forced[:, k - 1]`` ([rows, N] tokens)
+    whatever the model predicted. Returns the next-token logits [rows, N, V] (float32, CPU).
+
+    The calls are the ones ``generate`` makes (the cache object, ``cache_position``,
+    position_ids from the padding mask, the mask grown by one column per step), without its
+    token choice, so every configuration is judged on one token sequence."""
+    model = loaded.model
+    rows, p = ids.shape
+    n = forced.shape[1]
+    kv = make_cache(model, cache, p + n)
+    if kv is None:
+        from transformers import DynamicCache
+
+        kv = DynamicCache(config=model.config)
+    keep = _keeps_last(model)
+    # transformers 5.17 renamed the forward's past_key_values to cache (the old name warns)
+    keep["cache" if "cache" in _parameters(model) else "past_key_values"] = kv
+    device = ids.device
+    out = []
+    with torch.inference_mode():
+        step_ids, step_mask, pos = ids, mask, _positions(mask)
+        cache_position = torch.arange(p, device=device)
+        for k in range(n):
+            logits = model(input_ids=step_ids, attention_mask=step_mask, position_ids=pos, use_cache=True,
+                           cache_position=cache_position, **keep).logits
+            out.append(logits[:, -1].float().cpu())
+            step_ids = forced[:, k:k + 1].to(device)
+            step_mask = torch.cat([step_mask, step_mask.new_ones(rows, 1)], dim=-1)
+            pos = pos[:, -1:] + 1
+            cache_position = cache_position[-1:] + 1
+    return torch.stack(out, dim=1)
+
+
+def teacher_forced(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch.Tensor,
+                   forced: torch.Tensor) -> Forced:
+    """``forced_logits`` of ``backend`` with a ``cache`` KV cache; an error (out of memory,
+    the backend failing, transformers refusing the switch) is recorded, not raised."""
+    try:
+        with switch.using(loaded.model, backend):
+            return Forced(backend, cache, forced_logits(loaded, cache, ids, mask, forced))
+    except CannotRun as exc:
+        return Forced(backend, cache, error=exc.message)
+    except Exception as exc:  # out of memory, or the backend failing inside the forward
+        free_memory(loaded.device)
+        return Forced(backend, cache, error=oom_message(exc) if is_oom(exc) else said(exc, 300))
+
+
+def forced_reference(loaded: Any, ids: torch.Tensor, mask: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """What ``forced_logits`` should give, computed without a cache: per row, one float64
+    eager forward over that row's real prompt tokens and the forced tokens (no padding: in
+    float64 a fully masked padding row overflows to NaN and spreads through ``0 x NaN``), the
+    weights cast and restored exactly (``accuracy.exact_cast``). Returns the logits after
+    the prompt and after each forced token but the last, [rows, N, V] float64 on the CPU."""
+    n = forced.shape[1]
+    out = []
+    with switch.using(loaded.model, "eager"), exact_cast(loaded.model), torch.inference_mode():
+        for r in range(ids.shape[0]):
+            real = ids[r][mask[r].bool()]
+            seq = torch.cat([real, forced[r, :n - 1].to(real.device)])[None]
+            logits = loaded.model(input_ids=seq, use_cache=False).logits
+            out.append(logits[0, len(real) - 1:].double().cpu())
+    return torch.stack(out)
+
+
+def forced_agreement(base: Forced, cand: Forced, reference: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """Per step, ``cand``'s teacher-forced logits against the float64 ``reference`` with
+    ``accuracy.compare`` (the step passes when the candidate's error is within 2 x eager's
+    own error at that step + eps(dtype) x max|ref|; an untrusted reference falls to the
+    same-dtype rule). ``agreement`` = the fraction of steps that pass; the worst step is
+    reported with its error and tolerance."""
+    steps = []
+    for k in range(reference.shape[1]):
+        judged = compare(cand.logits[:, k][:, None], base.logits[:, k][:, None], reference[:, k][:, None], valid=None,
+                         dtype=dtype, language_model=False)
+        steps.append(judged)
+    passed = [s for s in steps if s.passed]
+    worst_k = max(range(len(steps)), key=lambda i: (not steps[i].passed,
+                                                     (steps[i].max_abs_err or 0.0) / (steps[i].tolerance or 1.0)))
+    worst = steps[worst_k]
+    return {"backend": cand.backend, "cache": cand.cache, "agreement": len(passed) / len(steps), "steps": len(steps),
+            "steps_failed": len(steps) - len(passed), "worst_step": worst_k, "worst_max_abs_err": worst.max_abs_err,
+            "worst_eager_max_abs_err": worst.baseline_max_abs_err, "worst_tolerance": worst.tolerance,
+            "reference": worst.reference, "note": worst.note}
+
+
+# ----------------------------------------------------------------------------- the memory floor
+
+FLOOR_FORMULA = ("decode floor per step = (weight bytes read + KV-cache bytes at P + N/2 tokens x batch) / copy "
+                 "bandwidth measured in this run; % of floor = floor / decode ms per token")
+
+#: Bytes copied by ``copy_bandwidth``: large enough to leave every cache (an H200's L2 is
+#: 50 MB; a server CPU's L3 a few hundred MB at most).
+BANDWIDTH_BYTES = 512 * 2**20
+
+
+def copy_bandwidth(device: str, min_run_time: float = 0.3, nbytes: int = BANDWIDTH_BYTES) -> float:
+    """Usable memory bandwidth (bytes/s) of ``device``, measured: a device-to-device copy of
+    ``nbytes`` (one read and one write of each byte) timed by ``time_it``; 2 x nbytes /
+    median time. This is what the decode floor divides by: what this machine moves, not a
+    data-sheet peak."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    median_ms, _, _ = time_it(lambda: dst.copy_(src), min_run_time, "copy bandwidth")
+    del src, dst
+    free_memory(device)
+    return 2 * nbytes / (median_ms / 1e3)
+
+
+def weight_bytes_per_token(model: Any) -> int:
+    """Bytes of parameters one decode step reads: every parameter, except an input embedding
+    table that is not tied to the output (a step reads one row of it, not the table)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and (out is None or getattr(out, "weight", None) is not weight):
+        total -= weight.numel() * weight.element_size()
+    return total
+
+
+def decode_floor_ms(weights: int, kv_per_token: int, prompt_len: int, new_tokens: int, batch_size: int,
+                    bandwidth: float) -> float:
+    """The memory floor of one decode step (ms): (weight bytes + KV-cache bytes read) /
+    bandwidth, the KV cache read at its mean length over the decode steps, P + N / 2 tokens,
+    for every row of the batch. ``kv_per_token``: bytes of keys and values of one token of one
+    row, all layers (``kv_cache_bytes(shape, 1, 1, dtype)``)."""
+    kv = kv_per_token * (prompt_len + new_tokens / 2) * batch_size
+    return (weights + kv) / bandwidth * 1e3
 
 
 # ----------------------------------------------------------------------------- longest context

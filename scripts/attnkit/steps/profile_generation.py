@@ -47,6 +47,7 @@ class GenerationOptions:
     trust_remote_code: bool = False
     report_dir: str | None = None
     write_report: bool = True
+    save: str | None = None  # --save DIR: the chosen configuration (write_chosen)
 
 
 @dataclass(kw_only=True)
@@ -59,10 +60,14 @@ class ProfileGenerationData(SessionData):
     ``min_run_time``: seconds of timing per run; ``kv_cache_formula``: how ``kv_cache_mb``
     is computed (``measure.generation.KV_FORMULA``); ``weights_mb``: the model's parameters
     (MB); ``timing``: how prefill (ms), decode (ms per token) and tokens/s are derived;
-    ``agreement_batch``: the left-padded batch greedy agreement runs on (None until it is
-    built); ``backends``: one entry per backend (availability, headline figures of the first
-    prompt length, batch size and cache, every run, its greedy agreement with eager, its
-    longest context); ``not_available``: default backends that cannot run here, with why."""
+    ``agreement_batch``: the left-padded batch both agreements run on (None until it is
+    built); ``bandwidth_gb_s``: the copy bandwidth measured in this run (GB/s, 10**9 bytes),
+    which ``floor_formula`` divides by; ``backends``: one entry per backend (availability,
+    headline figures of the first prompt length, batch size and cache, every run, its
+    teacher-forced and greedy agreement with eager, its longest context);
+    ``not_available``: default backends that cannot run here, with why; ``chosen``: the
+    configuration ``choose`` picked, with the code and generation_config fields that apply
+    it (None when none qualified); ``saved_to``: where --save wrote it."""
 
     OMIT_IF_NONE: ClassVar[frozenset[str]] = SessionData.OMIT_IF_NONE | {"shape"}
 
@@ -77,8 +82,12 @@ class ProfileGenerationData(SessionData):
     weights_mb: float | None = None
     timing: str = ""
     agreement_batch: dict[str, Any] | None = None
+    bandwidth_gb_s: float | None = None
+    floor_formula: str = ""
     backends: list[dict[str, Any]] = field(default_factory=list)
     not_available: list[dict[str, str]] = field(default_factory=list)
+    chosen: dict[str, Any] | None = None
+    saved_to: str | None = None
 
 
 def validate(o: GenerationOptions) -> None:
@@ -169,8 +178,9 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
 
     entries = {n: {"backend": n, "available": verdicts[n].available, "reason": verdicts[n].reason,
                    "prefill_ms": None, "decode_ms_per_token": None, "decode_tokens_per_s": None,
-                   "peak_memory_mb": None, "kv_cache_mb": None, "greedy_agreement": None, "max_context": None,
-                   "runs": [], "agreement": [], "longest_context": None} for n in names}
+                   "peak_memory_mb": None, "kv_cache_mb": None, "floor_percent": None, "greedy_agreement": None,
+                   "max_context": None, "runs": [], "agreement": [], "teacher_forced": [], "longest_context": None}
+               for n in names}
     data = ProfileGenerationData(  # no one shape: each run has its own; notes: the session's and this step's
         **{**session.fields(), "shape": None, "notes": notes}, prompt_lens=prompt_lens, new_tokens=o.new_tokens,
         batch_sizes=list(dict.fromkeys(o.batch_sizes)), caches=list(dict.fromkeys(o.caches)), compiled=o.compile,
@@ -200,6 +210,7 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
             entries["eager"]["agreement"].insert(0, {"backend": "eager", "cache": "dynamic", "agreement": 1.0,
                                                      "tokens_compared": int(base.tokens.numel()), "rows_differing": 0,
                                                      "divergences": [], "note": "the reference itself"})
+            _teacher_forced(loaded, entries, runnable, data.caches, ids, mask, base.tokens, reporter)
         # the search before the timing: it is short, and a time limit that stops the run keeps it
         if o.max_context:
             for n in runnable:
@@ -207,6 +218,10 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
                     entries[n]["longest_context"] = gen.longest_context(
                         loaded, n, batch_size=data.batch_sizes[0], new_tokens=min(4, o.new_tokens),
                         memory_limit_gb=o.memory_limit, trust_remote_code=o.trust_remote_code)
+        with reporter.stage("memory bandwidth: a device-to-device copy, for the decode floor"):
+            bandwidth = gen.copy_bandwidth(str(loaded.device))
+        data.bandwidth_gb_s = bandwidth / 1e9
+        data.floor_formula = gen.FLOOR_FORMULA
         for p in prompt_lens:
             for b in data.batch_sizes:
                 for cache in data.caches:
@@ -214,13 +229,21 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
                         with reporter.stage(f"{n}: prompt {p}, batch {b}, {cache} cache, {o.new_tokens} new tokens"):
                             run = gen.measure_generation(loaded, n, batch_size=b, prompt_len=p,
                                                          new_tokens=o.new_tokens, cache=cache,
-                                                         min_run_time=o.min_run_time, compile=o.compile)
+                                                         min_run_time=o.min_run_time, compile=o.compile,
+                                                         bandwidth=bandwidth)
                         entries[n]["runs"].append(run.to_dict())
     except KeyboardInterrupt:
         interrupted = "interrupted (Ctrl-C); what was measured is kept"
     for e in entries.values():
         _headline(e, prompt_lens[0], data.batch_sizes[0], data.caches[0])
+    data.chosen = choose(entries, prompt_lens[0], data.batch_sizes[0], o.new_tokens, o.compile)
     result = _verdict(data, entries, runnable, base, dtype, interrupted)
+    if o.save and result.status == "pass" and data.chosen:
+        data.saved_to = write_chosen(loaded, data.chosen, Path(o.save))
+        reporter.note(f"chosen configuration written to {data.saved_to}")
+    elif o.save:
+        data.notes.append(f"--save {o.save}: nothing written, " + (
+            "no configuration qualified" if not data.chosen else f"the step did not pass ({result.status})"))
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name))
     return result
@@ -231,7 +254,8 @@ def _headline(e: dict[str, Any], prompt_len: int, batch_size: int, cache: str) -
     cache; its lowest greedy agreement; its longest context."""
     for r in e["runs"]:
         if (r["prompt_len"], r["batch_size"], r["cache"]) == (prompt_len, batch_size, cache) and not r["error"]:
-            for key in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "peak_memory_mb", "kv_cache_mb"):
+            for key in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "peak_memory_mb", "kv_cache_mb",
+                        "floor_percent"):
                 e[key] = r[key]
     scores = [a["agreement"] for a in e["agreement"] if a.get("agreement") is not None]
     e["greedy_agreement"] = min(scores) if scores else None
@@ -279,6 +303,118 @@ def agreement_check(entries: dict[str, dict], dtype: torch.dtype, base_error: st
     return Check("greedy_agreement", ok, f"{rule}; " + "; ".join(parts))
 
 
+def _teacher_forced(loaded: Any, entries: dict[str, dict], runnable: list[str], caches: list[str], ids: torch.Tensor,
+                    mask: torch.Tensor, tokens: torch.Tensor, reporter: Any) -> None:
+    """Teacher-forced agreement of every (backend, cache) with eager's dynamic cache, all fed
+    eager's greedy ``tokens`` [rows, N] (``measure.generation.forced_agreement``); each
+    result goes to ``entries[backend]["teacher_forced"]``."""
+    with reporter.stage("teacher-forced reference: float64 eager per row, and eager with a dynamic cache"):
+        reference = gen.forced_reference(loaded, ids, mask, tokens)
+        base = gen.teacher_forced(loaded, "eager", "dynamic", ids, mask, tokens)
+    if base.error:
+        entries["eager"]["teacher_forced"].append({"backend": "eager", "cache": "dynamic", "agreement": None,
+                                                   "error": base.error})
+        return
+    for n in runnable:
+        for cache in caches:
+            with reporter.stage(f"teacher-forced agreement: {n}, {cache} cache"):
+                cand = base if (n, cache) == ("eager", "dynamic") else gen.teacher_forced(loaded, n, cache, ids, mask,
+                                                                                           tokens)
+                row = ({"backend": n, "cache": cache, "agreement": None, "error": cand.error} if cand.error else
+                       gen.forced_agreement(base, cand, reference, loaded.dtype))
+            entries[n]["teacher_forced"].append(row)
+
+
+def forced_check(entries: dict[str, dict], dtype: torch.dtype) -> Check:
+    """Teacher-forced agreement: every (backend, cache), fed eager's tokens, gives at every
+    step logits as close to a float64 reference as eager's own (within 2 x eager's error +
+    eps(dtype) x max|ref|, ``accuracy.compare``). Unlike greedy text, one sequence for all,
+    so a near tie cannot send two correct kernels down different paths: 1.0 is required in
+    every dtype."""
+    parts, ok = [], True
+    for e in entries.values():
+        for a in e.get("teacher_forced", []):
+            label = f"{a['backend']} ({a['cache']})"
+            if a.get("agreement") is None:
+                parts.append(f"{label}: could not run: {a.get('error')}")
+                ok = False
+                continue
+            good = a["agreement"] == 1.0
+            ok &= good
+            parts.append(f"{label}: {a['steps'] - a['steps_failed']}/{a['steps']} steps" + (
+                "" if good else f" (worst step {a['worst_step']}: err {a['worst_max_abs_err']:.1e} > tol "
+                                f"{a['worst_tolerance']:.1e}{'; ' + a['note'] if a.get('note') else ''})"))
+    if not parts:
+        return Check("teacher_forced", False, "no configuration was compared")
+    return Check("teacher_forced", ok, "per decode step, logits within 2 x eager's error + eps of float64 eager "
+                                       "(every row, eager's tokens fed); " + "; ".join(parts))
+
+
+def _qualified(entries: dict[str, dict]) -> set[tuple[str, str]]:
+    """(backend, cache) pairs whose teacher-forced agreement is 1.0."""
+    return {(a["backend"], a["cache"]) for e in entries.values() for a in e.get("teacher_forced", [])
+            if a.get("agreement") == 1.0}
+
+
+def choose(entries: dict[str, dict], prompt_len: int, batch_size: int, new_tokens: int,
+           compiled: bool) -> dict[str, Any] | None:
+    """The configuration to use, at the first prompt length and batch size: among the runs
+    whose (backend, cache) passed teacher-forced agreement, the lowest request time
+    ``prefill_ms + (N - 1) x decode_ms_per_token`` (medians, ms). Also the backends with the
+    fastest prefill and the fastest decode on their own, with the chosen cache: where they
+    differ, what a split between them would save is reported, not applied (transformers'
+    ``generate`` runs one attn_implementation for both phases). None when no run qualified."""
+    ok = _qualified(entries)
+    runs = [r for e in entries.values() for r in e["runs"]
+            if (r["backend"], r["cache"]) in ok and not r["error"] and r["prompt_len"] == prompt_len
+            and r["batch_size"] == batch_size and r["prefill_ms"] and r["decode_ms_per_token"]]
+    if not runs:
+        return None
+
+    def request(r: dict) -> float:
+        return r["prefill_ms"] + (new_tokens - 1) * r["decode_ms_per_token"]
+
+    best = min(runs, key=request)
+    same_cache = [r for r in runs if r["cache"] == best["cache"]]  # a cache object serves both phases
+    prefill = min(same_cache, key=lambda r: r["prefill_ms"])
+    decode = min(same_cache, key=lambda r: r["decode_ms_per_token"])
+    split = prefill["prefill_ms"] + (new_tokens - 1) * decode["decode_ms_per_token"]
+    fields = {"cache_implementation": "static" if best["cache"] == "static" else None,
+              "disable_compile": not compiled}
+    code = [f'model.set_attn_implementation("{best["backend"]}")  # or from_pretrained(..., '
+            f'attn_implementation="{best["backend"]}")']
+    if best["cache"] == "static":
+        code.append('model.generation_config.cache_implementation = "static"')
+    code.append(f"model.generation_config.disable_compile = {not compiled}")
+    return {"backend": best["backend"], "cache": best["cache"], "compiled": compiled, "prompt_len": prompt_len,
+            "batch_size": batch_size, "new_tokens": new_tokens, "request_ms": request(best),
+            "prefill_ms": best["prefill_ms"], "decode_ms_per_token": best["decode_ms_per_token"],
+            "floor_percent": best.get("floor_percent"),
+            "rule": f"lowest prefill + (N - 1) x decode at prompt {prompt_len}, batch {batch_size}, N {new_tokens}, "
+                    "among configurations whose teacher-forced agreement is 1.0 (medians)",
+            "fastest_prefill": prefill["backend"], "fastest_decode": decode["backend"],
+            "split_would_save_ms": max(0.0, request(best) - split),
+            "generation_config": {k: v for k, v in fields.items() if v is not None}, "code": "\n".join(code)}
+
+
+def write_chosen(loaded: Any, chosen: dict[str, Any], folder: Path) -> str:
+    """Write ``chosen`` into ``folder`` (new or empty; checked before the run): the model's
+    own generation config with the chosen fields (``generation_config.json``, by
+    ``GenerationConfig.save_pretrained``) and ``use_chosen.py``, the lines that apply it.
+    Returns the folder's path."""
+    import copy
+
+    gc = copy.deepcopy(loaded.model.generation_config)
+    for key, value in chosen["generation_config"].items():
+        setattr(gc, key, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    gc.save_pretrained(folder)
+    (folder / "use_chosen.py").write_text(
+        f'"""The configuration profile_generation chose for {loaded.spec}: {chosen["rule"]}."""\n'
+        "# model: the loaded transformers model\n" + chosen["code"] + "\n")
+    return str(folder)
+
+
 def kernel_evidence(entries: dict[str, dict], runnable: list[str]) -> Check:
     """Each backend's own attention kernel ran during generation (profiler names), and
     eager ran no fused one."""
@@ -304,6 +440,8 @@ def _verdict(data: ProfileGenerationData, entries: dict[str, dict], runnable: li
              interrupted: str) -> StepResult:
     checks = []
     if base is not None:
+        if base.error is None:
+            checks.append(forced_check(entries, dtype))
         checks.append(agreement_check(entries, dtype, base.error))
     runs = [r for n in runnable for r in entries[n]["runs"]]
     if runs:
@@ -332,8 +470,10 @@ def _verdict(data: ProfileGenerationData, entries: dict[str, dict], runnable: li
         return StepResult(STEP, "error", f"eager could not generate the reference: {base.error}", checks, data,
                           "lower --new-tokens, or free memory")
     ok = all(c.passed for c in checks)
-    nxt = ("keep the backend with the lowest decode ms/token at your batch size; rerun with --max-context to see how "
-           "long a prompt fits" if ok else
+    chosen = data.chosen
+    nxt = ((f"use the chosen configuration, {chosen['backend']} with a {chosen['cache']} cache (data.chosen.code; "
+            "--save DIR writes it); " if chosen else "") +
+           "rerun with --max-context to see how long a prompt fits" if ok else
            "read the failed check: a greedy disagreement that is not a near-tie means the backend changes what the "
            "model generates (often a padding or KV-cache bug): do not use it for generation")
     return StepResult(STEP, "pass" if ok else "fail", summary, checks, data, nxt)
@@ -372,6 +512,13 @@ def generation_backends(d: dict) -> list[dict]:
     return []
 
 
+def _floor(r: dict) -> str:
+    """A run's decode floor per step and the % of it reached, for the runs table."""
+    if r.get("decode_floor_ms") is None:
+        return "n/a"
+    return f"{fmt_ms(r['decode_floor_ms'])} ({r['floor_percent']:.1f} %)"
+
+
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
@@ -386,24 +533,29 @@ def generation_tables(d: dict) -> list[Table]:
         for r in e.get("runs", []):
             if r.get("error"):
                 runs.append([e["backend"], str(r["prompt_len"]), str(r["batch_size"]), r["cache"], "error", "", "",
-                             "", "", r["error"]])
+                             "", "", "", r["error"]])
                 continue
             kv = fmt_mb(r.get("kv_cache_mb"))
             if r.get("kv_cache_matches_formula") is False:
                 kv += f" (object: {fmt_mb(r.get('kv_cache_measured_mb'))})"
             runs.append([e["backend"], str(r["prompt_len"]), str(r["batch_size"]), r["cache"], fmt_ms(r["prefill_ms"]),
                          fmt_ms(r.get("decode_ms_per_token")), _rate(r.get("decode_tokens_per_s")),
-                         fmt_mb(r.get("peak_memory_mb")), kv, ", ".join(sorted(r.get("kernels") or {})) or "-"])
+                         _floor(r), fmt_mb(r.get("peak_memory_mb")), kv,
+                         ", ".join(sorted(r.get("kernels") or {})) or "-"])
     out = []
     if runs:
         out.append((f"generation on {d.get('device', '?')} {d.get('dtype', '')}, {d.get('new_tokens')} new tokens "
                     f"(greedy)", ["backend", "prompt", "batch", "cache", "prefill", "decode / token", "tokens/s",
-                                  "peak memory", "KV cache", "attention kernels seen"], runs))
+                                  "floor / step (% reached)", "peak memory", "KV cache", "attention kernels seen"],
+                    runs))
     rows = []
     for e in entries:
         if not e.get("available", True):
-            rows.append([e["backend"], "not run", "", e.get("reason", "").split("; ")[0]])
+            rows.append([e["backend"], "not run", "", "", e.get("reason", "").split("; ")[0]])
             continue
+        forced = "; ".join(f"{a['cache']}: " + ("error: " + str(a.get("error")) if a.get("agreement") is None else
+                                               f"{a['steps'] - a['steps_failed']}/{a['steps']} steps")
+                           for a in e.get("teacher_forced", []))
         agree = "; ".join(f"{a['cache']}: " + ("error: " + str(a.get("error")) if a.get("agreement") is None else
                                               f"{a['agreement']:.3f}" + (f" ({a['rows_differing']} rows differ)"
                                                                           if a.get("rows_differing") else ""))
@@ -417,12 +569,20 @@ def generation_tables(d: dict) -> list[Table]:
             ctx += f"; limit {lc.get('memory_limit_gb', 0):.2f} GB, {lc.get('enforced_by', '')}"
         else:
             ctx = "not searched (--max-context)"
-        rows.append([e["backend"], agree or "n/a", ctx, ""])
+        rows.append([e["backend"], forced or "n/a", agree or "n/a", ctx, ""])
     batch = d.get("agreement_batch") or {}
-    title = "greedy agreement with eager and longest prompt that fits"
+    title = "agreement with eager (teacher-forced logits per step; greedy tokens) and longest prompt that fits"
     if batch:
         title += f" (agreement: left-padded batch of prompts of {batch.get('prompt_lens')} tokens)"
-    out.append((title, ["backend", "greedy agreement", "longest prompt", "note"], rows))
+    out.append((title, ["backend", "teacher-forced", "greedy agreement", "longest prompt", "note"], rows))
+    chosen = d.get("chosen")
+    if chosen:
+        out.append((f"chosen configuration ({chosen['rule']}); apply it with data.chosen.code or --save",
+                    ["backend", "cache", "request", "prefill", "decode / token", "% of floor", "generation_config"],
+                    [[chosen["backend"], chosen["cache"], fmt_ms(chosen["request_ms"]), fmt_ms(chosen["prefill_ms"]),
+                      fmt_ms(chosen["decode_ms_per_token"]),
+                      "n/a" if chosen.get("floor_percent") is None else f"{chosen['floor_percent']:.1f} %",
+                      ", ".join(f"{k}={v}" for k, v in chosen["generation_config"].items())]]))
     if d.get("not_available"):
         out.append(("backends not available here (not run)", ["backend", "reason"],
                     [[r["backend"], r["reason"].split("; ")[0]] for r in d["not_available"]]))
