@@ -77,3 +77,29 @@ def test_training_with_dropout_refuses_a_backend_without_dropout():
     assert "does not have" in info.value.message and "dropout" in info.value.message
     _refuse_without_dropout("sdpa", EnableOptions(train=True), "attention_dropout = 0.1")  # SDPA has dropout_p
     _refuse_without_dropout("flash_attention_4", EnableOptions(train=False), "attention_dropout = 0.1")
+
+
+def test_the_run_off_retimes_only_the_candidates_close_to_the_fastest():
+    """A quick pass cannot order two kernels within 10 %: those are timed again, longer, and
+    the run-off's order decides. Here the quick figures put `slow` first by 5 %, but it
+    really takes twice as long as `fast`; `far` (50x) and a candidate that failed the gate
+    are not re-timed."""
+    import contextlib
+    import time
+
+    cands = [autotune.Candidate("slow", status="passed", latency_ms=1.0),
+             autotune.Candidate("fast", status="passed", latency_ms=1.05),
+             autotune.Candidate("far", status="passed", latency_ms=50.0),
+             autotune.Candidate("wrong", status="failed", latency_ms=0.5)]
+    runs = {"slow": lambda: time.sleep(0.004), "fast": lambda: time.sleep(0.002),
+            "far": lambda: time.sleep(0.002), "wrong": lambda: time.sleep(0.002)}
+    again = autotune.runoff(cands, runs, lambda c: contextlib.nullcontext(), 0.1, "cpu", None)
+    assert [c.backend for c in again] == ["slow", "fast"] and all(c.runoff for c in again)
+    slow, fast, far, wrong = cands
+    assert fast.latency_ms < slow.latency_ms and autotune.chosen(cands) is fast
+    assert (far.latency_ms, far.runoff, wrong.latency_ms, wrong.runoff) == (50.0, False, 0.5, False)
+    assert "timed again" in autotune.explain(fast, cands)
+    # a clear winner: nothing is re-timed
+    clear = [autotune.Candidate("a", status="passed", latency_ms=1.0),
+             autotune.Candidate("b", status="passed", latency_ms=1.5)]
+    assert autotune.runoff(clear, runs, lambda c: contextlib.nullcontext(), 0.1, "cpu", None) == []
