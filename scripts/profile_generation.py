@@ -13,11 +13,21 @@ greedy model.generate:
   memory      peak memory during one generate of N tokens above the weights (MB), and the
               KV cache: 2 x layers x kv_heads x head_dim x tokens x batch x bytes, checked
               against the tensors of the cache object
-  agreement   greedy tokens on a left-padded batch of 4 prompts of different lengths against
-              eager's (prompt padding is never compared). float32: every token must agree.
-              bf16/fp16: a row may go apart only at a near-tie: at its first divergent step the
-              backend's logits must be as close to a float64 reference as eager's own
-              (2 x eager's error + eps); each divergence is reported
+  floor       the memory floor of one decode step: (weight bytes read + KV-cache bytes at
+              P + N/2 tokens x B) / the copy bandwidth measured in the same run (ms), and the
+              % of that floor each run reaches
+  teacher-forced  every backend and cache fed eager's greedy tokens on a left-padded batch of
+              4 prompts; at each decode step its logits must be as close to a float64 eager
+              forward (no cache) as eager's own: within 2 x eager's error + eps(dtype) x
+              max|ref|, every step, every dtype
+  greedy      greedy tokens on the same batch against eager's (prompt padding is never
+              compared). float32: every token must agree. bf16/fp16: a row may go apart only at
+              a near-tie: at its first divergent step the backend's logits must be as close to
+              a float64 reference as eager's own; each divergence is reported
+  chosen      among configurations that pass teacher-forced agreement, the lowest
+              prefill + (N - 1) x decode at the first prompt length and batch size: written as
+              code (data.chosen.code) and generation_config fields; --save DIR writes
+              generation_config.json and use_chosen.py
   --max-context  the longest prompt that fits (prefill + 4 decode steps, batch = the first
               --batch-size), searched by doubling then bisecting to 1/64, never past the model's
               max_position_embeddings (reported as the cap). Limit: --memory-limit GB, or the
@@ -28,7 +38,7 @@ greedy model.generate:
 transformers compiles a static cache's decode step on CUDA by default; this step does not
 (every backend timed as eager PyTorch) unless --compile is given.
 
-The step passes when greedy agreement holds, each backend's own attention kernel ran
+The step passes when teacher-forced and greedy agreement hold, each backend's own attention kernel ran
 during generation, and every run finished; a run out of memory is a measured limit,
 reported, not a failure. Writes report.json, report.md and report.png (prefill and
 decode per backend) into a run folder.
