@@ -103,3 +103,17 @@ def test_the_run_off_retimes_only_the_candidates_close_to_the_fastest():
     clear = [autotune.Candidate("a", status="passed", latency_ms=1.0),
              autotune.Candidate("b", status="passed", latency_ms=1.5)]
     assert autotune.runoff(clear, runs, lambda c: contextlib.nullcontext(), 0.1, "cpu", None) == []
+
+
+def test_a_compiling_backend_wins_only_where_its_speed_pays_back_its_compile_time():
+    """The model-level rule: first-call cost + PAYBACK_CALLS x latency. A backend 1.5x faster
+    that compiles for 30 s loses to one without a compile at 10,000 calls (it would need
+    60,000); the steady-state rule (the operator grid's) takes it."""
+    flex = autotune.Candidate("flex_attention", status="passed", latency_ms=1.0, compile_s=30.0)
+    sdpa = autotune.Candidate("sdpa", kernel="flash", status="passed", latency_ms=1.5, compile_s=0.01)
+    assert autotune.chosen([flex, sdpa]) is flex
+    assert autotune.chosen([flex, sdpa], autotune.PAYBACK_CALLS) is sdpa
+    why = autotune.explain(sdpa, [flex, sdpa], autotune.PAYBACK_CALLS)
+    assert "flex_attention runs faster" in why and "59,980 calls" in why
+    flex.compile_s = 2.0  # pays back after 3,980 calls: taken
+    assert autotune.chosen([flex, sdpa], autotune.PAYBACK_CALLS) is flex

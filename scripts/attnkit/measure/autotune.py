@@ -335,14 +335,34 @@ def tune_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cands: list[Candi
     return cands
 
 
+#: Calls a model's first-call cost must pay back within (``chosen`` with ``payback_calls``):
+#: ``torch.compile`` (flex_attention: tens of seconds on a CPU, seconds on a GPU), FA4's CuTe
+#: DSL build (1.4-3.2 s per configuration on an H200, references/benchmarks.md) or a cuDNN
+#: plan. 10,000 forward calls of one shape: a short evaluation or serving session.
+PAYBACK_CALLS = 10_000
+
 CHOICE_RULE = (f"the lowest median of {ROUNDS} interleaved rounds among candidates that passed the accuracy gate; "
                f"candidates within {RUNOFF_WITHIN:.0%} of the fastest timed again {RUNOFF_TIME}x longer (the run-off)")
+MODEL_CHOICE_RULE = (f"the lowest first-call cost (compile_s) + {PAYBACK_CALLS:,} x median latency among candidates "
+                     f"that passed the accuracy gate: a compiling backend wins only where its speed pays back its "
+                     f"compile time within {PAYBACK_CALLS:,} calls; candidates within {RUNOFF_WITHIN:.0%} of the "
+                     f"fastest timed again {RUNOFF_TIME}x longer (the run-off)")
 
 
-def chosen(cands: list[Candidate]) -> Candidate | None:
-    """The fastest candidate that passed (the baseline is never chosen); None when none did."""
+def cost_s(c: Candidate, payback_calls: int | None) -> float:
+    """What ``chosen`` minimises (s): the median latency, plus with ``payback_calls`` the
+    first-call cost spread over that many calls (``compile_s + payback_calls x latency``)."""
+    if payback_calls is None:
+        return c.latency_ms / 1e3
+    return (c.compile_s or 0.0) + payback_calls * c.latency_ms / 1e3
+
+
+def chosen(cands: list[Candidate], payback_calls: int | None = None) -> Candidate | None:
+    """The candidate that passed with the lowest ``cost_s`` (the fastest, or with
+    ``payback_calls`` the cheapest over that many calls, first call included); the baseline
+    is never chosen; None when none passed."""
     passed = [c for c in cands if c.status == "passed" and c.latency_ms is not None]
-    return min(passed, key=lambda c: c.latency_ms) if passed else None
+    return min(passed, key=lambda c: cost_s(c, payback_calls)) if passed else None
 
 
 def ranking(cands: list[Candidate]) -> list[Candidate]:
@@ -351,11 +371,17 @@ def ranking(cands: list[Candidate]) -> list[Candidate]:
     return timed + [c for c in cands if c.latency_ms is None]
 
 
-def explain(best: Candidate | None, cands: list[Candidate]) -> str:
+def explain(best: Candidate | None, cands: list[Candidate], payback_calls: int | None = None) -> str:
     """Why ``best`` won, in one sentence, from the measurements."""
     timed = [c for c in cands if c.status == "passed"]
     if best is None:
         return "no candidate passed the accuracy gate"
+    faster = [c for c in timed if c.latency_ms is not None and c.latency_ms < best.latency_ms]
+    if payback_calls is not None and faster:
+        f = min(faster, key=lambda c: c.latency_ms)
+        return (f"measured: {f.label} runs faster ({f.latency_ms:.3f} ms against {best.latency_ms:.3f} ms) but its "
+                f"first call took {f.compile_s or 0.0:.1f} s against {best.compile_s or 0.0:.1f} s, which its speed "
+                f"pays back only after {_break_even(f, best):,.0f} calls (more than {payback_calls:,})")
     others = sorted((c for c in timed if c is not best), key=lambda c: c.latency_ms)
     text = (f"measured: the fastest of {len(timed)} candidates that passed the accuracy gate "
             f"({best.latency_ms:.3f} ms")
@@ -368,12 +394,20 @@ def explain(best: Candidate | None, cands: list[Candidate]) -> str:
     return text + ")"
 
 
+def _break_even(fast: Candidate, slow: Candidate) -> float:
+    """Calls after which ``fast``'s lower latency has paid back its extra first-call cost."""
+    saving = (slow.latency_ms - fast.latency_ms) / 1e3
+    extra = (fast.compile_s or 0.0) - (slow.compile_s or 0.0)
+    return extra / saving if saving > 0 else float("inf")
+
+
 def summary_dict(cands: list[Candidate], best: Candidate | None, *, mode: str, min_run_time: float,
-                 dtype: torch.dtype) -> dict[str, Any]:
+                 dtype: torch.dtype, payback_calls: int | None = None) -> dict[str, Any]:
     """``data.autotune``: every candidate (ranked) and the choice."""
     return {"candidates": [c.to_dict() for c in ranking(cands)], "chosen": best.backend if best else None,
             "chosen_kernel": best.kernel if best else None, "chosen_label": best.label if best else None,
             "mode": mode, "min_run_time_s": min_run_time, "rule": RULE, "dtype": dtype_name(dtype),
-            "choice_rule": CHOICE_RULE,
-            "why": explain(best, cands)}
+            "choice_rule": CHOICE_RULE if payback_calls is None else MODEL_CHOICE_RULE,
+            "payback_calls": payback_calls,
+            "why": explain(best, cands, payback_calls)}
 

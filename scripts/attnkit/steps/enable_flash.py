@@ -394,13 +394,14 @@ def _tune(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Measured) -> 
     tune_time = min(o.min_run_time, 0.5)
     autotune.tune_model(loaded, inputs, cands, baseline_out=gate_out, reference=m.ref, dtype=dtype,
                         min_run_time=tune_time, train=o.train, flops=prep.flops, progress=reporter.stage)
-    best = autotune.chosen(cands)
+    best = autotune.chosen(cands, autotune.PAYBACK_CALLS)
     mode = "forward+backward (training)" if o.train else "forward (inference)"
-    m.autotune = autotune.summary_dict(cands, best, mode=mode, min_run_time=tune_time, dtype=dtype)
+    m.autotune = autotune.summary_dict(cands, best, mode=mode, min_run_time=tune_time, dtype=dtype,
+                                       payback_calls=autotune.PAYBACK_CALLS)
     m.rejected = _tuned_rejections(cands, best, o.baseline)
     if best is not None:
         m.backend, m.cand_kernels = best.backend, best.sdpa_kernels or o.sdpa_kernels
-        m.chosen_because = autotune.explain(best, cands)
+        m.chosen_because = autotune.explain(best, cands, autotune.PAYBACK_CALLS)
     elif any(c.status not in ("skipped", "baseline") for c in cands):
         notes.append(f"no autotune candidate passed the accuracy gate; measuring {m.backend} (the static choice)")
     else:
