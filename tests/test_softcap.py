@@ -38,3 +38,27 @@ def test_the_call_range_is_put_back():
     assert functions["flex_attention"] is before and "flex_attention" not in functions._local_mapping
     with kernels.call_range("no_such_backend"):
         pass
+
+
+def test_a_backend_without_softcap_is_refused_for_a_soft_capped_model_and_the_cap_matters():
+    """transformers 5.17 lets Gemma-2 run SDPA and drops the cap; our availability refuses any
+    backend whose record says it has no soft-capping. The demo's scores are large enough that
+    dropping the cap changes the output far beyond a bf16 tolerance, so no accuracy check
+    could pass such a swap."""
+    import torch
+    from attnkit import models
+    from attnkit.backends import availability
+    from attnkit.env import environment
+
+    loaded = models.load("demo:gemma2", device="cpu", dtype=torch.float32)
+    verdict = availability("sdpa", env=environment(), device="cpu", dtype=torch.float32, model=loaded.model)
+    assert not verdict.available and "soft-caps its attention logits (attn_logit_softcapping = 50.0)" in verdict.reason
+    assert "soft-caps" not in availability("flex_attention", env=environment(), device="cpu", dtype=torch.float32,
+                                           model=loaded.model).reason
+    inputs = loaded.inputs(1, 128, 0.0)
+    with torch.no_grad():
+        capped = loaded.model(**inputs.kwargs).logits
+        for layer in loaded.model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = loaded.model(**inputs.kwargs).logits
+    assert float((capped - uncapped).abs().max()) > 0.05 * float(capped.abs().max())

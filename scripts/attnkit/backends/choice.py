@@ -61,6 +61,19 @@ def head_dim_of(model: Any) -> int | None:
     return head_dim
 
 
+def softcap_of(model: Any) -> float | None:
+    """The attention-logit soft-cap of a transformers model (``attn_logit_softcapping``), else None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        config = config.get_text_config()
+    except AttributeError:
+        pass
+    value = getattr(config, "attn_logit_softcapping", None)
+    return value if isinstance(value, (int, float)) and value else None
+
+
 def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None) -> Availability:
     """Can ``name`` run here? Checks the model class, the dtype, the pip distribution, the
     device, the GPU capability, the import (only where the rest allows it to run) and
@@ -76,6 +89,11 @@ def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype
     if model is not None and info.class_flag and hasattr(model, info.class_flag) and not getattr(model, info.class_flag):
         reasons.append(f"{type(model).__name__} does not support {name} (transformers sets {info.class_flag} = False "
                        "for this class)")
+    softcap = softcap_of(model)
+    said_no = info.features.get("softcap")
+    if softcap and said_no is not None and not said_no.supported:  # transformers 5.17 runs it and drops the cap
+        reasons.append(f"the model soft-caps its attention logits (attn_logit_softcapping = {softcap}) and {name} "
+                       f"cannot ({said_no.how}): it would compute other scores")
     if info.dtypes and dtype not in info.dtypes:
         reasons.append(f"{name} runs fp16 and bf16 only (its kernels have no {dtype_name(dtype)} path); "
                        "pass --dtype bfloat16 (or float16 on GPUs older than Ampere)")

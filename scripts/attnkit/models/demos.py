@@ -21,6 +21,7 @@ class Demo:
     name: str
     description: str
     build: Callable[[], tuple[Any, str]]  # -> (config or ready model, family)
+    adjust: Callable[[Any], None] | None = None  # applied to the model built from the config (seed 0 weights)
 
 
 def _llama_config():
@@ -100,12 +101,31 @@ def _gemma2_config():
     from transformers import Gemma2Config
 
     # Gemma-2's attention: logit soft-capping (attn_logit_softcapping 50, the published
-    # configs' value), a sliding window on alternate layers, GQA. transformers sets
-    # _supports_sdpa = False for the class ("sdpa does not support softcapping").
+    # configs' value), a sliding window on alternate layers, GQA. transformers 5.25 sets
+    # _supports_sdpa = False for the class ("sdpa does not support softcapping"); 5.17 runs
+    # SDPA and drops the cap. _peaked_scores makes the cap change the output.
     return Gemma2Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=64,
                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                         max_position_embeddings=8192), "causal-lm"
+
+
+#: ``_peaked_scores``'s factor on the query and key projections: scores x 400.
+PEAK = 20.0
+
+
+def _peaked_scores(model: Any) -> None:
+    """Scale every layer's q_proj and k_proj weights by ``PEAK``, so that attention scores are
+    as large as a trained model's. With random weights (std 0.02) they are near 0 and
+    ``50 tanh(s / 50)`` is the identity: a backend that dropped the soft-cap would pass any
+    accuracy check. Measured on demo:gemma2, fp32, S 256, CPU: dropping the cap moves the
+    logits by 7e-7 unscaled and by 0.16 (max |logit| 1.15) with PEAK 20."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(PEAK)
+            layer.self_attn.k_proj.weight.mul_(PEAK)
 
 
 def _gpt2_config():
@@ -149,8 +169,8 @@ DEMOS: dict[str, Demo] = {
     "mistral": Demo("mistral", "Mistral causal LM, 2 layers, hidden 128, GQA, sliding window 64, random weights",
                     _mistral_config),
     "gemma2": Demo("gemma2", "Gemma-2 causal LM, 2 layers, hidden 128, GQA, attention logit soft-capping 50 and a "
-                             "sliding window 64 on alternate layers (no SDPA in transformers), random weights",
-                   _gemma2_config),
+                             "sliding window 64 on alternate layers (no SDPA), random weights with query and key "
+                             "projections x20 so that the cap changes the output", _gemma2_config, _peaked_scores),
     "gpt2": Demo("gpt2", "GPT-2 causal LM, 2 layers, hidden 128, random weights", _gpt2_config),
     "bert": Demo("bert", "BERT encoder, 2 layers, hidden 128, random weights", _bert_config),
     "minilm": Demo("minilm", "the real pretrained all-MiniLM-L6-v2 (BERT encoder, 6 layers) from the "

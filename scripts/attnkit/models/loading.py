@@ -714,6 +714,8 @@ def _load_demo(name: str, device: str, dtype: torch.dtype, device_map: str | Non
     with torch.device("cpu" if device_map else device):
         # Built with eager attention, as research code often pins it: the job's "before".
         model = _auto_class(family).from_config(built, dtype=dtype, attn_implementation="eager")
+    if demo.adjust is not None:
+        demo.adjust(model)
     if device_map:
         model = _dispatch(model, device_map, max_memory, dtype)
     return model.eval(), family, None
