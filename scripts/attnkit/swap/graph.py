@@ -36,6 +36,7 @@ chain's nodes are removed. The per-site proof belongs to ``measure.verify``.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import re
@@ -271,6 +272,9 @@ class _Term:
     fill: Any = None  # the fill value: a number or a node
     keep_where_true: bool = False  # torch.where(cond, scores, fill): the fill goes where cond is False
     text: str = ""
+    #: reshapes of the scores' batch axes before it was added, latest last: (letters after,
+    #: batch shape after, letters before, batch shape before), undone to reach the product's layout
+    views: list = field(default_factory=list)
 
 
 @dataclass
@@ -384,6 +388,8 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     if cont.bias is not None:
         terms.append(_Term("add", cont.bias, layout, cont.beta, text=f"baddbmm input x {cont.beta:g}"))
     mul01: list[tuple[fx.Node, str, int]] = []
+    views: list[tuple] = []
+    seq = {c for c in cont.out_idx if not (c in cont.a_idx and c in cont.b_idx)}  # the query and key letters
     for kind, n, data in steps:
         if kind == "scale":
             alpha *= data
@@ -391,11 +397,24 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
                 t.coef *= data
         elif kind == "perm":
             layout = "".join(layout[p] for p in data)
+        elif kind == "view":
+            if set(layout[-2:]) != seq:
+                raise Refused(f"{op_name(n)} at {where(n)} reshapes the scores with a sequence axis among its batch "
+                              "axes: SDPA cannot express it")
+            if views and layout == views[-1][0] and data[1] == tuple(_value(product).shape[:-2]) and \
+                    layout[-2:] == cont.out_idx[-2:]:
+                layout, views = cont.out_idx, []  # reshaped back to the product's shape: its layout again
+                continue
+            fresh = "".join(chr(ord("A") + len(views) * 8 + i) for i in range(len(data[1])))
+            views.append((fresh + layout[-2:], data[1], layout, data[0]))
+            layout = fresh + layout[-2:]
         elif kind == "add":
-            terms.append(_Term("add", data[0], layout, data[1], text=f"{op_name(n)} at {where(n)}"))
+            terms.append(_Term("add", data[0], layout, data[1], text=f"{op_name(n)} at {where(n)}",
+                               views=list(views)))
         elif kind == "fill":
             cond, fill, keep = data
-            terms.append(_Term("fill", cond, layout, 1.0, fill, keep, text=f"{op_name(n)} at {where(n)}"))
+            terms.append(_Term("fill", cond, layout, 1.0, fill, keep, text=f"{op_name(n)} at {where(n)}",
+                               views=list(views)))
         elif kind == "mul01":
             mul01.append((data, layout, len(terms)))
     key = layout[dim]
@@ -443,6 +462,10 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
                 dropout = float(p)
         elif user.op == "call_method" and user.target in ("transpose", "permute") and user.args[0] is node:
             w_layout = _permuted(w_layout, user)
+        elif user.op == "call_method" and user.target in ("view", "reshape") and views and \
+                isinstance(_value(user), torch.Tensor) and tuple(_value(user).shape) == tuple(_value(product).shape) \
+                and w_layout[-2:] == cont.out_idx[-2:]:
+            w_layout = cont.out_idx  # the scores' reshape undone: back in the product's layout
         else:
             raise Refused(f"the attention weights go through {op_name(user)} at {where(user)} before ·V: "
                           "SDPA cannot express it")
@@ -460,6 +483,9 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
         w_idx, v_node, v_idx = cv.b_idx, cv.a, cv.a_idx
     else:
         raise Refused(f"the value product at {where(vprod)} takes the weights twice")
+    if any(c not in cont.out_idx for c in w_layout):
+        raise Refused(f"the weights reach the value product at {where(vprod)} with their batch axes reshaped: "
+                      "SDPA cannot express it")
     role = dict(zip(w_idx, w_layout))  # the value product's letters -> the score letters
     summed = [c for c in w_idx if c in v_idx and c not in cv.out_idx]
     if [role[c] for c in summed] != [key]:
@@ -527,6 +553,14 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
     if node.op == "call_method" and base in ("transpose", "permute"):
         steps.append(("perm", node, _perm_of(node)))
         return args[0]
+    if node.op == "call_method" and base in ("view", "reshape") and isinstance(args[0], fx.Node):
+        before, after = _value(args[0]), _value(node)
+        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() >= 2 and \
+                after.dim() >= 2 and before.shape[-2:] == after.shape[-2:]:
+            steps.append(("view", node, (tuple(before.shape[:-2]), tuple(after.shape[:-2]))))
+            return args[0]
+        raise Refused(f"{op_name(node)} at {where(node)} reshapes the scores' sequence axes before the softmax: "
+                      "SDPA cannot express it")
     if base in _NONLINEAR:
         raise Refused(f"an elementwise non-linear function of the scores, {op_name(node)} at {where(node)}, between "
                       "the score product and the softmax: SDPA cannot express it (FlexAttention's score_mod can)")
@@ -721,6 +755,10 @@ def _site_call(plan: _Plan, number: int) -> Callable:
             else:
                 x = x * t.coef if t.coef != 1.0 else x
             x = x[(None,) * (len(lay) - x.dim())] if x.dim() < len(lay) else x
+            for after, after_batch, before, before_batch in reversed(t.views):
+                x = x.permute([lay.index(c) for c in after])
+                x = x.expand(*after_batch, *x.shape[-2:]).reshape(*before_batch, *x.shape[-2:])
+                lay = before
             x = x.permute([lay.index(c) for c in mask_layout])
             if mask is None:
                 mask = x
@@ -792,6 +830,7 @@ class Capture:
         self.compiled = torch.compile(module.forward, backend=self.backend, fullgraph=False, dynamic=False)
 
     def backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        saved = copy.deepcopy(gm.graph)
         try:
             functionalize(gm.graph)
             gm.recompile()
@@ -803,9 +842,13 @@ class Capture:
                     self.rewritten.append(site.key)
         except Exception as exc:  # the matcher's own failure must not break the model: the piece runs as captured
             self.errors.append(f"{type(exc).__name__}: {exc}")
+            gm.graph = saved
+            gm.recompile()
         return gm.forward
 
     def __call__(self, *args, **kwargs):
+        # a module of N instances, each with its own backend, at a few shapes and grad modes: more
+        # compiled entries per code object than Dynamo's default of 8 (beyond it Dynamo runs the original)
         with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
             return self.compiled(*args, **kwargs)
 

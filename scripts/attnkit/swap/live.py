@@ -92,6 +92,7 @@ class LiveSite:
     path: str = ""  # which matcher made the swap: source (swap.scan, with a patch) | graph (swap.graph)
     runtime_only: str = ""  # a graph swap: why there is no source patch
     graph: GraphSite | None = None  # the graph path's site, when it took this one
+    capture_s: float | None = None  # a graph swap: seconds its module's first capture took (trace, match, run)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("site", "graph")}
@@ -374,11 +375,14 @@ class Swapper:
             return False
         if not found.swappable:
             live.reason = f"{found.reason} ({why})"
+            if not found.reason.endswith("not attention"):  # attention, refused for a construct SDPA cannot take
+                live.kind = "manual"
             return False
         live.graph, live.path, live.site, live.reason = found, "graph", None, ""
         live.kind, live.owner, live.method, live.global_name = "manual", "graph", "forward", ""
         live.line = found.lines[0] if found.lines else live.line
         live.runtime_only = f"run-time only, no source patch: {why}"
+        live.capture_s = round(self.captures[(id(live._module), None)].seconds, 3)  # type: ignore[attr-defined]
         return True
 
     def _capture(self, module: nn.Module, select: frozenset | None) -> Capture:
