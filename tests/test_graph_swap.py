@@ -119,3 +119,28 @@ def test_source_sites_keep_the_source_path():
     assert found  # the source matcher still reads files without running them
     session = open_session(f"{MODELS / 'attention_styles.py'}:build_scaleonquery", seq_len=32, batch_size=2)
     assert all(s.path == "source" and s.status == "swapped" for s in session.swapper.sites.values())
+
+
+@pytest.mark.parametrize("style", sorted(__import__("models.attention_styles", fromlist=["STYLES"]).STYLES))
+def test_the_graph_path_alone_reads_every_style_of_the_first_set(style):
+    """One matcher, no case per construct: every style of tests/models/attention_styles.py
+    (which the source matcher was built from) is matched by the graph path alone, with the
+    same output, and the two that SDPA cannot express are refused by name."""
+    from models import attention_styles as A
+
+    torch.manual_seed(0)
+    module = A.STYLES[style][0]().eval()
+    x = torch.randn(2, 64, A.D_MODEL)
+    args = (x, A.pad_mask(2, 64)) if style in A.TAKES_MASK else (x,)
+    capture = graph.Capture(module)
+    with torch.no_grad():
+        want = module(*args)
+        capture.run(args, {})
+        got = capture(*args)
+    (site,) = capture.sites.values()
+    assert not capture.errors
+    if A.STYLES[style][1] == "swap":
+        assert site.swappable and capture.rewritten, site.reason
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    else:
+        assert not site.swappable and A.STYLES[style][1] in site.reason and "line " in site.reason, site.reason
