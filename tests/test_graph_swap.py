@@ -144,3 +144,34 @@ def test_the_graph_path_alone_reads_every_style_of_the_first_set(style):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     else:
         assert not site.swappable and A.STYLES[style][1] in site.reason and "line " in site.reason, site.reason
+
+
+class _QueryAxisSoftmax(torch.nn.Module):
+    def forward(self, q, k, v):  # [B, H, S, D] each
+        return torch.matmul((q @ k.transpose(-1, -2)).softmax(dim=-2), v)
+
+
+class _WeightsKept(torch.nn.Module):
+    def forward(self, q, k, v):
+        w = (q @ k.transpose(-1, -2) * 0.25).softmax(dim=-1)
+        return w @ v, w.mean()
+
+
+class _TopK(torch.nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        kth = s.topk(4, dim=-1).values[..., -1:]
+        s = s.masked_fill(s < kth, float("-inf"))
+        return s.softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("module,construct", [(_QueryAxisSoftmax, "the query axis"),
+                                              (_WeightsKept, "weights used anywhere but ·V"),
+                                              (_TopK, "Tensor.topk")])
+def test_other_constructs_sdpa_cannot_express_are_refused_by_name(module, construct):
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    capture = graph.Capture(module().eval())
+    capture.run((q, k, v), {})
+    (site,) = capture.sites.values()
+    assert not site.swappable and construct in site.reason and "line " in site.reason, site.reason
+    assert not capture.rewritten

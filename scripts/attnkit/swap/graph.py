@@ -347,7 +347,8 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     node -> whether a contraction is among its inputs' ancestors or itself."""
     scores = softmax.args[0]
     dim = _arg(softmax, 1, "dim")
-    site.softmax_upcast = any(isinstance(a, torch.dtype) for a in list(softmax.args[2:]) + [softmax.kwargs.get("dtype")])
+    site.softmax_upcast = any(isinstance(a, torch.dtype)
+                              for a in list(softmax.args[2:]) + [softmax.kwargs.get("dtype")])
     rank = _rank(scores)
     if not isinstance(dim, int) or rank < 2:
         raise Refused(f"the softmax at {where(softmax)} has no constant axis: not attention")
@@ -427,7 +428,8 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     query = [c for c in cont.out_idx if c in q_idx and c not in k_idx]
     inner = [c for c in q_idx if c in k_idx and c not in cont.out_idx]
     stray = [c for c in q_idx + k_idx if c not in cont.out_idx and c not in inner]
-    if len(query) != 1 or len(inner) != 1 or stray or [c for c in k_idx if c in cont.out_idx and c not in batch] != [key]:
+    key_side = [c for c in k_idx if c in cont.out_idx and c not in batch]
+    if len(query) != 1 or len(inner) != 1 or stray or key_side != [key]:
         raise Refused(f"{cont.form} at {where(product)} is not one query index by one key index over one "
                       "contracted index: not Q·Kᵀ")
     if any(t.coef <= 0 for t in terms if t.kind == "fill") or alpha <= 0 and any(t.kind == "fill" for t in terms):
@@ -438,7 +440,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
                 raise Refused(f"the mask of {t.text} is computed from the scores themselves (weights chosen from "
                               "the scores, as top-k does): SDPA cannot express it")
     for m, lay, after in mul01:
-        _check_mul01(m, lay, terms[after:], example_inputs, gm, softmax)
+        _check_mul01(m, lay, terms[after:], example_inputs, gm)
     # --- forward from the softmax to the value product
     w_layout, dropout, tail = layout, 0.0, []
     node = softmax
@@ -489,11 +491,15 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     role = dict(zip(w_idx, w_layout))  # the value product's letters -> the score letters
     summed = [c for c in w_idx if c in v_idx and c not in cv.out_idx]
     if [role[c] for c in summed] != [key]:
-        what = "the query axis" if [role[c] for c in summed] == query else "another axis"
         if any(role[c] in batch for c in summed):
-            what = "the heads (weights mixed across heads: talking heads)"
-        raise Refused(f"the value product at {where(vprod)} sums the weights over {what}, but the softmax at "
-                      f"{where(softmax)} normalises over the key axis: not attention")
+            raise Refused(f"talking heads: the value product at {where(vprod)} sums the weights over the heads "
+                          "(weights mixed across heads after the softmax); SDPA computes each head on its own")
+        if [role[c] for c in summed] == query:
+            raise Refused(f"softmax over the query axis: the softmax at {where(softmax)} normalises over one sequence "
+                          f"axis of the scores and the value product at {where(vprod)} sums over the other; SDPA "
+                          "cannot express it")
+        raise Refused(f"the value product at {where(vprod)} does not sum the weights over the axis the softmax at "
+                      f"{where(softmax)} normalises: not attention")
     value_letters = [c for c in v_idx if c not in w_idx]
     if len(value_letters) != 1 or any(c not in v_idx for c in w_idx if role[c] in batch) or \
             any(c not in cv.out_idx for c in w_idx if role[c] not in (key,)) or value_letters[0] not in cv.out_idx:
@@ -546,8 +552,11 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
     base = _base(node)
     args = list(node.args)
     kw = node.kwargs
-    tensors = [a for a in args if isinstance(a, fx.Node)]
-    carriers = [a for a in tensors if reach.get(a)]
+    carriers = [a for a in args if isinstance(a, fx.Node) and reach.get(a)]
+    if base == "masked_fill" and args and args[0] in carriers:  # the condition is a mask, whatever it reads
+        carriers = [args[0]]
+    elif base == "where" and len(args) == 3 and args[0] in carriers and len(carriers) == 2:
+        carriers = carriers[1:]
     if node.op == "call_method" and base in _CAST_METHODS and args and isinstance(args[0], fx.Node):
         return args[0]
     if node.op == "call_method" and base in ("transpose", "permute"):
@@ -658,8 +667,8 @@ def _refuse_talking_heads(cont: Contraction) -> None:
             break
 
 
-def _check_mul01(m: fx.Node, layout: str, later: list[_Term], example_inputs: list | None, gm: fx.GraphModule,
-                 softmax: fx.Node) -> None:
+def _check_mul01(m: fx.Node, layout: str, later: list[_Term], example_inputs: list | None,
+                 gm: fx.GraphModule) -> None:
     """Scores times a tensor ``m`` may be dropped only when ``m`` is 0 or 1 and every score
     it zeroes also gets a large negative term later (``w * m + -1e9 * (1 - m)``); checked on
     the captured inputs' values."""

@@ -354,7 +354,8 @@ class Swapper:
             return False
         key = next(k for k, v in self.sites.items() if v is live)
         softmax_at = live._softmax_at  # type: ignore[attr-defined]
-        modules = [live._module] + [m for m in self.stack_of(key) if m is not live._module]  # type: ignore[attr-defined]
+        inner = live._module  # type: ignore[attr-defined]
+        modules = [inner] + [m for m in self.stack_of(key) if m is not inner]
         found: GraphSite | None = None
         for module in modules[:4]:
             if module not in self.inputs:
