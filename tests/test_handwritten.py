@@ -231,10 +231,16 @@ def test_a_line_that_only_fed_the_softmax_goes_with_the_scores_and_the_main_job_
     assert run.check("accuracy")["passed"] and FUSED in run.check("kernels")["evidence"]
 
 
-def test_a_line_whose_value_is_still_read_keeps_the_site_with_both_lines_named():
+def test_a_line_whose_value_is_still_read_keeps_the_source_patch_out_with_both_lines_named():
+    """The source matcher refuses the site (removing ``scores`` would break ``keys =
+    scores.size(-1)``) and names both lines; since issue 20 the graph path, where the size is
+    a constant, swaps it at run time, saying why there is no patch."""
     run = run_script("find_attention.py", "--model", f"{BETWEEN}:reads_later", "--seq-len", "32", "--no-report")
-    assert run.rc == 1
-    reasons = {s["reason"] for s in run.result["data"]["sites"]}
+    assert run.rc == 0
+    sites = run.result["data"]["sites"]
+    assert all(s["status"] == "swapped" and s["path"] == "graph" for s in sites)
+    reasons = {s["runtime_only"] for s in sites}
     assert len(reasons) == 1
     reason = reasons.pop()
     assert "reads 'scores', which the swap removes" in reason and "reads what it sets" in reason
+    assert run.result["data"]["patch"] == ""

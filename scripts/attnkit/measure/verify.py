@@ -27,48 +27,57 @@ def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, bac
     the whole model (``loaded``, a ``models.LoadedModel``) on ``inputs`` with them all
     installed (``verify_model``). Returns every site."""
     for live in swapper.candidates(backend):
-        args, kwargs = swapper.module_inputs(live)
-        module = live._module  # type: ignore[attr-defined]
-        was_training = module.training
-        module.eval()
-        mode = grad_mode(module, args, kwargs)
-        try:
-            with mode(), autocast_of(loaded):
-                base = select_output(module(*args, **kwargs))
-
-            def run(m, dt):
-                with mode():
-                    return select_output(m(*cast_floating(args, dt), **cast_floating(kwargs, dt))).double()
-
-            ref, ref_name = run_reference(module, run, low=loaded.input_dtype)
-            try:
-                with swapper.trial(live), mode(), autocast_of(loaded), profiled() as prof:
-                    cand = select_output(module(*args, **kwargs))
-            except Exception as exc:
-                live.reason = f"the swapped code raised {said(exc, 200)}"
-                continue
-            acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
-                          reference_name=ref_name.replace("eager", "original"))
-            live.accuracy = acc.to_dict()
-            seen = attention_kernels(prof.events())
-            kernels = [k for k in seen if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
-            live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
-            if not acc.passed:
-                live.reason = f"outputs differ after the swap: {acc.evidence()}"
-                continue
-            if not ran_new_call(seen, backend):
-                # the rewrite kept the original path for these inputs (a run-time guard for a
-                # construct SDPA cannot take): the same output proves nothing about the swap
-                live.reason = (f"the swapped code did not call {backend} on the module's own inputs: the profiler saw "
-                               f"{', '.join(sorted(seen)) or 'no attention op'} (its original path ran, behind a "
-                               "run-time guard)")
-                continue
-            live.status = "swapped"
-        finally:
-            module.train(was_training)
+        _verify_site(swapper, live, loaded, dtype, backend)
+        if live.status != "swapped" and live.path == "source" and live.reason.startswith("the swapped code raised") \
+                and backend == "sdpa" and swapper.fall_back(live, f"its source rewrite raised: {live.reason}"):
+            _verify_site(swapper, live, loaded, dtype, backend)  # the graph path's rewrite, proven the same way
     swapper.revert()
     verify_model(swapper, loaded, inputs, dtype)
     return list(swapper.sites.values())
+
+
+def _verify_site(swapper: Any, live: Any, loaded: Any, dtype: torch.dtype, backend: str) -> None:
+    """Try ``live``'s swap alone on its module's own inputs: ``swapped`` when the output
+    matches the original's and the new call ran, else ``kept`` with the reason."""
+    args, kwargs = swapper.module_inputs(live)
+    module = live._module  # type: ignore[attr-defined]
+    was_training = module.training
+    module.eval()
+    mode = grad_mode(module, args, kwargs)
+    try:
+        with mode(), autocast_of(loaded):
+            base = select_output(module(*args, **kwargs))
+
+        def run(m, dt):
+            with mode():
+                return select_output(m(*cast_floating(args, dt), **cast_floating(kwargs, dt))).double()
+
+        ref, ref_name = run_reference(module, run, low=loaded.input_dtype)
+        try:
+            with swapper.trial(live), mode(), autocast_of(loaded), profiled() as prof:
+                cand = select_output(module(*args, **kwargs))
+        except Exception as exc:
+            live.reason = f"the swapped code raised {said(exc, 200)}"
+            return
+        acc = compare(cand, base, ref, valid=None, dtype=dtype, language_model=False,
+                      reference_name=ref_name.replace("eager", "original"))
+        live.accuracy = acc.to_dict()
+        seen = attention_kernels(prof.events())
+        kernels = [k for k in seen if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
+        live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
+        if not acc.passed:
+            live.reason = f"outputs differ after the swap: {acc.evidence()}"
+            return
+        if not ran_new_call(seen, backend):
+            # the rewrite kept the original path for these inputs (a run-time guard for a
+            # construct SDPA cannot take): the same output proves nothing about the swap
+            live.reason = (f"the swapped code did not call {backend} on the module's own inputs: the profiler saw "
+                           f"{', '.join(sorted(seen)) or 'no attention op'} (its original path ran, behind a "
+                           "run-time guard)")
+            return
+        live.status = "swapped"
+    finally:
+        module.train(was_training)
 
 
 def ran_new_call(seen: Any, backend: str) -> bool:

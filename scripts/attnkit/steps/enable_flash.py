@@ -464,6 +464,10 @@ def _switch_check(prep: Prepared, o: EnableOptions, m: Measured) -> Check:
     ran = ran_new_call(cand.kernel_counts, m.backend)
     text = (f"hand-written attention: {len(swapped)} of {len(swapper.sites)} sites swapped to {m.backend}, each seen "
             f"calling it on its module's own inputs ({', '.join(sorted({s.function for s in swapped}))})")
+    by_graph = sum(s.path == "graph" for s in swapped)
+    if by_graph:
+        text += (f"; {by_graph} of them by the graph path (a captured graph, matched by data flow): run-time only, "
+                 "no source patch")
     text += (f"; the candidate's forward pass ran {m.backend}" if ran else
              f"; but the candidate's forward pass ran no {m.backend} op (profiler: {fmt_kernels(cand.kernel_counts)})")
     return Check("switch", bool(swapped) and ran and cand.implementation == m.backend, text + f"; {after}")

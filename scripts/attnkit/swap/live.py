@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..backends import BACKENDS
 from ..report import CannotRun
+from .graph import Capture, GraphSite
 from .patch import apply_edits
 from .scan import Site, analyze_source
 
@@ -81,18 +82,27 @@ class LiveSite:
     score_shape: list[int] = field(default_factory=list)  # [batch, S_q, S_k, D] of its first call
     static: bool = False  # the reason comes from the source, not from a verification
     site: Site | None = None
-    owner: str = ""  # method | function
+    owner: str = ""  # method | attribute | function | graph
     method: str = ""  # the instance attribute that is rebound
     global_name: str = ""  # for a module-level function: its name in the caller's globals
     status: str = "kept"  # swapped | kept | fast
     reason: str = ""
     accuracy: dict | None = None
     kernel_after: str = ""
+    path: str = ""  # which matcher made the swap: source (swap.scan, with a patch) | graph (swap.graph)
+    runtime_only: str = ""  # a graph swap: why there is no source patch
+    graph: GraphSite | None = None  # the graph path's site, when it took this one
+    capture_s: float | None = None  # a graph swap: seconds its module's first capture took (trace, match, run)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "site"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("site", "graph")}
         d["where"] = f"{self.file}:{self.line}"
-        if self.site is not None:
+        if self.graph is not None:
+            g = self.graph.to_dict()
+            d.update({k: g[k] for k in ("form", "layout", "scale", "mask", "mask_terms", "dropout", "softmax_upcast",
+                                        "notes")})
+            d["site_lines"] = g["lines"]
+        elif self.site is not None:
             s = self.site.to_dict()
             d.update({k: s[k] for k in ("form", "mask", "scale", "dropout", "gqa", "softmax_upcast", "call", "notes",
                                         "blockers")})
@@ -253,6 +263,9 @@ class Swapper:
         self.backend = "eager"  # what is installed now
         self.target = "sdpa"  # what the swaps compile to: sdpa, flash_attention_2 or flash_attention_4
         self._originals: dict[tuple, Any] = {}  # (module id, attr) -> the function an attribute swap shadows
+        self.graph_path = True  # try swap.graph where the source matcher refuses a site
+        self.captures: dict[tuple, Capture] = {}  # (module id, the softmax keys it rewrites) -> its compiled forward
+        self.capture_seconds: dict[str, float] = {}  # module name -> seconds of its first capture
         if register:
             _REGISTRY[model] = self
 
@@ -279,6 +292,7 @@ class Swapper:
             site._code = top.f_code  # type: ignore[attr-defined]
             site._rank = self.rank  # type: ignore[attr-defined]
             site._mhas = []  # type: ignore[attr-defined]
+            site._softmax_at = (top.f_code.co_filename, top.f_lineno)  # type: ignore[attr-defined]
             self.sites[key] = site
             self.frames[key] = [(f.f_code, f.f_globals) for f in frames]
             self.stacks[key] = list(own)
@@ -324,7 +338,72 @@ class Swapper:
         """Find the source site of a recorded op, and how its function can be rerouted (a
         reason found here is final: ``live.static``)."""
         self._understand_site(key, live)
+        if live.reason and live.kind in ("manual", "softmax"):
+            self.fall_back(live, f"the source matcher refused it: {live.reason}")
+        elif live.site is not None and live.owner:
+            live.path = "source"
         live.static = bool(live.reason)
+
+    def fall_back(self, live: LiveSite, why: str) -> bool:
+        """Try the graph path (``swap.graph``) for ``live``, which the source matcher refused
+        or whose rewrite raised (``why``): capture the forward of the innermost module that
+        ran it, and of the modules around it while the softmax's input comes from outside
+        the captured graph. True when the graph path takes the site (``live.path`` 'graph',
+        no source patch); otherwise ``live.reason`` says why, the graph's reason first."""
+        if not self.graph_path:
+            return False
+        key = next(k for k, v in self.sites.items() if v is live)
+        softmax_at = live._softmax_at  # type: ignore[attr-defined]
+        inner = live._module  # type: ignore[attr-defined]
+        modules = [inner] + [m for m in self.stack_of(key) if m is not inner]
+        found: GraphSite | None = None
+        for module in modules[:4]:
+            if module not in self.inputs:
+                continue
+            capture = self._capture(module, None)
+            if capture.errors:
+                live.reason = f"{live.reason}; the graph path failed: {capture.errors[0]}"
+                return False
+            found = capture.sites.get(softmax_at)
+            if found is None or found.swappable or not found.external_input:
+                if found is not None and found.swappable:
+                    live._module = module  # type: ignore[attr-defined]
+                    live.module_name = self.names.get(module, "?")
+                    live.module_type = type(module).__name__
+                break
+        if found is None:
+            live.reason = f"{live.reason} (the graph path found no softmax at {softmax_at[0]}:{softmax_at[1]})"
+            return False
+        if not found.swappable:
+            live.reason = f"{found.reason} ({why})"
+            if not found.reason.endswith("not attention"):  # attention, refused for a construct SDPA cannot take
+                live.kind = "manual"
+            return False
+        live.graph, live.path, live.site, live.reason = found, "graph", None, ""
+        live.kind, live.owner, live.method, live.global_name = "manual", "graph", "forward", ""
+        live.line = found.lines[0] if found.lines else live.line
+        live.runtime_only = f"run-time only, no source patch: {why}"
+        live.capture_s = round(self.captures[(id(live._module), None)].seconds, 3)  # type: ignore[attr-defined]
+        return True
+
+    def _capture(self, module: nn.Module, select: frozenset | None) -> Capture:
+        """The graph path's compiled forward of ``module`` that rewrites the sites in
+        ``select`` (every one it can when None), captured on the module's recorded inputs."""
+        key = (id(module), select)
+        if key not in self.captures:
+            capture = Capture(module, None if select is None else set(select))
+            args, kwargs = self.inputs[module]
+            was_training = module.training
+            try:
+                capture.run(args, kwargs)
+            except Exception as exc:
+                capture.errors.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                module.train(was_training)
+            self.captures[key] = capture
+            if select is None:
+                self.capture_seconds[self.names.get(module, "?")] = round(capture.seconds, 3)
+        return self.captures[key]
 
     def _understand_site(self, key: tuple, live: LiveSite) -> None:
         module, code = live._module, live._code  # type: ignore[attr-defined]
@@ -439,7 +518,8 @@ class Swapper:
 
     # --- swapping
     def swappable(self) -> list[LiveSite]:
-        return [s for s in self.sites.values() if s.site is not None and s.site.swappable and s.owner and not s.static]
+        return [s for s in self.sites.values() if not s.static and s.owner and (
+            s.path == "graph" or s.site is not None and s.site.swappable)]
 
     def edits_for(self, live: LiveSite, backend: str) -> list:
         """The site's source edits for ``backend`` (sdpa, or a FlashAttention backend where the
@@ -480,6 +560,14 @@ class Swapper:
             self._originals.setdefault((id(module), live.method), module.__dict__[live.method])
         elif live.method in module.__dict__:
             raise CannotRun(f"{live.module_name} already has its own {live.method!r} on the instance", "")
+        if live.owner == "graph":
+            keys = frozenset(g._softmax_at for g in group or [live] if g.owner == "graph")  # type: ignore[attr-defined]
+            everything = self.captures.get((id(module), None))
+            whole = everything is not None and keys == frozenset(
+                k for k, s in everything.sites.items() if s.swappable)
+            module.__dict__["forward"] = everything if whole else self._capture(module, keys)
+            self.installed[(id(module), "forward")] = (module, "forward")
+            return
         new_fn = self._function_for(live, group)
         if live.owner == "attribute":
             module.__dict__[live.method] = new_fn
@@ -535,6 +623,9 @@ class Swapper:
         out = []
         for live in self.swappable():
             live.status, live.reason, live.accuracy, live.kernel_after = "kept", "", None, ""
+            if backend != "sdpa" and live.path == "graph":
+                live.reason = f"the graph path rewrites to sdpa only, not {backend}"
+                continue
             if backend != "sdpa" and backend not in live.site.variant_edits:
                 live.reason = (f"{backend} takes no mask but a causal one; this site has a {live.site.mask} mask"
                                if live.site.mask not in ("none", "causal", "causal buffer") else

@@ -1,0 +1,869 @@
+"""Hand-written attention found in a graph captured from the running model, by data flow,
+and rewritten to one ``F.scaled_dot_product_attention`` call: the run-time path for the
+sites the source matcher (``swap.scan``) refuses.
+
+**Capture.** ``torch.compile(module.forward, backend=..., fullgraph=False, dynamic=False)``:
+Dynamo hands the backend one FX ``GraphModule`` per graph piece (a graph break splits the
+forward; each piece is searched), with helpers inlined, branches resolved, ``nn.Softmax``
+and ``nn.Dropout`` inlined to ``F.softmax`` / ``F.dropout``, f-string einsum equations
+constant and in-place ops recorded in order. The backend rewrites the piece and returns its
+``forward``, which runs eagerly: no inductor.
+
+**Match by data flow** (``find_sites``). In-place ops on tensors the graph made itself
+(``w.mul_(s)``, ``masked_fill_``, ``a += b``) are first turned into out-of-place ones whose
+later readers get the new value (``functionalize``). Then a *site* is a softmax over one
+axis whose input is a contraction ``Q·Kᵀ`` (``matmul``, ``@``, ``bmm``, ``baddbmm``,
+``einsum``) through a chain of
+
+- scalar scalings (``* c``, ``/ c``, ``baddbmm``'s ``alpha``): SDPA's ``scale``;
+- additive tensors (a bias, ALiBi, a relative-position table, ``baddbmm``'s ``beta * input``):
+  a float ``attn_mask``;
+- masks (``masked_fill`` / ``where`` with ``-inf`` or a large negative value, or the
+  arithmetic ``w * m + -1e9 * (1 - m)`` with ``m`` of zeros and ones): a boolean or additive
+  ``attn_mask``;
+- casts and transposes of the scores,
+
+and whose weights reach ``·V`` (a second contraction over the softmax axis) through casts
+and dropout only. Every tensor is named by its index letters (an einsum's own, or
+``[..., i, d] @ [..., d, j]`` for a matmul), so the ``[B, H, S, D]`` layout of Q, K, V, of
+the mask and of the output follows from the index structure, whatever the spelling. Any
+other op on the scores or weights refuses the site with the construct and its source line
+(``node.meta["stack_trace"]``): an op is never dropped unexamined.
+
+**Rewrite** (``rewrite``): the value product's readers get the SDPA call's output; the
+chain's nodes are removed. The per-site proof belongs to ``measure.verify``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+#: a fill at or below this value is a mask: exp(-1e4 - max) is 0 in every float dtype
+LARGE_NEGATIVE = -1e4
+
+_SOFTMAX_FUNCS = {torch.softmax, F.softmax, torch.nn.functional.softmax, torch.special.softmax}
+_MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm}
+_EINSUM_FUNCS = {torch.einsum, torch.functional.einsum}
+_CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type_as", "type", "contiguous", "clone", "detach"}
+_INPLACE_FUNCS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                  operator.itruediv: operator.truediv}
+#: ops whose output is a new tensor (never a view of an input): mutating one in place is local
+_FRESH_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.baddbmm, torch.einsum, torch.functional.einsum,
+                torch.softmax, F.softmax, operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+                torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.masked_fill, torch.cat,
+                torch.zeros, torch.ones, torch.full, torch.empty, torch.zeros_like, torch.ones_like,
+                torch.full_like, torch._C._nn.linear, F.linear}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "masked_fill", "softmax", "matmul", "bmm", "baddbmm", "clone",
+                  "neg", "where"}
+_NONLINEAR = {"tanh", "exp", "sigmoid", "clamp", "clip", "pow", "abs", "relu", "log", "sqrt", "erf", "sin", "cos",
+              "nan_to_num", "square", "gelu", "softplus", "hardtanh", "maximum", "minimum"}
+#: methods that read only a tensor's dtype and device: the scores reaching one are not data flow
+_NEW_METHODS = {"new_ones": torch.ones, "new_zeros": torch.zeros, "new_empty": torch.empty, "new_full": torch.full}
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n(.*)')
+
+
+class Refused(Exception):
+    """The site cannot be SDPA; the message names the construct and its source line."""
+
+
+@dataclass
+class GraphSite:
+    """One softmax of a captured graph piece and what the matcher made of it.
+
+    ``key`` is (file, line) of the softmax call in user code (the innermost frame of its
+    stack trace: a helper's own line when the softmax is in a helper); ``lines`` the source
+    lines of the score product, the softmax and the value product."""
+
+    file: str
+    line: int
+    function: str = ""
+    swappable: bool = False
+    reason: str = ""
+    form: str = ""  # the score product: matmul | bmm | baddbmm | einsum '<equation>'
+    layout: str = ""  # index letters: 'q [b h i d], k [b h j d], v [b h j e] -> [b h i e]'
+    scale: float | None = None
+    mask: str = "none"  # none | boolean | additive
+    mask_terms: list[str] = field(default_factory=list)  # each term with its line
+    dropout: float = 0.0
+    softmax_upcast: bool = False
+    lines: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    external_input: bool = False  # the softmax's input comes from outside this graph piece
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.file, self.line)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "external_input"}
+
+
+# ----------------------------------------------------------------------------- node facts
+
+def frame_of(node: fx.Node) -> tuple[str, int, str, str]:
+    """(file, line, function, code) of the innermost user frame that issued ``node``."""
+    found = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if not found:
+        return ("?", 0, "?", "")
+    file, line, fn, code = found[-1]
+    return file, int(line), fn, code.strip()
+
+
+def where(node: fx.Node) -> str:
+    file, line, _, code = frame_of(node)
+    return f"line {line} (`{code}`)" if code else f"line {line}"
+
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        mod = getattr(node.target, "__module__", "") or ""
+        name = getattr(node.target, "__name__", str(node.target))
+        mod = {"torch._C._VariableFunctions": "torch", "torch.functional": "torch", "_operator": "operator",
+               "torch.nn.functional": "F", "torch._C._nn": "F"}.get(mod, mod)
+        return f"{mod}.{name}" if mod else name
+    return node.op
+
+
+def _base(node: fx.Node) -> str:
+    """The op's plain name: 'mul' for operator.mul, torch.mul and Tensor.mul."""
+    return str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target))
+
+
+def _value(node: Any) -> Any:
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def _rank(node: Any) -> int:
+    v = _value(node)
+    return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _SOFTMAX_FUNCS) or (
+        node.op == "call_method" and node.target == "softmax")
+
+
+def _is_contraction(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _MATMUL_FUNCS or node.target in _EINSUM_FUNCS or node.target is torch.baddbmm
+    return node.op == "call_method" and node.target in ("matmul", "bmm", "baddbmm")
+
+
+def _is_fresh(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCS
+    return node.op == "call_method" and node.target in _FRESH_METHODS
+
+
+# ----------------------------------------------------------------------------- in-place ops as data flow
+
+def functionalize(graph: fx.Graph) -> int:
+    """Turn in-place ops on tensors the graph made itself into out-of-place ones, and point
+    every later reader of the mutated tensor at the new value. A mutation of a graph input,
+    or of a tensor with a view taken before the mutation, is left as it is (the matcher then
+    refuses a site that reads it). Returns the number of ops turned."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    fresh = {n for n in graph.nodes if _is_fresh(n)}
+    turned = 0
+    for node in list(graph.nodes):
+        target = None
+        if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+                and not node.target.startswith("_") and hasattr(torch.Tensor, node.target[:-1]):
+            target = ("call_method", node.target[:-1])
+        elif node.op == "call_function" and node.target in _INPLACE_FUNCS:
+            target = ("call_function", _INPLACE_FUNCS[node.target])
+        if target is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        mutated = node.args[0]
+        if mutated not in fresh:
+            continue
+        earlier = [u for u in mutated.users if u is not node and order[u] < order[node]]
+        if any(u not in fresh for u in earlier):  # an alias taken before the mutation sees it
+            continue
+        node.op, node.target = target
+        fresh.add(node)
+        later = [u for u in mutated.users if u is not node and order[u] > order[node]]
+        for user in later:
+            user.replace_input_with(mutated, node)
+        turned += 1
+    return turned
+
+
+# ----------------------------------------------------------------------------- contractions as index letters
+
+@dataclass
+class Contraction:
+    """A contraction as einsum letters: out[o] = sum over the shared letters of a[a] * b[b],
+    times ``alpha``, plus ``beta * bias`` (baddbmm)."""
+
+    node: fx.Node
+    a: fx.Node
+    b: fx.Node
+    a_idx: str
+    b_idx: str
+    out_idx: str
+    form: str
+    alpha: float = 1.0
+    bias: fx.Node | None = None
+    beta: float = 0.0
+
+
+def contraction(node: fx.Node) -> Contraction:
+    """``node`` (matmul, @, bmm, baddbmm, einsum) as index letters; raises ``Refused``."""
+    letters = "abcfghklmnopqrtuvwxyz"
+    if node.op == "call_function" and node.target in _EINSUM_FUNCS or (
+            node.op == "call_method" and node.target == "einsum"):
+        eq = node.args[0]
+        ops = node.args[1:]
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = tuple(ops[0])
+        if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq or "..." in eq:
+            raise Refused(f"torch.einsum({eq!r}) at {where(node)}: not a two-operand equation with explicit "
+                          "output indices")
+        eq = eq.replace(" ", "")
+        ins, out = eq.split("->")
+        a_idx, b_idx = ins.split(",")
+        if not all(isinstance(o, fx.Node) for o in ops):
+            raise Refused(f"torch.einsum at {where(node)} takes a constant operand")
+        return Contraction(node, ops[0], ops[1], a_idx, b_idx, out, f"einsum '{eq}'")
+    if node.target in (torch.baddbmm, "baddbmm"):
+        bias = _arg(node, 0, "input")
+        a, b = _arg(node, 1, "batch1"), _arg(node, 2, "batch2")
+        beta, alpha = node.kwargs.get("beta", 1.0), node.kwargs.get("alpha", 1.0)
+        if not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
+            raise Refused(f"torch.baddbmm at {where(node)} with a tensor beta or alpha")
+        return Contraction(node, a, b, "aid", "adj", "aij", "baddbmm", float(alpha),
+                           bias if beta else None, float(beta))
+    a, b = node.args[0], node.args[1]
+    ra, rb = _rank(a), _rank(b)
+    if ra < 2 or ra != rb:
+        raise Refused(f"{op_name(node)} at {where(node)} of rank-{ra} and rank-{rb} tensors: not a batched Q·Kᵀ")
+    batch = letters[:ra - 2]
+    form = "bmm" if node.target in (torch.bmm, "bmm") else "matmul"
+    return Contraction(node, a, b, batch + "id", batch + "dj", batch + "ij", form)
+
+
+# ----------------------------------------------------------------------------- the matcher
+
+@dataclass
+class _Term:
+    """One part of the mask, in the score layout it was added in."""
+
+    kind: str  # add | fill
+    node: Any  # the added tensor, or the fill's condition
+    layout: str  # the scores' letters when it was added
+    coef: float = 1.0  # the scalings applied after it
+    fill: Any = None  # the fill value: a number or a node
+    keep_where_true: bool = False  # torch.where(cond, scores, fill): the fill goes where cond is False
+    text: str = ""
+    #: reshapes of the scores' batch axes before it was added, latest last: (letters after,
+    #: batch shape after, letters before, batch shape before), undone to reach the product's layout
+    views: list = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """What the rewrite needs for one site."""
+
+    site: GraphSite
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    q_perm: list[int]
+    k_perm: list[int]
+    v_perm: list[int]
+    out_perm: list[int]
+    scale: float
+    terms: list[_Term]
+    mask_layout: str  # the SDPA score letters: batch + query + key
+    batch: int  # number of batch letters
+    out_node: fx.Node
+    removable: list[fx.Node]
+    out_dtype: Any = None
+    dtype_readers: list = field(default_factory=list)
+
+
+def _ancestors(node: Any, stop: int = 4000) -> set:
+    seen, todo = set(), [node] if isinstance(node, fx.Node) else []
+    while todo and len(seen) < stop:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_method" and n.target in _NEW_METHODS:
+            todo.extend(a for a in n.all_input_nodes if a is not n.args[0])
+        else:
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def find_sites(gm: fx.GraphModule, example_inputs: list | None = None) -> list[tuple[GraphSite, _Plan | None]]:
+    """Every softmax of ``gm`` as a ``GraphSite``, with the rewrite plan of those that are
+    SDPA (``functionalize`` must have run). ``example_inputs`` (the piece's real inputs) let
+    a mask's values be checked (an arithmetic mask's zeros and ones)."""
+    out = []
+    reach: dict = {}
+    for node in gm.graph.nodes:
+        reach[node] = _is_contraction(node) or any(reach.get(a) for a in node.all_input_nodes) and not (
+            node.op == "call_method" and node.target in _NEW_METHODS)
+    for node in list(gm.graph.nodes):
+        if not _is_softmax(node):
+            continue
+        file, line, fn, _ = frame_of(node)
+        site = GraphSite(file, line, fn)
+        try:
+            plan = _match(gm, node, site, example_inputs, reach)
+            site.swappable = True
+            out.append((site, plan))
+        except Refused as exc:
+            site.reason = str(exc)
+            out.append((site, None))
+    return out
+
+
+def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs: list | None,
+           reach: dict) -> _Plan:
+    """The plan for one softmax, or ``Refused`` naming the construct and its line. ``reach``:
+    node -> whether a contraction is among its inputs' ancestors or itself."""
+    scores = softmax.args[0]
+    dim = _arg(softmax, 1, "dim")
+    site.softmax_upcast = any(isinstance(a, torch.dtype)
+                              for a in list(softmax.args[2:]) + [softmax.kwargs.get("dtype")])
+    rank = _rank(scores)
+    if not isinstance(dim, int) or rank < 2:
+        raise Refused(f"the softmax at {where(softmax)} has no constant axis: not attention")
+    dim = dim % rank
+    # --- back from the softmax to the score product
+    steps: list[tuple] = []  # backward order: (kind, node, data)
+    chain: list[fx.Node] = [softmax]
+    node = scores
+    while isinstance(node, fx.Node) and not _is_contraction(node):
+        if node.op == "placeholder":
+            site.external_input = True
+            raise Refused(f"the softmax at {where(softmax)} takes a tensor from outside this graph: "
+                          "no score product here")
+        chain.append(node)
+        node = _step_back(node, steps, softmax, reach)
+    if not isinstance(node, fx.Node):
+        raise Refused(f"the softmax at {where(softmax)} does not take a query-key product: not attention")
+    product = node
+    chain.append(product)
+    cont = contraction(product)
+    _refuse_talking_heads(cont)
+    inside = set(chain)
+    dtype_readers = []  # x.type_as(scores): only the scores' dtype is read, which the graph knows
+    for n in chain[1:]:
+        readers = [u for u in n.users if u.op == "call_method" and (
+            u.target in ("type_as", "to") and len(u.args) == 2 and u.args[1] is n and u.args[0] is not n
+            or u.target in _NEW_METHODS and u.args[0] is n)]
+        dtype_readers += [(u, _value(n).dtype) for u in readers if isinstance(_value(n), torch.Tensor)]
+        outside = [u for u in n.users if u not in inside and u not in readers]
+        if outside:
+            raise Refused(f"the scores at {where(n)} are also used by {op_name(outside[0])} at {where(outside[0])}: "
+                          "SDPA never forms them")
+    steps.reverse()  # forward order, product first
+    # the layout of the scores at each step, and the mask terms with the scalings after them
+    layout = cont.out_idx
+    terms: list[_Term] = []
+    alpha = cont.alpha
+    if cont.bias is not None:
+        terms.append(_Term("add", cont.bias, layout, cont.beta, text=f"baddbmm input x {cont.beta:g}"))
+    mul01: list[tuple[fx.Node, str, int]] = []
+    views: list[tuple] = []
+    seq = {c for c in cont.out_idx if not (c in cont.a_idx and c in cont.b_idx)}  # the query and key letters
+    for kind, n, data in steps:
+        if kind == "scale":
+            alpha *= data
+            for t in terms:
+                t.coef *= data
+        elif kind == "perm":
+            layout = "".join(layout[p] for p in data)
+        elif kind == "view":
+            if set(layout[-2:]) != seq:
+                raise Refused(f"{op_name(n)} at {where(n)} reshapes the scores with a sequence axis among its batch "
+                              "axes: SDPA cannot express it")
+            if views and layout == views[-1][0] and data[1] == tuple(_value(product).shape[:-2]) and \
+                    layout[-2:] == cont.out_idx[-2:]:
+                layout, views = cont.out_idx, []  # reshaped back to the product's shape: its layout again
+                continue
+            fresh = "".join(chr(ord("A") + len(views) * 8 + i) for i in range(len(data[1])))
+            views.append((fresh + layout[-2:], data[1], layout, data[0]))
+            layout = fresh + layout[-2:]
+        elif kind == "add":
+            terms.append(_Term("add", data[0], layout, data[1], text=f"{op_name(n)} at {where(n)}",
+                               views=list(views)))
+        elif kind == "fill":
+            cond, fill, keep = data
+            terms.append(_Term("fill", cond, layout, 1.0, fill, keep, text=f"{op_name(n)} at {where(n)}",
+                               views=list(views)))
+        elif kind == "mul01":
+            mul01.append((data, layout, len(terms)))
+    key = layout[dim]
+    if key not in cont.a_idx and key not in cont.b_idx or (key in cont.a_idx and key in cont.b_idx):
+        raise Refused(f"the softmax at {where(softmax)} runs over dim {dim} of scores [{' '.join(layout)}] from "
+                      f"{cont.form} at {where(product)}, which is not a key axis: not attention")
+    k_node, q_node = (cont.a, cont.b) if key in cont.a_idx else (cont.b, cont.a)
+    k_idx, q_idx = (cont.a_idx, cont.b_idx) if key in cont.a_idx else (cont.b_idx, cont.a_idx)
+    batch = [c for c in cont.out_idx if c in cont.a_idx and c in cont.b_idx]
+    query = [c for c in cont.out_idx if c in q_idx and c not in k_idx]
+    inner = [c for c in q_idx if c in k_idx and c not in cont.out_idx]
+    stray = [c for c in q_idx + k_idx if c not in cont.out_idx and c not in inner]
+    key_side = [c for c in k_idx if c in cont.out_idx and c not in batch]
+    if len(query) != 1 or len(inner) != 1 or stray or key_side != [key]:
+        raise Refused(f"{cont.form} at {where(product)} is not one query index by one key index over one "
+                      "contracted index: not Q·Kᵀ")
+    if any(t.coef <= 0 for t in terms if t.kind == "fill") or alpha <= 0 and any(t.kind == "fill" for t in terms):
+        raise Refused(f"a mask at {where(softmax)} scaled by a negative factor after it: not a mask")
+    for t in terms:  # a mask chosen from the scores themselves (top-k) is no mask
+        for part in (t.node, t.fill):
+            if isinstance(part, fx.Node) and product in _ancestors(part):
+                raise Refused(f"the mask of {t.text} is computed from the scores themselves (weights chosen from "
+                              "the scores, as top-k does): SDPA cannot express it")
+    for m, lay, after in mul01:
+        _check_mul01(m, lay, terms[after:], example_inputs, gm)
+    # --- forward from the softmax to the value product
+    w_layout, dropout, tail = layout, 0.0, []
+    node = softmax
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            used = ", ".join(f"{op_name(u)} at {where(u)}" for u in users if u.op != "output") or "the graph's output"
+            raise Refused(f"the attention weights of the softmax at {where(softmax)} are also used by {used} "
+                          "(weights used anywhere but ·V): SDPA never forms them")
+        user = users[0]
+        if user.op == "output":
+            raise Refused(f"the attention weights of the softmax at {where(softmax)} are returned "
+                          "(weights used anywhere but ·V)")
+        if _is_contraction(user):
+            break
+        if user.op == "call_method" and user.target in _CAST_METHODS and user.args[0] is node:
+            pass
+        elif user.op == "call_function" and user.target is F.dropout and user.args[0] is node:
+            p, training = _arg(user, 1, "p", 0.5), _arg(user, 2, "training", True)
+            if training:
+                dropout = float(p)
+        elif user.op == "call_method" and user.target in ("transpose", "permute") and user.args[0] is node:
+            w_layout = _permuted(w_layout, user)
+        elif user.op == "call_method" and user.target in ("view", "reshape") and views and \
+                isinstance(_value(user), torch.Tensor) and tuple(_value(user).shape) == tuple(_value(product).shape) \
+                and w_layout[-2:] == cont.out_idx[-2:]:
+            w_layout = cont.out_idx  # the scores' reshape undone: back in the product's layout
+        else:
+            raise Refused(f"the attention weights go through {op_name(user)} at {where(user)} before ·V: "
+                          "SDPA cannot express it")
+        tail.append(user)
+        node = user
+    vprod = users[0]
+    cv = contraction(vprod)
+    if cv.bias is not None:
+        raise Refused(f"torch.baddbmm at {where(vprod)} adds a tensor to the value product")
+    if cv.alpha != 1.0:
+        raise Refused(f"the value product at {where(vprod)} is scaled by {cv.alpha:g}")
+    if cv.a is node:
+        w_idx, v_node, v_idx = cv.a_idx, cv.b, cv.b_idx
+    elif cv.b is node:
+        w_idx, v_node, v_idx = cv.b_idx, cv.a, cv.a_idx
+    else:
+        raise Refused(f"the value product at {where(vprod)} takes the weights twice")
+    if any(c not in cont.out_idx for c in w_layout):
+        raise Refused(f"the weights reach the value product at {where(vprod)} with their batch axes reshaped: "
+                      "SDPA cannot express it")
+    role = dict(zip(w_idx, w_layout))  # the value product's letters -> the score letters
+    summed = [c for c in w_idx if c in v_idx and c not in cv.out_idx]
+    if [role[c] for c in summed] != [key]:
+        if any(role[c] in batch for c in summed):
+            raise Refused(f"talking heads: the value product at {where(vprod)} sums the weights over the heads "
+                          "(weights mixed across heads after the softmax); SDPA computes each head on its own")
+        if [role[c] for c in summed] == query:
+            raise Refused(f"softmax over the query axis: the softmax at {where(softmax)} normalises over one sequence "
+                          f"axis of the scores and the value product at {where(vprod)} sums over the other; SDPA "
+                          "cannot express it")
+        raise Refused(f"the value product at {where(vprod)} does not sum the weights over the axis the softmax at "
+                      f"{where(softmax)} normalises: not attention")
+    value_letters = [c for c in v_idx if c not in w_idx]
+    if len(value_letters) != 1 or any(c not in v_idx for c in w_idx if role[c] in batch) or \
+            any(c not in cv.out_idx for c in w_idx if role[c] not in (key,)) or value_letters[0] not in cv.out_idx:
+        raise Refused(f"the value product at {where(vprod)} ({cv.form}) is not weights [.., i, j] times "
+                      "values [.., j, e]: not attention")
+    vlet = value_letters[0]
+    inv = {r: c for c, r in role.items()}
+    # SDPA's layout: batch letters (in the scores' order), then the sequence and feature letters
+    q_perm = [q_idx.index(c) for c in batch + query + inner]
+    k_perm = [k_idx.index(c) for c in batch + [key] + inner]
+    v_perm = [v_idx.index(inv[c]) for c in batch + [key]] + [v_idx.index(vlet)]
+    sdpa_out = [inv[c] for c in batch + query] + [vlet]  # in the value product's letters
+    out_perm = [sdpa_out.index(c) for c in cv.out_idx]
+    dtypes = {str(getattr(_value(n), "dtype", None)) for n in (q_node, k_node, v_node)}
+    if len(dtypes) != 1:
+        raise Refused(f"Q, K and V of the site at {where(softmax)} have different dtypes ({', '.join(sorted(dtypes))})")
+    site.form, site.scale = cont.form, float(alpha)
+    site.dropout = dropout
+    site.layout = (f"q [{' '.join(q_idx)}], k [{' '.join(k_idx)}] -> scores [{' '.join(layout)}], "
+                   f"v [{' '.join(v_idx)}] -> [{' '.join(cv.out_idx)}]")
+    site.mask_terms = [t.text for t in terms]
+    boolean = terms and all(t.kind == "fill" and _number(t.fill) == -math.inf for t in terms)
+    site.mask = "none" if not terms else "boolean" if boolean else "additive"
+    site.lines = [frame_of(product)[1], frame_of(softmax)[1], frame_of(vprod)[1]]
+    if mul01:
+        site.notes.append("a multiplicative 0/1 mask is dropped: every score it zeroes also gets a large negative "
+                          "term")
+    removable = [vprod] + tail[::-1] + chain
+    return _Plan(site, q_node, k_node, v_node, q_perm, k_perm, v_perm, out_perm, float(alpha), terms,
+                 "".join(batch + query + [key]), len(batch), vprod, removable, getattr(_value(vprod), "dtype", None),
+                 dtype_readers)
+
+
+def _permuted(layout: str, node: fx.Node) -> str:
+    dims = [a for a in node.args[1:]]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])
+    r = len(layout)
+    if node.target == "transpose":
+        a, b = (d % r for d in dims)
+        out = list(layout)
+        out[a], out[b] = out[b], out[a]
+        return "".join(out)
+    return "".join(layout[d % r] for d in dims)
+
+
+def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any:
+    """One op between the product and the softmax: record it in ``steps`` and return the
+    node that carries the scores into it; raises ``Refused`` for anything else."""
+    base = _base(node)
+    args = list(node.args)
+    kw = node.kwargs
+    carriers = [a for a in args if isinstance(a, fx.Node) and reach.get(a)]
+    if base == "masked_fill" and args and args[0] in carriers:  # the condition is a mask, whatever it reads
+        carriers = [args[0]]
+    elif base == "where" and len(args) == 3 and args[0] in carriers and len(carriers) == 2:
+        carriers = carriers[1:]
+    if node.op == "call_method" and base in _CAST_METHODS and args and isinstance(args[0], fx.Node):
+        return args[0]
+    if node.op == "call_method" and base in ("transpose", "permute"):
+        steps.append(("perm", node, _perm_of(node)))
+        return args[0]
+    if node.op == "call_method" and base in ("view", "reshape") and isinstance(args[0], fx.Node):
+        before, after = _value(args[0]), _value(node)
+        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() >= 2 and \
+                after.dim() >= 2 and before.shape[-2:] == after.shape[-2:]:
+            steps.append(("view", node, (tuple(before.shape[:-2]), tuple(after.shape[:-2]))))
+            return args[0]
+        raise Refused(f"{op_name(node)} at {where(node)} reshapes the scores' sequence axes before the softmax: "
+                      "SDPA cannot express it")
+    if base in _NONLINEAR:
+        raise Refused(f"an elementwise non-linear function of the scores, {op_name(node)} at {where(node)}, between "
+                      "the score product and the softmax: SDPA cannot express it (FlexAttention's score_mod can)")
+    if len(carriers) != 1:
+        if len(carriers) > 1:
+            raise Refused(f"{op_name(node)} at {where(node)} combines two products before the softmax: not one Q·Kᵀ")
+        raise Refused(f"the softmax at {where(softmax)} does not take a query-key product: not attention")
+    s = carriers[0]
+    others = [a for a in args + list(kw.values()) if a is not s]
+    if base in ("mul", "truediv", "div") and not kw.get("rounding_mode"):
+        other = others[0] if others else None
+        c = _number(other)
+        if base != "mul" and args[0] is not s:
+            raise Refused(f"the scores divide {other} at {where(node)}: an elementwise non-linear function of the "
+                          "scores, which SDPA cannot express")
+        if c is not None:
+            steps.append(("scale", node, c if base == "mul" else 1.0 / c))
+            return s
+        if base == "mul" and isinstance(other, fx.Node):
+            steps.append(("mul01", node, other))
+            return s
+        raise Refused(f"the scores are scaled by a tensor at {where(node)}: not a constant scale")
+    if base in ("add", "sub"):
+        other = [a for a in args if a is not s]
+        other = other[0] if other else kw.get("other")
+        sign = -1.0 if base == "sub" else 1.0
+        sign *= float(kw.get("alpha", 1.0)) if args[0] is s else 1.0
+        if base == "sub" and args[0] is not s:  # other - scores
+            steps.append(("add", node, (other, 1.0)))
+            steps.append(("scale", node, -1.0))
+            return s
+        if _number(other) is not None:  # a constant shift: the softmax does not change
+            return s
+        steps.append(("add", node, (other, sign)))
+        return s
+    if base == "neg":
+        steps.append(("scale", node, -1.0))
+        return s
+    if base == "masked_fill" and args and args[0] is s:
+        cond, fill = _arg(node, 1, "mask"), _arg(node, 2, "value")
+        _check_fill(fill, node)
+        steps.append(("fill", node, (cond, fill, False)))
+        return s
+    if base == "where" and len(args) == 3 and s in args[1:]:
+        cond, a, b = args
+        fill = b if a is s else a
+        _check_fill(fill, node)
+        steps.append(("fill", node, (cond, fill, a is s)))
+        return s
+    if _is_contraction(node):
+        raise Refused(f"the scores are contracted again by {op_name(node)} at {where(node)}: scores mixed across "
+                      "heads (talking heads), which SDPA cannot express")
+    raise Refused(f"{op_name(node)} at {where(node)} between the score product and the softmax is not a scale, an "
+                  "added term or a mask: SDPA cannot express it")
+
+
+def _perm_of(node: fx.Node) -> list[int]:
+    r = _rank(node)
+    return [("abcdefghijklmnopqrstuvwxyz"[:r]).index(c) for c in _permuted("abcdefghijklmnopqrstuvwxyz"[:r], node)]
+
+
+def _check_fill(fill: Any, node: fx.Node) -> None:
+    c = _number(fill)
+    if c is not None and not c <= LARGE_NEGATIVE:
+        raise Refused(f"{op_name(node)} at {where(node)} fills the scores with {c:g}, not -inf or a large negative "
+                      "value: not a mask")
+    if c is None and not isinstance(fill, fx.Node):
+        raise Refused(f"{op_name(node)} at {where(node)} fills the scores with {fill!r}: not a mask")
+
+
+def _refuse_talking_heads(cont: Contraction) -> None:
+    """A product that sums one of its operand's batch axes, where that operand is itself a
+    score product (through casts and scalings): the scores are mixed across heads (CaiT's
+    talking heads)."""
+    summed = [c for c in cont.a_idx if c in cont.b_idx and c not in cont.out_idx]
+    for operand, idx in ((cont.a, cont.a_idx), (cont.b, cont.b_idx)):
+        n = operand
+        for _ in range(8):
+            if not isinstance(n, fx.Node):
+                break
+            if _is_contraction(n):
+                try:
+                    inner = contraction(n)
+                except Refused:
+                    break
+                inner_batch = {p for p, c in enumerate(inner.out_idx) if c in inner.a_idx and c in inner.b_idx}
+                if len(inner.out_idx) == len(idx) and any(idx.index(c) in inner_batch for c in summed):
+                    raise Refused(f"talking heads: the scores of {inner.form} at {where(n)} are mixed across heads "
+                                  f"by {cont.form} at {where(cont.node)} before the softmax; SDPA computes each "
+                                  "head on its own")
+                break
+            if n.op == "call_method" and _base(n) in _CAST_METHODS or _base(n) in ("mul", "truediv", "div"):
+                n = n.args[0]
+                continue
+            break
+
+
+def _check_mul01(m: fx.Node, layout: str, later: list[_Term], example_inputs: list | None,
+                 gm: fx.GraphModule) -> None:
+    """Scores times a tensor ``m`` may be dropped only when ``m`` is 0 or 1 and every score
+    it zeroes also gets a large negative term later (``w * m + -1e9 * (1 - m)``); checked on
+    the captured inputs' values."""
+    problem = f"the scores are multiplied by a tensor at {where(next(iter(m.users)))}: not a scale or a mask"
+    if example_inputs is None:
+        raise Refused(problem)
+    values = _evaluate(gm, [m] + [t.node for t in later] + [t.fill for t in later if isinstance(t.fill, fx.Node)],
+                       example_inputs)
+    if values is None:
+        raise Refused(problem)
+    mv = values[m]
+    if not bool(((mv == 0) | (mv == 1)).all()):
+        raise Refused(problem + " (its values are not only 0 and 1)")
+    total = torch.zeros(())
+    for t in later:
+        tv = values[t.node]
+        if t.kind == "add" and t.layout == layout:
+            total = total + t.coef * tv.double()
+        elif t.kind == "fill":
+            return  # a later fill covers the zeroed scores as it covers all others
+    if not bool((torch.broadcast_to(total, torch.broadcast_shapes(total.shape, mv.shape))
+                 [torch.broadcast_to(mv == 0, torch.broadcast_shapes(total.shape, mv.shape))] <= LARGE_NEGATIVE).all()):
+        raise Refused(problem + " (the scores it zeroes get no large negative term)")
+
+
+def _evaluate(gm: fx.GraphModule, wanted: list, example_inputs: list) -> dict | None:
+    """The values of ``wanted`` nodes on the captured inputs, computing only their
+    ancestors; None when an ancestor mutates something or is not plain torch."""
+    need = set()
+    for w in wanted:
+        need |= _ancestors(w)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return None
+    env: dict = dict(zip(placeholders, example_inputs))
+    if any(isinstance(v, torch._subclasses.FakeTensor) for v in example_inputs if isinstance(v, torch.Tensor)):
+        return None
+    try:
+        with torch.no_grad():
+            for n in gm.graph.nodes:
+                if n not in need or n.op == "placeholder":
+                    continue
+                if n.op == "call_method" and str(n.target).endswith("_") or n.op == "call_function" and \
+                        n.target in _INPLACE_FUNCS or n.op not in ("call_function", "call_method", "get_attr"):
+                    return None
+                args = fx.node.map_arg(n.args, lambda a: env[a])
+                kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+                if n.op == "get_attr":
+                    env[n] = getattr(gm, n.target)
+                elif n.op == "call_method":
+                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                else:
+                    env[n] = n.target(*args, **kwargs)
+    except Exception:
+        return None
+    return env
+
+
+# ----------------------------------------------------------------------------- the rewrite
+
+def _site_call(plan: _Plan, number: int) -> Callable:
+    """The function the rewritten graph calls in place of the value product:
+    ``site(q, k, v, *mask_parts)`` -> the value product's output, via SDPA on [B, H, S, D]."""
+    terms, nb, mask_layout = plan.terms, plan.batch, plan.mask_layout
+    q_perm, k_perm, v_perm, out_perm = plan.q_perm, plan.k_perm, plan.v_perm, plan.out_perm
+    scale, dropout, out_dtype = plan.scale, plan.site.dropout, plan.out_dtype
+    boolean = plan.site.mask == "boolean"
+
+    def to4(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        t = t.expand(*shape[:nb], *t.shape[nb:]) if nb > 2 else t
+        if nb == 1:
+            return t.unsqueeze(0)
+        return t.reshape(-1, *t.shape[nb - 1:]) if nb > 2 else t
+
+    def site(q, k, v, *parts):
+        q, k, v = q.permute(q_perm), k.permute(k_perm), v.permute(v_perm)
+        batch = torch.broadcast_shapes(q.shape[:nb], k.shape[:nb], v.shape[:nb])
+        q, k, v = (t.expand(*batch, *t.shape[nb:]) for t in (q, k, v))
+        mask = None
+        it = iter(parts)
+        for t in terms:
+            x = next(it)
+            lay = t.layout
+            if t.kind == "fill":
+                fill = next(it) if isinstance(t.fill, fx.Node) else t.fill
+                masked = ~x if t.keep_where_true else x
+                if boolean:
+                    part = ~masked
+                    x = part
+                else:
+                    x = torch.where(masked, torch.as_tensor(fill, dtype=torch.float32, device=q.device)
+                                    if not isinstance(fill, torch.Tensor) else fill.float(), 0.0) * t.coef
+            else:
+                x = x * t.coef if t.coef != 1.0 else x
+            x = x[(None,) * (len(lay) - x.dim())] if x.dim() < len(lay) else x
+            for after, after_batch, before, before_batch in reversed(t.views):
+                x = x.permute([lay.index(c) for c in after])
+                x = x.expand(*after_batch, *x.shape[-2:]).reshape(*before_batch, *x.shape[-2:])
+                lay = before
+            x = x.permute([lay.index(c) for c in mask_layout])
+            if mask is None:
+                mask = x
+            else:
+                mask = mask & x if boolean else mask + x
+        if mask is not None:
+            mask = to4(mask.expand(*torch.broadcast_shapes(mask.shape[:nb], batch), *mask.shape[nb:]) if nb > 2
+                       else mask, batch)
+            mask = mask if boolean else mask.to(q.dtype)
+        shape = q.shape
+        q, k, v = to4(q, batch), to4(k, batch), to4(v, batch)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        out = out.reshape(*shape[:nb], *out.shape[-2:])  # [batch..., S_q, D_v]
+        out = out.permute(out_perm)
+        return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
+
+    site.__name__ = site.__qualname__ = f"attnkit_sdpa_site_{number}"
+    return site
+
+
+def rewrite(gm: fx.GraphModule, plan: _Plan, number: int) -> None:
+    """Replace ``plan``'s site in ``gm`` by one SDPA call (``_site_call``) and remove the chain."""
+    graph = gm.graph
+    parts: list = []
+    for t in plan.terms:
+        parts.append(t.node)
+        if t.kind == "fill" and isinstance(t.fill, fx.Node):
+            parts.append(t.fill)
+    with graph.inserting_before(plan.out_node):
+        new = graph.call_function(_site_call(plan, number), (plan.q, plan.k, plan.v, *parts))
+    new.meta = dict(plan.out_node.meta)
+    plan.out_node.replace_all_uses_with(new)
+    for reader, dtype in plan.dtype_readers:
+        if reader.target in _NEW_METHODS:  # scores.new_ones(S, S, dtype=...) -> torch.ones(S, S, dtype=..., device=...)
+            source = _value(reader.args[0])
+            kwargs = {"dtype": dtype, "device": source.device, **reader.kwargs}
+            reader.op, reader.target = "call_function", _NEW_METHODS[reader.target]
+            reader.args, reader.kwargs = tuple(reader.args[1:]), kwargs
+        else:
+            reader.target, reader.args = "to", (reader.args[0], dtype)
+    todo, erased = list(plan.removable), set()
+    for node in todo:
+        if not node.users and node not in erased:
+            inputs = list(node.all_input_nodes)
+            graph.erase_node(node)
+            erased.add(node)
+            # what only the chain read (k's transpose, baddbmm's torch.empty) goes with it
+            todo += [n for n in inputs if not n.users and n.op in ("call_function", "call_method")
+                     and not n.is_impure() and not str(n.target).endswith("_") and n.target not in _INPLACE_FUNCS]
+    gm.recompile()
+
+
+# ----------------------------------------------------------------------------- capture and install
+
+class Capture:
+    """The graph path for one module: ``torch.compile`` of its forward with a backend that
+    finds the sites of each graph piece and rewrites those in ``select`` (every swappable
+    one when None). ``sites`` collects every piece's sites by key; ``seconds`` is the time
+    the first call took (tracing, matching, rewriting and the run)."""
+
+    def __init__(self, module: torch.nn.Module, select: set | None = None):
+        self.module = module
+        self.select = select
+        self.sites: dict[tuple[str, int], GraphSite] = {}
+        self.rewritten: list[tuple[str, int]] = []
+        self.seconds = 0.0
+        self.errors: list[str] = []
+        self.compiled = torch.compile(module.forward, backend=self.backend, fullgraph=False, dynamic=False)
+
+    def backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        saved = copy.deepcopy(gm.graph)
+        try:
+            functionalize(gm.graph)
+            gm.recompile()
+            found = find_sites(gm, example_inputs)
+            for site, plan in found:
+                self.sites.setdefault(site.key, site)
+                if plan is not None and (self.select is None or site.key in self.select):
+                    rewrite(gm, plan, len(self.rewritten))
+                    self.rewritten.append(site.key)
+        except Exception as exc:  # the matcher's own failure must not break the model: the piece runs as captured
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            gm.graph = saved
+            gm.recompile()
+        return gm.forward
+
+    def __call__(self, *args, **kwargs):
+        # a module of N instances, each with its own backend, at a few shapes and grad modes: more
+        # compiled entries per code object than Dynamo's default of 8 (beyond it Dynamo runs the original)
+        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+            return self.compiled(*args, **kwargs)
+
+    def run(self, args: tuple, kwargs: dict) -> None:
+        """Call once on ``args``/``kwargs`` without grad to capture (``seconds``)."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            self(*args, **kwargs)
+        self.seconds = time.perf_counter() - start

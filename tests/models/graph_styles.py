@@ -1,0 +1,298 @@
+"""Hand-written attention that the source matcher (swap/scan) refuses, for the graph path
+(swap/graph.py, issue 20): each style is written here, in the manner of the constructs the
+issue lists (helpers with extra flags, nn.Softmax built inline, scores in branches, einsum
+equations built at run time, baddbmm over torch.empty, in-place scaling and masking, biases
+summed in a loop, K stored pre-transposed, arithmetic masks).
+
+Every style takes x [B, S, D] and a padding mask [B, S] (1 = real token) and returns
+[B, S, D]; ``sdpa(x, mask)`` computes the same attention with F.scaled_dot_product_attention
+from the same projections. ``STYLES`` maps a name to (class, expected): 'swap', or the words
+the refusal must contain. ``build_<name>()`` (lower case) wraps a style in a two-block model.
+
+Layouts are named on every reshape: [B, H, S, D] is SDPA's.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D_MODEL, HEADS = 64, 4
+
+
+def softmax(x, dim, onnx_trace=False, upcast=True):
+    """fairseq utils.softmax style: a helper with extra flags, upcast to float32 by default."""
+    if onnx_trace:
+        return F.softmax(x.float(), dim=dim)
+    if upcast:
+        return F.softmax(x, dim=dim, dtype=torch.float32)
+    return F.softmax(x, dim=dim)
+
+
+def key_padding(mask):
+    """[B, S] long (1 = real token) -> [B, 1, 1, S] bool, True where the key is padding."""
+    return (mask == 0)[:, None, None, :]
+
+
+class Heads(nn.Module):
+    """q, k, v projections; ``split`` gives [B, H, S, D] each."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__()
+        self.h, self.hd = h, d // h
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d) for _ in range(4))
+
+    def split(self, x):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.h, self.hd).transpose(1, 2)  # [B, H, S, D]
+        k = self.wk(x).view(B, S, self.h, self.hd).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.h, self.hd).transpose(1, 2)
+        return q, k, v
+
+    def merge(self, o):  # [B, H, S, D] -> [B, S, H*D]
+        B, H, S, D = o.shape
+        return self.wo(o.transpose(1, 2).reshape(B, S, H * D))
+
+    def sdpa(self, x, mask, **kw):
+        q, k, v = self.split(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, **kw))
+
+
+class HelperSoftmax(Heads):
+    """The softmax through the model's own helper, with extra flags (onnx_trace, upcast)."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.hd ** -0.5
+        probs = softmax(scores, dim=-1, onnx_trace=False).type_as(scores)
+        return self.merge(torch.matmul(probs, v))
+
+
+class InlineSoftmaxModule(Heads):
+    """An nn.Softmax(dim=-1) built inside forward and called on the next line, with a key-padding mask."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        attn = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+        attn = attn.masked_fill(key_padding(mask), float("-inf"))
+        normalize = nn.Softmax(dim=-1)
+        attn = normalize(attn)
+        return self.merge(attn @ v)
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+class BranchedCache(Heads):
+    """Scores computed in branches: one with a KV cache (concatenated keys), one without."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.cache = None  # (k, v) [B, H, S_past, D] while decoding
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        if self.cache is not None:
+            k = torch.cat([self.cache[0], k], dim=2)
+            v = torch.cat([self.cache[1], v], dim=2)
+            w = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hd)
+        else:
+            w = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hd)
+            w = w.masked_fill(key_padding(mask), -1e9)
+        w = F.softmax(w, dim=-1)
+        return self.merge(torch.matmul(w, v))
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+class EinsumFString(Heads):
+    """einsum equations from an f-string; a causal mask through torch.where."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        b, h = "b", "h"
+        S = x.shape[1]
+        sim = torch.einsum(f"{b}{h}id,{b}{h}jd->{b}{h}ij", q, k) * self.hd ** -0.5
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        sim = torch.where(causal, sim, torch.finfo(sim.dtype).min)
+        attn = sim.softmax(dim=-1)
+        out = torch.einsum(f"{b}{h}ij,{b}{h}jd->{b}{h}id", attn, v)
+        return self.merge(out)
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, is_causal=True)
+
+
+class BaddbmmEmpty(Heads):
+    """GPT-NeoX style: torch.baddbmm over torch.empty with beta=0, alpha=1/sqrt(d), the operands
+    by keyword (batch1=, batch2=), K stored pre-transposed [B*H, D, S]."""
+
+    def forward(self, x, mask):
+        B, S, _ = x.shape
+        q, k, v = self.split(x)
+        q = q.reshape(B * self.h, S, self.hd)  # [B*H, S, D]
+        k = k.transpose(-1, -2).reshape(B * self.h, self.hd, S)  # [B*H, D, S], pre-transposed
+        v = v.reshape(B * self.h, S, self.hd)
+        norm = math.sqrt(self.hd)
+        w = torch.baddbmm(torch.empty(B * self.h, S, S, dtype=q.dtype, device=q.device), batch1=q, batch2=k,
+                          beta=0.0, alpha=1.0 / norm)
+        w = F.softmax(w, dim=-1)
+        return self.merge(torch.bmm(w, v).view(B, self.h, S, self.hd))
+
+
+class InPlace(Heads):
+    """In-place scaling and masking: q /= sqrt(d), then w.mul_(s).masked_fill_(...) chained."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        q = q.contiguous()
+        q /= math.sqrt(self.hd)
+        w = q @ k.transpose(-1, -2)
+        w.mul_(0.5).masked_fill_(key_padding(mask), float("-inf"))
+        return self.merge(w.softmax(-1) @ v)
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask), scale=0.5 / math.sqrt(self.hd))
+
+
+class BiasLoop(Heads):
+    """Biases summed in a loop (ALiBi and a learned relative-position table): for b in biases: a += b."""
+
+    def __init__(self, d=D_MODEL, h=HEADS, max_len=512):
+        super().__init__(d, h)
+        self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)]), persistent=False)
+        self.rel = nn.Parameter(0.1 * torch.randn(h, 2 * max_len - 1))
+        self.max_len = max_len
+
+    def biases(self, S, device):
+        pos = torch.arange(S, device=device)
+        distance = pos[None, :] - pos[:, None]  # [S, S], key minus query
+        alibi = self.slopes[:, None, None] * distance.abs().neg()[None]  # [H, S, S]
+        table = self.rel[:, distance + self.max_len - 1]  # [H, S, S]
+        return [alibi, table]
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        a = torch.matmul(q, k.transpose(-1, -2)) * self.hd ** -0.5
+        for b in self.biases(x.shape[1], x.device):
+            a += b
+        a = F.softmax(a, dim=-1)
+        return self.merge(torch.matmul(a, v))
+
+    def sdpa(self, x, mask):
+        alibi, table = self.biases(x.shape[1], x.device)
+        return super().sdpa(x, mask, attn_mask=alibi + table)
+
+
+class ArithmeticMask(Heads):
+    """The TF-style arithmetic mask w * m + -1e9 * (1 - m) on a key-padding mask, the softmax
+    upcast and cast back (x.float().softmax(-1).type_as(x))."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        w = q @ k.transpose(-1, -2) / math.sqrt(self.hd)
+        m = mask[:, None, None, :].to(w.dtype)  # [B, 1, 1, S], 1 = real key
+        w = w * m + -1e9 * (1 - m)
+        w = w.float().softmax(-1).type_as(w)
+        return self.merge(w @ v)
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+# ----------------------------------------------------------------------------- refused, for the right reason
+
+class SoftCapHelper(Heads):
+    """Gemma-2 style soft-capping 30 * tanh(s / 30), softmax through the helper: no mask expresses it."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        s = torch.matmul(q, k.transpose(-1, -2)) * self.hd ** -0.5
+        s = 30.0 * torch.tanh(s / 30.0)
+        return self.merge(torch.matmul(softmax(s, dim=-1).type_as(s), v))
+
+    sdpa = None
+
+
+class TalkingHeadsInline(Heads):
+    """CaiT talking heads: the scores mixed across heads before the softmax, an nn.Softmax inline."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.mix = nn.Parameter(torch.eye(h) + 0.1 * torch.randn(h, h))
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        dots = torch.einsum("bhid,bhjd->bhij", q, k) * self.hd ** -0.5
+        dots = torch.einsum("bhij,hg->bgij", dots, self.mix)
+        attn = nn.Softmax(dim=-1)(dots)
+        return self.merge(torch.einsum("bhij,bhjd->bhid", attn, v))
+
+    sdpa = None
+
+
+STYLES = {
+    "HelperSoftmax": (HelperSoftmax, "swap"),
+    "InlineSoftmaxModule": (InlineSoftmaxModule, "swap"),
+    "BranchedCache": (BranchedCache, "swap"),
+    "EinsumFString": (EinsumFString, "swap"),
+    "BaddbmmEmpty": (BaddbmmEmpty, "swap"),
+    "InPlace": (InPlace, "swap"),
+    "BiasLoop": (BiasLoop, "swap"),
+    "ArithmeticMask": (ArithmeticMask, "swap"),
+    "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
+    "TalkingHeadsInline": (TalkingHeadsInline, "talking heads"),
+}
+
+
+def pad_mask(batch_size, seq_len):
+    """[B, S] long, 1 = real token: row i keeps its first S - i*S/(2B) tokens."""
+    m = torch.ones(batch_size, seq_len, dtype=torch.long)
+    for i in range(1, batch_size):
+        m[i, seq_len - (i * seq_len) // (2 * batch_size):] = 0
+    return m
+
+
+class Block(nn.Module):
+    def __init__(self, style):
+        super().__init__()
+        self.ln = nn.LayerNorm(D_MODEL)
+        self.attn = STYLES[style][0]()
+        self.mlp = nn.Sequential(nn.Linear(D_MODEL, 2 * D_MODEL), nn.GELU(), nn.Linear(2 * D_MODEL, D_MODEL))
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.ln(x), mask)
+        return x + self.mlp(x)
+
+
+class StyleModel(nn.Module):
+    """x [B, S, D] and a padding mask [B, S] -> [B, S, D]: two blocks of one style."""
+
+    def __init__(self, style, layers=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(style) for _ in range(layers))
+
+    def forward(self, x, mask):
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+def example_inputs(batch_size, seq_len):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, seq_len, D_MODEL, generator=gen), pad_mask(batch_size, seq_len)
+
+
+def _factory(style):
+    def build():
+        torch.manual_seed(0)
+        return StyleModel(style)
+
+    build.__name__ = f"build_{style.lower()}"
+    return build
+
+
+for _style in STYLES:
+    globals()[f"build_{_style.lower()}"] = _factory(_style)

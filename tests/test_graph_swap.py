@@ -1,0 +1,177 @@
+"""The graph path (swap/graph.py, issue 20): hand-written attention that the source matcher
+refuses is found in a graph captured with torch.compile, matched by data flow, rewritten to
+SDPA, and proven site by site like every other swap.
+
+Every style of tests/models/graph_styles.py is refused by the source matcher (the 'before',
+checked by the first test); the graph path must swap the eight it can express and refuse
+the two it cannot, naming the construct and its line.
+"""
+
+import pytest
+import torch
+from attnkit.steps.session import open_session
+from attnkit.swap import graph, scan
+from attnkit.swap.live import Swapper
+from conftest import FAST, MODELS, run_script
+from models import graph_styles as G
+
+STYLES_FILE = MODELS / "graph_styles.py"
+FUSED = "aten::_scaled_dot_product_flash_attention_for_cpu"
+SWAP = sorted(n for n, (_, want) in G.STYLES.items() if want == "swap")
+REFUSED = sorted(n for n, (_, want) in G.STYLES.items() if want != "swap")
+
+
+@pytest.mark.parametrize("style", SWAP)
+def test_each_style_is_the_attention_sdpa_computes(style):
+    torch.manual_seed(0)
+    module = G.STYLES[style][0]().eval()
+    x, mask = G.example_inputs(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, mask), module.sdpa(x, mask), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", sorted(G.STYLES))
+def test_the_source_matcher_alone_swaps_none_of_them(style):
+    """The 'before': without the graph path each style is refused (or its rewrite raises)."""
+    model = getattr(G, f"build_{style.lower()}")().eval()
+    x, mask = G.example_inputs(2, 32)
+    swapper = Swapper(model, register=False)
+    swapper.graph_path = False
+    sites = swapper.discover(lambda: model(x, mask))
+    taken = [s for s in sites if s in swapper.swappable()]
+    if style == "ArithmeticMask":  # read, but its rewrite raises NameError: 'm' (the trial tells; see below)
+        assert taken and taken[0].path == "source"
+    else:
+        assert not taken and all(s.reason for s in sites), [(s.line, s.reason) for s in sites]
+
+
+@pytest.mark.parametrize("style", SWAP)
+def test_each_style_is_swapped_by_the_graph_path_and_proven(style, tmp_path):
+    run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_{style.lower()}", "--backend", "sdpa",
+                     "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--report-dir", str(tmp_path),
+                     *FAST)
+    res = run.result
+    assert run.check("switch")["passed"], run.check("switch")
+    assert run.check("accuracy")["passed"], run.check("accuracy")
+    assert run.check("kernels")["passed"], run.check("kernels")
+    sites = res["data"]["sites"]
+    assert len(sites) == 2 and all(s["status"] == "swapped" for s in sites), [(s["status"], s["reason"]) for s in sites]
+    assert all(s["path"] == "graph" and s["runtime_only"].startswith("run-time only") for s in sites)
+    assert all(s["kernel_after"] == FUSED and s["accuracy"]["passed"] for s in sites)
+    assert FUSED in res["data"]["candidate"]["kernels"] and "aten::_softmax" not in res["data"]["candidate"]["kernels"]
+    assert res["data"]["patch"] == ""  # run-time only: no source patch
+
+
+@pytest.mark.parametrize("style", REFUSED)
+def test_what_sdpa_cannot_express_is_refused_naming_the_construct_and_its_line(style):
+    run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_{style.lower()}", "--backend", "sdpa",
+                     "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--no-report", *FAST)
+    assert run.rc == 2
+    summary = run.result["summary"]
+    assert G.STYLES[style][1] in summary and "line " in summary, summary
+    model = getattr(G, f"build_{style.lower()}")()
+    assert model(*G.example_inputs(2, 32)).shape == (2, 32, G.D_MODEL)  # the model keeps working
+
+
+def test_the_matcher_reads_scale_mask_and_layout_from_the_data_flow():
+    session = open_session(f"{STYLES_FILE}:build_inplace", seq_len=32, batch_size=2)
+    site = next(iter(session.swapper.sites.values()))
+    g = site.graph
+    assert g.form == "matmul" and g.scale == pytest.approx(0.5)  # w.mul_(0.5); q /= sqrt(d) stays on q
+    assert g.mask == "boolean" and any("masked_fill" in t for t in g.mask_terms)
+    session = open_session(f"{STYLES_FILE}:build_biasloop", seq_len=32, batch_size=2)
+    g = next(iter(session.swapper.sites.values())).graph
+    assert g.mask == "additive" and len(g.mask_terms) == 2  # both biases of the loop
+    session = open_session(f"{STYLES_FILE}:build_baddbmmempty", seq_len=32, batch_size=2)
+    g = next(iter(session.swapper.sites.values())).graph
+    assert g.form == "baddbmm" and g.mask == "none" and g.scale == pytest.approx(0.25)  # beta=0: empty ignored
+
+
+def test_graph_swaps_revert_exactly_and_the_capture_time_is_recorded():
+    session = open_session(f"{STYLES_FILE}:build_einsumfstring", seq_len=32, batch_size=2)
+    model, inputs, swapper = session.loaded.model, session.inputs, session.swapper
+    assert set(swapper.capture_seconds) == {"blocks.0.attn", "blocks.1.attn"}
+    assert all(0 < t < 60 for t in swapper.capture_seconds.values())
+    with torch.no_grad():
+        before = model(*inputs.args)
+        swapper.apply("sdpa")
+        assert all("forward" in b.attn.__dict__ for b in model.blocks)
+        swapped = model(*inputs.args)
+        swapper.revert()
+        after = model(*inputs.args)
+    assert all("forward" not in b.attn.__dict__ for b in model.blocks)
+    assert torch.equal(before, after) and torch.allclose(before, swapped, atol=1e-5)
+
+
+def test_the_soft_cap_is_never_dropped_in_the_graph():
+    """The finding of issue 20: a tanh soft-cap was rewritten as if it were not there."""
+    module = G.SoftCapHelper().eval()
+    capture = graph.Capture(module)
+    capture.run(G.example_inputs(2, 16), {})
+    (site,) = capture.sites.values()
+    assert not site.swappable and "torch.tanh" in site.reason and "line " in site.reason
+    assert not capture.rewritten
+
+
+def test_source_sites_keep_the_source_path():
+    """A site the source matcher takes keeps it (and its patch): the graph path is a fallback."""
+    found = scan.analyze_path(MODELS / "attention_styles.py")[0]
+    assert found  # the source matcher still reads files without running them
+    session = open_session(f"{MODELS / 'attention_styles.py'}:build_scaleonquery", seq_len=32, batch_size=2)
+    assert all(s.path == "source" and s.status == "swapped" for s in session.swapper.sites.values())
+
+
+@pytest.mark.parametrize("style", sorted(__import__("models.attention_styles", fromlist=["STYLES"]).STYLES))
+def test_the_graph_path_alone_reads_every_style_of_the_first_set(style):
+    """One matcher, no case per construct: every style of tests/models/attention_styles.py
+    (which the source matcher was built from) is matched by the graph path alone, with the
+    same output, and the two that SDPA cannot express are refused by name."""
+    from models import attention_styles as A
+
+    torch.manual_seed(0)
+    module = A.STYLES[style][0]().eval()
+    x = torch.randn(2, 64, A.D_MODEL)
+    args = (x, A.pad_mask(2, 64)) if style in A.TAKES_MASK else (x,)
+    capture = graph.Capture(module)
+    with torch.no_grad():
+        want = module(*args)
+        capture.run(args, {})
+        got = capture(*args)
+    (site,) = capture.sites.values()
+    assert not capture.errors
+    if A.STYLES[style][1] == "swap":
+        assert site.swappable and capture.rewritten, site.reason
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    else:
+        assert not site.swappable and A.STYLES[style][1] in site.reason and "line " in site.reason, site.reason
+
+
+class _QueryAxisSoftmax(torch.nn.Module):
+    def forward(self, q, k, v):  # [B, H, S, D] each
+        return torch.matmul((q @ k.transpose(-1, -2)).softmax(dim=-2), v)
+
+
+class _WeightsKept(torch.nn.Module):
+    def forward(self, q, k, v):
+        w = (q @ k.transpose(-1, -2) * 0.25).softmax(dim=-1)
+        return w @ v, w.mean()
+
+
+class _TopK(torch.nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        kth = s.topk(4, dim=-1).values[..., -1:]
+        s = s.masked_fill(s < kth, float("-inf"))
+        return s.softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("module,construct", [(_QueryAxisSoftmax, "the query axis"),
+                                              (_WeightsKept, "weights used anywhere but ·V"),
+                                              (_TopK, "Tensor.topk")])
+def test_other_constructs_sdpa_cannot_express_are_refused_by_name(module, construct):
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    capture = graph.Capture(module().eval())
+    capture.run((q, k, v), {})
+    (site,) = capture.sites.values()
+    assert not site.swappable and construct in site.reason and "line " in site.reason, site.reason
+    assert not capture.rewritten
