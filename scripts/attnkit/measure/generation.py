@@ -505,10 +505,9 @@ def copy_bandwidth(device: str, min_run_time: float = 0.3, nbytes: int = BANDWID
     ``nbytes`` (one read and one write of each byte) timed by ``time_it``; 2 x nbytes /
     median time. This is what the decode floor divides by: what this machine moves, not a
     data-sheet peak."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    median_ms, _, _ = time_it(lambda: dst.copy_(src), min_run_time, "copy bandwidth")
-    del src, dst
+    buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    median_ms, _, _ = time_it(lambda: buffers[1].copy_(buffers[0]), min_run_time, "copy bandwidth")
+    buffers.clear()
     free_memory(device)
     return 2 * nbytes / (median_ms / 1e3)
 
