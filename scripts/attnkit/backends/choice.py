@@ -44,15 +44,18 @@ class Availability:
         return {"backend": self.backend, "available": self.available, "reason": self.reason}
 
 
+def _text_config(model: Any) -> Any:
+    """A transformers model's text config (its config when it has no other), else None."""
+    config = getattr(model, "config", None)
+    try:
+        return config.get_text_config() if config is not None else None
+    except AttributeError:
+        return config
+
+
 def head_dim_of(model: Any) -> int | None:
     """head_dim from a transformers config (``head_dim`` or hidden_size / num_attention_heads)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    try:
-        config = config.get_text_config()
-    except AttributeError:
-        pass
+    config = _text_config(model)
     head_dim = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
@@ -63,14 +66,7 @@ def head_dim_of(model: Any) -> int | None:
 
 def softcap_of(model: Any) -> float | None:
     """The attention-logit soft-cap of a transformers model (``attn_logit_softcapping``), else None."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    try:
-        config = config.get_text_config()
-    except AttributeError:
-        pass
-    value = getattr(config, "attn_logit_softcapping", None)
+    value = getattr(_text_config(model), "attn_logit_softcapping", None)
     return value if isinstance(value, (int, float)) and value else None
 
 
