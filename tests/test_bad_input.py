@@ -425,3 +425,85 @@ def test_write_patch_on_a_transformers_model_says_nothing_was_written(tmp_path, 
     assert not target.exists() and not res["data"].get("patch_file")
     notes = [n for n in res["data"]["notes"] if n.startswith(f"--write-patch {target}")]
     assert len(notes) == 1 and "nothing written" in notes[0] and "attn_implementation" in notes[0], notes
+
+
+# ----------------------------------------------------------------------------- source that is not read
+
+def _syntax_error(root):
+    f = root / "broken.py"
+    f.write_text("import torch\n\ndef attention(q, k:\n    return q\n")
+    return f, ("broken.py cannot be read as Python", "line 3")
+
+
+def _not_utf8(root):
+    f = root / "latin1.py"
+    f.write_bytes(b"# caf\xe9\nx = 1\n")
+    return f, ("latin1.py cannot be read as Python", "not UTF-8 text")
+
+
+def _dev_null(root):
+    return Path("/dev/null"), ("/dev/null is not a .py file or a folder",)
+
+
+def _folder_without_python(root):
+    folder = root / "docs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("attention\n")
+    return folder, ("holds no .py file",)
+
+
+def _folder_of_broken_files(root):
+    folder = root / "pkg"
+    folder.mkdir()
+    (folder / "a.py").write_text("def f(:\n")
+    (folder / "b.py").write_bytes(b"\xff\n")
+    return folder, ("none of the 2 .py file(s)", "a.py: line 1")
+
+
+SOURCES = [_syntax_error, _not_utf8, _dev_null, _folder_without_python, _folder_of_broken_files]
+
+
+@pytest.mark.parametrize("setup", SOURCES, ids=[f.__name__.strip("_") for f in SOURCES])
+def test_source_that_cannot_be_read_is_an_error_not_zero_sites(tmp_path, setup):
+    source, phrases = setup(tmp_path)
+    res = run_case("find_attention.py", ["--source", str(source), "--no-report"], tmp_path, 2, *phrases)
+    assert res["next"] and res["data"] == {}
+
+
+def test_a_patch_of_a_source_outside_the_working_directory_applies_with_git(tmp_path):
+    """An absolute --source in a git work tree elsewhere: the patch's paths are relative to that
+    work tree (never a//tmp/...), the note says where to apply it, and git apply takes it."""
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "zoo.py").write_bytes(ZOO_SOURCE.read_bytes())
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "zoo"]):
+        subprocess.run([*git, *cmd], cwd=repo, check=True, capture_output=True)
+    patch = tmp_path / "out" / "sdpa.patch"
+    patch.parent.mkdir()
+    res = run_case("find_attention.py", ["--source", str(repo / "src" / "zoo.py"), "--write-patch", str(patch),
+                                         "--no-report"], tmp_path, 1, unchanged=False)
+    assert patch.read_text().startswith("--- a/src/zoo.py\n+++ b/src/zoo.py\n")
+    assert any(f"git -C {repo} apply" in n for n in res["data"]["notes"]), res["data"]["notes"]
+    check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=repo, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_report_dir_onto_a_folder_of_other_files_is_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("a,b\n")
+    (mine / "notes.txt").write_text("precious\n")
+    res = run_case("find_attention.py", ["--source", str(ZOO_SOURCE), "--report-dir", str(mine)], tmp_path, 2,
+                   "is not empty (it holds data.csv, notes.txt)", "nothing was written")
+    assert "new or empty folder" in res["next"] and res["data"] == {}
+
+
+def test_every_option_of_every_script_has_help():
+    import argparse
+    import importlib
+
+    for script in sorted(SCRIPTS.glob("*.py")):
+        module = importlib.import_module(script.stem)
+        for action in module.build_parser()._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (script.name, action.option_strings)

@@ -245,8 +245,8 @@ def add_output_args(p: argparse.ArgumentParser, step: str, save: bool = False) -
     g = p.add_argument_group("output")
     g.add_argument("--report-dir", metavar="DIR", type=text,
                    help=f"run folder for report.json / report.md / report.png "
-                        f"(default: ./attention-reports/{step}-<time>-<model>, a new folder); a folder of "
-                        f"yours is used only when it holds no report yet")
+                        f"(default: ./attention-reports/{step}-<time>-<model>, a new folder); DIR must be new "
+                        f"or empty: a folder holding anything is refused before the run starts")
     g.add_argument("--no-report", action="store_true", help="write no run folder")
     if save:
         g.add_argument("--save", metavar="DIR", type=text,

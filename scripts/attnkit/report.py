@@ -626,9 +626,10 @@ def _require_writable(folder: Path, flag: str, shown: str) -> None:
 
 
 def check_run_folder(path: str, flag: str = "--report-dir") -> None:
-    """Raise ``CannotRun`` before any work when the run folder ``path`` cannot take a report:
-    a file, a folder we cannot write in, or a folder already holding a report (a user's, or
-    another run's): a run never overwrites one."""
+    """Raise ``CannotRun`` before any work unless the run folder ``path`` is a new folder we can
+    create or an empty one we can write in: a file, a folder we cannot write in, a folder
+    already holding a report (a user's, or another run's), or any other non-empty folder (the
+    user's files) is refused, so that a run never overwrites or mixes with what is there."""
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir():
@@ -638,6 +639,12 @@ def check_run_folder(path: str, flag: str = "--report-dir") -> None:
         if held:
             raise CannotRun(f"{flag} {path} already holds {', '.join(held)}, which this run would overwrite; "
                             "nothing was written", f"pass a new or empty folder for {flag}, or move those files")
+        entries = sorted(e.name for e in folder.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise CannotRun(f"{flag} {path} is not empty (it holds {shown}): a run writes only into a new or empty "
+                            "folder; nothing was written",
+                            f"pass a new or empty folder for {flag}, e.g. {Path(path) / 'run'}")
         _require_writable(folder, flag, path)
     else:
         _check_creatable(folder, flag, path)
@@ -693,15 +700,21 @@ def check_outputs(args: Any) -> None:
     refuse_to_overwrite(getattr(args, "write_patch", None), "--write-patch")
 
 
-def write_patch(result: StepResult, patch: str, path: str | None, why_none: str = "") -> None:
+def write_patch(result: StepResult, patch: str, path: str | None, why_none: str = "",
+                apply_in: Path | None = None) -> None:
     """Write ``patch`` to the new file ``path`` (when both are given) and record it as
-    ``data["patch_file"]``. With ``path`` but no patch, nothing is written and a note in
-    ``data["notes"]`` says so, and why (``why_none``)."""
+    ``data["patch_file"]``; a note says where to apply it when that is not the working
+    directory (``apply_in``, ``swap.patch.patch_root``: its paths are relative to it). With
+    ``path`` but no patch, nothing is written and a note in ``data["notes"]`` says so, and why
+    (``why_none``)."""
     if path and patch:
         target = Path(path).expanduser()
         with open(target, "x") as f:  # never over a file that appeared since the start
             f.write(patch)
         result.data.patch_file = str(target.resolve())
+        if apply_in is not None and Path(apply_in).resolve() != Path.cwd().resolve():
+            result.data.notes.append(f"{target}: its paths are relative to {apply_in}; apply it there "
+                                     f"(git -C {apply_in} apply {target.resolve()})")
     elif path:
         result.data.notes.append(
             f"--write-patch {path}: nothing written, there is no source change" + (f": {why_none}" if why_none else ""))
