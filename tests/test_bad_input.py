@@ -507,3 +507,17 @@ def test_every_option_of_every_script_has_help():
         module = importlib.import_module(script.stem)
         for action in module.build_parser()._actions:
             assert action.help and action.help != argparse.SUPPRESS, (script.name, action.option_strings)
+
+
+def test_running_out_of_memory_outside_a_measurement_is_named_not_unexpected(tmp_path):
+    """A length no memory holds (the hand-written model has no maximum to cap it to): the
+    forward pass that records the attention calls cannot allocate its 16 TB score matrix."""
+    res = run_case("enable_flash.py", ["--model", f"{ZOO_SOURCE}:nanogpt", "--backend", "sdpa", "--device", "cpu",
+                                       "--seq-len", "999999", "--no-report", *FAST], tmp_path, 2, "out of memory")
+    assert "--seq-len" in res["next"]
+
+
+def test_a_users_text_is_printed_as_given_not_as_rich_emoji(tmp_path):
+    run = run_script("check_env.py", "--device", "cuda:abc", json_mode=False, cwd=tmp_path, timeout=120)
+    clean(run.stderr)
+    assert "--device cuda:abc" in run.stderr and "\N{INPUT SYMBOL FOR LATIN LETTERS}" not in run.stderr, run.stderr

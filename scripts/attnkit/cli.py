@@ -349,9 +349,22 @@ def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], a
     except Exception as exc:  # a bug, or a library failing in a way we did not foresee
         if debug:
             raise
+        oom = _out_of_memory(exc)
+        if oom is not None:  # a stage that must finish ran out of memory: known, with its advice
+            return StepResult.error(step, with_advice(oom))
         message = said(exc, 400)
         return StepResult(step, "error", f"unexpected error: {message}", [], None,
                           "rerun with --debug for the traceback, and report it")
+
+
+def _out_of_memory(exc: Exception) -> OutOfMemory | None:
+    """``exc`` as an ``OutOfMemory`` when it is an allocation failure (CUDA or CPU) that no step
+    caught where it happened, else None."""
+    if "torch" not in sys.modules:
+        return None
+    from .measure.timing import is_oom, oom_message
+
+    return OutOfMemory("the step", oom_message(exc)) if is_oom(exc) else None
 
 
 def _print(result: StepResult, reporter: Reporter) -> int:

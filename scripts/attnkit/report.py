@@ -234,8 +234,9 @@ class Reporter:
 
         self.json_mode = json_mode
         self.quiet = quiet
-        self.err = Console(stderr=True, highlight=False)
-        self.out = Console(highlight=False, soft_wrap=False)
+        # emoji=False: rich would draw a user's text such as "cuda:abc" as cuda🔤 (its :abc: code)
+        self.err = Console(stderr=True, highlight=False, emoji=False)
+        self.out = Console(highlight=False, soft_wrap=False, emoji=False)
         self._t0 = time.perf_counter()
 
     @contextmanager
