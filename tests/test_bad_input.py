@@ -123,6 +123,7 @@ NUMBERS = [
     ("fp8_attention.py", ["--kv-heads", "0"], "--kv-heads must be at least 1, not 0"),
     ("fp8_attention.py", ["--heads", "99999999999999999999"], "--heads must be at most 4096"),
     ("benchmark_attention.py", ["--search-cap", "-5"], "--search-cap must be at least 1, not -5"),
+    ("benchmark_attention.py", ["--shape", "1,2,99999999999"], "--shape: D must be at most 4096"),
     ("run_checklist.py", ["enable", "--seq-len", "-3"], "--seq-len must be at least 2, not -3"),
     ("run_checklist.py", ["enable", "--pad-fraction", "nan"], "--pad-fraction must be in [0, 1)"),
 ]
@@ -521,3 +522,27 @@ def test_a_users_text_is_printed_as_given_not_as_rich_emoji(tmp_path):
     run = run_script("check_env.py", "--device", "cuda:abc", json_mode=False, cwd=tmp_path, timeout=120)
     clean(run.stderr)
     assert "--device cuda:abc" in run.stderr and "\N{INPUT SYMBOL FOR LATIN LETTERS}" not in run.stderr, run.stderr
+
+
+CLOSES_STDOUT = f'''
+import sys
+sys.path.insert(0, {str(MODELS)!r})
+from attention_zoo import example_inputs, nanogpt  # noqa: F401 (the inputs the step uses)
+
+def build():
+    sys.stdout.close()  # a script's habit, met inside a factory
+    return nanogpt()
+'''
+
+
+@pytest.mark.parametrize("json_mode", [True, False], ids=["json", "text"])
+def test_a_factory_that_closes_stdout_does_not_close_the_steps(tmp_path, json_mode):
+    (tmp_path / "closes.py").write_text(CLOSES_STDOUT)
+    args = ["--model", f"{tmp_path / 'closes.py'}:build", "--seq-len", "16", "--no-report"]
+    if json_mode:
+        res = run_case("find_attention.py", args, tmp_path, (0, 1))
+        assert res["data"]["model_class"] == "ZooModel"
+        return
+    run = run_script("find_attention.py", *args, json_mode=False, cwd=tmp_path, timeout=2 * LIMIT_S)
+    clean(run.stderr)
+    assert run.rc in (0, 1) and "find_attention" in run.stdout, (run.rc, run.stderr[-2000:])

@@ -11,7 +11,7 @@ may fail: a full disk (``> /dev/full``) is one line on stderr and exit 2; a read
 went away (``| head``, a broken pipe) keeps the step's exit code, since the verdict stands.
 
 Every number and name is checked while the arguments are parsed, by the shared argument
-types below (``integer``, ``positive_float``, ``fraction``, ``text``, ``backend_list``):
+types below (``integer``, ``positive_float``, ``fraction``, ``text``, ``shape``, ``backend_list``):
 every value of a repeated option, with the bounds stated in the message. The output
 targets (``--report-dir``, ``--save``, ``--write-patch``, the default run folder) are
 checked right after parsing, before anything is loaded or measured (``report.check_outputs``).
@@ -149,6 +149,23 @@ def backend_list(extra: Sequence[str] = (), labels: bool = False) -> Callable[[s
     return parse
 
 
+def shape(value: str) -> str:
+    """An attention shape B,H,D or B,H,H_KV,D (GQA: H a multiple of H_KV), each within its bound
+    (``MAX_BATCH``, ``MAX_HEADS``, ``MAX_HEAD_DIM``); returned as given."""
+    try:
+        parts = [int(p) for p in value.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 3:
+        parts = [parts[0], parts[1], parts[1], parts[2]]
+    if len(parts) != 4 or min(parts) < 1 or parts[1] % parts[2]:
+        raise argparse.ArgumentTypeError(f"give B,H,D or B,H,H_KV,D (positive, H a multiple of H_KV), not {value!r}")
+    for name, n, high in zip(("B", "H", "H_KV", "D"), parts, (MAX_BATCH, MAX_HEADS, MAX_HEADS, MAX_HEAD_DIM)):
+        if n > high:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {high}, not {n}")
+    return value
+
+
 #: --min-run-time, --tune-time: a positive, finite timing window of at most an hour.
 seconds = positive_float(MAX_SECONDS, " of seconds")
 #: --memory-limit: a positive, finite number of GB.
@@ -268,13 +285,28 @@ def _sigterm_as_interrupt() -> None:
         pass
 
 
+class _KeepOpen:
+    """A stream that the model's code may close (``sys.stdout.close()``) without closing it: the
+    step still needs stderr for its progress and stdout for its one result."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def close(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 @contextlib.contextmanager
 def stdout_to_stderr(active: bool):
     """Inside the block, whatever the model (or a library) prints goes to stderr, at the Python
     level (sys.stdout) and at the file-descriptor level (C extensions, subprocesses), so that
     with --json stdout holds exactly the one JSON object ``run`` prints afterwards."""
-    if not active:
-        yield
+    if not active:  # stdout stays the terminal's; the model's code still cannot close it
+        with contextlib.redirect_stdout(_KeepOpen(sys.stdout)):
+            yield
         return
     sys.stdout.flush()
     try:
@@ -284,7 +316,7 @@ def stdout_to_stderr(active: bool):
     try:
         if saved is not None:
             os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(_KeepOpen(sys.stderr)):
             yield
     finally:
         sys.stdout.flush()
