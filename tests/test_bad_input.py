@@ -401,6 +401,15 @@ def test_a_config_that_does_not_fit_its_weights_is_named(tmp_path, saved_llama):
              "config.json", "does not fit its weights", "mlp.", "in model.safetensors")
 
 
+def test_a_config_transformers_cannot_build_is_named(tmp_path, saved_llama):
+    model = _copy(saved_llama, tmp_path / "zero-heads")
+    config = json.loads((model / "config.json").read_text())
+    config["num_attention_heads"] = 0
+    (model / "config.json").write_text(json.dumps(config))
+    run_case("find_attention.py", ["--model", str(model), "--no-report", "--seq-len", "16"], tmp_path, 2,
+             "is not one transformers can build", "ZeroDivisionError")
+
+
 def test_models_with_different_vocabularies_are_not_compared(tmp_path):
     res = run_case("compare_accuracy.py", ["--model", "demo:llama", "--against", "demo:gpt2", "--seq-len", "32",
                                            "--no-report"], tmp_path, 2, "different vocabularies", "8192", "4096")

@@ -615,6 +615,9 @@ def _from_pretrained(ref: str | Path, *, device: str, dtype: torch.dtype, trust_
         raise CannotRun(f"cannot read the config of {ref}: {exc}", "") from None
     except OSError as exc:  # not in the cache / not downloadable / not a model folder
         raise CannotRun(f"cannot read the config of {ref}: {one_line(exc, 300)}", "") from None
+    except Exception as exc:  # values transformers refuses (num_attention_heads 0: ZeroDivisionError)
+        raise CannotRun(f"the config of {ref} is not one transformers can build: {said(exc, 300)}",
+                        "fix its config.json, or take the model's original files again") from None
     family = _family_of(config)
     placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     try:
