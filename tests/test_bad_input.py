@@ -555,3 +555,19 @@ def test_a_factory_that_closes_stdout_does_not_close_the_steps(tmp_path, json_mo
     run = run_script("find_attention.py", *args, json_mode=False, cwd=tmp_path, timeout=2 * LIMIT_S)
     clean(run.stderr)
     assert run.rc in (0, 1) and "find_attention" in run.stdout, (run.rc, run.stderr[-2000:])
+
+
+def test_library_errors_leave_flag_advice_to_the_command_line():
+    """Issue 19: the library raises a typed error that speaks of its API; cli.ADVICE adds the flag."""
+    import torch
+    from attnkit import cli
+    from attnkit.report import NeedsTrust, NoKernel, NotSwitched
+    from attnkit.swap import switch
+
+    with pytest.raises(NotSwitched) as caught:
+        switch.apply(torch.nn.Linear(2, 2), "sdpa")
+    assert not caught.value.hint and "--" not in caught.value.message
+    assert "find_attention.py --model SPEC" in cli.with_advice(caught.value).hint
+    assert "--trust-remote-code" in cli.with_advice(NeedsTrust("org/model")).hint
+    assert "--sdpa-kernel" in cli.with_advice(NoKernel("sdpa", "no reason")).hint
+    assert cli.with_advice(NotSwitched("m", "no_site", "flash_attention_2")).hint == "use --backend sdpa"

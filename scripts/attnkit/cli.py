@@ -26,7 +26,7 @@ import math
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 # torch's profiler (kineto) prints a line per start/stop at its default log level; 6
 # silences it unless the user chose a level. kineto reads it from the C environment when
@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
-from .report import CannotRun, OutOfMemory, Reporter, StepResult, check_outputs, said  # noqa: E402
+from .report import (CannotRun, NeedsTrust, NoKernel, NoMemoryBound, NotSwitched, OutOfMemory, Reporter,  # noqa: E402
+                     StepResult, check_outputs, said)
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
 
@@ -325,17 +326,33 @@ def stdout_to_stderr(active: bool):
             os.close(saved)
 
 
+def _not_switched(exc: NotSwitched) -> str:
+    return {
+        "no_switch": "run find_attention.py --model SPEC to see its attention sites",
+        "refused": "use --backend auto",
+        "already_fused": "profile it with profile_attention.py --backends eager,eager to see its kernels",
+        "no_site": "find_attention.py --model SPEC lists each site; the reasons say what to change"
+                   if exc.backend in ("", "sdpa") else "use --backend sdpa",
+    }.get(exc.reason, "")
+
+
 #: The command line's advice for a library error that carries none (the library speaks of its
-#: API, never of a script's flags): exception type -> what to change on the command line.
-ADVICE: dict[type[CannotRun], str] = {
+#: API, never of a script's flags): exception type -> what to change on the command line, as
+#: text or as a function of the error.
+ADVICE: dict[type[CannotRun], str | Callable[[Any], str]] = {
     OutOfMemory: "lower --batch-size or --seq-len",
+    NotSwitched: _not_switched,
+    NoKernel: "allow more kernels (drop --sdpa-kernel) or change the inputs",
+    NeedsTrust: "read that code first; rerun with --trust-remote-code if you trust it",
+    NoMemoryBound: "pass --memory-limit GB",
 }
 
 
 def with_advice(exc: CannotRun) -> CannotRun:
     """``exc``, its ``hint`` set from ``ADVICE`` when the library gave none."""
     if not exc.hint:
-        exc.hint = next((text for kind, text in ADVICE.items() if isinstance(exc, kind)), "")
+        advice = next((text for kind, text in ADVICE.items() if isinstance(exc, kind)), "")
+        exc.hint = advice(exc) if callable(advice) else advice
     return exc
 
 

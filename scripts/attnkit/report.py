@@ -64,6 +64,41 @@ class OutOfMemory(CannotRun):
         self.where, self.detail = where, detail
 
 
+class NotSwitched(CannotRun):
+    """A model whose attention could not be put on a backend (``backend``), and why: ``reason``
+    is ``no_switch`` (neither a transformers model nor swapped hand-written attention),
+    ``refused`` (transformers refused the backend for this class), ``already_fused`` (every
+    site already runs SDPA) or ``no_site`` (no site could be swapped; each site's reason says
+    why). The library says what happened; the command line adds what to run (``cli.ADVICE``)."""
+
+    def __init__(self, message: str, reason: str, backend: str = ""):
+        super().__init__(message)
+        self.reason, self.backend = reason, backend
+
+
+class NoKernel(CannotRun):
+    """No SDPA kernel that the caller allowed can take these inputs (``reasons``: torch's)."""
+
+    def __init__(self, where: str, reasons: str):
+        super().__init__(f"{where}: no allowed SDPA kernel can take these inputs: {reasons}")
+        self.where, self.reasons = where, reasons
+
+
+class NeedsTrust(CannotRun):
+    """A model (``ref``) whose own modelling code would run, which the caller did not allow."""
+
+    def __init__(self, ref: str):
+        super().__init__(f"model {ref} ships its own modelling code, which runs only when that code is trusted")
+        self.ref = ref
+
+
+class NoMemoryBound(CannotRun):
+    """A search that needs a memory bound found none on this machine (``why``)."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+
+
 def one_line(text: object, limit: int | None = None) -> str:
     """``text`` on one line (whitespace folded), cut to ``limit`` characters when given: how
     every message that quotes another (an exception, torch's warnings) is shortened."""
