@@ -671,6 +671,7 @@ def check_run_folder(path: str, flag: str = "--report-dir") -> None:
         if not folder.is_dir():
             raise CannotRun(f"{flag} {path} is a file, not a folder; nothing was written",
                             f"pass a new or empty folder for {flag}")
+        _require_writable(folder, flag, path)  # first: a read-only folder is refused as such, full or not
         held = [name for name in REPORT_FILES if (folder / name).exists()]
         if held:
             raise CannotRun(f"{flag} {path} already holds {', '.join(held)}, which this run would overwrite; "
@@ -681,7 +682,6 @@ def check_run_folder(path: str, flag: str = "--report-dir") -> None:
             raise CannotRun(f"{flag} {path} is not empty (it holds {shown}): a run writes only into a new or empty "
                             "folder; nothing was written",
                             f"pass a new or empty folder for {flag}, e.g. {Path(path) / 'run'}")
-        _require_writable(folder, flag, path)
     else:
         _check_creatable(folder, flag, path)
 
