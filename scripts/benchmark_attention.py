@@ -41,7 +41,7 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N")
     g.add_argument("--dtype", dest="dtypes", action="append", metavar="DTYPE",
                    help="repeatable; default: bfloat16 and float16 on a GPU, float32 on a CPU")
-    g.add_argument("--shape", dest="shapes", action="append", metavar="B,H,D", type=cli.text,
+    g.add_argument("--shape", dest="shapes", action="append", metavar="B,H,D", type=cli.shape,
                    help="batch, heads, head_dim (or B,H,H_KV,D for GQA); repeatable; default: 8,32,64 and 2,16,128")
     g.add_argument("--seq-len", dest="seq_lens", type=cli.integer(1, cli.MAX_SEQ_LEN), action="append", metavar="S",
                    help="repeatable; default: 512 to 16384 on a GPU, 512 and 1024 on a CPU")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """find_attention: every attention site in source code or in a live model, and whether it can become SDPA.
 
---source PATH reads a .py file or a package folder without importing it. --model SPEC runs
+--source PATH reads a .py file or a package folder without importing it (a file that does
+not parse is an error naming its line, not "0 sites"). --model SPEC runs
 the model once and finds the attention-bearing submodules by what they execute, so
 untraceable code is found too. For each site it reports file:line (and the module's
 qualified name), the form of the score product (matmul, bmm, baddbmm, einsum), the mask
@@ -13,8 +14,9 @@ nn.MultiheadAttention calls that leave need_weights at True, which materialises 
 attention weights. With --model, each swap of a model without a transformers switch is
 verified on the module's own inputs against a float64 run.
 
---write-patch FILE writes the source change as a unified diff (git apply). Nothing of
-yours is edited.
+--write-patch FILE writes the source change as a unified diff (git apply), its paths
+relative to the working directory, or for files outside it to their git work tree (a note
+says where to apply it). Nothing of yours is edited.
 
 status: pass when every hand-written site can be swapped; fail when one cannot (the
 reasons say why).

@@ -123,6 +123,7 @@ NUMBERS = [
     ("fp8_attention.py", ["--kv-heads", "0"], "--kv-heads must be at least 1, not 0"),
     ("fp8_attention.py", ["--heads", "99999999999999999999"], "--heads must be at most 4096"),
     ("benchmark_attention.py", ["--search-cap", "-5"], "--search-cap must be at least 1, not -5"),
+    ("benchmark_attention.py", ["--shape", "1,2,99999999999"], "--shape: D must be at most 4096"),
     ("run_checklist.py", ["enable", "--seq-len", "-3"], "--seq-len must be at least 2, not -3"),
     ("run_checklist.py", ["enable", "--pad-fraction", "nan"], "--pad-fraction must be in [0, 1)"),
 ]
@@ -400,6 +401,15 @@ def test_a_config_that_does_not_fit_its_weights_is_named(tmp_path, saved_llama):
              "config.json", "does not fit its weights", "mlp.", "in model.safetensors")
 
 
+def test_a_config_transformers_cannot_build_is_named(tmp_path, saved_llama):
+    model = _copy(saved_llama, tmp_path / "zero-heads")
+    config = json.loads((model / "config.json").read_text())
+    config["num_attention_heads"] = 0
+    (model / "config.json").write_text(json.dumps(config))
+    run_case("find_attention.py", ["--model", str(model), "--no-report", "--seq-len", "16"], tmp_path, 2,
+             "is not one transformers can build", "ZeroDivisionError")
+
+
 def test_models_with_different_vocabularies_are_not_compared(tmp_path):
     res = run_case("compare_accuracy.py", ["--model", "demo:llama", "--against", "demo:gpt2", "--seq-len", "32",
                                            "--no-report"], tmp_path, 2, "different vocabularies", "8192", "4096")
@@ -425,3 +435,139 @@ def test_write_patch_on_a_transformers_model_says_nothing_was_written(tmp_path, 
     assert not target.exists() and not res["data"].get("patch_file")
     notes = [n for n in res["data"]["notes"] if n.startswith(f"--write-patch {target}")]
     assert len(notes) == 1 and "nothing written" in notes[0] and "attn_implementation" in notes[0], notes
+
+
+# ----------------------------------------------------------------------------- source that is not read
+
+def _syntax_error(root):
+    f = root / "broken.py"
+    f.write_text("import torch\n\ndef attention(q, k:\n    return q\n")
+    return f, ("broken.py cannot be read as Python", "line 3")
+
+
+def _not_utf8(root):
+    f = root / "latin1.py"
+    f.write_bytes(b"# caf\xe9\nx = 1\n")
+    return f, ("latin1.py cannot be read as Python", "not UTF-8 text")
+
+
+def _dev_null(root):
+    return Path("/dev/null"), ("/dev/null is not a .py file or a folder",)
+
+
+def _folder_without_python(root):
+    folder = root / "docs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("attention\n")
+    return folder, ("holds no .py file",)
+
+
+def _folder_of_broken_files(root):
+    folder = root / "pkg"
+    folder.mkdir()
+    (folder / "a.py").write_text("def f(:\n")
+    (folder / "b.py").write_bytes(b"\xff\n")
+    return folder, ("none of the 2 .py file(s)", "a.py: line 1")
+
+
+SOURCES = [_syntax_error, _not_utf8, _dev_null, _folder_without_python, _folder_of_broken_files]
+
+
+@pytest.mark.parametrize("setup", SOURCES, ids=[f.__name__.strip("_") for f in SOURCES])
+def test_source_that_cannot_be_read_is_an_error_not_zero_sites(tmp_path, setup):
+    source, phrases = setup(tmp_path)
+    res = run_case("find_attention.py", ["--source", str(source), "--no-report"], tmp_path, 2, *phrases)
+    assert res["next"] and res["data"] == {}
+
+
+def test_a_patch_of_a_source_outside_the_working_directory_applies_with_git(tmp_path):
+    """An absolute --source in a git work tree elsewhere: the patch's paths are relative to that
+    work tree (never a//tmp/...), the note says where to apply it, and git apply takes it."""
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "zoo.py").write_bytes(ZOO_SOURCE.read_bytes())
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "zoo"]):
+        subprocess.run([*git, *cmd], cwd=repo, check=True, capture_output=True)
+    patch = tmp_path / "out" / "sdpa.patch"
+    patch.parent.mkdir()
+    res = run_case("find_attention.py", ["--source", str(repo / "src" / "zoo.py"), "--write-patch", str(patch),
+                                         "--no-report"], tmp_path, 1, unchanged=False)
+    assert patch.read_text().startswith("--- a/src/zoo.py\n+++ b/src/zoo.py\n")
+    assert any(f"git -C {repo} apply" in n for n in res["data"]["notes"]), res["data"]["notes"]
+    check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=repo, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_report_dir_onto_a_folder_of_other_files_is_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("a,b\n")
+    (mine / "notes.txt").write_text("precious\n")
+    res = run_case("find_attention.py", ["--source", str(ZOO_SOURCE), "--report-dir", str(mine)], tmp_path, 2,
+                   "is not empty (it holds data.csv, notes.txt)", "nothing was written")
+    assert "new or empty folder" in res["next"] and res["data"] == {}
+
+
+def test_every_option_of_every_script_has_help():
+    import argparse
+    import importlib
+
+    for script in sorted(SCRIPTS.glob("*.py")):
+        module = importlib.import_module(script.stem)
+        for action in module.build_parser()._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (script.name, action.option_strings)
+
+
+def test_running_out_of_memory_outside_a_measurement_is_named_not_unexpected(tmp_path):
+    """A length no memory holds (the hand-written model has no maximum to cap it to): the
+    forward pass that records the attention calls cannot allocate its 16 TB score matrix."""
+    res = run_case("enable_flash.py", ["--model", f"{ZOO_SOURCE}:nanogpt", "--backend", "sdpa", "--device", "cpu",
+                                       "--seq-len", "999999", "--no-report", *FAST], tmp_path, 2, "out of memory")
+    assert "--seq-len" in res["next"]
+
+
+def test_a_users_text_is_printed_as_given_not_as_rich_emoji(tmp_path):
+    run = run_script("check_env.py", "--device", "cuda:abc", json_mode=False, cwd=tmp_path, timeout=120)
+    clean(run.stderr)
+    assert "--device cuda:abc" in run.stderr and "\N{INPUT SYMBOL FOR LATIN LETTERS}" not in run.stderr, run.stderr
+
+
+CLOSES_STDOUT = f'''
+import sys
+sys.path.insert(0, {str(MODELS)!r})
+from attention_zoo import example_inputs, nanogpt  # noqa: F401 (the inputs the step uses)
+
+def build():
+    sys.stdout.close()  # a script's habit, met inside a factory
+    return nanogpt()
+'''
+
+
+@pytest.mark.parametrize("json_mode", [True, False], ids=["json", "text"])
+def test_a_factory_that_closes_stdout_does_not_close_the_steps(tmp_path, json_mode):
+    (tmp_path / "closes.py").write_text(CLOSES_STDOUT)
+    args = ["--model", f"{tmp_path / 'closes.py'}:build", "--seq-len", "16", "--no-report"]
+    if json_mode:
+        res = run_case("find_attention.py", args, tmp_path, (0, 1))
+        assert res["data"]["model_class"] == "ZooModel"
+        return
+    run = run_script("find_attention.py", *args, json_mode=False, cwd=tmp_path, timeout=2 * LIMIT_S)
+    clean(run.stderr)
+    assert run.rc in (0, 1) and "find_attention" in run.stdout, (run.rc, run.stderr[-2000:])
+
+
+def test_library_errors_leave_flag_advice_to_the_command_line():
+    """Issue 19: the library raises a typed error that speaks of its API; cli.ADVICE adds the flag."""
+    import torch
+    from attnkit import cli
+    from attnkit.report import NeedsTrust, NoKernel, NotSwitched
+    from attnkit.swap import switch
+
+    with pytest.raises(NotSwitched) as caught:
+        switch.apply(torch.nn.Linear(2, 2), "sdpa")
+    assert not caught.value.hint and "--" not in caught.value.message
+    assert "find_attention.py --model SPEC" in cli.with_advice(caught.value).hint
+    assert "--trust-remote-code" in cli.with_advice(NeedsTrust("org/model")).hint
+    assert "--sdpa-kernel" in cli.with_advice(NoKernel("sdpa", "no reason")).hint
+    assert cli.with_advice(NotSwitched("m", "no_site", "flash_attention_2")).hint == "use --backend sdpa"

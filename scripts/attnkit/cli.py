@@ -11,7 +11,7 @@ may fail: a full disk (``> /dev/full``) is one line on stderr and exit 2; a read
 went away (``| head``, a broken pipe) keeps the step's exit code, since the verdict stands.
 
 Every number and name is checked while the arguments are parsed, by the shared argument
-types below (``integer``, ``positive_float``, ``fraction``, ``text``, ``backend_list``):
+types below (``integer``, ``positive_float``, ``fraction``, ``text``, ``shape``, ``backend_list``):
 every value of a repeated option, with the bounds stated in the message. The output
 targets (``--report-dir``, ``--save``, ``--write-patch``, the default run folder) are
 checked right after parsing, before anything is loaded or measured (``report.check_outputs``).
@@ -26,7 +26,7 @@ import math
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 # torch's profiler (kineto) prints a line per start/stop at its default log level; 6
 # silences it unless the user chose a level. kineto reads it from the C environment when
@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
-from .report import CannotRun, OutOfMemory, Reporter, StepResult, check_outputs, said  # noqa: E402
+from .report import (CannotRun, NeedsTrust, NoKernel, NoMemoryBound, NotSwitched, OutOfMemory, Reporter,  # noqa: E402
+                     StepResult, check_outputs, said)
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
 
@@ -149,6 +150,23 @@ def backend_list(extra: Sequence[str] = (), labels: bool = False) -> Callable[[s
     return parse
 
 
+def shape(value: str) -> str:
+    """An attention shape B,H,D or B,H,H_KV,D (GQA: H a multiple of H_KV), each within its bound
+    (``MAX_BATCH``, ``MAX_HEADS``, ``MAX_HEAD_DIM``); returned as given."""
+    try:
+        parts = [int(p) for p in value.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 3:
+        parts = [parts[0], parts[1], parts[1], parts[2]]
+    if len(parts) != 4 or min(parts) < 1 or parts[1] % parts[2]:
+        raise argparse.ArgumentTypeError(f"give B,H,D or B,H,H_KV,D (positive, H a multiple of H_KV), not {value!r}")
+    for name, n, high in zip(("B", "H", "H_KV", "D"), parts, (MAX_BATCH, MAX_HEADS, MAX_HEADS, MAX_HEAD_DIM)):
+        if n > high:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {high}, not {n}")
+    return value
+
+
 #: --min-run-time, --tune-time: a positive, finite timing window of at most an hour.
 seconds = positive_float(MAX_SECONDS, " of seconds")
 #: --memory-limit: a positive, finite number of GB.
@@ -250,8 +268,8 @@ def add_output_args(p: argparse.ArgumentParser, step: str, save: bool | str = Fa
     g = p.add_argument_group("output")
     g.add_argument("--report-dir", metavar="DIR", type=text,
                    help=f"run folder for report.json / report.md / report.png "
-                        f"(default: ./attention-reports/{step}-<time>-<model>, a new folder); a folder of "
-                        f"yours is used only when it holds no report yet")
+                        f"(default: ./attention-reports/{step}-<time>-<model>, a new folder); DIR must be new "
+                        f"or empty: a folder holding anything is refused before the run starts")
     g.add_argument("--no-report", action="store_true", help="write no run folder")
     if save:
         g.add_argument("--save", metavar="DIR", type=text, help=SAVE_MODEL if save is True else save)
@@ -271,13 +289,28 @@ def _sigterm_as_interrupt() -> None:
         pass
 
 
+class _KeepOpen:
+    """A stream that the model's code may close (``sys.stdout.close()``) without closing it: the
+    step still needs stderr for its progress and stdout for its one result."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def close(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 @contextlib.contextmanager
 def stdout_to_stderr(active: bool):
     """Inside the block, whatever the model (or a library) prints goes to stderr, at the Python
     level (sys.stdout) and at the file-descriptor level (C extensions, subprocesses), so that
     with --json stdout holds exactly the one JSON object ``run`` prints afterwards."""
-    if not active:
-        yield
+    if not active:  # stdout stays the terminal's; the model's code still cannot close it
+        with contextlib.redirect_stdout(_KeepOpen(sys.stdout)):
+            yield
         return
     sys.stdout.flush()
     try:
@@ -287,7 +320,7 @@ def stdout_to_stderr(active: bool):
     try:
         if saved is not None:
             os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(_KeepOpen(sys.stderr)):
             yield
     finally:
         sys.stdout.flush()
@@ -296,17 +329,33 @@ def stdout_to_stderr(active: bool):
             os.close(saved)
 
 
+def _not_switched(exc: NotSwitched) -> str:
+    return {
+        "no_switch": "run find_attention.py --model SPEC to see its attention sites",
+        "refused": "use --backend auto",
+        "already_fused": "profile it with profile_attention.py --backends eager,eager to see its kernels",
+        "no_site": "find_attention.py --model SPEC lists each site; the reasons say what to change"
+                   if exc.backend in ("", "sdpa") else "use --backend sdpa",
+    }.get(exc.reason, "")
+
+
 #: The command line's advice for a library error that carries none (the library speaks of its
-#: API, never of a script's flags): exception type -> what to change on the command line.
-ADVICE: dict[type[CannotRun], str] = {
+#: API, never of a script's flags): exception type -> what to change on the command line, as
+#: text or as a function of the error.
+ADVICE: dict[type[CannotRun], str | Callable[[Any], str]] = {
     OutOfMemory: "lower --batch-size or --seq-len",
+    NotSwitched: _not_switched,
+    NoKernel: "allow more kernels (drop --sdpa-kernel) or change the inputs",
+    NeedsTrust: "read that code first; rerun with --trust-remote-code if you trust it",
+    NoMemoryBound: "pass --memory-limit GB",
 }
 
 
 def with_advice(exc: CannotRun) -> CannotRun:
     """``exc``, its ``hint`` set from ``ADVICE`` when the library gave none."""
     if not exc.hint:
-        exc.hint = next((text for kind, text in ADVICE.items() if isinstance(exc, kind)), "")
+        advice = next((text for kind, text in ADVICE.items() if isinstance(exc, kind)), "")
+        exc.hint = advice(exc) if callable(advice) else advice
     return exc
 
 
@@ -352,9 +401,22 @@ def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], a
     except Exception as exc:  # a bug, or a library failing in a way we did not foresee
         if debug:
             raise
+        oom = _out_of_memory(exc)
+        if oom is not None:  # a stage that must finish ran out of memory: known, with its advice
+            return StepResult.error(step, with_advice(oom))
         message = said(exc, 400)
         return StepResult(step, "error", f"unexpected error: {message}", [], None,
                           "rerun with --debug for the traceback, and report it")
+
+
+def _out_of_memory(exc: Exception) -> OutOfMemory | None:
+    """``exc`` as an ``OutOfMemory`` when it is an allocation failure (CUDA or CPU) that no step
+    caught where it happened, else None."""
+    if "torch" not in sys.modules:
+        return None
+    from .measure.timing import is_oom, oom_message
+
+    return OutOfMemory("the step", oom_message(exc)) if is_oom(exc) else None
 
 
 def _print(result: StepResult, reporter: Reporter) -> int:

@@ -64,6 +64,41 @@ class OutOfMemory(CannotRun):
         self.where, self.detail = where, detail
 
 
+class NotSwitched(CannotRun):
+    """A model whose attention could not be put on a backend (``backend``), and why: ``reason``
+    is ``no_switch`` (neither a transformers model nor swapped hand-written attention),
+    ``refused`` (transformers refused the backend for this class), ``already_fused`` (every
+    site already runs SDPA) or ``no_site`` (no site could be swapped; each site's reason says
+    why). The library says what happened; the command line adds what to run (``cli.ADVICE``)."""
+
+    def __init__(self, message: str, reason: str, backend: str = ""):
+        super().__init__(message)
+        self.reason, self.backend = reason, backend
+
+
+class NoKernel(CannotRun):
+    """No SDPA kernel that the caller allowed can take these inputs (``reasons``: torch's)."""
+
+    def __init__(self, where: str, reasons: str):
+        super().__init__(f"{where}: no allowed SDPA kernel can take these inputs: {reasons}")
+        self.where, self.reasons = where, reasons
+
+
+class NeedsTrust(CannotRun):
+    """A model (``ref``) whose own modelling code would run, which the caller did not allow."""
+
+    def __init__(self, ref: str):
+        super().__init__(f"model {ref} ships its own modelling code, which runs only when that code is trusted")
+        self.ref = ref
+
+
+class NoMemoryBound(CannotRun):
+    """A search that needs a memory bound found none on this machine (``why``)."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+
+
 def one_line(text: object, limit: int | None = None) -> str:
     """``text`` on one line (whitespace folded), cut to ``limit`` characters when given: how
     every message that quotes another (an exception, torch's warnings) is shortened."""
@@ -234,8 +269,9 @@ class Reporter:
 
         self.json_mode = json_mode
         self.quiet = quiet
-        self.err = Console(stderr=True, highlight=False)
-        self.out = Console(highlight=False, soft_wrap=False)
+        # emoji=False: rich would draw a user's text such as "cuda:abc" as cuda🔤 (its :abc: code)
+        self.err = Console(stderr=True, highlight=False, emoji=False)
+        self.out = Console(highlight=False, soft_wrap=False, emoji=False)
         self._t0 = time.perf_counter()
 
     @contextmanager
@@ -626,19 +662,26 @@ def _require_writable(folder: Path, flag: str, shown: str) -> None:
 
 
 def check_run_folder(path: str, flag: str = "--report-dir") -> None:
-    """Raise ``CannotRun`` before any work when the run folder ``path`` cannot take a report:
-    a file, a folder we cannot write in, or a folder already holding a report (a user's, or
-    another run's): a run never overwrites one."""
+    """Raise ``CannotRun`` before any work unless the run folder ``path`` is a new folder we can
+    create or an empty one we can write in: a file, a folder we cannot write in, a folder
+    already holding a report (a user's, or another run's), or any other non-empty folder (the
+    user's files) is refused, so that a run never overwrites or mixes with what is there."""
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir():
             raise CannotRun(f"{flag} {path} is a file, not a folder; nothing was written",
                             f"pass a new or empty folder for {flag}")
+        _require_writable(folder, flag, path)  # first: a read-only folder is refused as such, full or not
         held = [name for name in REPORT_FILES if (folder / name).exists()]
         if held:
             raise CannotRun(f"{flag} {path} already holds {', '.join(held)}, which this run would overwrite; "
                             "nothing was written", f"pass a new or empty folder for {flag}, or move those files")
-        _require_writable(folder, flag, path)
+        entries = sorted(e.name for e in folder.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise CannotRun(f"{flag} {path} is not empty (it holds {shown}): a run writes only into a new or empty "
+                            "folder; nothing was written",
+                            f"pass a new or empty folder for {flag}, e.g. {Path(path) / 'run'}")
     else:
         _check_creatable(folder, flag, path)
 
@@ -693,15 +736,21 @@ def check_outputs(args: Any) -> None:
     refuse_to_overwrite(getattr(args, "write_patch", None), "--write-patch")
 
 
-def write_patch(result: StepResult, patch: str, path: str | None, why_none: str = "") -> None:
+def write_patch(result: StepResult, patch: str, path: str | None, why_none: str = "",
+                apply_in: Path | None = None) -> None:
     """Write ``patch`` to the new file ``path`` (when both are given) and record it as
-    ``data["patch_file"]``. With ``path`` but no patch, nothing is written and a note in
-    ``data["notes"]`` says so, and why (``why_none``)."""
+    ``data["patch_file"]``; a note says where to apply it when that is not the working
+    directory (``apply_in``, ``swap.patch.patch_root``: its paths are relative to it). With
+    ``path`` but no patch, nothing is written and a note in ``data["notes"]`` says so, and why
+    (``why_none``)."""
     if path and patch:
         target = Path(path).expanduser()
         with open(target, "x") as f:  # never over a file that appeared since the start
             f.write(patch)
         result.data.patch_file = str(target.resolve())
+        if apply_in is not None and Path(apply_in).resolve() != Path.cwd().resolve():
+            result.data.notes.append(f"{target}: its paths are relative to {apply_in}; apply it there "
+                                     f"(git -C {apply_in} apply {target.resolve()})")
     elif path:
         result.data.notes.append(
             f"--write-patch {path}: nothing written, there is no source change" + (f": {why_none}" if why_none else ""))

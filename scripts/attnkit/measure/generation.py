@@ -61,7 +61,7 @@ from typing import Any, Callable
 import torch
 
 from ..env import dtype_name
-from ..report import CannotRun, said
+from ..report import CannotRun, NoMemoryBound, said
 from ..swap import switch
 from .accuracy import compare, exact_cast
 from .timing import (Measurement, cap_cuda_memory, fits_in_memory, free_memory, is_oom, oom_message, profile_once,
@@ -626,8 +626,7 @@ def _longest_cpu(loaded: Any, backend: str, batch_size: int, new_tokens: int, li
     if limit_gb is None:
         limit_gb = _mem_available_gb()
         if limit_gb is None:
-            raise CannotRun("cannot read MemAvailable from /proc/meminfo to bound the search on CPU",
-                            "pass --memory-limit GB")
+            raise NoMemoryBound("cannot read MemAvailable from /proc/meminfo to bound the search on CPU")
         info["memory_limit_source"] = "MemAvailable of /proc/meminfo"
     info.update({"memory_limit_gb": limit_gb,
                  "enforced_by": "resource.RLIMIT_AS of a child process: its address space after loading the model "

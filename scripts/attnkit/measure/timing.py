@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..backends import SDPA
-from ..report import CannotRun, one_line, said
+from ..report import CannotRun, NoKernel, one_line, said
 from ..swap import switch
 from .flops import forward_flops
 from .kernels import SDPA_OPS, attention_kernels, call_range, fused, profiled
@@ -358,8 +358,7 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
                 reasons = no_kernel_reasons(caught)
                 if device == "cpu" and reasons == "torch gave no reason":
                     reasons = "on CPU, SDPA has only its flash and math kernels"
-                raise CannotRun(f"{backend}: no allowed SDPA kernel can take these inputs: {reasons}", "allow more kernels (drop --sdpa-kernel) or change "
-                                "the inputs") from None
+                raise NoKernel(backend, reasons) from None
         synchronize(device)
         with call_range(backend):  # a compiled backend's graphs are told apart by the call they ran in
             out = profile_once(run, device, m, devices)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..env import dtype_name
-from ..report import CannotRun, one_line, said
+from ..report import CannotRun, NeedsTrust, one_line, said
 from .demos import DEFAULT_MODEL, DEMOS
 from .inputs import TEXT, Inputs, row_lengths
 
@@ -610,11 +610,13 @@ def _from_pretrained(ref: str | Path, *, device: str, dtype: torch.dtype, trust_
         config = AutoConfig.from_pretrained(ref, **kw)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise CannotRun(f"model {ref} ships its own modelling code, which runs only with --trust-remote-code",
-                            "read that code first; rerun with --trust-remote-code if you trust it") from None
+            raise NeedsTrust(str(ref)) from None
         raise CannotRun(f"cannot read the config of {ref}: {exc}", "") from None
     except OSError as exc:  # not in the cache / not downloadable / not a model folder
         raise CannotRun(f"cannot read the config of {ref}: {one_line(exc, 300)}", "") from None
+    except Exception as exc:  # values transformers refuses (num_attention_heads 0: ZeroDivisionError)
+        raise CannotRun(f"the config of {ref} is not one transformers can build: {said(exc, 300)}",
+                        "fix its config.json, or take the model's original files again") from None
     family = _family_of(config)
     placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     try:

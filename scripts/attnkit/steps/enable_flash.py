@@ -43,7 +43,7 @@ from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy
                       default_run_folder, fmt_kernels, fmt_mb, measured, measured_figure, refuse_to_overwrite,
                       register_view, rejected_part, write_patch, write_run_folder)
 from ..swap import switch
-from ..swap.patch import patch_of
+from ..swap.patch import patch_of, patch_root, patched_files
 from .session import Session, SessionData, check_shape, open_session
 
 STEP = "enable_flash"
@@ -604,7 +604,8 @@ def _finish(result: StepResult, prep: Prepared, o: EnableOptions, reporter: Repo
         notes.append(f"--save {o.save}: nothing written, because a check failed")
     write_patch(result, prep.patch, o.write_patch,
                 "a transformers model is switched through attn_implementation, not by editing its source (--save "
-                "writes the switched model)" if prep.swapper is None else "no hand-written attention site was swapped")
+                "writes the switched model)" if prep.swapper is None else "no hand-written attention site was swapped",
+                patch_root(patched_files(prep.swapper)) if prep.swapper is not None else None)
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, prep.loaded.name),
                          {"swap.patch": prep.patch})

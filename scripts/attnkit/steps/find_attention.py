@@ -28,8 +28,8 @@ from ..report import (CannotRun, Check, StepData, StepResult, default_run_folder
                       write_patch, write_run_folder)
 from ..swap import switch
 from ..swap.live import Swapper
-from ..swap.patch import patch_of, unified_diff
-from ..swap.scan import analyze_path
+from ..swap.patch import patch_of, patch_root, patched_files, unified_diff
+from ..swap.scan import analyze_path, python_files
 from .session import autocast_fallback, check_shape
 
 STEP = "find_attention"
@@ -119,27 +119,28 @@ def find_attention(o: FindOptions, reporter: Any) -> StepResult:
         o.model = models.DEFAULT_MODEL
     refuse_to_overwrite(o.write_patch, "--write-patch")
     if o.source:
-        result, patch, name = _from_source(o, reporter)
+        result, patch, name, files = _from_source(o, reporter)
     else:
-        result, patch, name = _from_model(o, reporter)
+        result, patch, name, files = _from_model(o, reporter)
     transformers = isinstance(result.data, FindModelData) and not result.data.verified  # traced, not swapped
     write_patch(result, patch, o.write_patch,
                 "a transformers model is switched through attn_implementation (enable_flash.py), not by editing its "
-                "source" if transformers else "no hand-written attention site can be swapped")
+                "source" if transformers else "no hand-written attention site can be swapped", patch_root(files))
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, name),
                          {"swap.patch": patch})
     return result
 
 
-def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
+def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str, list[str]]:
     path = Path(o.source).expanduser()
     if not path.exists():
         raise CannotRun(f"source path {o.source} does not exist", "pass a .py file or a folder of them")
-    if path.is_file() and path.suffix != ".py":
-        raise CannotRun(f"source path {o.source} is not a .py file", "pass a .py file or a folder of them")
+    if not path.is_dir() and not (path.is_file() and path.suffix == ".py"):
+        raise CannotRun(f"source path {o.source} is not a .py file or a folder", "pass a .py file or a folder of them")
     with reporter.stage(f"reading {o.source}"):
         sites, unparsed = analyze_path(path)
+    _refuse_unread(o.source, path, unparsed)
     found = [s.to_dict() for s in sites]
     by_file: dict[str, list] = {}
     for s in sites:
@@ -154,10 +155,24 @@ def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     if unparsed:
         summary += f"; {len(unparsed)} file(s) did not parse"
     status = "pass" if all(c.passed for c in checks) else "fail"
-    return StepResult(STEP, status, summary, checks, data, hint), patch, path.stem
+    return StepResult(STEP, status, summary, checks, data, hint), patch, path.stem, list(by_file)
 
 
-def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
+def _refuse_unread(shown: str, path: Path, unparsed: list[str]) -> None:
+    """Raise ``CannotRun`` when nothing under ``path`` was read as Python: a file that does not
+    parse (its line), a folder without .py files, or one whose files all fail. "0 sites" would
+    otherwise pass for source that was never read."""
+    if path.is_file() and unparsed:
+        raise CannotRun(f"source file {shown} cannot be read as Python: {unparsed[0].removeprefix(str(path) + ': ')}",
+                        "pass a .py file that Python can read (python -m py_compile FILE says why)")
+    if path.is_dir() and not unparsed and not python_files(path):
+        raise CannotRun(f"source folder {shown} holds no .py file", "pass a .py file or a folder of them")
+    if path.is_dir() and len(unparsed) == len(python_files(path)):
+        raise CannotRun(f"none of the {len(unparsed)} .py file(s) under {shown} parses; the first: {unparsed[0]}",
+                        "pass a .py file or a folder of them that Python can read")
+
+
+def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str, list[str]]:
     check_shape(o.batch_size, o.seq_len, o.pad_fraction)
     env, device, dtype = resolve(o.device, o.dtype)
     models.classify(o.model)
@@ -185,11 +200,11 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     if not swapper.sites:
         raise CannotRun(f"no attention in {o.model}: a forward pass ran no softmax, SDPA or flash-attn op",
                         "there is nothing to swap")
-    patch = ""
+    patch, files = "", []
     if not loaded.is_transformers:
         with reporter.stage("swapping each site and verifying it on the module's own inputs"):
             verify_sites(swapper, loaded, inputs, dtype, "sdpa")
-        patch = patch_of(swapper)
+        patch, files = patch_of(swapper), patched_files(swapper)
     found = [s.to_dict() for s in swapper.sites.values()]
     for s in found:
         if loaded.is_transformers and s["status"] == "kept" and not s["reason"]:
@@ -204,4 +219,4 @@ def _from_model(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str]:
     if loaded.is_transformers:
         hint = "a transformers model: run enable_flash.py --model SPEC to switch it through attn_implementation"
     status = "pass" if all(c.passed for c in checks) else "fail"
-    return StepResult(STEP, status, summary, checks, data, hint), patch, loaded.name
+    return StepResult(STEP, status, summary, checks, data, hint), patch, loaded.name, files

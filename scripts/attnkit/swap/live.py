@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..backends import BACKENDS
-from ..report import CannotRun
+from ..report import CannotRun, NotSwitched
 from .graph import Capture, GraphSite
 from .patch import apply_edits
 from .scan import Site, analyze_source
@@ -655,15 +655,14 @@ class Swapper:
             return
         name = type(self.model).__name__
         if all(s.status == "fast" for s in self.sites.values()):
-            raise CannotRun(f"{name}'s attention already runs SDPA (" + "; ".join(sorted(
+            raise NotSwitched(f"{name}'s attention already runs SDPA (" + "; ".join(sorted(
                 {f"{s.file}:{s.line} {s.reason}" for s in self.sites.values()})) + "): nothing to switch",
-                "profile it with profile_attention.py --backends eager,eager to see its kernels")
+                "already_fused", self.target)
         reasons = "; ".join(sorted({f"{s.file}:{s.line}: {s.reason}" for s in self.sites.values()
                                     if s.status != "fast"}))
         target = "" if self.target == "sdpa" else f" for {self.target}"
-        raise CannotRun(f"{name} has attention but no site could be swapped{target}: {reasons}",
-                        "find_attention.py --model SPEC lists each site; the reasons say what to change"
-                        if self.target == "sdpa" else "use --backend sdpa")
+        raise NotSwitched(f"{name} has attention but no site could be swapped{target}: {reasons}", "no_site",
+                          self.target)
 
     def _uninstall(self, live: LiveSite) -> None:
         module = live._module  # type: ignore[attr-defined]

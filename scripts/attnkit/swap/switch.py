@@ -27,7 +27,7 @@ from typing import Iterator
 from torch import nn
 
 from ..backends import BACKENDS, SDPA
-from ..report import CannotRun, one_line
+from ..report import CannotRun, NotSwitched, one_line
 from . import registered
 from .live import swapper_of
 
@@ -68,8 +68,8 @@ def apply(model: nn.Module, backend: str) -> str | None:
         swapper.apply(backend)
         return previous
     if not isinstance(model, PreTrainedModel):
-        raise CannotRun(f"{type(model).__name__} is not a transformers model and its attention was not swapped",
-                        "run find_attention.py --model SPEC to see its attention sites")
+        raise NotSwitched(f"{type(model).__name__} is not a transformers model and its attention was not swapped",
+                          "no_switch", backend)
     previous = current(model)
     if previous == backend:
         return previous
@@ -79,8 +79,8 @@ def apply(model: nn.Module, backend: str) -> str | None:
     try:
         model.set_attn_implementation(backend)
     except (ValueError, ImportError) as exc:
-        raise CannotRun(f"transformers refused attn_implementation={backend!r} for {type(model).__name__}: "
-                        f"{one_line(exc, 300)}", "use --backend auto") from None
+        raise NotSwitched(f"transformers refused attn_implementation={backend!r} for {type(model).__name__}: "
+                          f"{one_line(exc, 300)}", "refused", backend) from None
     if current(model) != backend:
         raise CannotRun(f"{type(model).__name__} did not switch to {backend} (still {current(model)}): the class "
                         "cannot change its attention at run time", f"load it with attn_implementation={backend!r}")

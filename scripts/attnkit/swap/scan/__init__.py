@@ -27,7 +27,7 @@ with its reason and left as it is.
 The passes are modules of their own; ``analysis`` runs them.
 """
 
-from .analysis import analyze_path, analyze_source
+from .analysis import analyze_path, analyze_source, python_files
 from .site import Site
 
-__all__ = ["Site", "analyze_path", "analyze_source"]
+__all__ = ["Site", "analyze_path", "analyze_source", "python_files"]

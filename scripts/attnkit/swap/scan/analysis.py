@@ -221,13 +221,30 @@ def analyze_source(source: str, file: str, attr_types: dict[str, dict[str, str]]
     return unique
 
 
+def python_files(path: Path) -> list[Path]:
+    """``path`` when it is a file, else every .py file under the folder ``path``, sorted."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+
+
 def analyze_path(path: Path) -> tuple[list[Site], list[str]]:
-    """Sites in a .py file or every .py file under a folder; also files that did not parse."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+    """Sites in a .py file or every .py file under a folder; also the files that could not be
+    read as Python, each as 'file: why' (``unreadable``: the line of a syntax error)."""
     sites, problems = [], []
-    for f in files:
+    for f in python_files(path):
         try:
             sites += analyze_source(f.read_text(encoding="utf-8"), str(f))
-        except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
-            problems.append(f"{f}: {type(exc).__name__}: {exc}")
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError) as exc:
+            problems.append(f"{f}: {unreadable(exc)}")
     return sites, problems
+
+
+def unreadable(exc: Exception) -> str:
+    """Why a file is not Python source, on one line: 'line 3: invalid syntax', 'not UTF-8 text
+    (byte 0xff at offset 0)', 'source code string cannot contain null bytes'."""
+    if isinstance(exc, SyntaxError):
+        return f"line {exc.lineno}: {exc.msg}" if exc.lineno else exc.msg
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+    if isinstance(exc, OSError):
+        return f"cannot be read ({exc.strerror or exc})"
+    return " ".join(str(exc).split())
