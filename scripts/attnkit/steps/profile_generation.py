@@ -218,35 +218,49 @@ def profile_generation(o: GenerationOptions, reporter: Any) -> StepResult:
                     entries[n]["longest_context"] = gen.longest_context(
                         loaded, n, batch_size=data.batch_sizes[0], new_tokens=min(4, o.new_tokens),
                         memory_limit_gb=o.memory_limit, trust_remote_code=o.trust_remote_code)
-        with reporter.stage("memory bandwidth: a device-to-device copy, for the decode floor"):
-            bandwidth = gen.copy_bandwidth(str(loaded.device))
-        data.bandwidth_gb_s = bandwidth / 1e9
-        data.floor_formula = gen.FLOOR_FORMULA
-        for p in prompt_lens:
-            for b in data.batch_sizes:
-                for cache in data.caches:
-                    for n in runnable:
-                        with reporter.stage(f"{n}: prompt {p}, batch {b}, {cache} cache, {o.new_tokens} new tokens"):
-                            run = gen.measure_generation(loaded, n, batch_size=b, prompt_len=p,
-                                                         new_tokens=o.new_tokens, cache=cache,
-                                                         min_run_time=o.min_run_time, compile=o.compile,
-                                                         bandwidth=bandwidth)
-                        entries[n]["runs"].append(run.to_dict())
+        _time_runs(loaded, o, data, entries, runnable, reporter)
     except KeyboardInterrupt:
         interrupted = "interrupted (Ctrl-C); what was measured is kept"
     for e in entries.values():
         _headline(e, prompt_lens[0], data.batch_sizes[0], data.caches[0])
     data.chosen = choose(entries, prompt_lens[0], data.batch_sizes[0], o.new_tokens, o.compile)
     result = _verdict(data, entries, runnable, base, dtype, interrupted)
-    if o.save and result.status == "pass" and data.chosen:
-        data.saved_to = write_chosen(loaded, data.chosen, Path(o.save))
-        reporter.note(f"chosen configuration written to {data.saved_to}")
-    elif o.save:
-        data.notes.append(f"--save {o.save}: nothing written, " + (
-            "no configuration qualified" if not data.chosen else f"the step did not pass ({result.status})"))
+    if o.save:
+        _save(loaded, data, result.status, o.save, reporter)
     if o.write_report:
         write_run_folder(result, Path(o.report_dir) if o.report_dir else default_run_folder(STEP, loaded.name))
     return result
+
+
+def _time_runs(loaded: Any, o: GenerationOptions, data: ProfileGenerationData, entries: dict[str, dict],
+               runnable: list[str], reporter: Any) -> None:
+    """Measure the copy bandwidth (``data.bandwidth_gb_s``, GB/s), then time every prompt
+    length, batch size, cache and backend (``measure.generation.measure_generation``, with
+    the decode floor); each run goes to ``entries[backend]["runs"]``."""
+    with reporter.stage("memory bandwidth: a device-to-device copy, for the decode floor"):
+        bandwidth = gen.copy_bandwidth(str(loaded.device))
+    data.bandwidth_gb_s = bandwidth / 1e9
+    data.floor_formula = gen.FLOOR_FORMULA
+    for p in data.prompt_lens:
+        for b in data.batch_sizes:
+            for cache in data.caches:
+                for n in runnable:
+                    with reporter.stage(f"{n}: prompt {p}, batch {b}, {cache} cache, {o.new_tokens} new tokens"):
+                        run = gen.measure_generation(loaded, n, batch_size=b, prompt_len=p, new_tokens=o.new_tokens,
+                                                     cache=cache, min_run_time=o.min_run_time, compile=o.compile,
+                                                     bandwidth=bandwidth)
+                    entries[n]["runs"].append(run.to_dict())
+
+
+def _save(loaded: Any, data: ProfileGenerationData, status: str, folder: str, reporter: Any) -> None:
+    """--save: write the chosen configuration (``write_chosen``) only when the step passed and
+    one qualified; else a note says why nothing was written."""
+    if status == "pass" and data.chosen:
+        data.saved_to = write_chosen(loaded, data.chosen, Path(folder))
+        reporter.note(f"chosen configuration written to {data.saved_to}")
+    else:
+        data.notes.append(f"--save {folder}: nothing written, " + (
+            "no configuration qualified" if not data.chosen else f"the step did not pass ({status})"))
 
 
 def _headline(e: dict[str, Any], prompt_len: int, batch_size: int, cache: str) -> None:
