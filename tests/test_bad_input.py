@@ -571,3 +571,24 @@ def test_library_errors_leave_flag_advice_to_the_command_line():
     assert "--trust-remote-code" in cli.with_advice(NeedsTrust("org/model")).hint
     assert "--sdpa-kernel" in cli.with_advice(NoKernel("sdpa", "no reason")).hint
     assert cli.with_advice(NotSwitched("m", "no_site", "flash_attention_2")).hint == "use --backend sdpa"
+
+
+def test_option_errors_name_the_parameter_and_the_command_line_names_the_flag():
+    """Issue 19: an option's bad value is an OptionError; the library's text names the parameter,
+    cli renders the flag; the user's own text (braces included) is quoted as given."""
+    from attnkit import cli
+    from attnkit.env import environment, parse_dtype
+    from attnkit.models import parse_max_memory
+    from attnkit.report import OptionError
+
+    with pytest.raises(OptionError) as caught:
+        parse_dtype("float8", environment(), "cpu")
+    assert caught.value.option == "dtype" and "--" not in caught.value.message
+    assert caught.value.message == "unknown dtype 'float8'; choose auto, float32, bfloat16 or float16"
+    assert cli.with_advice(caught.value).message == "unknown --dtype 'float8'; choose auto, float32, bfloat16 or float16"
+    with pytest.raises(OptionError) as caught:
+        parse_max_memory("0={dtype}")
+    assert caught.value.message.startswith("max_memory entry '0={dtype}' is not DEVICE=SIZE")
+    flagged = cli.with_advice(caught.value)
+    assert flagged.message.startswith("--max-memory entry '0={dtype}' is not DEVICE=SIZE")
+    assert flagged.hint == "e.g. --max-memory 0=10GiB,cpu=50GiB"

@@ -34,8 +34,9 @@ from typing import Any, Callable, Sequence
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
-from .report import (CannotRun, NeedsTrust, NoKernel, NoMemoryBound, NotSwitched, OutOfMemory, Reporter,  # noqa: E402
-                     StepResult, check_outputs, said)
+from .report import (CannotRun, NeedsTrust, NoKernel, NoMemoryBound, NotSwitched, OptionError, OutOfMemory,  # noqa: E402
+                     Reporter, StepResult, check_outputs, said)
+from .steps import flag  # noqa: E402
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
 
@@ -341,7 +342,8 @@ def _not_switched(exc: NotSwitched) -> str:
 
 #: The command line's advice for a library error that carries none (the library speaks of its
 #: API, never of a script's flags): exception type -> what to change on the command line, as
-#: text or as a function of the error.
+#: text or as a function of the error. An ``OptionError`` carries its own, and names its
+#: options as flags here (``steps.flag``).
 ADVICE: dict[type[CannotRun], str | Callable[[Any], str]] = {
     OutOfMemory: "lower --batch-size or --seq-len",
     NotSwitched: _not_switched,
@@ -352,7 +354,10 @@ ADVICE: dict[type[CannotRun], str | Callable[[Any], str]] = {
 
 
 def with_advice(exc: CannotRun) -> CannotRun:
-    """``exc``, its ``hint`` set from ``ADVICE`` when the library gave none."""
+    """``exc``, its options named as flags (``OptionError``), its ``hint`` set from ``ADVICE``
+    when the library gave none."""
+    if isinstance(exc, OptionError):
+        exc.render(flag)
     if not exc.hint:
         advice = next((text for kind, text in ADVICE.items() if isinstance(exc, kind)), "")
         exc.hint = advice(exc) if callable(advice) else advice

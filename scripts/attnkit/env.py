@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .report import CannotRun, one_line
+from .report import OptionError, one_line
 
 #: SDPA's FlashAttention-2 kernel arrived in PyTorch 2.2 ("scaled_dot_product_attention
 #: (SDPA) now supports FlashAttention-2", PyTorch 2.2 release notes, Jan 2024). The
@@ -270,21 +270,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 def parse_dtype(text: str, env: Environment, device: str) -> torch.dtype:
     """``auto`` (bf16 on sm80+ GPUs, fp16 on older GPUs, fp32 on CPU) or a dtype name.
 
-    Raises ``CannotRun`` for an unknown name.
+    Raises ``OptionError`` for an unknown name.
     """
     if text == "auto":
         return env.default_dtype(device)
     try:
         return DTYPES[text.lower()]
     except KeyError:
-        raise CannotRun(f"unknown --dtype {text!r}; choose auto, float32, bfloat16 or float16",
-                        "bfloat16 on Ampere-or-newer GPUs, float32 on CPU") from None
+        raise OptionError("dtype", "unknown {dtype} {value!r}; choose auto, float32, bfloat16 or float16",
+                          "bfloat16 on Ampere-or-newer GPUs, float32 on CPU", value=text) from None
 
 
 def resolve_device(text: str, env: Environment) -> str:
     """``auto`` (cuda when a GPU is visible, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
 
-    Raises ``CannotRun`` when the device does not exist here.
+    Raises ``OptionError`` when the device does not exist here.
     """
     if text == "auto":
         return env.default_device()
@@ -292,13 +292,15 @@ def resolve_device(text: str, env: Environment) -> str:
         return "cpu"
     if text == "cuda" or text.startswith("cuda:"):
         if not env.cuda_available:
-            raise CannotRun(f"--device {text}: no CUDA GPU is visible to torch {env.torch_version} "
-                            f"(CUDA build: {env.cuda_version or 'none, a CPU-only build'})", "use --device cpu")
+            raise OptionError("device", "{device} {value}: no CUDA GPU is visible to torch {torch} (CUDA build: "
+                              "{cuda})", "use {device} cpu", value=text, torch=env.torch_version,
+                              cuda=env.cuda_version or "none, a CPU-only build")
         index = int(text.split(":")[1]) if ":" in text else 0
         if index >= len(env.gpus):
-            raise CannotRun(f"--device {text}: only {len(env.gpus)} GPU(s) visible", "use --device cuda:0")
+            raise OptionError("device", "{device} {value}: only {n} GPU(s) visible", "use {device} cuda:0",
+                              value=text, n=len(env.gpus))
         return text
-    raise CannotRun(f"unknown --device {text!r}; choose auto, cpu, cuda or cuda:N", "")
+    raise OptionError("device", "unknown {device} {value!r}; choose auto, cpu, cuda or cuda:N", value=text)
 
 
 def resolve(device: str, dtype: str, env: Environment | None = None) -> tuple[Environment, str, torch.dtype]:

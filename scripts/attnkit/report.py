@@ -44,6 +44,40 @@ class CannotRun(Exception):
         self.data = data
 
 
+class OptionError(CannotRun):
+    """A value given for one of the caller's options (``option``, its parameter name: ``dtype``,
+    ``max_memory``) that cannot be used here. ``text`` and ``advice`` are templates: a
+    placeholder given in ``values`` (``{value!r}``) is the caller's data, substituted as it is;
+    any other placeholder (``{dtype}``) names an option. The library's message names options as
+    parameters (``dtype``); ``render`` names them otherwise, as the command line does with its
+    flags (``--dtype``, ``steps.flag``)."""
+
+    def __init__(self, option: str, text: str, advice: str = "", **values: object):
+        self.option, self.text, self.advice, self.values = option, text, advice, values
+        super().__init__("")
+        self.render(str)
+
+    def render(self, name: Callable[[str], str]) -> "OptionError":
+        """Write ``message`` and ``hint`` with every option named by ``name`` (the option's
+        parameter name -> how this caller spells it); returns the error."""
+        names = _OptionNames(self.values, name)
+        self.message = one_line(self.text.format_map(names))
+        self.hint = self.advice.format_map(names)
+        self.args = (self.message,)
+        return self
+
+
+class _OptionNames(dict):
+    """The values of an ``OptionError``'s templates: its data, and any other key as an option's name."""
+
+    def __init__(self, values: dict[str, object], name: Callable[[str], str]):
+        super().__init__(values)
+        self.name = name
+
+    def __missing__(self, key: str) -> str:
+        return self.name(key)
+
+
 class Unsupported(CannotRun):
     """A construct a backend cannot take (``construct``), and where it was met (``where``): raised
     by library code that users call directly, such as the attention functions registered

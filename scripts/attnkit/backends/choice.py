@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..env import Environment, architecture, distribution_version, dtype_name
-from ..report import CannotRun
+from ..report import CannotRun, OptionError
 from . import probe
 from .catalogue import BACKENDS, FP8_PATHS
 
@@ -150,10 +150,12 @@ def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype,
     verdicts = {name: availability(name, env=env, device=device, dtype=dtype, model=model) for name in BACKENDS}
     if requested != "auto":
         if requested not in BACKENDS:
-            raise CannotRun(f"unknown --backend {requested!r}; choose from auto, {', '.join(BACKENDS)}", "")
+            raise OptionError("backend", "unknown {backend} {value!r}; choose from auto, {names}", value=requested,
+                              names=", ".join(BACKENDS))
         v = verdicts[requested]
         if not v.available:
-            raise CannotRun(f"--backend {requested} cannot run here: {v.reason}", _hint(requested, v.reason))
+            raise OptionError("backend", "{backend} {value} cannot run here: {reason}", _hint(requested, v.reason),
+                              value=requested, reason=v.reason)
         chosen, why = requested, "forced with --backend"
     else:
         chosen, why = None, ""
@@ -189,16 +191,17 @@ def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype,
 
 
 def _hint(name: str, reason: str) -> str:
-    """What to do, for the reason that no flag of this run can fix first: the device."""
+    """What to do, for the reason that no option of this run can fix first: the device. An
+    ``OptionError`` advice template: ``{backend}`` and ``{dtype}`` name those options."""
     if "needs a CUDA GPU" in reason or " GPUs only" in reason:
         where = BACKENDS[name].capabilities
         gpus = " or ".join(f"sm{m}0" for m in where) + " " if where else ""
-        return f"run on a machine with an NVIDIA {gpus}GPU, or use --backend sdpa on this one"
+        return f"run on a machine with an NVIDIA {gpus}GPU, or use {{backend}} sdpa on this one"
     if "fp16 and bf16" in reason:
-        return "pass --dtype bfloat16 (or --backend sdpa, which runs fp32 too)"
+        return "pass {dtype} bfloat16 (or {backend} sdpa, which runs fp32 too)"
     if "not installed" in reason:
-        return "install it, or use --backend sdpa, which ships with torch"
-    return "use --backend auto to take the best backend that runs here"
+        return "install it, or use {backend} sdpa, which ships with torch"
+    return "use {backend} auto to take the best backend that runs here"
 
 
 def library_status(name: str, env: Environment) -> dict[str, Any]:

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import select_output
-from ..report import CannotRun, said
+from ..report import OptionError, said
 from ..swap import switch
 from .distributed import Rank, RankRun, prepare_together, profile_call, timed_runs
 
@@ -108,7 +108,7 @@ FLASH_IMPLS = ("FA3", "FA4")
 
 def activate_flash_impl(name: str) -> None:
     """Put ``name`` (``FLASH_IMPLS``) behind SDPA's flash kernel in this process. Raises
-    ``CannotRun`` (one line) when torch has no such registry or the library is missing."""
+    ``OptionError`` (one line) when torch has no such registry or the library is missing."""
     import importlib
 
     try:
@@ -117,9 +117,9 @@ def activate_flash_impl(name: str) -> None:
         importlib.import_module(f"torch.nn.attention._{name.lower()}")  # registers it
         attention.activate_flash_attention_impl(name)
     except Exception as exc:
-        raise CannotRun(f"--flash-impl {name}: torch {torch.__version__} could not activate it "
-                        f"({said(exc, 200)})",
-                        "FA4 needs flash-attn-4 (module flash_attn.cute) and an sm90/sm100 GPU") from None
+        raise OptionError("flash_impl", "{flash_impl} {value}: torch {torch} could not activate it ({why})",
+                          "FA4 needs flash-attn-4 (module flash_attn.cute) and an sm90/sm100 GPU", value=name,
+                          torch=torch.__version__, why=said(exc, 200)) from None
 
 
 def problems(*, world_size: int, seq_len: int, kv_len: int, causal: bool, load_balance: bool | None,
@@ -168,12 +168,13 @@ def merge_dtype(name: str) -> Iterator[None]:
     the running output and each step's block output in float32 when
     ``_cp_options.convert_to_f32`` is set, and its update ``out - sigmoid(lse_b - lse) x
     (out - out_b)`` makes temporaries of the shard's output size: in float32 these are twice
-    the bf16 output's bytes, per temporary. Raises ``CannotRun`` when this torch has no such
+    the bf16 output's bytes, per temporary. Raises ``OptionError`` when this torch has no such
     option."""
     from torch.distributed.tensor.experimental._context_parallel import _attention as cp
 
     if not hasattr(cp._cp_options, "convert_to_f32"):
-        raise CannotRun(f"--merge-dtype: torch {torch.__version__} has no _cp_options.convert_to_f32", "leave it out")
+        raise OptionError("merge_dtype", "{merge_dtype}: torch {torch} has no _cp_options.convert_to_f32",
+                          "leave it out", torch=torch.__version__)
     saved = cp._cp_options.convert_to_f32
     cp._cp_options.convert_to_f32 = name == "float32"
     try:

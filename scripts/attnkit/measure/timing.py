@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..backends import SDPA
-from ..report import CannotRun, NoKernel, one_line, said
+from ..report import NoKernel, OptionError, one_line, said
 from ..swap import switch
 from .flops import forward_flops
 from .kernels import SDPA_OPS, attention_kernels, call_range, fused, profiled
@@ -138,15 +138,15 @@ def cap_cuda_memory(limit_gb: float | None, device: str | int) -> dict[str, Any]
     ``torch.cuda.set_per_process_memory_fraction``; ``None`` lifts the cap (fraction 1.0).
 
     ``device``: "cuda", "cuda:N" or N. Returns what was set, for the report:
-    ``memory_limit_gb`` and ``enforced_by``. Raises ``CannotRun`` when the limit is not
+    ``memory_limit_gb`` and ``enforced_by``. Raises ``OptionError`` when the limit is not
     positive or is more than the GPU holds.
     """
     index = device if isinstance(device, int) else torch.device(device).index
     index = torch.cuda.current_device() if index is None else index  # "cuda" has no index
     total = torch.cuda.get_device_properties(index).total_memory
     if limit_gb is not None and not 0 < limit_gb * 2**30 <= total:
-        raise CannotRun(f"--memory-limit {limit_gb} GB is not between 0 and the GPU's {total / 2**30:.1f} GB",
-                        "leave it out to use the whole GPU")
+        raise OptionError("memory_limit", "{memory_limit} {value} GB is not between 0 and the GPU's {total:.1f} GB",
+                          "leave it out to use the whole GPU", value=limit_gb, total=total / 2**30)
     fraction = 1.0 if limit_gb is None else limit_gb * 2**30 / total
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return {"memory_limit_gb": total / 2**30 if limit_gb is None else limit_gb,

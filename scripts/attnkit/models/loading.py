@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..env import dtype_name
-from ..report import CannotRun, NeedsTrust, one_line, said
+from ..report import CannotRun, NeedsTrust, OptionError, one_line, said
 from .demos import DEFAULT_MODEL, DEMOS
 from .inputs import TEXT, Inputs, row_lengths
 
@@ -66,15 +66,16 @@ _SIZE = re.compile(r"^\d+(\.\d+)?(GiB|MiB|KiB|GB|MB|KB)?$", re.IGNORECASE)
 def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
     """``--max-memory 0=10GiB,1=10GiB,cpu=50GiB`` -> {0: "10GiB", 1: "10GiB", "cpu": "50GiB"}
     (GPU indices as ints, as accelerate takes them). Devices left out get nothing.
-    Raises ``CannotRun`` for a malformed entry."""
+    Raises ``OptionError`` for a malformed entry."""
     if not text:
         return None
     out: dict[int | str, str] = {}
     for item in text.split(","):
         key, sep, size = (part.strip() for part in item.partition("="))
         if not sep or not _SIZE.match(size) or not (key.isdigit() or key in ("cpu", "mps")):
-            raise CannotRun(f"--max-memory entry {item.strip()!r} is not DEVICE=SIZE (DEVICE a GPU index, cpu or mps; "
-                            f"SIZE like 10GiB or 500MB)", "e.g. --max-memory 0=10GiB,cpu=50GiB")
+            raise OptionError("max_memory", "{max_memory} entry {value!r} is not DEVICE=SIZE (DEVICE a GPU index, cpu "
+                              "or mps; SIZE like 10GiB or 500MB)", "e.g. {max_memory} 0=10GiB,cpu=50GiB",
+                              value=item.strip())
         out[int(key) if key.isdigit() else key] = size
     return out
 
@@ -114,9 +115,9 @@ def _refuse_disk(placed: dict[str, Any]) -> None:
     disk = [name for name, d in placed.items() if d == "disk"]
     if disk:
         names = ", ".join(n or "the whole model" for n in disk[:3]) + (" ..." if len(disk) > 3 else "")
-        raise CannotRun(f"the model does not fit in --max-memory: accelerate would offload {len(disk)} module group(s) "
-                        f"to disk ({names}), which this job does not do",
-                        "raise --max-memory, or give the cpu more (cpu=SIZE)")
+        raise OptionError("max_memory", "the model does not fit in {max_memory}: accelerate would offload {n} module "
+                          "group(s) to disk ({names}), which this job does not do",
+                          "raise {max_memory}, or give the cpu more (cpu=SIZE)", n=len(disk), names=names)
 
 
 def _token_rows(loaded: "LoadedModel", lengths: list[int], seq_len: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -840,10 +841,12 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
     kind = classify(spec)
     if device_map is not None:
         if device_map not in DEVICE_MAPS:
-            raise CannotRun(f"--device-map {device_map!r}: choose from {', '.join(DEVICE_MAPS)}", "")
+            raise OptionError("device_map", "{device_map} {value!r}: choose from {names}", value=device_map,
+                              names=", ".join(DEVICE_MAPS))
         missing = accelerate_missing()
         if missing:
-            raise CannotRun(f"--device-map needs accelerate to place the model: {missing}", "pip install accelerate")
+            raise OptionError("device_map", "{device_map} needs accelerate to place the model: {missing}",
+                              "pip install accelerate", missing=missing)
     placement = {"device_map": device_map, "max_memory": max_memory}
     tokenizer, module, notes = None, None, []
     if kind == "demo":
@@ -871,8 +874,8 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
         except CannotRun as exc:
             from huggingface_hub import constants
 
-            if "ships its own modelling code" in exc.message:
-                raise
+            if isinstance(exc, OptionError) or "ships its own modelling code" in exc.message:
+                raise  # not a cache miss: the model needs trust, or does not fit in max_memory
             if constants.HF_HUB_OFFLINE:
                 raise CannotRun(f"model {spec} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
                                 "downloading it", f"on a connected machine run `hf download {spec}`, or pass a local "

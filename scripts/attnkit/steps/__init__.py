@@ -15,3 +15,8 @@ BACKEND_NAMES = tuple(BACKENDS)
 
 #: The built-in models, ``--model demo:NAME``.
 DEMO_NAMES = tuple(DEMOS)
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a library option: ``max_memory`` -> ``--max-memory``."""
+    return "--" + option.replace("_", "-")

@@ -52,9 +52,10 @@ from ..measure import distributed as dd
 from ..measure.flops import attention_flops
 from ..measure.kernels import SDPA_OPS
 from ..measure.timing import cap_cuda_memory, free_memory, oom_caught, search_longest
-from ..report import (CannotRun, Check, Reporter, Sections, StepData, StepResult, accuracy_part, fmt_mb, fmt_ms,
-                      register_view, said)
+from ..report import (CannotRun, Check, OptionError, Reporter, Sections, StepData, StepResult, accuracy_part,
+                      fmt_mb, fmt_ms, register_view, said)
 from ..swap import switch
+from . import flag
 
 STEP = "context_parallel"
 
@@ -294,6 +295,8 @@ def _spawned(index: int, p: Plan, port: int, queue: Any) -> None:
     try:
         try:
             result = _on_rank(p, rank, reporter)
+        except OptionError as exc:  # a spawned rank: no command line between it and the result
+            result = StepResult.error(STEP, exc.render(flag))
         except CannotRun as exc:
             result = StepResult.error(STEP, exc)
         if rank.is_main:

@@ -27,7 +27,7 @@ from typing import Iterator
 from torch import nn
 
 from ..backends import BACKENDS, SDPA
-from ..report import CannotRun, NotSwitched, one_line
+from ..report import CannotRun, NotSwitched, OptionError, one_line
 from . import registered
 from .live import swapper_of
 
@@ -112,7 +112,7 @@ def using(model: nn.Module, backend: str) -> Iterator[str | None]:
 def sdpa_kernels(names: list[str] | None) -> Iterator[None]:
     """Allow only the SDPA kernels ``names`` (``SDPA_KERNELS`` keys) inside the block.
 
-    ``None`` or an empty list leaves torch's own choice. Raises ``CannotRun`` for an
+    ``None`` or an empty list leaves torch's own choice. Raises ``OptionError`` for an
     unknown name.
     """
     if not names:
@@ -122,6 +122,7 @@ def sdpa_kernels(names: list[str] | None) -> Iterator[None]:
 
     unknown = [n for n in names if n not in SDPA_KERNELS]
     if unknown:
-        raise CannotRun(f"unknown --sdpa-kernel {', '.join(unknown)}; choose from {', '.join(SDPA_KERNELS)}", "")
+        raise OptionError("sdpa_kernel", "unknown {sdpa_kernel} {value}; choose from {names}", value=", ".join(unknown),
+                          names=", ".join(SDPA_KERNELS))
     with sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[n]) for n in names]):
         yield
