@@ -42,7 +42,7 @@ import operator
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -341,22 +341,58 @@ def find_sites(gm: fx.GraphModule, example_inputs: list | None = None) -> list[t
     return out
 
 
-def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs: list | None,
-           reach: dict) -> _Plan:
-    """The plan for one softmax, or ``Refused`` naming the construct and its line. ``reach``:
-    node -> whether a contraction is among its inputs' ancestors or itself."""
-    scores = softmax.args[0]
-    dim = _arg(softmax, 1, "dim")
-    site.softmax_upcast = any(isinstance(a, torch.dtype)
-                              for a in list(softmax.args[2:]) + [softmax.kwargs.get("dtype")])
-    rank = _rank(scores)
-    if not isinstance(dim, int) or rank < 2:
-        raise Refused(f"the softmax at {where(softmax)} has no constant axis: not attention")
-    dim = dim % rank
-    # --- back from the softmax to the score product
+class _ScoreChain(NamedTuple):
+    """The scores from their product to the softmax (``_walk_back``)."""
+
+    product: fx.Node  # the score product Q·Kᵀ
+    cont: Contraction  # the product as index letters
+    chain: list[fx.Node]  # the softmax, the ops back from it, the product last
+    steps: list[tuple]  # (kind, node, data) in forward order, product first
+    dtype_readers: list  # (reader, dtype): x.type_as(scores) and the like, which read only the dtype
+
+
+class _Folded(NamedTuple):
+    """The steps folded into the scores as they reach the softmax (``_fold_steps``)."""
+
+    layout: str  # the scores' letters at the softmax
+    terms: list[_Term]  # the mask, with the scalings after each part
+    alpha: float  # the scores' scale
+    mul01: list[tuple[fx.Node, str, int]]  # scores times a tensor: (tensor, layout, number of terms before it)
+    views: list[tuple]  # the reshapes of the scores' batch axes not undone, as _Term.views
+
+
+class _Axes(NamedTuple):
+    """Which operand of the score product is the query and which the key, and their letters
+    (``_score_axes``)."""
+
+    key: str  # the key letter, the softmax's axis
+    q_node: fx.Node
+    k_node: fx.Node
+    q_idx: str
+    k_idx: str
+    batch: list[str]  # the letters both operands keep, in the scores' order
+    query: list[str]  # the one query letter
+    inner: list[str]  # the one contracted (feature) letter
+
+
+class _Weights(NamedTuple):
+    """The softmax's weights as they reach the value product (``_walk_forward``)."""
+
+    vprod: fx.Node  # the value product
+    node: fx.Node  # the weights it takes
+    layout: str  # their letters, in the score product's terms
+    dropout: float  # the dropout probability while training, else 0
+    tail: list[fx.Node]  # the casts, dropout and transposes between, in order
+
+
+def _walk_back(softmax: fx.Node, site: GraphSite, reach: dict) -> _ScoreChain:
+    """Back from ``softmax`` to the score product, recording each op on the way
+    (``_step_back``), and the check that no intermediate score is read elsewhere except for
+    its dtype. Sets ``site.external_input`` when the scores come from outside the graph;
+    raises ``Refused``."""
     steps: list[tuple] = []  # backward order: (kind, node, data)
     chain: list[fx.Node] = [softmax]
-    node = scores
+    node = softmax.args[0]
     while isinstance(node, fx.Node) and not _is_contraction(node):
         if node.op == "placeholder":
             site.external_input = True
@@ -382,7 +418,14 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
             raise Refused(f"the scores at {where(n)} are also used by {op_name(outside[0])} at {where(outside[0])}: "
                           "SDPA never forms them")
     steps.reverse()  # forward order, product first
-    # the layout of the scores at each step, and the mask terms with the scalings after them
+    return _ScoreChain(product, cont, chain, steps, dtype_readers)
+
+
+def _fold_steps(scores: _ScoreChain) -> _Folded:
+    """The layout of the scores at each of ``scores.steps``, and the mask terms with the
+    scalings after them, folded up to the softmax; raises ``Refused`` for a reshape with a
+    sequence axis among the batch axes."""
+    cont, product = scores.cont, scores.product
     layout = cont.out_idx
     terms: list[_Term] = []
     alpha = cont.alpha
@@ -391,7 +434,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     mul01: list[tuple[fx.Node, str, int]] = []
     views: list[tuple] = []
     seq = {c for c in cont.out_idx if not (c in cont.a_idx and c in cont.b_idx)}  # the query and key letters
-    for kind, n, data in steps:
+    for kind, n, data in scores.steps:
         if kind == "scale":
             alpha *= data
             for t in terms:
@@ -418,6 +461,16 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
                                views=list(views)))
         elif kind == "mul01":
             mul01.append((data, layout, len(terms)))
+    return _Folded(layout, terms, alpha, mul01, views)
+
+
+def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node, example_inputs: list | None,
+                gm: fx.GraphModule) -> _Axes:
+    """The key axis (the softmax's ``dim`` of ``folded.layout``) and from it the query and
+    key operands of the score product and their batch, query and contracted letters; then
+    the checks of the mask terms (no negative scaling after a fill, not computed from the
+    scores, a 0/1 multiplier covered: ``_check_mul01``). Raises ``Refused``."""
+    cont, product, layout = scores.cont, scores.product, folded.layout
     key = layout[dim]
     if key not in cont.a_idx and key not in cont.b_idx or (key in cont.a_idx and key in cont.b_idx):
         raise Refused(f"the softmax at {where(softmax)} runs over dim {dim} of scores [{' '.join(layout)}] from "
@@ -432,6 +485,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     if len(query) != 1 or len(inner) != 1 or stray or key_side != [key]:
         raise Refused(f"{cont.form} at {where(product)} is not one query index by one key index over one "
                       "contracted index: not Q·Kᵀ")
+    terms, alpha = folded.terms, folded.alpha
     if any(t.coef <= 0 for t in terms if t.kind == "fill") or alpha <= 0 and any(t.kind == "fill" for t in terms):
         raise Refused(f"a mask at {where(softmax)} scaled by a negative factor after it: not a mask")
     for t in terms:  # a mask chosen from the scores themselves (top-k) is no mask
@@ -439,10 +493,17 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
             if isinstance(part, fx.Node) and product in _ancestors(part):
                 raise Refused(f"the mask of {t.text} is computed from the scores themselves (weights chosen from "
                               "the scores, as top-k does): SDPA cannot express it")
-    for m, lay, after in mul01:
+    for m, lay, after in folded.mul01:
         _check_mul01(m, lay, terms[after:], example_inputs, gm)
-    # --- forward from the softmax to the value product
-    w_layout, dropout, tail = layout, 0.0, []
+    return _Axes(key, q_node, k_node, q_idx, k_idx, batch, query, inner)
+
+
+def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _Weights:
+    """Forward from ``softmax`` through casts, dropout, transposes and the undoing of the
+    scores' reshape to the value product, following the weights' letters; raises
+    ``Refused`` when the weights are read anywhere else or go through any other op."""
+    cont, product, views = scores.cont, scores.product, folded.views
+    w_layout, dropout, tail = folded.layout, 0.0, []
     node = softmax
     while True:
         users = list(node.users)
@@ -473,15 +534,38 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
                           "SDPA cannot express it")
         tail.append(user)
         node = user
-    vprod = users[0]
+    return _Weights(users[0], node, w_layout, dropout, tail)
+
+
+def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs: list | None,
+           reach: dict) -> _Plan:
+    """The plan for one softmax, or ``Refused`` naming the construct and its line. ``reach``:
+    node -> whether a contraction is among its inputs' ancestors or itself."""
+    scores = softmax.args[0]
+    dim = _arg(softmax, 1, "dim")
+    site.softmax_upcast = any(isinstance(a, torch.dtype)
+                              for a in list(softmax.args[2:]) + [softmax.kwargs.get("dtype")])
+    rank = _rank(scores)
+    if not isinstance(dim, int) or rank < 2:
+        raise Refused(f"the softmax at {where(softmax)} has no constant axis: not attention")
+    dim = dim % rank
+    back = _walk_back(softmax, site, reach)
+    cont, product = back.cont, back.product
+    folded = _fold_steps(back)
+    layout, terms, alpha = folded.layout, folded.terms, folded.alpha
+    axes = _score_axes(back, folded, dim, softmax, example_inputs, gm)
+    key, batch, query = axes.key, axes.batch, axes.query
+    weights = _walk_forward(softmax, back, folded)
+    # --- the value product
+    vprod, w_layout = weights.vprod, weights.layout
     cv = contraction(vprod)
     if cv.bias is not None:
         raise Refused(f"torch.baddbmm at {where(vprod)} adds a tensor to the value product")
     if cv.alpha != 1.0:
         raise Refused(f"the value product at {where(vprod)} is scaled by {cv.alpha:g}")
-    if cv.a is node:
+    if cv.a is weights.node:
         w_idx, v_node, v_idx = cv.a_idx, cv.b, cv.b_idx
-    elif cv.b is node:
+    elif cv.b is weights.node:
         w_idx, v_node, v_idx = cv.b_idx, cv.a, cv.a_idx
     else:
         raise Refused(f"the value product at {where(vprod)} takes the weights twice")
@@ -508,29 +592,29 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     vlet = value_letters[0]
     inv = {r: c for c, r in role.items()}
     # SDPA's layout: batch letters (in the scores' order), then the sequence and feature letters
-    q_perm = [q_idx.index(c) for c in batch + query + inner]
-    k_perm = [k_idx.index(c) for c in batch + [key] + inner]
+    q_perm = [axes.q_idx.index(c) for c in batch + query + axes.inner]
+    k_perm = [axes.k_idx.index(c) for c in batch + [key] + axes.inner]
     v_perm = [v_idx.index(inv[c]) for c in batch + [key]] + [v_idx.index(vlet)]
     sdpa_out = [inv[c] for c in batch + query] + [vlet]  # in the value product's letters
     out_perm = [sdpa_out.index(c) for c in cv.out_idx]
-    dtypes = {str(getattr(_value(n), "dtype", None)) for n in (q_node, k_node, v_node)}
+    dtypes = {str(getattr(_value(n), "dtype", None)) for n in (axes.q_node, axes.k_node, v_node)}
     if len(dtypes) != 1:
         raise Refused(f"Q, K and V of the site at {where(softmax)} have different dtypes ({', '.join(sorted(dtypes))})")
     site.form, site.scale = cont.form, float(alpha)
-    site.dropout = dropout
-    site.layout = (f"q [{' '.join(q_idx)}], k [{' '.join(k_idx)}] -> scores [{' '.join(layout)}], "
+    site.dropout = weights.dropout
+    site.layout = (f"q [{' '.join(axes.q_idx)}], k [{' '.join(axes.k_idx)}] -> scores [{' '.join(layout)}], "
                    f"v [{' '.join(v_idx)}] -> [{' '.join(cv.out_idx)}]")
     site.mask_terms = [t.text for t in terms]
     boolean = terms and all(t.kind == "fill" and _number(t.fill) == -math.inf for t in terms)
     site.mask = "none" if not terms else "boolean" if boolean else "additive"
     site.lines = [frame_of(product)[1], frame_of(softmax)[1], frame_of(vprod)[1]]
-    if mul01:
+    if folded.mul01:
         site.notes.append("a multiplicative 0/1 mask is dropped: every score it zeroes also gets a large negative "
                           "term")
-    removable = [vprod] + tail[::-1] + chain
-    return _Plan(site, q_node, k_node, v_node, q_perm, k_perm, v_perm, out_perm, float(alpha), terms,
+    removable = [vprod] + weights.tail[::-1] + back.chain
+    return _Plan(site, axes.q_node, axes.k_node, v_node, q_perm, k_perm, v_perm, out_perm, float(alpha), terms,
                  "".join(batch + query + [key]), len(batch), vprod, removable, getattr(_value(vprod), "dtype", None),
-                 dtype_readers)
+                 back.dtype_readers)
 
 
 def _permuted(layout: str, node: fx.Node) -> str:
