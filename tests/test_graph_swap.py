@@ -104,13 +104,73 @@ def test_graph_swaps_revert_exactly_and_the_capture_time_is_recorded():
 
 
 def test_the_soft_cap_is_never_dropped_in_the_graph():
-    """The finding of issue 20: a tanh soft-cap was rewritten as if it were not there."""
+    """The finding of issue 20: a tanh soft-cap was rewritten as if it were not there. SDPA
+    refuses it by name; flex_attention's score_mod replays it."""
     module = G.SoftCapHelper().eval()
     capture = graph.Capture(module)
     capture.run(G.example_inputs(2, 16), {})
     (site,) = capture.sites.values()
-    assert not site.swappable and "torch.tanh" in site.reason and "line " in site.reason
-    assert not capture.rewritten
+    why = site.reason_for("sdpa")
+    assert "torch.tanh" in why and "line " in why and "flex_attention" in why
+    assert not capture.rewritten and site.targets == ["flex_attention"]
+
+
+def _flex_capture(style, seq_len):
+    torch.manual_seed(0)
+    module = G.FLEX_STYLES[style][0]().eval()
+    x, mask = G.example_inputs(2, seq_len)
+    with torch.no_grad():
+        want = module(x, mask)
+    capture = graph.Capture(module, target="flex_attention")
+    capture.run((x, mask), {})
+    with torch.no_grad():
+        got = capture(x, mask)
+    return capture, got, want
+
+
+@pytest.mark.parametrize("style", sorted(G.FLEX_STYLES))
+def test_score_modifiers_are_replayed_by_flex_attention(style):
+    """Issue 21: soft-cap, ALiBi and a causal fill become one compiled flex_attention call whose
+    score_mod replays them in order; the rewrite computes what the module computes."""
+    capture, got, want = _flex_capture(style, 64)
+    assert capture.rewritten and not capture.errors, capture.errors
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    (site,) = capture.sites.values()
+    if "SoftCap" in style:
+        assert any("torch.tanh" in f for f in site.score_mod)
+
+
+def test_alibi_built_from_positions_forms_no_score_sized_tensor():
+    """Issue 21: an ALiBi bias and a causal mask computed in forward from torch.arange are
+    read from a table of S_q + S_k - 1 diagonals inside score_mod: after the rewrite no
+    tensor of the graph is [.., S, S] (before it, the bias [H, S, S] and the mask [S, S] were)."""
+    S = 96
+    capture, got, want = _flex_capture("AlibiArange", S)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    (site,) = capture.sites.values()
+    assert sum("no [S_q, S_k] tensor is formed" in n for n in site.notes) == 2  # the bias and the mask
+    shapes = [tuple(n.meta["example_value"].shape) for gm in capture.graphs for n in gm.graph.nodes
+              if isinstance(n.meta.get("example_value"), torch.Tensor)]
+    assert shapes and not [s for s in shapes if s[-2:] == (S, S)], shapes
+    sdpa = graph.Capture(G.FLEX_STYLES["AlibiArange"][0]().eval())  # SDPA needs the bias as a mask
+    sdpa.run(G.example_inputs(2, S), {})
+    assert any(tuple(n.meta["example_value"].shape)[-2:] == (S, S) for gm in sdpa.graphs for n in gm.graph.nodes
+               if isinstance(n.meta.get("example_value"), torch.Tensor))
+
+
+def test_a_soft_capped_hand_written_model_is_switched_to_flex_attention(tmp_path):
+    run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_softcapalibi", "--backend", "flex_attention",
+                     "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--report-dir", str(tmp_path),
+                     *FAST)
+    for name in ("switch", "kernels", "accuracy"):
+        assert run.check(name)["passed"], run.check(name)
+    sites = run.result["data"]["sites"]
+    assert len(sites) == 2 and all(s["status"] == "swapped" and s["path"] == "graph" for s in sites), sites
+    assert all(s["kernel_after"] == "flex_attention (compiled)" for s in sites)
+    assert "flex_attention (compiled)" in run.result["data"]["candidate"]["kernels"]
+    sdpa = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_softcapalibi", "--backend", "sdpa",
+                      "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--no-report", *FAST)
+    assert sdpa.rc == 2 and "torch.tanh" in sdpa.result["summary"] and "--backend flex_attention" in sdpa.result["summary"]
 
 
 def test_source_sites_keep_the_source_path():
@@ -143,7 +203,8 @@ def test_the_graph_path_alone_reads_every_style_of_the_first_set(style):
         assert site.swappable and capture.rewritten, site.reason
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     else:
-        assert not site.swappable and A.STYLES[style][1] in site.reason and "line " in site.reason, site.reason
+        why = site.reason_for("sdpa")
+        assert "sdpa" not in site.targets and A.STYLES[style][1] in why and "line " in why, why
 
 
 class _QueryAxisSoftmax(torch.nn.Module):
@@ -175,3 +236,16 @@ def test_other_constructs_sdpa_cannot_express_are_refused_by_name(module, constr
     (site,) = capture.sites.values()
     assert not site.swappable and construct in site.reason and "line " in site.reason, site.reason
     assert not capture.rewritten
+
+
+def test_differential_attention_is_two_fused_calls_combined_after_the_value_product(tmp_path):
+    """Issue 21: w0 - λ·w1 before ·V is taken per map (2H heads of one SDPA call, the narrower
+    q/k head_dim zero-padded to v's) and combined after ·V, by linearity."""
+    run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_differential", "--backend", "sdpa",
+                     "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--report-dir", str(tmp_path),
+                     *FAST)
+    for name in ("switch", "kernels", "accuracy"):
+        assert run.check(name)["passed"], run.check(name)
+    sites = run.result["data"]["sites"]
+    assert len(sites) == 2 and all(s["status"] == "swapped" and s["kernel_after"] == FUSED for s in sites), sites
+    assert all(any("combined across 2 maps" in n for n in s["notes"]) for s in sites)

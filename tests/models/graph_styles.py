@@ -202,6 +202,97 @@ class ArithmeticMask(Heads):
         return super().sdpa(x, mask, attn_mask=~key_padding(mask))
 
 
+# ----------------------------------------------------------------------------- flex_attention only (issue 21)
+
+def alibi_slopes(h):
+    """ALiBi's per-head slopes, 2^(-8 i / h) for i = 1..h (Press et al. 2022, for h a power of 2)."""
+    return torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)])
+
+
+class AlibiArange(Heads):
+    """ALiBi built in forward from positions: slope[h] * -|i - j| added to the scores, causal by
+    masked_fill; the bias [H, S, S] is a function of (head, query, key) that flex computes per score."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.register_buffer("slopes", alibi_slopes(h))
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        S = x.shape[1]
+        pos = torch.arange(S, device=x.device)
+        distance = (pos[None, :] - pos[:, None]).abs().neg()  # [S, S]
+        bias = self.slopes[:, None, None] * distance  # [H, S, S]
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hd) + bias
+        causal = pos[None, :] > pos[:, None]
+        s = s.masked_fill(causal, float("-inf"))
+        return self.merge(torch.matmul(torch.softmax(s, dim=-1), v))
+
+    def sdpa(self, x, mask):
+        S = x.shape[1]
+        pos = torch.arange(S)
+        bias = self.slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs().neg()
+        bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        return super().sdpa(x, mask, attn_mask=bias)
+
+
+class CausalArange(Heads):
+    """AlibiArange without the bias: causal by masked_fill from positions (the unmodified model)."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hd)
+        s = s.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        return self.merge(torch.matmul(torch.softmax(s, dim=-1), v))
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, is_causal=True)
+
+
+class Differential(Heads):
+    """Differential attention (Ye et al. 2024, "Differential Transformer"): q and k split into
+    two half-width maps per head, one softmax over the 2H maps, combined as w0 - λ w1 before
+    ·V. By linearity it is two SDPA calls per head combined after ·V."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.lam = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x, mask):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, 2 * self.h, self.hd // 2).transpose(1, 2)  # [B, 2H, S, D/2]
+        k = self.wk(x).view(B, S, 2 * self.h, self.hd // 2).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.h, self.hd).transpose(1, 2)  # [B, H, S, D]
+        w = torch.matmul(q, k.transpose(-1, -2)) * (self.hd // 2) ** -0.5
+        w = F.softmax(w, dim=-1, dtype=torch.float32).type_as(w)
+        w = w.view(B, self.h, 2, S, S)
+        w = w[:, :, 0] - self.lam * w[:, :, 1]
+        return self.merge(torch.matmul(w, v))
+
+    def sdpa(self, x, mask):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.h, 2, self.hd // 2).permute(0, 2, 3, 1, 4)  # [B, H, 2, S, D/2]
+        k = self.wk(x).view(B, S, self.h, 2, self.hd // 2).permute(0, 2, 3, 1, 4)
+        v = self.wv(x).view(B, S, self.h, self.hd).transpose(1, 2)
+        o0 = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v)
+        o1 = F.scaled_dot_product_attention(q[:, :, 1], k[:, :, 1], v)
+        return self.merge(o0 - self.lam * o1)
+
+
+class SoftCapAlibi(AlibiArange):
+    """Gemma-2 style soft-cap after an ALiBi bias (both in one score_mod): 20 * tanh((s + b) / 20)."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        s = q @ k.transpose(-1, -2) * self.hd ** -0.5 + self.slopes[:, None, None] * -(pos[None, :] - pos[:, None]).abs()
+        s = 20.0 * torch.tanh(s / 20.0)
+        return self.merge(F.softmax(s, dim=-1) @ v)
+
+    sdpa = None
+
+
 # ----------------------------------------------------------------------------- refused, for the right reason
 
 class SoftCapHelper(Heads):
@@ -247,6 +338,17 @@ STYLES = {
 }
 
 
+#: score modifiers that flex_attention's score_mod takes (issue 21): name -> (class, what SDPA
+#: does with it: 'swap' with the bias materialised, or the words of its refusal)
+FLEX_STYLES = {
+    "AlibiArange": (AlibiArange, "swap"),
+    "CausalArange": (CausalArange, "swap"),
+    "Differential": (Differential, "swap"),
+    "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
+    "SoftCapAlibi": (SoftCapAlibi, "torch.tanh"),
+}
+
+
 def pad_mask(batch_size, seq_len):
     """[B, S] long, 1 = real token: row i keeps its first S - i*S/(2B) tokens."""
     m = torch.ones(batch_size, seq_len, dtype=torch.long)
@@ -256,11 +358,11 @@ def pad_mask(batch_size, seq_len):
 
 
 class Block(nn.Module):
-    def __init__(self, style):
+    def __init__(self, style, d=D_MODEL, h=HEADS):
         super().__init__()
-        self.ln = nn.LayerNorm(D_MODEL)
-        self.attn = STYLES[style][0]()
-        self.mlp = nn.Sequential(nn.Linear(D_MODEL, 2 * D_MODEL), nn.GELU(), nn.Linear(2 * D_MODEL, D_MODEL))
+        self.ln = nn.LayerNorm(d)
+        self.attn = {**STYLES, **FLEX_STYLES}[style][0](d, h)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def forward(self, x, mask):
         x = x + self.attn(self.ln(x), mask)
@@ -270,9 +372,10 @@ class Block(nn.Module):
 class StyleModel(nn.Module):
     """x [B, S, D] and a padding mask [B, S] -> [B, S, D]: two blocks of one style."""
 
-    def __init__(self, style, layers=2):
+    def __init__(self, style, layers=2, d=D_MODEL, h=HEADS):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(style) for _ in range(layers))
+        self.d = d
+        self.blocks = nn.ModuleList(Block(style, d, h) for _ in range(layers))
 
     def forward(self, x, mask):
         for block in self.blocks:
@@ -280,19 +383,27 @@ class StyleModel(nn.Module):
         return x
 
 
+#: the width of the models ``example_inputs`` feeds: D_MODEL, or WIDE's for build_<name>_wide
+_WIDTH = [D_MODEL]
+#: d_model and heads of the build_<name>_wide models (head_dim 64), for timing on a GPU
+WIDE = (1024, 16)
+
+
 def example_inputs(batch_size, seq_len):
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(batch_size, seq_len, D_MODEL, generator=gen), pad_mask(batch_size, seq_len)
+    return torch.randn(batch_size, seq_len, _WIDTH[0], generator=gen), pad_mask(batch_size, seq_len)
 
 
-def _factory(style):
+def _factory(style, d=D_MODEL, h=HEADS, suffix=""):
     def build():
         torch.manual_seed(0)
-        return StyleModel(style)
+        _WIDTH[0] = d
+        return StyleModel(style, d=d, h=h)
 
-    build.__name__ = f"build_{style.lower()}"
+    build.__name__ = f"build_{style.lower()}{suffix}"
     return build
 
 
-for _style in STYLES:
+for _style in {**STYLES, **FLEX_STYLES}:
     globals()[f"build_{_style.lower()}"] = _factory(_style)
+    globals()[f"build_{_style.lower()}_wide"] = _factory(_style, *WIDE, suffix="_wide")

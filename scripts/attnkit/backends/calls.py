@@ -69,9 +69,16 @@ def sdpa(q, k, v, *, causal=False, scale=None, window=None, softcap=None, sdpa_k
 
 
 @functools.lru_cache(maxsize=None)
-def _flex():
+def compiled_flex():
+    """``torch.compile(flex_attention, dynamic=False)``, as transformers compiles it: one
+    kernel per shape and score_mod (uncompiled, flex_attention runs a reference that forms
+    the whole score matrix: torch.nn.attention.flex_attention docs). Dynamo's recompile
+    limit (8 per code object) is raised to 256 here: past it Dynamo silently runs the
+    uncompiled reference, which a grid of 12 shapes reached (H100, 2026-12-07)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -98,7 +105,7 @@ def flex(q, k, v, *, causal=False, scale=None, window=None, softcap=None, **_):
     if softcap:
         def score_mod(score, b, h, q_idx, kv_idx):
             return softcap * torch.tanh(score / softcap)
-    out = _flex()(qh, kh, vh, score_mod=score_mod, block_mask=mask, scale=scale,
+    out = compiled_flex()(qh, kh, vh, score_mod=score_mod, block_mask=mask, scale=scale,
                   enable_gqa=qh.shape[1] != kh.shape[1])
     return out.transpose(1, 2)
 

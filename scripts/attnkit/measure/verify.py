@@ -63,7 +63,8 @@ def _verify_site(swapper: Any, live: Any, loaded: Any, dtype: torch.dtype, backe
                       reference_name=ref_name.replace("eager", "original"))
         live.accuracy = acc.to_dict()
         seen = attention_kernels(prof.events())
-        kernels = [k for k in seen if ("scaled_dot_product" in k and "math" not in k) or "flash" in k]
+        kernels = [k for k in seen if ("scaled_dot_product" in k and "math" not in k) or "flash" in k
+                   or k.endswith("(compiled)")]
         live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
         if not acc.passed:
             live.reason = f"outputs differ after the swap: {acc.evidence()}"

@@ -90,10 +90,12 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
                  seq_len: int = 1024, pad_fraction: float | None = None, trust_remote_code: bool = False,
                  baseline: str = "eager", reporter: Reporter | None = None,
                  env: Environment | None = None, train: bool = False, device_map: str | None = None,
-                 max_memory: str | None = None) -> Session:
+                 max_memory: str | None = None, target: str = "sdpa") -> Session:
     """Load ``spec`` and prepare inputs [B, S] (see the module docstring); ``train`` puts the
     model in training mode before its attention is found; ``device_map`` and ``max_memory``
-    (the --device-map and --max-memory texts) spread it over devices with accelerate.
+    (the --device-map and --max-memory texts) spread it over devices with accelerate;
+    ``target`` is what hand-written attention is swapped to and verified for first (sdpa, or
+    flex_attention, which the graph path alone rewrites to).
 
     Raises ``CannotRun`` for bad sizes, a device or dtype that does not exist here, any
     load failure (see ``models.load``), a model with no attention, or attention with no
@@ -123,8 +125,8 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     notes = list(loaded.notes)
     swapper = swapper_of(loaded.model)
     if swapper is not None:
-        with reporter.stage("swapping hand-written attention for SDPA and verifying each site"):
-            verify_sites(swapper, loaded, loaded.probe(), dt, "sdpa")
+        with reporter.stage(f"swapping hand-written attention for {target} and verifying each site"):
+            verify_sites(swapper, loaded, loaded.probe(), dt, target)
         swapper.require_swapped()
     limit = loaded.max_seq_len()
     if limit and seq_len > limit:

@@ -48,6 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+#: what a site can be rewritten to: one SDPA call, or one flex_attention call whose score_mod
+#: replays the ops between Q·Kᵀ and the softmax element by element
+TARGETS = ("sdpa", "flex_attention")
 #: a fill at or below this value is a mask: exp(-1e4 - max) is 0 in every float dtype
 LARGE_NEGATIVE = -1e4
 
@@ -99,6 +102,17 @@ class GraphSite:
     lines: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     external_input: bool = False  # the softmax's input comes from outside this graph piece
+    #: the backends the rewrite can call here (``TARGETS``), and for each other one why not
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    refused_for: dict[str, str] = field(default_factory=dict)
+    score_mod: list[str] = field(default_factory=list)  # the elementwise functions of the scores, with lines
+
+    def reason_for(self, target: str) -> str:
+        """'' when the rewrite can call ``target`` here, else why not."""
+        if not self.swappable:
+            return self.reason
+        return "" if target in self.targets else self.refused_for.get(
+            target, f"the graph path rewrites to {' or '.join(self.targets)}, not {target}")
 
     @property
     def key(self) -> tuple[str, int]:
@@ -205,6 +219,153 @@ def functionalize(graph: fx.Graph) -> int:
     return turned
 
 
+# ----------------------------------------------------------------------------- weights combined before ·V
+
+_BATCH_LINEAR = {"view", "reshape", "getitem", "mul", "truediv", "div", "add", "sub", "neg", "float", "half",
+                 "bfloat16", "to", "type_as", "contiguous", "clone"}
+
+
+def push_value_products(gm: fx.GraphModule, example_inputs: list | None) -> list[str]:
+    """Where softmax weights W reach the value product only through ops that are linear and
+    act on their batch axes alone (reshapes that keep the last two axes, batch indexing,
+    scaling by a tensor constant over the last two axes, sums and differences of such
+    terms), as differential attention's ``w[:, :, 0] - λ * w[:, :, 1]`` does, rewrite
+    ``L(W) @ V`` as ``L(W @ V')``: V' [.., S_k, D_v] holds for each batch index of W the
+    rows of V its term is multiplied by (found by passing a one-hot through L on the
+    captured values), and L is replayed on the [.., S_q, D_v] products. The softmax then
+    reaches a value product directly, one site of as many heads as W has: two fused calls
+    per head pair, combined after ·V. Returns a note per rewrite."""
+    notes = []
+    if example_inputs is None:
+        return notes
+    for softmax in [n for n in gm.graph.nodes if _is_softmax(n)]:
+        w = softmax
+        while len(w.users) == 1 and _base(next(iter(w.users))) in _CAST_METHODS:
+            w = next(iter(w.users))
+        tail, todo, vprods = [], list(w.users), []
+        while todo:
+            n = todo.pop(0)
+            if n in tail or n in vprods:
+                continue
+            if _is_contraction(n):
+                vprods.append(n)
+                continue
+            if n.op not in ("call_function", "call_method") or _base(n) not in _BATCH_LINEAR:
+                break
+            tail.append(n)
+            todo += list(n.users)
+        else:
+            if not any(_base(n) not in _CAST_METHODS | {"view", "reshape"} for n in tail) or len(vprods) != 1 or \
+                    any(u not in tail and u not in vprods for n in tail for u in n.users):
+                continue  # reshapes alone are _walk_forward's
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            note = _push(gm, w, sorted(tail, key=order.get), vprods[0], example_inputs)
+            if note:
+                notes.append(note)
+    return notes
+
+
+def _push(gm: fx.GraphModule, w: fx.Node, tail: list, vprod: fx.Node, example_inputs: list) -> str:
+    """``push_value_products`` for one softmax; '' when a condition does not hold."""
+    wv, out = _value(w), _value(vprod)
+    if not (isinstance(wv, torch.Tensor) and isinstance(out, torch.Tensor)) or vprod.args[0] not in tail or \
+            _base(vprod) not in ("matmul", "bmm") or len(vprod.args) != 2:
+        return ""
+    combined, v = vprod.args
+    inside = set(tail) | {w}
+    for n in tail:  # every op keeps the last two axes and is linear in W
+        val, base = _value(n), _base(n)
+        if not isinstance(val, torch.Tensor) or tuple(val.shape[-2:]) != tuple(wv.shape[-2:]):
+            return ""
+        ins = [a for a in n.all_input_nodes if a in inside]
+        others = [a for a in list(n.args) + list(n.kwargs.values()) if a not in ins]
+        if base in ("add", "sub") and len(ins) != 2 or base in ("mul", "truediv", "div") and len(ins) != 1:
+            return ""
+        if base in ("mul", "truediv", "div") and any(
+                isinstance(o, fx.Node) and (_rank(o) >= 2 and tuple(_value(o).shape[-2:]) != (1, 1)) for o in others):
+            return ""
+        if base == "truediv" and n.args[0] not in ins:
+            return ""
+        if base == "getitem" and isinstance(n.args[1], tuple) and any(
+                i is Ellipsis or isinstance(i, fx.Node) for i in n.args[1]):
+            return ""
+    values = _evaluate(gm, [a for n in tail for a in n.all_input_nodes if a not in inside] or [w], example_inputs)
+    if values is None:
+        return ""
+    batch = int(math.prod(wv.shape[:-2]))
+    out_batch = tuple(_value(combined).shape[:-2])
+
+    def replay(x: torch.Tensor) -> torch.Tensor:
+        env = dict(values)
+        env[w] = x
+        for n in tail:
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            if _base(n) in ("view", "reshape"):
+                args = (args[0], *_last_free(args[1:], probe=True))
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else \
+                n.target(*args, **kwargs)
+        return env[combined]
+
+    rows = []
+    with torch.no_grad():
+        for j in range(batch):  # which batch index of the combined weights does W's index j feed?
+            one = torch.zeros(batch, dtype=torch.float64)
+            one[j] = 1.0
+            got = replay(one.view(*wv.shape[:-2], 1, 1).to(wv.dtype if wv.is_floating_point() else torch.float32))
+            got = got.expand(*out_batch, *got.shape[-2:]).reshape(-1)
+            fed = torch.nonzero(got).reshape(-1)
+            if len(fed) > 1:
+                return ""
+            rows.append(int(fed[0]) if len(fed) else 0)
+    name = f"_attnkit_value_rows_{len(notes_of(gm))}"
+    gm.register_buffer(name, torch.tensor(rows, dtype=torch.long, device=_value(v).device))
+    graph = gm.graph
+    with graph.inserting_before(vprod):
+        index = graph.get_attr(name)
+        vs = graph.call_method("expand", (v, *out_batch, -1, -1))
+        vs = graph.call_method("reshape", (vs, -1, *_value(v).shape[-2:]))
+        vs = graph.call_function(operator.getitem, (vs, index))
+        vs = graph.call_method("view", (vs, *wv.shape[:-2], *_value(v).shape[-2:]))
+        vs.meta["example_value"] = torch.empty(*wv.shape[:-2], *_value(v).shape[-2:], dtype=_value(v).dtype,
+                                               device="meta")
+        prod = graph.call_function(torch.matmul, (w, vs))
+        env = {w: prod}
+        for n in tail:
+            new = graph.node_copy(n, lambda a: env.get(a, a))
+            if _base(n) in ("view", "reshape"):
+                new.args = (new.args[0], *_last_free(new.args[1:]))
+            env[n] = new
+    for n in [prod] + [env[n] for n in tail]:
+        n.meta["stack_trace"] = vprod.meta.get("stack_trace")
+    prod.meta["example_value"] = torch.empty(*wv.shape[:-2], wv.shape[-2], _value(v).shape[-1], dtype=out.dtype,
+                                             device="meta")
+    vprod.replace_all_uses_with(env[combined])
+    graph.erase_node(vprod)
+    for n in reversed(tail):
+        if not n.users:
+            graph.erase_node(n)
+    notes_of(gm).append(name)
+    gm.recompile()
+    return (f"the weights of the softmax at {where(w)} are combined across {batch // max(1, math.prod(out_batch))} "
+            f"maps before the value product at {where(vprod)} (as differential attention does): the value product "
+            "is taken per map and the combination applied after it, so each map is one fused call")
+
+
+def notes_of(gm: fx.GraphModule) -> list:
+    if not hasattr(gm, "_attnkit_pushed"):
+        gm._attnkit_pushed = []
+    return gm._attnkit_pushed
+
+
+def _last_free(shape: tuple, probe: bool = False) -> tuple:
+    """A view's shape with its last size left to be inferred (-1): S_k becomes D_v; with
+    ``probe`` the query size is 1 as well (a one-hot probe is [batch..., 1, 1])."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        return (_last_free(tuple(shape[0]), probe),)
+    return tuple(shape[:-2]) + ((1,) if probe else tuple(shape[-2:-1])) + (-1,)
+
+
 # ----------------------------------------------------------------------------- contractions as index letters
 
 @dataclass
@@ -275,6 +436,9 @@ class _Term:
     #: reshapes of the scores' batch axes before it was added, latest last: (letters after,
     #: batch shape after, letters before, batch shape before), undone to reach the product's layout
     views: list = field(default_factory=list)
+    #: flex_attention only: the term as a function of the score's indices (``_IndexProgram``),
+    #: computed per score instead of as a [.., S_q, S_k] tensor
+    lazy: Any = None
 
 
 @dataclass
@@ -297,6 +461,7 @@ class _Plan:
     removable: list[fx.Node]
     out_dtype: Any = None
     dtype_readers: list = field(default_factory=list)
+    mods: list = field(default_factory=list)  # _Folded.mods: what a flex_attention score_mod replays
 
 
 def _ancestors(node: Any, stop: int = 4000) -> set:
@@ -336,7 +501,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: list | None = None) -> list[t
             site.swappable = True
             out.append((site, plan))
         except Refused as exc:
-            site.reason = str(exc)
+            site.reason, site.targets = str(exc), []
             out.append((site, None))
     return out
 
@@ -359,6 +524,9 @@ class _Folded(NamedTuple):
     alpha: float  # the scores' scale
     mul01: list[tuple[fx.Node, str, int]]  # scores times a tensor: (tensor, layout, number of terms before it)
     views: list[tuple]  # the reshapes of the scores' batch axes not undone, as _Term.views
+    #: every elementwise step in order, for a score_mod that replays them: ('scale', c),
+    #: ('add', _Term, sign), ('fill', _Term), ('mul', _Term), ('fn', callable)
+    mods: list[tuple]
 
 
 class _Axes(NamedTuple):
@@ -429,8 +597,10 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
     layout = cont.out_idx
     terms: list[_Term] = []
     alpha = cont.alpha
+    mods: list[tuple] = [("scale", alpha)] if alpha != 1.0 else []
     if cont.bias is not None:
         terms.append(_Term("add", cont.bias, layout, cont.beta, text=f"baddbmm input x {cont.beta:g}"))
+        mods.append(("add", terms[-1], cont.beta))
     mul01: list[tuple[fx.Node, str, int]] = []
     views: list[tuple] = []
     seq = {c for c in cont.out_idx if not (c in cont.a_idx and c in cont.b_idx)}  # the query and key letters
@@ -439,6 +609,9 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
             alpha *= data
             for t in terms:
                 t.coef *= data
+            mods.append(("scale", data))
+        elif kind == "fn":
+            mods.append(("fn", data))
         elif kind == "perm":
             layout = "".join(layout[p] for p in data)
         elif kind == "view":
@@ -455,13 +628,16 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
         elif kind == "add":
             terms.append(_Term("add", data[0], layout, data[1], text=f"{op_name(n)} at {where(n)}",
                                views=list(views)))
+            mods.append(("add", terms[-1], data[1]))
         elif kind == "fill":
             cond, fill, keep = data
             terms.append(_Term("fill", cond, layout, 1.0, fill, keep, text=f"{op_name(n)} at {where(n)}",
                                views=list(views)))
+            mods.append(("fill", terms[-1]))
         elif kind == "mul01":
             mul01.append((data, layout, len(terms)))
-    return _Folded(layout, terms, alpha, mul01, views)
+            mods.append(("mul", _Term("mul", data, layout, views=list(views))))
+    return _Folded(layout, terms, alpha, mul01, views, mods)
 
 
 def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node, example_inputs: list | None,
@@ -611,10 +787,24 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     if folded.mul01:
         site.notes.append("a multiplicative 0/1 mask is dropped: every score it zeroes also gets a large negative "
                           "term")
+    fns = [m[1] for m in folded.mods if m[0] == "fn"]
+    if fns:  # only a score_mod replays a non-linear function of the scores
+        site.score_mod = [f.text for f in fns]
+        site.targets = [t for t in TARGETS if t != "sdpa"]
+        site.refused_for["sdpa"] = (f"an elementwise non-linear function of the scores, {fns[0].text}, between the "
+                                    "score product and the softmax: SDPA cannot express it (flex_attention's "
+                                    "score_mod can: --backend flex_attention)")
+    if example_inputs is not None:
+        for m in folded.mods:
+            if m[0] in ("add", "fill", "mul") and not m[1].views:
+                m[1].lazy = _index_program(gm, m[1], "".join(batch + query + [key]), example_inputs)
+                if m[1].lazy is not None:
+                    site.notes.append(f"flex_attention computes the term of {m[1].text or 'the scores'} per score from "
+                                      "its (head, query, key) indices: no [S_q, S_k] tensor is formed")
     removable = [vprod] + weights.tail[::-1] + back.chain
     return _Plan(site, axes.q_node, axes.k_node, v_node, q_perm, k_perm, v_perm, out_perm, float(alpha), terms,
                  "".join(batch + query + [key]), len(batch), vprod, removable, getattr(_value(vprod), "dtype", None),
-                 back.dtype_readers)
+                 back.dtype_readers, folded.mods)
 
 
 def _permuted(layout: str, node: fx.Node) -> str:
@@ -654,6 +844,10 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
             return args[0]
         raise Refused(f"{op_name(node)} at {where(node)} reshapes the scores' sequence axes before the softmax: "
                       "SDPA cannot express it")
+    if base in _NONLINEAR and len(carriers) == 1 and not any(
+            isinstance(a, fx.Node) for a in args + list(kw.values()) if a is not carriers[0]):
+        steps.append(("fn", node, _unary(node, carriers[0])))
+        return carriers[0]
     if base in _NONLINEAR:
         raise Refused(f"an elementwise non-linear function of the scores, {op_name(node)} at {where(node)}, between "
                       "the score product and the softmax: SDPA cannot express it (FlexAttention's score_mod can)")
@@ -708,6 +902,21 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
                       "heads (talking heads), which SDPA cannot express")
     raise Refused(f"{op_name(node)} at {where(node)} between the score product and the softmax is not a scale, an "
                   "added term or a mask: SDPA cannot express it")
+
+
+def _unary(node: fx.Node, scores: fx.Node) -> Callable:
+    """``node`` as a function of the scores alone (every other argument is a constant):
+    ``f(x)`` calls its op with ``scores`` replaced by ``x``; ``f.text`` names it and its line."""
+    pos = [i for i, v in enumerate(node.args) if v is scores]
+    args = [None if i in pos else v for i, v in enumerate(node.args)]
+    kwargs, target, method = dict(node.kwargs), node.target, node.op == "call_method"
+
+    def f(x):
+        a = [x if i in pos else v for i, v in enumerate(args)]
+        return getattr(a[0], target)(*a[1:], **kwargs) if method else target(*a, **kwargs)
+
+    f.text = f"{op_name(node)} at {where(node)}"  # type: ignore[attr-defined]
+    return f
 
 
 def _perm_of(node: fx.Node) -> list[int]:
@@ -778,6 +987,145 @@ def _check_mul01(m: fx.Node, layout: str, later: list[_Term], example_inputs: li
         raise Refused(problem + " (the scores it zeroes get no large negative term)")
 
 
+#: ops an index program replays per score: elementwise, broadcasting and view ops (no
+#: reduction, no contraction), so that a score's value needs only its own indices
+_POINTWISE = {"add", "sub", "mul", "truediv", "div", "floordiv", "mod", "remainder", "neg", "abs", "pow", "exp",
+              "log", "log2", "sqrt", "rsqrt", "clamp", "clip", "minimum", "maximum", "where", "lt", "le", "gt", "ge",
+              "eq", "ne", "and_", "or_", "invert", "logical_and", "logical_or", "logical_not", "floor", "ceil",
+              "round", "trunc", "sign", "tanh", "sigmoid", "float", "long", "int", "half", "bfloat16", "to",
+              "type_as", "unsqueeze", "squeeze", "view", "reshape", "expand", "expand_as", "permute", "transpose",
+              "contiguous", "clone", "detach", "getitem", "embedding", "masked_fill", "full_like", "zeros_like",
+              "ones_like", "type"}
+
+
+class _Slot(NamedTuple):
+    """An argument of an index-program instruction: the value in slot ``i``."""
+
+    i: int
+
+
+def _fill_slots(a: Any, env: dict) -> Any:
+    if isinstance(a, _Slot):
+        return env[a.i]
+    if isinstance(a, (tuple, list)):
+        return type(a)(_fill_slots(x, env) for x in a)
+    if isinstance(a, dict):
+        return {k: _fill_slots(v, env) for k, v in a.items()}
+    return a
+
+
+class _IndexProgram:
+    """A mask term that depends on the query and key positions only through their distance
+    (ALiBi's slope x distance, a bucketed relative-position bias, a causal or sliding-window
+    comparison): T[.., i, j] = f(j - i). flex_attention reads it from a table of its
+    S_q + S_k - 1 diagonals, [B|1, H|1, S_q + S_k - 1], never the [.., S_q, S_k] tensor.
+
+    The table is computed at run time from the live leaves by replaying the term's subgraph
+    (``code``) on position vectors: once for the first key column and once for the first
+    query row, so a learned slope or bias table is read as it is now. The subgraph is made
+    a tree (a position shared by the query and key sides becomes two leaves); each
+    ``torch.arange`` leaf runs along one axis (``axes``: 2 query, 3 key; found by shrinking
+    it to one element and seeing which axis of the term collapses); every other leaf is a
+    graph tensor smaller than the scores (``leaves``, passed in at run time)."""
+
+    def __init__(self):
+        self.code: list[tuple] = []  # (out slot, is_method, target, args, kwargs), in order
+        self.leaves: list[fx.Node] = []  # graph tensors read, in slots 0..len-1
+        self.aranges: list[tuple] = []  # (slot, start, step, dtype, length)
+        self.axes: list[int] = []  # per arange leaf: the score axis it runs along
+
+    def run(self, leaves: list, positions: list) -> torch.Tensor:
+        """The term with the graph leaves' values ``leaves`` and each arange leaf replaced
+        by ``positions[i]`` (its values, 1-D)."""
+        env = dict(enumerate(leaves))
+        for (slot, *_), pos in zip(self.aranges, positions):
+            env[slot] = pos
+        for out, method, target, args, kwargs in self.code:
+            a, kw = _fill_slots(args, env), _fill_slots(kwargs, env)
+            env[out] = getattr(a[0], target)(*a[1:], **kw) if method else target(*a, **kw)
+        return env[self.code[-1][0]]
+
+    def positions(self, first_of: int | None, device: Any) -> list:
+        """Each arange leaf's values, only the first one for those along axis ``first_of``."""
+        axes = self.axes if len(self.axes) == len(self.aranges) else [None] * len(self.aranges)
+        return [torch.arange(st, st + sp * (1 if first_of is not None and axis == first_of else n), sp, dtype=dt,
+                             device=device) for (_, st, sp, dt, n), axis in zip(self.aranges, axes)]
+
+    def table(self, leaves: list, t: "_Term", mask_layout: str, device: Any) -> torch.Tensor:
+        """[B|1, H|1, S_q + S_k - 1]: entry j - i + S_q - 1 is T[.., i, j]."""
+        column = _aligned(self.run(leaves, self.positions(3, device)), t, mask_layout)  # T[.., :, 0]
+        row = _aligned(self.run(leaves, self.positions(2, device)), t, mask_layout)  # T[.., 0, :]
+        column, row = torch.broadcast_tensors(column[..., :, 0], row[..., 0, :][..., :1])[0], row[..., 0, :]
+        batch = torch.broadcast_shapes(column.shape[:-1], row.shape[:-1])
+        return torch.cat([column.expand(*batch, -1).flip(-1)[..., :-1], row.expand(*batch, -1)], -1)
+
+
+def _diagonal_index(sq: int, sk: int, device: Any = None) -> torch.Tensor:
+    """[S_q, S_k]: j - i + S_q - 1, the table entry of each score."""
+    return torch.arange(sk, device=device)[None, :] - torch.arange(sq, device=device)[:, None] + sq - 1
+
+
+def _index_program(gm: fx.GraphModule, t: _Term, mask_layout: str, example_inputs: list) -> _IndexProgram | None:
+    """``t``'s tensor as an ``_IndexProgram`` when it spans [.., S_q, S_k], is computed from
+    ``torch.arange`` leaves along the query and key axes and tensors smaller than the
+    scores by ``_POINTWISE`` ops, and equals, exactly, its table read back at j - i; else
+    None (the tensor is read as the graph computes it). Only for [B, H] batch axes."""
+    node = t.node
+    full = _value(node)
+    if not isinstance(full, torch.Tensor) or full.dim() < 2 or len(mask_layout) != 4:
+        return None
+    sub = _ancestors(node, stop=400)
+    if len(sub) >= 400 or not any(n.op == "call_function" and n.target is torch.arange for n in sub):
+        return None
+    values = _evaluate(gm, [node], example_inputs)
+    if values is None:
+        return None
+    prog = _IndexProgram()
+    prog.leaves = [n for n in gm.graph.nodes if n in sub and n.op in ("placeholder", "get_attr")]
+    if any(isinstance(values[n], torch.Tensor) and values[n].numel() >= full.shape[-1] * full.shape[-2]
+           for n in prog.leaves):
+        return None  # a leaf as large as the scores: nothing to save
+    slot_of = {n: i for i, n in enumerate(prog.leaves)}
+    count = [len(prog.leaves)]
+
+    def emit(n: fx.Node) -> _Slot:  # the tree below n, leaves first
+        if n in slot_of:
+            return _Slot(slot_of[n])
+        count[0] += 1
+        if n.op == "call_function" and n.target is torch.arange:
+            if any(not isinstance(a, int) for a in n.args) or len(n.args) > 3:
+                raise Refused("arange")
+            start, _, step = (0, n.args[0], 1) if len(n.args) == 1 else (list(n.args) + [1])[:3]
+            prog.aranges.append((count[0] - 1, start, step, values[n].dtype, values[n].numel()))
+            return _Slot(count[0] - 1)
+        if n.op not in ("call_function", "call_method") or _base(n) not in _POINTWISE:
+            raise Refused(op_name(n))
+        out = count[0] - 1
+        args, kwargs = fx.node.map_arg(n.args, emit), fx.node.map_arg(n.kwargs, emit)
+        prog.code.append((out, n.op == "call_method", n.target, args, kwargs))
+        return _Slot(out)
+
+    try:
+        emit(node)
+        leaves = [values[n] for n in prog.leaves]
+        whole = _aligned(values[node], t, mask_layout)
+        for i in range(len(prog.aranges)):  # which axis does arange leaf i run along?
+            pos = prog.positions(None, None)
+            pos[i] = pos[i][:1]
+            shrunk = _aligned(prog.run(leaves, pos), t, mask_layout)
+            gone = [d for d in range(4) if shrunk.shape[d] == 1 and whole.shape[d] == prog.aranges[i][4] > 1]
+            if gone not in ([2], [3]):
+                return None
+            prog.axes.append(gone[0])
+        sq, sk = whole.shape[-2:]
+        table = prog.table(leaves, t, mask_layout, None)
+        if not torch.equal(table[..., _diagonal_index(sq, sk)], whole.expand(*table.shape[:-1], sq, sk)):
+            return None  # not a function of j - i alone
+    except Exception:  # any op the replay cannot take: the tensor is read as it is
+        return None
+    return prog
+
+
 def _evaluate(gm: fx.GraphModule, wanted: list, example_inputs: list) -> dict | None:
     """The values of ``wanted`` nodes on the captured inputs, computing only their
     ancestors; None when an ancestor mutates something or is not plain torch."""
@@ -813,13 +1161,25 @@ def _evaluate(gm: fx.GraphModule, wanted: list, example_inputs: list) -> dict | 
 
 # ----------------------------------------------------------------------------- the rewrite
 
-def _site_call(plan: _Plan, number: int) -> Callable:
-    """The function the rewritten graph calls in place of the value product:
-    ``site(q, k, v, *mask_parts)`` -> the value product's output, via SDPA on [B, H, S, D]."""
-    terms, nb, mask_layout = plan.terms, plan.batch, plan.mask_layout
-    q_perm, k_perm, v_perm, out_perm = plan.q_perm, plan.k_perm, plan.v_perm, plan.out_perm
-    scale, dropout, out_dtype = plan.scale, plan.site.dropout, plan.out_dtype
-    boolean = plan.site.mask == "boolean"
+def _aligned(x: torch.Tensor, t: _Term, mask_layout: str) -> torch.Tensor:
+    """A term's tensor ``x``, added to the scores in ``t.layout`` after ``t.views``, in the
+    SDPA score letters ``mask_layout`` (batch..., query, key), broadcastable."""
+    lay = t.layout
+    x = x[(None,) * (len(lay) - x.dim())] if x.dim() < len(lay) else x
+    for after, after_batch, before, before_batch in reversed(t.views):
+        x = x.permute([lay.index(c) for c in after])
+        x = x.expand(*after_batch, *x.shape[-2:]).reshape(*before_batch, *x.shape[-2:])
+        lay = before
+    return x.permute([lay.index(c) for c in mask_layout])
+
+
+def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
+    """(qkv, to4, finish) for one site: ``qkv(q, k, v)`` -> (q, k, v as [B, H, S, D], the
+    broadcast batch shape, q's permuted shape); ``to4(t, batch)`` folds a [batch..., S, S]
+    tensor to 4 dims as ``qkv`` folds Q; ``finish(out, shape)`` puts the [B, H, S_q, D_v]
+    output back in the value product's layout and dtype."""
+    nb, q_perm, k_perm, v_perm, out_perm, out_dtype = (plan.batch, plan.q_perm, plan.k_perm, plan.v_perm,
+                                                        plan.out_perm, plan.out_dtype)
 
     def to4(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         t = t.expand(*shape[:nb], *t.shape[nb:]) if nb > 2 else t
@@ -827,32 +1187,47 @@ def _site_call(plan: _Plan, number: int) -> Callable:
             return t.unsqueeze(0)
         return t.reshape(-1, *t.shape[nb - 1:]) if nb > 2 else t
 
-    def site(q, k, v, *parts):
+    def qkv(q, k, v):
         q, k, v = q.permute(q_perm), k.permute(k_perm), v.permute(v_perm)
         batch = torch.broadcast_shapes(q.shape[:nb], k.shape[:nb], v.shape[:nb])
         q, k, v = (t.expand(*batch, *t.shape[nb:]) for t in (q, k, v))
+        shape = q.shape
+        q, k, v = (to4(t, batch) for t in (q, k, v))
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return q, k, v, batch, shape
+
+    def finish(out, shape):
+        out = out.reshape(*shape[:nb], *out.shape[-2:]).permute(out_perm)  # [batch..., S_q, D_v], then as the code had it
+        return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
+
+    return qkv, to4, finish
+
+
+def _site_call(plan: _Plan, number: int) -> Callable:
+    """The function the rewritten graph calls in place of the value product:
+    ``site(q, k, v, *mask_parts)`` -> the value product's output, via SDPA on [B, H, S, D]."""
+    terms, nb, mask_layout = plan.terms, plan.batch, plan.mask_layout
+    scale, dropout = plan.scale, plan.site.dropout
+    boolean = plan.site.mask == "boolean"
+    qkv, to4, finish = _operands(plan)
+
+    def site(q, k, v, *parts):
+        q, k, v, batch, shape = qkv(q, k, v)
         mask = None
         it = iter(parts)
         for t in terms:
             x = next(it)
-            lay = t.layout
             if t.kind == "fill":
                 fill = next(it) if isinstance(t.fill, fx.Node) else t.fill
                 masked = ~x if t.keep_where_true else x
                 if boolean:
-                    part = ~masked
-                    x = part
+                    x = ~masked
                 else:
                     x = torch.where(masked, torch.as_tensor(fill, dtype=torch.float32, device=q.device)
                                     if not isinstance(fill, torch.Tensor) else fill.float(), 0.0) * t.coef
             else:
                 x = x * t.coef if t.coef != 1.0 else x
-            x = x[(None,) * (len(lay) - x.dim())] if x.dim() < len(lay) else x
-            for after, after_batch, before, before_batch in reversed(t.views):
-                x = x.permute([lay.index(c) for c in after])
-                x = x.expand(*after_batch, *x.shape[-2:]).reshape(*before_batch, *x.shape[-2:])
-                lay = before
-            x = x.permute([lay.index(c) for c in mask_layout])
+            x = _aligned(x, t, mask_layout)
             if mask is None:
                 mask = x
             else:
@@ -861,28 +1236,124 @@ def _site_call(plan: _Plan, number: int) -> Callable:
             mask = to4(mask.expand(*torch.broadcast_shapes(mask.shape[:nb], batch), *mask.shape[nb:]) if nb > 2
                        else mask, batch)
             mask = mask if boolean else mask.to(q.dtype)
-        shape = q.shape
-        q, k, v = to4(q, batch), to4(k, batch), to4(v, batch)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        dv = v.shape[-1]
+        if q.shape[-1] != dv:  # fused kernels take one head_dim: pad the narrower side with zeros
+            width = max(q.shape[-1], dv)
+            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
-        out = out.reshape(*shape[:nb], *out.shape[-2:])  # [batch..., S_q, D_v]
-        out = out.permute(out_perm)
-        return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
+        return finish(out[..., :dv], shape)
 
     site.__name__ = site.__qualname__ = f"attnkit_sdpa_site_{number}"
     return site
 
 
-def rewrite(gm: fx.GraphModule, plan: _Plan, number: int) -> None:
-    """Replace ``plan``'s site in ``gm`` by one SDPA call (``_site_call``) and remove the chain."""
-    graph = gm.graph
-    parts: list = []
-    for t in plan.terms:
-        parts.append(t.node)
+def _at(x: torch.Tensor, b, h, qi, ki):
+    """x [B|1, H|1, S_q|1, S_k|1] at one score's indices (score_mod's arguments)."""
+    i = [j if x.shape[d] > 1 else 0 for d, j in enumerate((b, h, qi, ki))]
+    return x[i[0], i[1], i[2], i[3]]
+
+
+def _flex_site_call(plan: _Plan, number: int) -> Callable:
+    """As ``_site_call``, via one flex_attention call whose ``score_mod`` replays the site's
+    steps (``_Plan.mods``) in order on each score: scales, added terms, fills, 0/1 factors
+    and elementwise functions such as a tanh soft-cap. Each term tensor is read at the
+    score's (b, h, q_idx, kv_idx) where it varies, a term of positions alone from its table
+    of diagonals (``_IndexProgram``); ``scale`` is 1 (the steps hold it). A mask of
+    positions alone (causal, a window) also becomes a ``BlockMask``, built once per shape."""
+    from ..backends.calls import compiled_flex
+    from ..measure.kernels import CALL_RANGE
+
+    mods, nb, mask_layout = plan.mods, plan.batch, plan.mask_layout
+    qkv, to4, finish = _operands(plan)
+    # masks from positions alone (causal, a window): the same for every call at one shape, so
+    # a BlockMask built once per shape lets flex skip the blocks they mask out entirely
+    static = [m[1] for m in mods if m[0] == "fill" and m[1].lazy is not None and not m[1].lazy.leaves
+              and _number(m[1].fill) is not None and _number(m[1].fill) <= LARGE_NEGATIVE]
+    block_masks: dict = {}
+
+    def block_mask(steps: list, sq: int, sk: int, device: Any) -> Any:
+        key = (sq, sk, str(device))
+        if key not in block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            masked = torch.zeros(sq + sk - 1, dtype=torch.bool, device=device)
+            for kind, a, c, keep in steps:
+                t = a[2] if isinstance(a, tuple) else None
+                if t is not None and t in static:
+                    masked |= (~a[0] if keep else a[0]).reshape(-1)
+
+            def mask_mod(b, h, qi, ki):
+                return ~masked[ki - qi + sq - 1]
+
+            block_masks[key] = create_block_mask(mask_mod, None, None, sq, sk, device=device)
+        return block_masks[key]
+
+    def site(q, k, v, *parts):
+        q, k, v, batch, shape = qkv(q, k, v)
+        it, steps = iter(parts), []
+        for m in mods:
+            if m[0] in ("scale", "fn"):
+                steps.append((m[0], m[1], None, False))
+                continue
+            t = m[1]
+            if t.lazy is not None:  # read from its table of diagonals, built from the leaves it reads
+                x = t.lazy.table([next(it) for _ in t.lazy.leaves], t, mask_layout, q.device)
+                x = (x, q.shape[-2] - 1, t)
+            else:
+                x = _aligned(next(it), t, mask_layout)
+                x = to4(x.expand(*torch.broadcast_shapes(x.shape[:nb], batch), *x.shape[nb:]) if nb > 2 else x, batch)
+            value = m[2] if m[0] == "add" else next(it) if isinstance(t.fill, fx.Node) else t.fill
+            steps.append((m[0], x, value, t.keep_where_true))
+
+        def score_mod(score, b, h, qi, ki):
+            for kind, a, c, keep in steps:
+                if kind == "scale":
+                    score = score * a
+                    continue
+                if kind == "fn":
+                    score = a(score)
+                    continue
+                if isinstance(a, tuple):
+                    table, offset, _ = a
+                    x = table[b if table.shape[0] > 1 else 0, h if table.shape[1] > 1 else 0, ki - qi + offset]
+                else:
+                    x = _at(a, b, h, qi, ki)
+                if kind == "add":
+                    score = score + c * x
+                elif kind == "mul":
+                    score = score * x
+                else:
+                    score = torch.where(~x if keep else x, c, score)
+            return score
+
+        blocks = block_mask(steps, q.shape[-2], k.shape[-2], q.device) if static else None
+        with torch.profiler.record_function(CALL_RANGE + "flex_attention"):
+            out = compiled_flex()(q, k, v, score_mod=score_mod, block_mask=blocks, scale=1.0)
+        return finish(out, shape)
+
+    site.__name__ = site.__qualname__ = f"attnkit_flex_site_{number}"
+    return site
+
+
+def _parts(plan: _Plan, target: str) -> list:
+    """The graph nodes the site function takes after q, k, v: each term's tensor, and a
+    fill's value where it is a tensor; for flex_attention in the order of ``plan.mods``."""
+    terms = plan.terms if target == "sdpa" else [m[1] for m in plan.mods if m[0] in ("add", "fill", "mul")]
+    out: list = []
+    for t in terms:
+        out.extend(t.lazy.leaves if target != "sdpa" and t.lazy is not None else [t.node])
         if t.kind == "fill" and isinstance(t.fill, fx.Node):
-            parts.append(t.fill)
+            out.append(t.fill)
+    return out
+
+
+def rewrite(gm: fx.GraphModule, plan: _Plan, number: int, target: str = "sdpa") -> None:
+    """Replace ``plan``'s site in ``gm`` by one call of ``target`` (sdpa: ``_site_call``,
+    flex_attention: ``_flex_site_call``) and remove the chain."""
+    graph = gm.graph
+    call = _site_call if target == "sdpa" else _flex_site_call
     with graph.inserting_before(plan.out_node):
-        new = graph.call_function(_site_call(plan, number), (plan.q, plan.k, plan.v, *parts))
+        new = graph.call_function(call(plan, number), (plan.q, plan.k, plan.v, *_parts(plan, target)))
     new.meta = dict(plan.out_node.meta)
     plan.out_node.replace_all_uses_with(new)
     for reader, dtype in plan.dtype_readers:
@@ -909,15 +1380,17 @@ def rewrite(gm: fx.GraphModule, plan: _Plan, number: int) -> None:
 
 class Capture:
     """The graph path for one module: ``torch.compile`` of its forward with a backend that
-    finds the sites of each graph piece and rewrites those in ``select`` (every swappable
-    one when None). ``sites`` collects every piece's sites by key; ``seconds`` is the time
+    finds the sites of each graph piece and rewrites those in ``select`` (every one it can
+    when None) to ``target`` (``TARGETS``). ``sites`` collects every piece's sites by key; ``seconds`` is the time
     the first call took (tracing, matching, rewriting and the run)."""
 
-    def __init__(self, module: torch.nn.Module, select: set | None = None):
+    def __init__(self, module: torch.nn.Module, select: set | None = None, target: str = "sdpa"):
         self.module = module
         self.select = select
+        self.target = target
         self.sites: dict[tuple[str, int], GraphSite] = {}
         self.rewritten: list[tuple[str, int]] = []
+        self.graphs: list[fx.GraphModule] = []  # each graph piece as it runs (rewritten or not)
         self.seconds = 0.0
         self.errors: list[str] = []
         self.compiled = torch.compile(module.forward, backend=self.backend, fullgraph=False, dynamic=False)
@@ -927,16 +1400,20 @@ class Capture:
         try:
             functionalize(gm.graph)
             gm.recompile()
+            pushed = push_value_products(gm, example_inputs)
             found = find_sites(gm, example_inputs)
+            for site, _ in found:
+                site.notes += [n for n in pushed if f"line {site.line}" in n]
             for site, plan in found:
                 self.sites.setdefault(site.key, site)
-                if plan is not None and (self.select is None or site.key in self.select):
-                    rewrite(gm, plan, len(self.rewritten))
+                if plan is not None and self.target in site.targets and (self.select is None or site.key in self.select):
+                    rewrite(gm, plan, len(self.rewritten), self.target)
                     self.rewritten.append(site.key)
         except Exception as exc:  # the matcher's own failure must not break the model: the piece runs as captured
             self.errors.append(f"{type(exc).__name__}: {exc}")
             gm.graph = saved
             gm.recompile()
+        self.graphs.append(gm)
         return gm.forward
 
     def __call__(self, *args, **kwargs):

@@ -100,7 +100,7 @@ class LiveSite:
         if self.graph is not None:
             g = self.graph.to_dict()
             d.update({k: g[k] for k in ("form", "layout", "scale", "mask", "mask_terms", "dropout", "softmax_upcast",
-                                        "notes")})
+                                        "notes", "targets", "score_mod")})
             d["site_lines"] = g["lines"]
         elif self.site is not None:
             s = self.site.to_dict()
@@ -383,15 +383,16 @@ class Swapper:
         live.kind, live.owner, live.method, live.global_name = "manual", "graph", "forward", ""
         live.line = found.lines[0] if found.lines else live.line
         live.runtime_only = f"run-time only, no source patch: {why}"
-        live.capture_s = round(self.captures[(id(live._module), None)].seconds, 3)  # type: ignore[attr-defined]
+        live.capture_s = round(self.captures[(id(live._module), None, "sdpa")].seconds, 3)  # type: ignore[attr-defined]
         return True
 
-    def _capture(self, module: nn.Module, select: frozenset | None) -> Capture:
+    def _capture(self, module: nn.Module, select: frozenset | None, target: str = "sdpa") -> Capture:
         """The graph path's compiled forward of ``module`` that rewrites the sites in
-        ``select`` (every one it can when None), captured on the module's recorded inputs."""
-        key = (id(module), select)
+        ``select`` (every one it can when None) to ``target``, captured on the module's
+        recorded inputs."""
+        key = (id(module), select, target)
         if key not in self.captures:
-            capture = Capture(module, None if select is None else set(select))
+            capture = Capture(module, None if select is None else set(select), target)
             args, kwargs = self.inputs[module]
             was_training = module.training
             try:
@@ -562,10 +563,10 @@ class Swapper:
             raise CannotRun(f"{live.module_name} already has its own {live.method!r} on the instance", "")
         if live.owner == "graph":
             keys = frozenset(g._softmax_at for g in group or [live] if g.owner == "graph")  # type: ignore[attr-defined]
-            everything = self.captures.get((id(module), None))
+            everything = self.captures.get((id(module), None, self.target))
             whole = everything is not None and keys == frozenset(
-                k for k, s in everything.sites.items() if s.swappable)
-            module.__dict__["forward"] = everything if whole else self._capture(module, keys)
+                k for k, s in everything.sites.items() if not s.reason_for(self.target))
+            module.__dict__["forward"] = everything if whole else self._capture(module, keys, self.target)
             self.installed[(id(module), "forward")] = (module, "forward")
             return
         new_fn = self._function_for(live, group)
@@ -623,8 +624,13 @@ class Swapper:
         out = []
         for live in self.swappable():
             live.status, live.reason, live.accuracy, live.kernel_after = "kept", "", None, ""
-            if backend != "sdpa" and live.path == "graph":
-                live.reason = f"the graph path rewrites to sdpa only, not {backend}"
+            if backend == "flex_attention" and live.path == "source":
+                self.fall_back(live, "the source path rewrites to SDPA or FlashAttention, not flex_attention")
+            if live.path == "graph":
+                live.reason = live.graph.reason_for(backend)
+                if live.reason:
+                    continue
+                out.append(live)
                 continue
             if backend != "sdpa" and backend not in live.site.variant_edits:
                 live.reason = (f"{backend} takes no mask but a causal one; this site has a {live.site.mask} mask"
