@@ -249,3 +249,13 @@ def test_differential_attention_is_two_fused_calls_combined_after_the_value_prod
     sites = run.result["data"]["sites"]
     assert len(sites) == 2 and all(s["status"] == "swapped" and s["kernel_after"] == FUSED for s in sites), sites
     assert all(any("combined across 2 maps" in n for n in s["notes"]) for s in sites)
+
+
+def test_auto_switches_a_soft_capped_model_to_flex_when_compiled_candidates_are_timed():
+    """Issue 21: --backend auto with --tune-compiled (the default on CUDA) swaps sites SDPA
+    cannot take for flex_attention instead of stopping at 'no site could be swapped'."""
+    run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_softcaphelper", "--tune-compiled",
+                     "--device", "cpu", "--dtype", "float32", "--seq-len", "64", "--no-report", *FAST)
+    assert run.result["data"]["chosen"] == "flex_attention", run.result["summary"]
+    for name in ("switch", "kernels", "accuracy"):
+        assert run.check(name)["passed"], run.check(name)

@@ -229,7 +229,9 @@ def _prepare(o: EnableOptions, reporter: Reporter) -> Prepared:
     session = open_session(o.model, device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=o.seq_len,
                            pad_fraction=o.pad_fraction, trust_remote_code=o.trust_remote_code, baseline=o.baseline,
                            reporter=reporter, env=env, train=o.train, device_map=o.device_map,
-                           max_memory=o.max_memory, target="flex_attention" if o.backend == "flex_attention" else "sdpa")
+                           max_memory=o.max_memory, target="flex_attention" if o.backend == "flex_attention" else "sdpa",
+                           alternative="flex_attention" if o.backend == "auto" and (
+                               device.startswith("cuda") if o.tune_compiled is None else o.tune_compiled) else None)
     choice = choose(o.backend, env=env, device=device, dtype=dtype, model=session.loaded.model)
     refuse_unsupported_masks(session.loaded, session.inputs, choice.backend)
     prep = Prepared(session, choice, _dropout_in_use(session.loaded, session.inputs))

@@ -90,12 +90,14 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
                  seq_len: int = 1024, pad_fraction: float | None = None, trust_remote_code: bool = False,
                  baseline: str = "eager", reporter: Reporter | None = None,
                  env: Environment | None = None, train: bool = False, device_map: str | None = None,
-                 max_memory: str | None = None, target: str = "sdpa") -> Session:
+                 max_memory: str | None = None, target: str = "sdpa", alternative: str | None = None) -> Session:
     """Load ``spec`` and prepare inputs [B, S] (see the module docstring); ``train`` puts the
     model in training mode before its attention is found; ``device_map`` and ``max_memory``
     (the --device-map and --max-memory texts) spread it over devices with accelerate;
     ``target`` is what hand-written attention is swapped to and verified for first (sdpa, or
-    flex_attention, which the graph path alone rewrites to).
+    flex_attention, which the graph path alone rewrites to); ``alternative`` (flex_attention
+    for --backend auto where compiled candidates are timed) replaces it when it swaps more
+    sites: a soft-capped hand-written model is then switched to flex instead of refused.
 
     Raises ``CannotRun`` for bad sizes, a device or dtype that does not exist here, any
     load failure (see ``models.load``), a model with no attention, or attention with no
@@ -127,6 +129,14 @@ def open_session(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     if swapper is not None:
         with reporter.stage(f"swapping hand-written attention for {target} and verifying each site"):
             verify_sites(swapper, loaded, loaded.probe(), dt, target)
+        kept = [x for x in swapper.sites.values() if x.status == "kept" and x.graph is not None
+                and alternative in x.graph.targets]
+        if alternative and kept:
+            swapped = sum(x.status == "swapped" for x in swapper.sites.values())
+            with reporter.stage(f"{len(kept)} site(s) {target} cannot take: swapping for {alternative} instead"):
+                verify_sites(swapper, loaded, loaded.probe(), dt, alternative)
+            if sum(x.status == "swapped" for x in swapper.sites.values()) <= swapped:
+                verify_sites(swapper, loaded, loaded.probe(), dt, target)  # no better: back to the first
         swapper.require_swapped()
     limit = loaded.max_seq_len()
     if limit and seq_len > limit:

@@ -439,6 +439,7 @@ class _Term:
     #: flex_attention only: the term as a function of the score's indices (``_IndexProgram``),
     #: computed per score instead of as a [.., S_q, S_k] tensor
     lazy: Any = None
+    tables: dict = field(default_factory=dict)  # a lazy term of positions alone: its table per shape
 
 
 @dataclass
@@ -669,8 +670,6 @@ def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node
             if isinstance(part, fx.Node) and product in _ancestors(part):
                 raise Refused(f"the mask of {t.text} is computed from the scores themselves (weights chosen from "
                               "the scores, as top-k does): SDPA cannot express it")
-    for m, lay, after in folded.mul01:
-        _check_mul01(m, lay, terms[after:], example_inputs, gm)
     return _Axes(key, q_node, k_node, q_idx, k_idx, batch, query, inner)
 
 
@@ -784,16 +783,22 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     boolean = terms and all(t.kind == "fill" and _number(t.fill) == -math.inf for t in terms)
     site.mask = "none" if not terms else "boolean" if boolean else "additive"
     site.lines = [frame_of(product)[1], frame_of(softmax)[1], frame_of(vprod)[1]]
-    if folded.mul01:
-        site.notes.append("a multiplicative 0/1 mask is dropped: every score it zeroes also gets a large negative "
-                          "term")
+    try:  # SDPA may drop a 0/1 factor only where a later term masks what it zeroes; score_mod replays any
+        for m, lay, after in folded.mul01:
+            _check_mul01(m, lay, terms[after:], example_inputs, gm)
+        if folded.mul01:
+            site.notes.append("a multiplicative 0/1 mask is dropped: every score it zeroes also gets a large "
+                              "negative term")
+    except Refused as exc:
+        site.refused_for["sdpa"] = f"{exc}: SDPA cannot express it (flex_attention's score_mod can: --backend " \
+                                   "flex_attention)"
     fns = [m[1] for m in folded.mods if m[0] == "fn"]
     if fns:  # only a score_mod replays a non-linear function of the scores
         site.score_mod = [f.text for f in fns]
-        site.targets = [t for t in TARGETS if t != "sdpa"]
         site.refused_for["sdpa"] = (f"an elementwise non-linear function of the scores, {fns[0].text}, between the "
                                     "score product and the softmax: SDPA cannot express it (flex_attention's "
                                     "score_mod can: --backend flex_attention)")
+    site.targets = [t for t in TARGETS if t not in site.refused_for]
     if example_inputs is not None:
         for m in folded.mods:
             if m[0] in ("add", "fill", "mul") and not m[1].views:
@@ -1278,9 +1283,8 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
 
             masked = torch.zeros(sq + sk - 1, dtype=torch.bool, device=device)
             for kind, a, c, keep in steps:
-                t = a[2] if isinstance(a, tuple) else None
-                if t is not None and t in static:
-                    masked |= (~a[0] if keep else a[0]).reshape(-1)
+                if kind == "mask":
+                    masked |= (~a if keep else a).reshape(-1)
 
             def mask_mod(b, h, qi, ki):
                 return ~masked[ki - qi + sq - 1]
@@ -1296,6 +1300,10 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
                 steps.append((m[0], m[1], None, False))
                 continue
             t = m[1]
+            if any(t is x for x in static):  # the BlockMask's mask_mod applies it
+                steps.append(("mask", _static_table(t, mask_layout, q.shape[-2], k.shape[-2], q.device), None,
+                              t.keep_where_true))
+                continue
             if t.lazy is not None:  # read from its table of diagonals, built from the leaves it reads
                 x = t.lazy.table([next(it) for _ in t.lazy.leaves], t, mask_layout, q.device)
                 x = (x, q.shape[-2] - 1, t)
@@ -1307,6 +1315,8 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
 
         def score_mod(score, b, h, qi, ki):
             for kind, a, c, keep in steps:
+                if kind == "mask":
+                    continue
                 if kind == "scale":
                     score = score * a
                     continue
@@ -1333,6 +1343,15 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
 
     site.__name__ = site.__qualname__ = f"attnkit_flex_site_{number}"
     return site
+
+
+def _static_table(t: _Term, mask_layout: str, sq: int, sk: int, device: Any) -> torch.Tensor:
+    """The table of a term of positions alone (no graph leaf): the same at every call of one
+    shape, so built once per shape and device (kept on the term)."""
+    key = (sq, sk, str(device))
+    if key not in t.tables:
+        t.tables[key] = t.lazy.table([], t, mask_layout, device)
+    return t.tables[key]
 
 
 def _parts(plan: _Plan, target: str) -> list:

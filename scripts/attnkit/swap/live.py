@@ -624,8 +624,10 @@ class Swapper:
         out = []
         for live in self.swappable():
             live.status, live.reason, live.accuracy, live.kernel_after = "kept", "", None, ""
-            if backend == "flex_attention" and live.path == "source":
-                self.fall_back(live, "the source path rewrites to SDPA or FlashAttention, not flex_attention")
+            if backend == "flex_attention" and live.path == "source" and not self.fall_back(
+                    live, "the source path rewrites to SDPA or FlashAttention, not flex_attention"):
+                live.reason = live.reason or "flex_attention: only the graph path rewrites to it, and it is off"
+                continue
             if live.path == "graph":
                 live.reason = live.graph.reason_for(backend)
                 if live.reason:
