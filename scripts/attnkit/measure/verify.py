@@ -22,15 +22,18 @@ from ..report import one_line, said
 
 
 def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, backend: str = "sdpa") -> list:
-    """Try every candidate site of ``swapper`` for ``backend`` (sdpa or flash_attention_2)
+    """Try every candidate site of ``swapper`` for ``backend`` (sdpa, flex_attention or a FlashAttention backend)
     one at a time on its module's own inputs, mark those that match ``swapped``, then check
     the whole model (``loaded``, a ``models.LoadedModel``) on ``inputs`` with them all
     installed (``verify_model``). Returns every site."""
     for live in swapper.candidates(backend):
         _verify_site(swapper, live, loaded, dtype, backend)
-        if live.status != "swapped" and live.path == "source" and live.reason.startswith("the swapped code raised") \
-                and backend == "sdpa" and swapper.fall_back(live, f"its source rewrite raised: {live.reason}"):
-            _verify_site(swapper, live, loaded, dtype, backend)  # the graph path's rewrite, proven the same way
+        if live.status != "swapped" and live.path == "source" and backend == "sdpa" and (
+                live.reason.startswith("the swapped code raised") or live.reason.startswith("outputs differ")) \
+                and swapper.fall_back(live, f"its source rewrite failed its check: {live.reason}"):
+            live.reason = live.graph.reason_for(backend)  # e.g. a soft-cap only flex_attention takes
+            if not live.reason:
+                _verify_site(swapper, live, loaded, dtype, backend)  # the graph path's rewrite, proven the same way
     swapper.revert()
     verify_model(swapper, loaded, inputs, dtype)
     return list(swapper.sites.values())
