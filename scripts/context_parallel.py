@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
+from attnkit.measure.context_parallel import FLASH_IMPLS  # noqa: E402
 from attnkit.steps.context_parallel import CPOptions, context_parallel  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def build_parser():
                         "N/H of one call's; N >= H: all heads in one call, as torch does (default: 1, the least "
                         "memory; attention workload only)")
     cli.add_sdpa_kernel_arg(c)
-    c.add_argument("--flash-impl", choices=("FA3", "FA4"),
+    c.add_argument("--flash-impl", choices=FLASH_IMPLS,
                    help="put FlashAttention-3 or -4 behind SDPA's flash kernel (torch.nn.attention."
                         "activate_flash_attention_impl, a torch 2.13 prototype) for the 1-device run and the ring; "
                         "implies --sdpa-kernel flash; needs flash-attn-4 (FA4) or the FA3 build and a Hopper GPU")

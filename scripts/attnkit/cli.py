@@ -152,16 +152,16 @@ def backend_list(extra: Sequence[str] = (), labels: bool = False) -> Callable[[s
 
 
 def shape(value: str) -> str:
-    """An attention shape B,H,D or B,H,H_KV,D (GQA: H a multiple of H_KV), each within its bound
-    (``MAX_BATCH``, ``MAX_HEADS``, ``MAX_HEAD_DIM``); returned as given."""
+    """An attention shape B,H,D or B,H,H_KV,D (GQA: H a multiple of H_KV), read by
+    ``benchmark_attention.parse_shape``, each within its bound (``MAX_BATCH``, ``MAX_HEADS``,
+    ``MAX_HEAD_DIM``); returned as given."""
+    from .steps.benchmark_attention import parse_shape  # torch: imported by the script already
+
     try:
-        parts = [int(p) for p in value.replace("x", ",").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) == 3:
-        parts = [parts[0], parts[1], parts[1], parts[2]]
-    if len(parts) != 4 or min(parts) < 1 or parts[1] % parts[2]:
-        raise argparse.ArgumentTypeError(f"give B,H,D or B,H,H_KV,D (positive, H a multiple of H_KV), not {value!r}")
+        parts = parse_shape(value)
+    except CannotRun:
+        raise argparse.ArgumentTypeError(
+            f"give B,H,D or B,H,H_KV,D (positive, H a multiple of H_KV), not {value!r}") from None
     for name, n, high in zip(("B", "H", "H_KV", "D"), parts, (MAX_BATCH, MAX_HEADS, MAX_HEADS, MAX_HEAD_DIM)):
         if n > high:
             raise argparse.ArgumentTypeError(f"{name} must be at most {high}, not {n}")

@@ -275,13 +275,12 @@ def runoff(cands: list[Candidate], runs: dict[str, Callable[[], Any]], scope: Ca
 
 
 def tune_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cands: list[Candidate], *, causal: bool,
-            min_run_time: float = 0.2, backward: bool = False, reference_slice: tuple[int, int] = (1, 2),
-            baseline_err: float | None = None) -> list[Candidate]:
+            min_run_time: float = 0.2, backward: bool = False, reference_slice: tuple[int, int] = (1, 2)) -> list[Candidate]:
     """Measure every ``pending`` candidate's ``Backend.call`` on q [B, S, H, D], k, v
     [B, S, H_kv, D] (forward, or forward + backward with ``backward``). Accuracy: the output
     of the first ``reference_slice`` = (batch rows, key/value heads) against a float64
-    reference of that slice, judged by ``accuracy.compare`` with the eager error on the same
-    slice (``baseline_err``, computed here when None) as the baseline. TFLOP/s from
+    reference of that slice, judged by ``accuracy.compare`` with the eager output of the same
+    slice as the baseline. TFLOP/s from
     ``flops.attention_flops`` (x3.5 for forward + backward, flash-attn's benchmark count).
     Returns ``cands``, updated; the baseline row is timed too when it fits."""
     b, s_q, h, d = q.shape

@@ -311,20 +311,28 @@ class Greedy:
     error: str | None = None
 
 
-def greedy(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> Greedy:
-    """Greedy tokens and logits of ``backend`` on a (left-padded) batch; an error (out of
-    memory, the backend failing, transformers refusing the switch) is recorded."""
+def _recorded(kind: type, loaded: Any, backend: str, cache: str, run: Callable[[], tuple]) -> Any:
+    """``kind(backend, cache, *run())`` (``Greedy``, ``Forced``) with ``backend`` switched in;
+    an error (out of memory, the backend failing, transformers refusing the switch) is
+    recorded in ``kind.error``, not raised."""
     try:
         with switch.using(loaded.model, backend):
-            out = generate_fn(loaded, ids, mask, new_tokens, cache, logits=True)()
-            synchronize(loaded.device)
+            return kind(backend, cache, *run())
     except CannotRun as exc:
-        return Greedy(backend, cache, error=exc.message)
+        return kind(backend, cache, error=exc.message)
     except Exception as exc:
         free_memory(loaded.device)
-        return Greedy(backend, cache, error=oom_message(exc) if is_oom(exc) else
-                      f"{said(exc, 300)}")
-    return Greedy(backend, cache, out.sequences[:, ids.shape[1]:].cpu(), [t.float().cpu() for t in out.logits])
+        return kind(backend, cache, error=oom_message(exc) if is_oom(exc) else said(exc, 300))
+
+
+def greedy(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> Greedy:
+    """Greedy tokens and logits of ``backend`` on a (left-padded) batch (``_recorded``)."""
+    def run() -> tuple:
+        out = generate_fn(loaded, ids, mask, new_tokens, cache, logits=True)()
+        synchronize(loaded.device)
+        return out.sequences[:, ids.shape[1]:].cpu(), [t.float().cpu() for t in out.logits]
+
+    return _recorded(Greedy, loaded, backend, cache, run)
 
 
 def reference_logits(loaded: Any, tokens: torch.Tensor) -> torch.Tensor:
@@ -440,16 +448,8 @@ def forced_logits(loaded: Any, cache: str, ids: torch.Tensor, mask: torch.Tensor
 
 def teacher_forced(loaded: Any, backend: str, cache: str, ids: torch.Tensor, mask: torch.Tensor,
                    forced: torch.Tensor) -> Forced:
-    """``forced_logits`` of ``backend`` with a ``cache`` KV cache; an error (out of memory,
-    the backend failing, transformers refusing the switch) is recorded, not raised."""
-    try:
-        with switch.using(loaded.model, backend):
-            return Forced(backend, cache, forced_logits(loaded, cache, ids, mask, forced))
-    except CannotRun as exc:
-        return Forced(backend, cache, error=exc.message)
-    except Exception as exc:  # out of memory, or the backend failing inside the forward
-        free_memory(loaded.device)
-        return Forced(backend, cache, error=oom_message(exc) if is_oom(exc) else said(exc, 300))
+    """``forced_logits`` of ``backend`` with a ``cache`` KV cache (``_recorded``)."""
+    return _recorded(Forced, loaded, backend, cache, lambda: (forced_logits(loaded, cache, ids, mask, forced),))
 
 
 def forced_reference(loaded: Any, ids: torch.Tensor, mask: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:

@@ -386,10 +386,9 @@ def check_placement(loaded: LoadedModel, device: str) -> str:
     first pass keeps only its output, and a fingerprint (two float64 sums) of each buffer and of
     each parameter that is not floating-point, to name what changed.
 
-    The bound: max|after - before| <= 4 * 2**-m * max|before| (``placement_bound``), m the
-    mantissa bits of the model's dtype but at most 10, since torch may run float32 matmuls in
-    TF32 on a GPU, which keeps 10. On the same device it is the same computation, and the two
-    outputs are equal bit for bit; a placement that loses a tensor changes them by far more.
+    The bound: max|after - before| <= ``placement_bound`` (4 * 2**-m * max|before|). On the
+    same device it is the same computation, and the two outputs are equal bit for bit; a
+    placement that loses a tensor changes them by far more.
 
     The check is skipped, and the note says why, when the model as returned cannot run a forward
     pass on the probe at all (a failure of its own, reported later by the step that runs it),

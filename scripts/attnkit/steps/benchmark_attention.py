@@ -1,28 +1,16 @@
-"""The benchmark_attention step: every backend on the seed's operator grid, measured here.
+"""The benchmark_attention step; ``scripts/benchmark_attention.py``'s docstring says what it
+measures on which grid.
 
-For each dtype, shape ([B, H, D]: the seed's B8 H32 D64 and B2 H16 D128 by default), causal
-and non-causal, forward and forward + backward, and sequence length S, every candidate of
-the autotuner (``measure.autotune.candidates``: eager, SDPA's kernels one by one,
-flex_attention, FlashAttention-2/3/4 where usable) runs on the same q, k, v [B, S, H, D]:
+Where each figure comes from: the candidates are ``measure.autotune.candidates``; latency,
+median and IQR (ms) over interleaved rounds, ``autotune.tune_op``; TFLOP/s,
+``flops.attention_flops`` (x3.5 for forward + backward, flash-attn's benchmark count); % of
+peak, ``timing.matmul_peak`` (this machine, not a datasheet); memory,
+``timing.peak_memory_mb``; accuracy, the flash-attn tests' rule with eager's own error as
+the baseline; ``autotune_ratio`` = fastest latency / chosen latency (1.0 when the quick pass
+chose the fastest).
 
-* latency: median and IQR (ms) over interleaved rounds (``autotune.tune_op``);
-* TFLOP/s: ``flops.attention_flops`` (4 * B * H * D * pairs, causal half; x3.5 for
-  forward + backward, flash-attn's benchmark count) over the median;
-* % of the matmul peak: the same dtype's square matmul timed in this run
-  (``timing.matmul_peak``), so figures compare to this machine, not to a datasheet;
-* peak memory (MB) of one call above the inputs (``timing.peak_memory_mb``);
-* accuracy: each output on a slice of the batch and heads against float64, judged by the
-  flash-attn tests' rule with eager's own error as the baseline;
-* the autotuner's choice: a quick pass (``--tune-time``) picks a candidate, and the full
-  pass says how close it is to the fastest (``autotune_ratio`` = fastest latency / chosen
-  latency, 1.0 when it chose the fastest);
-* with ``--max-seq-len-search``, the largest S each backend runs at before it runs out of
-  memory (on CUDA; under ``--memory-limit`` GB when given).
-
-Results: ``data.grid`` (one row per candidate and configuration), ``data.autotune_by_config`` (one
-row per configuration), report.png (TFLOP/s against S) and memory.png (peak memory
-against S) in the run folder.
-"""
+Results: ``data.grid`` (one row per candidate and configuration), ``data.autotune_by_config``
+(one row per configuration), report.png and memory.png (TFLOP/s and peak memory against S)."""
 
 from __future__ import annotations
 

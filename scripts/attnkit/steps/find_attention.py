@@ -1,16 +1,9 @@
-"""The find_attention step: every attention site in source code or in a live model.
+"""The find_attention step; ``scripts/find_attention.py``'s docstring says what it reports.
 
-``--source PATH`` reads .py files without importing them (``swap.scan.analyze_path``): each
-hand-written site with file:line, its form, mask, scale, dropout, GQA and softmax upcast,
-whether it can be swapped and why not; the calls that already use a fast path with what
-keeps them off the flash kernel; ``nn.MultiheadAttention`` calls that materialise the
-attention weights. ``--model SPEC`` runs the model (``swap.live.Swapper``): the same facts
-per attention-bearing submodule, with its qualified name, and, for a model without a
-transformers switch, each swap verified on the module's own inputs.
-
-The source change of the swappable sites is a unified diff (``--write-patch FILE``);
-nothing of the user's is edited.
-"""
+``--source PATH`` reads .py files without importing them (``swap.scan.analyze_path``);
+``--model SPEC`` runs the model (``swap.live.Swapper``): the same facts per
+attention-bearing submodule. The swappable sites' change is a unified diff
+(``--write-patch FILE``); nothing of the user's is edited."""
 
 from __future__ import annotations
 

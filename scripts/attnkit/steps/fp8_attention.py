@@ -1,35 +1,20 @@
-"""The fp8_attention step: is FP8 attention faster than bf16 on this GPU, and what does it cost?
+"""The fp8_attention step; ``scripts/fp8_attention.py``'s docstring says what it measures and
+its pass rule.
 
-FP8 attention here is cuDNN's ``sdpa_fp8`` graph through nvidia-cudnn-frontend (the
-``fp8`` backend, ``backends/fp8_cudnn.py``), the one FP8 path built only from PyPI
-wheels that runs on Hopper: FlashAttention-2's ``flash_attn_func`` has no FP8 path,
-FlashAttention-4 runs FP8 on sm100 only, FlashAttention-3 is not on PyPI
-(``check_env.py`` lists every path in ``data.fp8``).
+FP8 is the ``fp8`` backend (``backends/fp8_cudnn.py``), the one FP8 path built only from
+PyPI wheels that runs on Hopper (``check_env.py`` lists every path in ``data.fp8``). Inputs:
+random bf16 q [B, S, H, D], k and v [B, S, H_kv, D] (seed 0). Latency from
+``torch.utils.benchmark``; TFLOP/s from ``measure.flops.attention_flops`` (4 x B x H x D x
+query-key pairs). The float64 reference is SDPA math on batch 0 and the first ``ref_heads``
+query heads (the largest shapes' full float64 attention would not fit); FP8's kernel is also
+compared with float64 on its de-quantised inputs, isolating the kernel's rounding from the
+quantisation of q, k, v.
 
-For every shape of the grid (default: the seed's, B8 H32, D 64 and 128, S 1024 to 16384,
-causal and not; each option narrows it) on random bf16 q [B, S, H, D], k and v
-[B, S, H_kv, D] (seed 0):
-
-* **speed**: median latency (``torch.utils.benchmark``) and TFLOP/s
-  (``measure.flops.attention_flops``: 4 x B x H x D x query-key pairs) of the FP8 kernel
-  on pre-quantised inputs, of FP8 with the quantisation of q, k, v included, and of bf16
-  attention: SDPA's cuDNN kernel and FlashAttention-4 where it imports; the speedup is
-  the best bf16 latency over FP8's;
-* **accuracy**: each output against a float64 reference (SDPA math) computed on the same
-  inputs, on batch 0 and the first ``ref_heads`` query heads (the full float64 attention of
-  the largest shapes would not fit): max abs error, relative RMS error ||o - ref|| / ||ref||
-  and cosine similarity; FP8's kernel is also compared with float64 on its de-quantised
-  inputs, which isolates the kernel's own rounding from the quantisation of q, k, v;
-* **evidence**: the GPU kernels torch.profiler saw during one FP8 call, by name.
-
-The rule per shape is flash-attn's test rule in relative RMS, with FP8's epsilon as the
-floor: ``rel_rms_err(fp8) <= 2 x rel_rms_err(bf16 cuDNN) + eps(e4m3)``, eps(e4m3) = 2**-3
-(``torch.finfo(torch.float8_e4m3fn).eps``), both against float64. Not in max abs error:
-FP8's largest error is set by a few elements, not by the output's scale (an H100 run,
-2026-11-23: max abs error / max|ref| reached 0.18 at D128 S8192 non-causal while the
-relative RMS error stayed at 0.059, as on every other shape). Where no sm90/sm100 GPU or no frontend is
-here, the step is ``skip`` with the reason.
-"""
+The rule is flash-attn's test rule in relative RMS with FP8's epsilon as the floor, eps(e4m3)
+= 2**-3 (``torch.finfo(torch.float8_e4m3fn).eps``). Not in max abs error: FP8's largest error
+is set by a few elements, not by the output's scale (an H100 run, 2026-11-23: max abs error /
+max|ref| reached 0.18 at D128 S8192 non-causal while the relative RMS error stayed at 0.059,
+as on every other shape)."""
 
 from __future__ import annotations
 

@@ -70,10 +70,6 @@ class Refused(Exception):
     construct and its line."""
 
 
-class NotAttention(Exception):
-    """The softmax's input does not come from a query-key product."""
-
-
 class ChainMatcher:
     """Pass 1 over a ``syntax.Function`` (see the module docstring)."""
 
@@ -81,7 +77,6 @@ class ChainMatcher:
         self.f = f
         self.parent: dict[int, tuple[list, int, ast.stmt | None, str]] = {}  # id(block) -> (outer block, index, owner, branch)
         self.expr_parent: dict[int, ast.AST] = {}
-        self.stmt_of: dict[int, ast.stmt] = {}
         self._index(f.fn.body, None)
 
     # ------------------------------------------------------------------ structure

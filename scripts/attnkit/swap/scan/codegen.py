@@ -30,7 +30,7 @@ class CallWriter:
         self._guard = ""
 
     def write(self, chain: Chain, q_src: str, k_src: str, v_src: str, out_perm, mask_kw: str | None, causal: bool,
-              gqa: bool, returned: list, returns: dict | None = None, lay: dict | None = None) -> None:
+              gqa: bool, returned: list, lay: dict | None = None) -> None:
         """Set ``site.call``, ``site.flash_call``, ``site.fa4_call``, ``site.edits`` and
         ``site.variant_edits``; mark it swappable."""
         site, product, value = chain.site, chain.product, chain.value
@@ -437,15 +437,6 @@ class CallWriter:
         new = lines[:rel_start] + wrap(prefix, call, suffix) + lines[rel_end + 1:]
         out.append((last.lineno, last.end_lineno, new))
         return out
-
-    def replace_name(self, st: ast.stmt, node: ast.Name) -> list[str]:
-        lines = self.f.lines[st.lineno - 1: st.end_lineno]
-        row = node.lineno - st.lineno
-        line = lines[row]
-        a, b = self.f.char(line, node.col_offset), self.f.char(line, node.end_col_offset)
-        lines = list(lines)
-        lines[row] = line[:a] + "None" + line[b:]
-        return lines
 
 
 def _names(st: ast.AST, ctx: type) -> set[str]:

@@ -8,9 +8,6 @@ import ast
 import re
 from typing import Any
 
-SOFTMAX_FUNCS = {"F.softmax", "torch.softmax", "torch.nn.functional.softmax", "nn.functional.softmax",
-                 "functional.softmax"}
-DROPOUT_FUNCS = {"F.dropout", "torch.dropout", "torch.nn.functional.dropout", "nn.functional.dropout"}
 SDPA_FUNCS = {"F.scaled_dot_product_attention", "torch.nn.functional.scaled_dot_product_attention",
               "nn.functional.scaled_dot_product_attention", "scaled_dot_product_attention"}
 FLASH_FUNCS = {"flash_attn_func", "flash_attn.flash_attn_func", "flash_attn_varlen_func",
