@@ -181,8 +181,9 @@ def _is_contraction(node: fx.Node) -> bool:
 
 def _is_fresh(node: fx.Node) -> bool:
     if node.op == "call_function":
-        return node.target in _FRESH_FUNCS
-    return node.op == "call_method" and node.target in _FRESH_METHODS
+        return node.target in _FRESH_FUNCS or getattr(node.target, "__module__", "") in ("torch", "torch.nn.functional") \
+            and getattr(node.target, "__name__", "") in _NONLINEAR
+    return node.op == "call_method" and (node.target in _FRESH_METHODS or node.target in _NONLINEAR)
 
 
 # ----------------------------------------------------------------------------- in-place ops as data flow
@@ -310,7 +311,7 @@ def _push(gm: fx.GraphModule, w: fx.Node, tail: list, vprod: fx.Node, example_in
     rows = []
     with torch.no_grad():
         for j in range(batch):  # which batch index of the combined weights does W's index j feed?
-            one = torch.zeros(batch, dtype=torch.float64)
+            one = torch.zeros(batch, dtype=torch.float64, device=wv.device)
             one[j] = 1.0
             got = replay(one.view(*wv.shape[:-2], 1, 1).to(wv.dtype if wv.is_floating_point() else torch.float32))
             got = got.expand(*out_batch, *got.shape[-2:]).reshape(-1)
@@ -465,6 +466,16 @@ class _Plan:
     mods: list = field(default_factory=list)  # _Folded.mods: what a flex_attention score_mod replays
 
 
+def _data_inputs(n: fx.Node) -> list:
+    """``n``'s inputs whose values it reads: not the tensor of ``x.new_zeros(...)`` nor the
+    second tensor of ``x.type_as(y)`` / ``x.to(y)``, of which only dtype and device are read."""
+    if n.op == "call_method" and n.target in _NEW_METHODS:
+        return [a for a in n.all_input_nodes if a is not n.args[0]]
+    if n.op == "call_method" and n.target in ("type_as", "to") and len(n.args) == 2 and isinstance(n.args[1], fx.Node):
+        return [a for a in n.all_input_nodes if a is not n.args[1]]
+    return n.all_input_nodes
+
+
 def _ancestors(node: Any, stop: int = 4000) -> set:
     seen, todo = set(), [node] if isinstance(node, fx.Node) else []
     while todo and len(seen) < stop:
@@ -472,10 +483,7 @@ def _ancestors(node: Any, stop: int = 4000) -> set:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_method" and n.target in _NEW_METHODS:
-            todo.extend(a for a in n.all_input_nodes if a is not n.args[0])
-        else:
-            todo.extend(n.all_input_nodes)
+        todo.extend(_data_inputs(n))
     return seen
 
 
@@ -490,8 +498,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: list | None = None) -> list[t
     out = []
     reach: dict = {}
     for node in gm.graph.nodes:
-        reach[node] = _is_contraction(node) or any(reach.get(a) for a in node.all_input_nodes) and not (
-            node.op == "call_method" and node.target in _NEW_METHODS)
+        reach[node] = _is_contraction(node) or any(reach.get(a) for a in _data_inputs(node))
     for node in list(gm.graph.nodes):
         if not _is_softmax(node):
             continue
@@ -1151,6 +1158,16 @@ def _evaluate(gm: fx.GraphModule, wanted: list, example_inputs: list) -> dict | 
                 if n.op == "call_method" and str(n.target).endswith("_") or n.op == "call_function" and \
                         n.target in _INPLACE_FUNCS or n.op not in ("call_function", "call_method", "get_attr"):
                     return None
+                if any(a not in env for a in n.all_input_nodes):  # an input read for its dtype alone
+                    ref = _value(n)
+                    if n.op != "call_method" or not isinstance(ref, torch.Tensor):
+                        return None
+                    if n.target in ("type_as", "to"):
+                        env[n] = env[n.args[0]].to(ref.dtype)
+                    else:  # x.new_zeros(shape, ...): torch.zeros(shape, ...) with x's dtype and device
+                        env[n] = _NEW_METHODS[n.target](*fx.node.map_arg(n.args[1:], lambda a: env[a]),
+                                                       **{"dtype": ref.dtype, **fx.node.map_arg(n.kwargs, lambda a: env[a])})
+                    continue
                 args = fx.node.map_arg(n.args, lambda a: env[a])
                 kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
                 if n.op == "get_attr":
