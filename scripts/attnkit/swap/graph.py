@@ -1121,8 +1121,9 @@ def _index_program(gm: fx.GraphModule, t: _Term, mask_layout: str, example_input
         emit(node)
         leaves = [values[n] for n in prog.leaves]
         whole = _aligned(values[node], t, mask_layout)
+        device = whole.device  # the leaves' (a CPU position against a CUDA slope would raise: no table)
         for i in range(len(prog.aranges)):  # which axis does arange leaf i run along?
-            pos = prog.positions(None, None)
+            pos = prog.positions(None, device)
             pos[i] = pos[i][:1]
             shrunk = _aligned(prog.run(leaves, pos), t, mask_layout)
             gone = [d for d in range(4) if shrunk.shape[d] == 1 and whole.shape[d] == prog.aranges[i][4] > 1]
@@ -1130,8 +1131,8 @@ def _index_program(gm: fx.GraphModule, t: _Term, mask_layout: str, example_input
                 return None
             prog.axes.append(gone[0])
         sq, sk = whole.shape[-2:]
-        table = prog.table(leaves, t, mask_layout, None)
-        if not torch.equal(table[..., _diagonal_index(sq, sk)], whole.expand(*table.shape[:-1], sq, sk)):
+        table = prog.table(leaves, t, mask_layout, device)
+        if not torch.equal(table[..., _diagonal_index(sq, sk, device)], whole.expand(*table.shape[:-1], sq, sk)):
             return None  # not a function of j - i alone
     except Exception:  # any op the replay cannot take: the tensor is read as it is
         return None
