@@ -293,6 +293,33 @@ class SoftCapAlibi(AlibiArange):
     sdpa = None
 
 
+class Sinks(Heads):
+    """Attention sinks (as gpt-oss writes them): a learned per-head logit joined as an extra
+    score column before the softmax and sliced off after it. It equals SDPA with one zero
+    key and value whose mask column holds the sink logit."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.sinks = nn.Parameter(torch.randn(h))
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        B, H, S, _ = q.shape
+        s = q @ k.transpose(-1, -2) * self.hd ** -0.5
+        s = s.masked_fill(key_padding(mask), float("-inf"))
+        s = torch.cat([s, self.sinks.reshape(1, H, 1, 1).expand(B, -1, S, -1)], dim=-1)
+        w = torch.softmax(s, dim=-1)[..., :-1]
+        return self.merge(w @ v)
+
+    def sdpa(self, x, mask):
+        q, k, v = self.split(x)
+        B, H, S, D = q.shape
+        k, v = (torch.cat([t, t.new_zeros(B, H, 1, D)], 2) for t in (k, v))
+        m = torch.zeros(B, 1, 1, S).masked_fill(key_padding(mask), float("-inf")).expand(B, H, 1, S)
+        m = torch.cat([m, self.sinks.reshape(1, H, 1, 1).expand(B, H, 1, 1)], -1)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+
+
 # ----------------------------------------------------------------------------- refused, for the right reason
 
 class SoftCapHelper(Heads):
@@ -333,6 +360,7 @@ STYLES = {
     "InPlace": (InPlace, "swap"),
     "BiasLoop": (BiasLoop, "swap"),
     "ArithmeticMask": (ArithmeticMask, "swap"),
+    "Sinks": (Sinks, "swap"),
     "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
     "TalkingHeadsInline": (TalkingHeadsInline, "talking heads"),
 }

@@ -464,6 +464,7 @@ class _Plan:
     out_dtype: Any = None
     dtype_readers: list = field(default_factory=list)
     mods: list = field(default_factory=list)  # _Folded.mods: what a flex_attention score_mod replays
+    sink: tuple | None = None  # _Folded.sink: extra key columns (attention sinks), SDPA only
 
 
 def _data_inputs(n: fx.Node) -> list:
@@ -535,6 +536,8 @@ class _Folded(NamedTuple):
     #: every elementwise step in order, for a score_mod that replays them: ('scale', c),
     #: ('add', _Term, sign), ('fill', _Term), ('mul', _Term), ('fn', callable)
     mods: list[tuple]
+    #: attention sinks: extra score columns after the key axis, (a _Term per tensor, width)
+    sink: tuple | None = None
 
 
 class _Axes(NamedTuple):
@@ -645,7 +648,11 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
         elif kind == "mul01":
             mul01.append((data, layout, len(terms)))
             mods.append(("mul", _Term("mul", data, layout, views=list(views))))
-    return _Folded(layout, terms, alpha, mul01, views, mods)
+        elif kind == "sink":
+            if views:
+                raise Refused(f"{op_name(n)} at {where(n)} adds key columns to reshaped scores")
+            sink = ([_Term("add", x, layout, text=f"{op_name(n)} at {where(n)}") for x in data[0]], data[1])
+    return _Folded(layout, terms, alpha, mul01, views, mods, sink if "sink" in locals() else None)
 
 
 def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node, example_inputs: list | None,
@@ -707,6 +714,8 @@ def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _We
                 dropout = float(p)
         elif user.op == "call_method" and user.target in ("transpose", "permute") and user.args[0] is node:
             w_layout = _permuted(w_layout, user)
+        elif folded.sink and _drops_sink(user, node, folded.sink[1]):
+            pass  # W[..., :-n]: the sink columns go, the keys' weights stay
         elif user.op == "call_method" and user.target in ("view", "reshape") and views and \
                 isinstance(_value(user), torch.Tensor) and tuple(_value(user).shape) == tuple(_value(product).shape) \
                 and w_layout[-2:] == cont.out_idx[-2:]:
@@ -717,6 +726,18 @@ def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _We
         tail.append(user)
         node = user
     return _Weights(users[0], node, w_layout, dropout, tail)
+
+
+def _drops_sink(user: fx.Node, node: fx.Node, width: int) -> bool:
+    """``user`` is ``node[..., :-width]`` (or ``[..., :S_k]``): the weights without the sink columns."""
+    if not (user.op == "call_function" and user.target is operator.getitem and user.args[0] is node):
+        return False
+    idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    before, after = _value(node), _value(user)
+    last = idx[-1] if idx else None
+    return isinstance(last, slice) and last.start in (None, 0) and last.step in (None, 1) and all(
+        i is Ellipsis or i == slice(None) for i in idx[:-1]) and isinstance(after, torch.Tensor) and \
+        tuple(after.shape) == tuple(before.shape[:-1]) + (before.shape[-1] - width,)
 
 
 def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs: list | None,
@@ -805,6 +826,11 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
         site.refused_for["sdpa"] = (f"an elementwise non-linear function of the scores, {fns[0].text}, between the "
                                     "score product and the softmax: SDPA cannot express it (flex_attention's "
                                     "score_mod can: --backend flex_attention)")
+    if folded.sink:
+        site.mask = "additive"
+        site.notes.append(f"attention sinks: {folded.sink[1]} score column(s) joined after the keys "
+                          f"({folded.sink[0][0].text}) become as many zero keys and values, their logits a mask column")
+        site.refused_for["flex_attention"] = "attention sinks (extra score columns) are rewritten for SDPA only"
     site.targets = [t for t in TARGETS if t not in site.refused_for]
     if example_inputs is not None:
         for m in folded.mods:
@@ -816,7 +842,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     removable = [vprod] + weights.tail[::-1] + back.chain
     return _Plan(site, axes.q_node, axes.k_node, v_node, q_perm, k_perm, v_perm, out_perm, float(alpha), terms,
                  "".join(batch + query + [key]), len(batch), vprod, removable, getattr(_value(vprod), "dtype", None),
-                 back.dtype_readers, folded.mods)
+                 back.dtype_readers, folded.mods, folded.sink)
 
 
 def _permuted(layout: str, node: fx.Node) -> str:
@@ -838,6 +864,15 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
     base = _base(node)
     args = list(node.args)
     kw = node.kwargs
+    if base == "cat" and args and isinstance(args[0], (list, tuple)):
+        parts, dim = list(args[0]), _arg(node, 1, "dim", 0)
+        if parts and isinstance(parts[0], fx.Node) and reach.get(parts[0]) and not steps and \
+                not any(reach.get(x) for x in parts[1:]) and all(isinstance(x, fx.Node) for x in parts) and \
+                isinstance(dim, int) and dim % _rank(node) == _rank(node) - 1:
+            steps.append(("sink", node, (parts[1:], sum(_value(x).shape[-1] for x in parts[1:]))))
+            return parts[0]
+        raise Refused(f"{op_name(node)} at {where(node)} joins the scores with other tensors: only extra key columns "
+                      "after the scores, right before the softmax (attention sinks), are read")
     carriers = [a for a in args if isinstance(a, fx.Node) and reach.get(a)]
     if base == "masked_fill" and args and args[0] in carriers:  # the condition is a mask, whatever it reads
         carriers = [args[0]]
@@ -1230,8 +1265,9 @@ def _site_call(plan: _Plan, number: int) -> Callable:
     """The function the rewritten graph calls in place of the value product:
     ``site(q, k, v, *mask_parts)`` -> the value product's output, via SDPA on [B, H, S, D]."""
     terms, nb, mask_layout = plan.terms, plan.batch, plan.mask_layout
-    scale, dropout = plan.scale, plan.site.dropout
-    boolean = plan.site.mask == "boolean"
+    scale, dropout, sink = plan.scale, plan.site.dropout, plan.sink
+    boolean = plan.site.mask == "boolean" or bool(terms) and all(
+        t.kind == "fill" and _number(t.fill) == -math.inf for t in terms)
     qkv, to4, finish = _operands(plan)
 
     def site(q, k, v, *parts):
@@ -1259,6 +1295,23 @@ def _site_call(plan: _Plan, number: int) -> Callable:
             mask = to4(mask.expand(*torch.broadcast_shapes(mask.shape[:nb], batch), *mask.shape[nb:]) if nb > 2
                        else mask, batch)
             mask = mask if boolean else mask.to(q.dtype)
+        if sink:  # n zero keys and values; the sink logits are the mask's n extra columns
+            cols = []
+            for t in sink[0]:
+                x = _aligned(next(it), t, mask_layout)
+                x = x[..., :1, :] if x.shape[-2] > 1 and x.stride(-2) == 0 else x  # one row when all rows share it
+                cols.append(to4(x.expand(*torch.broadcast_shapes(x.shape[:nb], batch), *x.shape[nb:]) if nb > 2
+                                else x, batch).to(q.dtype))
+            n = sink[1]
+            k = torch.cat([k, k.new_zeros(*k.shape[:-2], n, k.shape[-1])], -2)
+            v = torch.cat([v, v.new_zeros(*v.shape[:-2], n, v.shape[-1])], -2)
+            if mask is None:
+                mask = q.new_zeros(1, 1, 1, k.shape[-2] - n)
+            elif boolean:
+                mask = torch.where(mask, torch.zeros((), dtype=q.dtype, device=q.device),
+                                   torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+            lead = torch.broadcast_shapes(mask.shape[:-1], *[c.shape[:-1] for c in cols])
+            mask = torch.cat([mask.expand(*lead, -1)] + [c.expand(*lead, -1) for c in cols], -1)
         dv = v.shape[-1]
         if q.shape[-1] != dv:  # fused kernels take one head_dim: pad the narrower side with zeros
             width = max(q.shape[-1], dv)
@@ -1375,7 +1428,8 @@ def _static_table(t: _Term, mask_layout: str, sq: int, sk: int, device: Any) -> 
 def _parts(plan: _Plan, target: str) -> list:
     """The graph nodes the site function takes after q, k, v: each term's tensor, and a
     fill's value where it is a tensor; for flex_attention in the order of ``plan.mods``."""
-    terms = plan.terms if target == "sdpa" else [m[1] for m in plan.mods if m[0] in ("add", "fill", "mul")]
+    terms = plan.terms + (plan.sink[0] if plan.sink else []) if target == "sdpa" else \
+        [m[1] for m in plan.mods if m[0] in ("add", "fill", "mul")]
     out: list = []
     for t in terms:
         out.extend(t.lazy.leaves if target != "sdpa" and t.lazy is not None else [t.node])
