@@ -21,6 +21,9 @@ from .timing import run_backend, time_it
 from ..report import one_line, said
 
 
+NO_FUSED = "no fused attention kernel"
+
+
 def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, backend: str = "sdpa") -> list:
     """Try every candidate site of ``swapper`` for ``backend`` (sdpa, flex_attention or a FlashAttention backend)
     one at a time on its module's own inputs, mark those that match ``swapped``, then check
@@ -28,9 +31,12 @@ def verify_sites(swapper: Any, loaded: Any, inputs: Any, dtype: torch.dtype, bac
     installed (``verify_model``). Returns every site."""
     for live in swapper.candidates(backend):
         _verify_site(swapper, live, loaded, dtype, backend)
-        if live.status != "swapped" and live.path == "source" and backend == "sdpa" and (
-                live.reason.startswith("the swapped code raised") or live.reason.startswith("outputs differ")) \
-                and swapper.fall_back(live, f"its source rewrite failed its check: {live.reason}"):
+        unfused = live.status == "swapped" and live.kernel_after == NO_FUSED  # SDPA's math kernel: fix, not result
+        if live.path == "source" and backend == "sdpa" and (unfused or live.status != "swapped" and (
+                live.reason.startswith("the swapped code raised") or live.reason.startswith("outputs differ"))) \
+                and swapper.fall_back(live, "its source rewrite ran SDPA's unfused math kernel" if unfused else
+                                      f"its source rewrite failed its check: {live.reason}"):
+            live.status, live.accuracy, live.kernel_after = "kept", None, ""
             live.reason = live.graph.reason_for(backend)  # e.g. a soft-cap only flex_attention takes
             if not live.reason:
                 _verify_site(swapper, live, loaded, dtype, backend)  # the graph path's rewrite, proven the same way
@@ -68,7 +74,7 @@ def _verify_site(swapper: Any, live: Any, loaded: Any, dtype: torch.dtype, backe
         seen = attention_kernels(prof.events())
         kernels = [k for k in seen if ("scaled_dot_product" in k and "math" not in k) or "flash" in k
                    or k.endswith("(compiled)")]
-        live.kernel_after = ", ".join(sorted(set(kernels))) or "no fused attention kernel"
+        live.kernel_after = ", ".join(sorted(set(kernels))) or NO_FUSED
         if not acc.passed:
             live.reason = f"outputs differ after the swap: {acc.evidence()}"
             return
