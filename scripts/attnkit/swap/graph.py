@@ -1,37 +1,23 @@
 """Hand-written attention found in a graph captured from the running model, by data flow,
-and rewritten to one ``F.scaled_dot_product_attention`` call: the run-time path for the
-sites the source matcher (``swap.scan``) refuses.
+and rewritten to one fused call per site: the run-time path for the sites the source
+matcher (``swap.scan``) refuses, and the only one to flex_attention.
 
-**Capture.** ``torch.compile(module.forward, backend=..., fullgraph=False, dynamic=False)``:
-Dynamo hands the backend one FX ``GraphModule`` per graph piece (a graph break splits the
-forward; each piece is searched), with helpers inlined, branches resolved, ``nn.Softmax``
-and ``nn.Dropout`` inlined to ``F.softmax`` / ``F.dropout``, f-string einsum equations
-constant and in-place ops recorded in order. The backend rewrites the piece and returns its
-``forward``, which runs eagerly: no inductor.
+**Capture** (``Capture``): ``torch.compile(forward, backend=ours, dynamic=False)``; each
+graph piece Dynamo hands over (helpers inlined, branches resolved, einsum equations
+constant) is rewritten and returned to run eagerly, with no inductor.
 
-**Match by data flow** (``find_sites``). In-place ops on tensors the graph made itself
-(``w.mul_(s)``, ``masked_fill_``, ``a += b``) are first turned into out-of-place ones whose
-later readers get the new value (``functionalize``). Then a *site* is a softmax over one
-axis whose input is a contraction ``Q·Kᵀ`` (``matmul``, ``@``, ``bmm``, ``baddbmm``,
-``einsum``) through a chain of
+**Match by data flow** (``find_sites``): in-place ops on the graph's own tensors become
+data flow (``functionalize``); a site is a softmax over one axis whose input is a
+contraction Q·Kᵀ through scalings, added terms, masks, casts and reshapes, and whose
+weights reach ·V (a second contraction over the softmax axis) through casts and dropout.
+Index letters give the [B, H, S, D] layout. What SDPA cannot take but is elementwise on
+the scores makes the site flex-only (``GraphSite.targets``); anything else refuses it,
+naming the construct and its source line. An op is never dropped unexamined.
 
-- scalar scalings (``* c``, ``/ c``, ``baddbmm``'s ``alpha``): SDPA's ``scale``;
-- additive tensors (a bias, ALiBi, a relative-position table, ``baddbmm``'s ``beta * input``):
-  a float ``attn_mask``;
-- masks (``masked_fill`` / ``where`` with ``-inf`` or a large negative value, or the
-  arithmetic ``w * m + -1e9 * (1 - m)`` with ``m`` of zeros and ones): a boolean or additive
-  ``attn_mask``;
-- casts and transposes of the scores,
-
-and whose weights reach ``·V`` (a second contraction over the softmax axis) through casts
-and dropout only. Every tensor is named by its index letters (an einsum's own, or
-``[..., i, d] @ [..., d, j]`` for a matmul), so the ``[B, H, S, D]`` layout of Q, K, V, of
-the mask and of the output follows from the index structure, whatever the spelling. Any
-other op on the scores or weights refuses the site with the construct and its source line
-(``node.meta["stack_trace"]``): an op is never dropped unexamined.
-
-**Rewrite** (``rewrite``): the value product's readers get the SDPA call's output; the
-chain's nodes are removed. The per-site proof belongs to ``measure.verify``.
+**Rewrite** (``rewrite``): the value product's readers get the call's output; the chain's
+nodes go. The per-site proof belongs to ``measure.verify``. ARCHITECTURE.md ("graph")
+describes the targets, score_mod replay, tables of diagonals, sinks and the value-product
+push.
 """
 
 from __future__ import annotations
@@ -227,15 +213,13 @@ _BATCH_LINEAR = {"view", "reshape", "getitem", "mul", "truediv", "div", "add", "
 
 
 def push_value_products(gm: fx.GraphModule, example_inputs: list | None) -> list[str]:
-    """Where softmax weights W reach the value product only through ops that are linear and
-    act on their batch axes alone (reshapes that keep the last two axes, batch indexing,
-    scaling by a tensor constant over the last two axes, sums and differences of such
-    terms), as differential attention's ``w[:, :, 0] - λ * w[:, :, 1]`` does, rewrite
-    ``L(W) @ V`` as ``L(W @ V')``: V' [.., S_k, D_v] holds for each batch index of W the
-    rows of V its term is multiplied by (found by passing a one-hot through L on the
-    captured values), and L is replayed on the [.., S_q, D_v] products. The softmax then
-    reaches a value product directly, one site of as many heads as W has: two fused calls
-    per head pair, combined after ·V. Returns a note per rewrite."""
+    """Where softmax weights W reach the value product only through ops linear in W and
+    acting on its batch axes alone (reshapes keeping the last two axes, batch indexing,
+    scaling constant over them, sums and differences), as differential attention's
+    ``w[:, :, 0] - λ * w[:, :, 1]``, rewrite ``L(W) @ V`` as ``L(W @ V')``: V' holds for
+    each batch index of W the rows of V it meets (a one-hot passed through L on the
+    captured values tells which). The softmax then reaches a value product directly: one
+    site over all of W's maps, combined after ·V. Returns a note per rewrite."""
     notes = []
     if example_inputs is None:
         return notes
@@ -1062,18 +1046,14 @@ def _fill_slots(a: Any, env: dict) -> Any:
 
 
 class _IndexProgram:
-    """A mask term that depends on the query and key positions only through their distance
-    (ALiBi's slope x distance, a bucketed relative-position bias, a causal or sliding-window
-    comparison): T[.., i, j] = f(j - i). flex_attention reads it from a table of its
-    S_q + S_k - 1 diagonals, [B|1, H|1, S_q + S_k - 1], never the [.., S_q, S_k] tensor.
-
-    The table is computed at run time from the live leaves by replaying the term's subgraph
-    (``code``) on position vectors: once for the first key column and once for the first
-    query row, so a learned slope or bias table is read as it is now. The subgraph is made
-    a tree (a position shared by the query and key sides becomes two leaves); each
-    ``torch.arange`` leaf runs along one axis (``axes``: 2 query, 3 key; found by shrinking
-    it to one element and seeing which axis of the term collapses); every other leaf is a
-    graph tensor smaller than the scores (``leaves``, passed in at run time)."""
+    """A mask term T[.., i, j] = f(j - i) of the positions (ALiBi, T5 buckets, causal, a
+    window), read by flex_attention from a table of its S_q + S_k - 1 diagonals,
+    [B|1, H|1, S_q + S_k - 1], never as [.., S_q, S_k]. The table is rebuilt each call from
+    the live leaves (a learned slope is read as it is now) by replaying the term's
+    subgraph (``code``, made a tree: a position shared by both sides becomes two leaves)
+    on the first key column and the first query row. Each ``torch.arange`` leaf runs along
+    one axis (``axes``: 2 query, 3 key: the axis that collapses when it is shrunk to one
+    element); other leaves are graph tensors smaller than the scores (``leaves``)."""
 
     def __init__(self):
         self.code: list[tuple] = []  # (out slot, is_method, target, args, kwargs), in order
