@@ -68,6 +68,11 @@ def sdpa(q, k, v, *, causal=False, scale=None, window=None, softcap=None, sdpa_k
     return out.transpose(1, 2)
 
 
+#: The profiler range around each call of a backend's attention function: how a compiled
+#: backend's kernels, which carry no name of their own, are told apart (measure.kernels).
+CALL_RANGE = "attnkit.call: "
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_flex():
     """``torch.compile(flex_attention, dynamic=False)``, as transformers compiles it: one

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from ..backends import BACKENDS, SDPA
+from ..backends.calls import CALL_RANGE
 
 #: Fused attention ops -> the SDPA kernel they prove ran (names as torch.profiler shows them).
 SDPA_OPS = {op: (k.name + " (cpu)" if op.endswith("_for_cpu") else k.name) for k in SDPA.kernels for op in k.ops}
@@ -88,8 +89,8 @@ def attention_kernels(events: Any) -> Counter:
     return counts
 
 
-#: The profiler range ``call_range`` opens around each call of a backend's attention function.
-CALL_RANGE = "attnkit.call: "
+#: ``CALL_RANGE``, the profiler range ``call_range`` opens around each call of a backend's
+#: attention function, is defined beside the backends' calls (the graph path's flex call opens it too).
 #: How torch.compile's compiled code shows in a CPU trace (dynamo's range around each graph).
 COMPILED_REGION = "Torch-Compiled Region"
 

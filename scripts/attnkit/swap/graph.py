@@ -1316,8 +1316,7 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
     score's (b, h, q_idx, kv_idx) where it varies, a term of positions alone from its table
     of diagonals (``_IndexProgram``); ``scale`` is 1 (the steps hold it). A mask of
     positions alone (causal, a window) also becomes a ``BlockMask``, built once per shape."""
-    from ..backends.calls import compiled_flex
-    from ..measure.kernels import CALL_RANGE
+    from ..backends.calls import CALL_RANGE, compiled_flex
 
     mods, nb, mask_layout = plan.mods, plan.batch, plan.mask_layout
     qkv, to4, finish = _operands(plan)
