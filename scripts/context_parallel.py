@@ -44,8 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnkit import cli  # noqa: E402
-from attnkit.measure.context_parallel import FLASH_IMPLS  # noqa: E402
-from attnkit.steps.context_parallel import CPOptions, context_parallel  # noqa: E402
+from attnkit.steps.context_parallel import FLASH_IMPLS, CPOptions, context_parallel  # noqa: E402
 
 
 def build_parser():

@@ -60,7 +60,8 @@ def test_model_with_no_attention():
 
 def test_plain_module_whose_attention_cannot_be_swapped():
     assert_one_line_error(["--model", f"{MODELS / 'attention_zoo.py'}:softcapped"],
-                          "ZooModel has attention but no site could be swapped", "torch.tanh", "(line ")
+                          "ZooModel has attention but no site could be swapped", "torch.tanh", "line ",
+                          "--backend flex_attention")
 
 
 def test_backend_not_installed_says_what_to_install():

@@ -58,6 +58,7 @@ from ..swap import switch
 from . import flag
 
 STEP = "context_parallel"
+FLASH_IMPLS = cp.FLASH_IMPLS  # --flash-impl's choices, for the script (which imports steps only)
 
 #: Heads per ring call when --heads-per-call is not given: one, the least memory per rank.
 #: Measured on 2 H200s (S 131072, H 32, bf16, references/context-parallel.md): per-rank
