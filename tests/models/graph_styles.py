@@ -250,6 +250,20 @@ class CausalArange(Heads):
         return super().sdpa(x, mask, is_causal=True)
 
 
+class SoftCapKeyAlibi(AlibiArange):
+    """BLOOM-style ALiBi, slope[h] * j as [H, 1, S] (softmax is shift-invariant per row), then a
+    soft-cap: a term of positions along the key axis alone, read as the small tensor it is."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        s = q @ k.transpose(-1, -2) * self.hd ** -0.5 + self.slopes[:, None, None] * pos[None, None, :]
+        s = 20.0 * torch.tanh(s / 20.0)
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+    sdpa = None
+
+
 class Differential(Heads):
     """Differential attention (Ye et al. 2024, "Differential Transformer"): q and k split into
     two half-width maps per head, one softmax over the 2H maps, combined as w0 - λ w1 before
@@ -374,6 +388,7 @@ FLEX_STYLES = {
     "Differential": (Differential, "swap"),
     "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
     "SoftCapAlibi": (SoftCapAlibi, "torch.tanh"),
+    "SoftCapKeyAlibi": (SoftCapKeyAlibi, "torch.tanh"),
 }
 
 

@@ -303,7 +303,10 @@ def _push(gm: fx.GraphModule, w: fx.Node, tail: list, vprod: fx.Node, example_in
             if len(fed) > 1:
                 return ""
             rows.append(int(fed[0]) if len(fed) else 0)
-    name = f"_attnkit_value_rows_{len(notes_of(gm))}"
+    i = 0
+    while hasattr(gm, f"_attnkit_value_rows_{i}"):  # one buffer per pushed site of this graph piece
+        i += 1
+    name = f"_attnkit_value_rows_{i}"
     gm.register_buffer(name, torch.tensor(rows, dtype=torch.long, device=_value(v).device))
     graph = gm.graph
     with graph.inserting_before(vprod):
@@ -330,17 +333,10 @@ def _push(gm: fx.GraphModule, w: fx.Node, tail: list, vprod: fx.Node, example_in
     for n in reversed(tail):
         if not n.users:
             graph.erase_node(n)
-    notes_of(gm).append(name)
     gm.recompile()
     return (f"the weights of the softmax at {where(w)} are combined across {batch // max(1, math.prod(out_batch))} "
             f"maps before the value product at {where(vprod)} (as differential attention does): the value product "
             "is taken per map and the combination applied after it, so each map is one fused call")
-
-
-def notes_of(gm: fx.GraphModule) -> list:
-    if not hasattr(gm, "_attnkit_pushed"):
-        gm._attnkit_pushed = []
-    return gm._attnkit_pushed
 
 
 def _last_free(shape: tuple, probe: bool = False) -> tuple:
@@ -598,6 +594,7 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
         mods.append(("add", terms[-1], cont.beta))
     mul01: list[tuple[fx.Node, str, int]] = []
     views: list[tuple] = []
+    sink = None
     seq = {c for c in cont.out_idx if not (c in cont.a_idx and c in cont.b_idx)}  # the query and key letters
     for kind, n, data in scores.steps:
         if kind == "scale":
@@ -636,7 +633,7 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
             if views:
                 raise Refused(f"{op_name(n)} at {where(n)} adds key columns to reshaped scores")
             sink = ([_Term("add", x, layout, text=f"{op_name(n)} at {where(n)}") for x in data[0]], data[1])
-    return _Folded(layout, terms, alpha, mul01, views, mods, sink if "sink" in locals() else None)
+    return _Folded(layout, terms, alpha, mul01, views, mods, sink)
 
 
 def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node, example_inputs: list | None,
@@ -1082,7 +1079,7 @@ class _IndexProgram:
         """[B|1, H|1, S_q + S_k - 1]: entry j - i + S_q - 1 is T[.., i, j]."""
         column = _aligned(self.run(leaves, self.positions(3, device)), t, mask_layout)  # T[.., :, 0]
         row = _aligned(self.run(leaves, self.positions(2, device)), t, mask_layout)  # T[.., 0, :]
-        column, row = torch.broadcast_tensors(column[..., :, 0], row[..., 0, :][..., :1])[0], row[..., 0, :]
+        column, row = column[..., :, 0], row[..., 0, :]
         batch = torch.broadcast_shapes(column.shape[:-1], row.shape[:-1])
         return torch.cat([column.expand(*batch, -1).flip(-1)[..., :-1], row.expand(*batch, -1)], -1)
 
@@ -1136,6 +1133,8 @@ def _index_program(gm: fx.GraphModule, t: _Term, mask_layout: str, example_input
         emit(node)
         leaves = [values[n] for n in prog.leaves]
         whole = _aligned(values[node], t, mask_layout)
+        if whole.shape[-2] == 1 or whole.shape[-1] == 1:
+            return None  # [.., 1, S_k] or [.., S_q, 1] is small already, and its table would not span S_q + S_k - 1
         device = whole.device  # the leaves' (a CPU position against a CUDA slope would raise: no table)
         for i in range(len(prog.aranges)):  # which axis does arange leaf i run along?
             pos = prog.positions(None, device)
@@ -1212,9 +1211,9 @@ def _aligned(x: torch.Tensor, t: _Term, mask_layout: str) -> torch.Tensor:
 
 
 def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
-    """(qkv, to4, finish) for one site: ``qkv(q, k, v)`` -> (q, k, v as [B, H, S, D], the
-    broadcast batch shape, q's permuted shape); ``to4(t, batch)`` folds a [batch..., S, S]
-    tensor to 4 dims as ``qkv`` folds Q; ``finish(out, shape)`` puts the [B, H, S_q, D_v]
+    """(qkv, fold, finish) for one site: ``qkv(q, k, v)`` -> (q, k, v as [B, H, S, D], the
+    broadcast batch shape, q's permuted shape); ``fold(t, batch)`` folds a [batch..., S, S]
+    mask part to 4 dims as ``qkv`` folds Q; ``finish(out, shape)`` puts the [B, H, S_q, D_v]
     output back in the value product's layout and dtype."""
     nb, q_perm, k_perm, v_perm, out_perm, out_dtype = (plan.batch, plan.q_perm, plan.k_perm, plan.v_perm,
                                                         plan.out_perm, plan.out_dtype)
@@ -1224,6 +1223,9 @@ def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
         if nb == 1:
             return t.unsqueeze(0)
         return t.reshape(-1, *t.shape[nb - 1:]) if nb > 2 else t
+
+    def fold(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:  # a mask part, broadcast over Q's batch first
+        return to4(x.expand(*torch.broadcast_shapes(x.shape[:nb], batch), *x.shape[nb:]) if nb > 2 else x, batch)
 
     def qkv(q, k, v):
         q, k, v = q.permute(q_perm), k.permute(k_perm), v.permute(v_perm)
@@ -1238,17 +1240,17 @@ def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
         out = out.reshape(*shape[:nb], *out.shape[-2:]).permute(out_perm)  # [batch..., S_q, D_v], then as the code had it
         return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
 
-    return qkv, to4, finish
+    return qkv, fold, finish
 
 
 def _site_call(plan: _Plan, number: int) -> Callable:
     """The function the rewritten graph calls in place of the value product:
     ``site(q, k, v, *mask_parts)`` -> the value product's output, via SDPA on [B, H, S, D]."""
-    terms, nb, mask_layout = plan.terms, plan.batch, plan.mask_layout
+    terms, mask_layout = plan.terms, plan.mask_layout
     scale, dropout, sink = plan.scale, plan.site.dropout, plan.sink
     boolean = plan.site.mask == "boolean" or bool(terms) and all(
         t.kind == "fill" and _number(t.fill) == -math.inf for t in terms)
-    qkv, to4, finish = _operands(plan)
+    qkv, fold, finish = _operands(plan)
 
     def site(q, k, v, *parts):
         q, k, v, batch, shape = qkv(q, k, v)
@@ -1272,16 +1274,14 @@ def _site_call(plan: _Plan, number: int) -> Callable:
             else:
                 mask = mask & x if boolean else mask + x
         if mask is not None:
-            mask = to4(mask.expand(*torch.broadcast_shapes(mask.shape[:nb], batch), *mask.shape[nb:]) if nb > 2
-                       else mask, batch)
+            mask = fold(mask, batch)
             mask = mask if boolean else mask.to(q.dtype)
         if sink:  # n zero keys and values; the sink logits are the mask's n extra columns
             cols = []
             for t in sink[0]:
                 x = _aligned(next(it), t, mask_layout)
                 x = x[..., :1, :] if x.shape[-2] > 1 and x.stride(-2) == 0 else x  # one row when all rows share it
-                cols.append(to4(x.expand(*torch.broadcast_shapes(x.shape[:nb], batch), *x.shape[nb:]) if nb > 2
-                                else x, batch).to(q.dtype))
+                cols.append(fold(x, batch).to(q.dtype))
             n = sink[1]
             k = torch.cat([k, k.new_zeros(*k.shape[:-2], n, k.shape[-1])], -2)
             v = torch.cat([v, v.new_zeros(*v.shape[:-2], n, v.shape[-1])], -2)
@@ -1318,8 +1318,8 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
     positions alone (causal, a window) also becomes a ``BlockMask``, built once per shape."""
     from ..backends.calls import CALL_RANGE, compiled_flex
 
-    mods, nb, mask_layout = plan.mods, plan.batch, plan.mask_layout
-    qkv, to4, finish = _operands(plan)
+    mods, mask_layout = plan.mods, plan.mask_layout
+    qkv, fold, finish = _operands(plan)
     # masks from positions alone (causal, a window): the same for every call at one shape, so
     # a BlockMask built once per shape lets flex skip the blocks they mask out entirely
     static = [m[1] for m in mods if m[0] == "fill" and m[1].lazy is not None and not m[1].lazy.leaves
@@ -1358,8 +1358,7 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
                 x = t.lazy.table([next(it) for _ in t.lazy.leaves], t, mask_layout, q.device)
                 x = (x, q.shape[-2] - 1, t)
             else:
-                x = _aligned(next(it), t, mask_layout)
-                x = to4(x.expand(*torch.broadcast_shapes(x.shape[:nb], batch), *x.shape[nb:]) if nb > 2 else x, batch)
+                x = fold(_aligned(next(it), t, mask_layout), batch)
             value = m[2] if m[0] == "add" else next(it) if isinstance(t.fill, fx.Node) else t.fill
             steps.append((m[0], x, value, t.keep_where_true))
 
