@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """benchmark_attention: every attention backend on the seed's operator grid, measured on this machine.
 
-For each dtype, shape [B, H, D] (default: the seed's B8 H32 D64 and B2 H16 D128), causal and
-non-causal, forward and forward + backward, and sequence length S, the autotuner's
-candidates (eager, SDPA's kernels one by one: cudnn, flash, efficient, math; flex_attention;
-FlashAttention-2/3/4 where installed and usable) run on the same q, k, v [B, S, H, D]:
+For each dtype, shape [B, H, D] (default: the seed's B8 H32 D64 and B2 H16 D128), causal
+and not, forward and forward + backward, and S, the autotuner's candidates (eager, SDPA's
+kernels one by one, flex_attention, FlashAttention-2/3/4 where usable) run on the same
+q, k, v [B, S, H, D]:
 
   latency    median and IQR over interleaved timing rounds (ms)
   TFLOP/s    4 * B * H * D * S^2 (half for causal, x3.5 with backward) over the median

@@ -2,13 +2,12 @@
 """check_env: can this machine run fused attention, and which backend would it use?
 
 Reports torch (SDPA's fused kernels and torch.nn.attention.sdpa_kernel need 2.2+), CUDA,
-each GPU's name and compute capability, which SDPA kernels (flash, efficient, cudnn,
-math) are compiled in, enabled and usable here, whether flash_attn (FlashAttention-2) and
-flash_attn_interface (FlashAttention-3) import, with their version or the exact import
-error and what it means, the transformers version, and the backend `auto` would pick on
-this device and dtype, with the reason for every backend it would not pick, and every FP8
-attention library (data.fp8: cuDNN through nvidia-cudnn-frontend, FlashAttention-3,
-FlashAttention-4, flashinfer): installed, usable here, and why not.
+each GPU's name and compute capability, which SDPA kernels (flash, efficient, cudnn, math)
+are compiled in, enabled and usable, whether FlashAttention-2/3/4 import (version, or the
+exact import error and its meaning), transformers' version, the backend `auto` would pick
+on this device and dtype with the reason against each other one, and every FP8 attention
+library (data.fp8: cuDNN via nvidia-cudnn-frontend, FlashAttention-3, FlashAttention-4,
+flashinfer): installed, usable here, and why not.
 
 The step passes when every --require holds (default: sdpa).
 

@@ -2,10 +2,9 @@
 """context_parallel: attention with the sequence sharded across N processes, proven against one device.
 
 Runs attention, or a transformers causal LM (--model), with the sequence split across N
-ranks through PyTorch's own context parallel API
-(torch.distributed.tensor.experimental.context_parallel: ring attention over SDPA's
-flash, efficient or cudnn kernel), gathers the output (context_parallel_unshard) and
-proves it in the same run:
+ranks by PyTorch's context parallel API (torch.distributed.tensor.experimental.
+context_parallel: ring attention over SDPA's flash, efficient or cudnn kernel), gathers
+the output (context_parallel_unshard) and proves it in the same run:
 
   kernels    the SDPA kernel torch.profiler saw on each rank
   accuracy   the gathered output against float64 (at --check-rows sampled query rows):
@@ -14,21 +13,17 @@ proves it in the same run:
   time       median forward latency (ms, the slowest rank), and the scaling efficiency
              T_1 / (N x T_N) against plain SDPA on one device over the whole sequence
 
-By default torch's ring runs on one head at a time (--heads-per-call 1; heads are
-independent, the output is the same): a rank then holds its q/k/v/output shards and one
-head's ring buffers, about 1/N of one device's memory (0.55 on 2 H200s, S 131072, H 32).
+By default the ring runs one head at a time (--heads-per-call 1; same output): a rank
+holds its q/k/v/output shards and one head's ring buffers, about 1/N of one device's
+memory (0.55 on 2 H200s, S 131072, H 32).
 
-Launch it with torchrun, one process per GPU (NCCL); rank 0 prints the result:
-  torchrun --nproc-per-node=2 scripts/context_parallel.py --seq-len 131072 --json
-Plain python on a GPU runs world size 1 (the 1-GPU baseline of the same path). On CPU it
-spawns --nproc (default 2) gloo processes and checks torch's ring (sharding, K/V
-rotation, merging, gathering) with SDPA's CPU flash kernel, plus the public block with
-the math kernel, the only one torch runs there (non-causal).
+Launch with torchrun, one process per GPU (NCCL); rank 0 prints the result. Plain python
+on a GPU runs world size 1 (the 1-GPU baseline). On CPU it spawns --nproc (default 2)
+gloo processes and checks torch's ring (sharding, K/V rotation, merging, gathering) with
+SDPA's CPU flash kernel, plus the public block with the math kernel (non-causal only).
 
-The API's limits are checked first; each one is an error with one line, exit 2: SDPA
-kernel flash, efficient or cudnn; no attn_mask; causal needs q_len == kv_len; load
-balancing needs causal and seq_len divisible by 2 x world size; rotation allgather or
-alltoall; sequence lengths divisible by the world size.
+The API's limits (references/context-parallel.md) are checked first; each is an error
+with one line, exit 2.
 
 examples:
   python scripts/context_parallel.py --json                        # CPU: 2 gloo processes
@@ -69,26 +64,24 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     g.add_argument("--model", metavar="SPEC", type=cli.text,
                    help="run a transformers causal LM (demo:NAME, folder or hub id) instead of bare attention: token "
-                        "and position ids are sharded, every SDPA call becomes ring attention, the logits are "
-                        "gathered (GPUs only)")
+                        "and position ids sharded, every SDPA call a ring, the logits gathered (GPUs only)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
     c = p.add_argument_group("context parallelism")
     c.add_argument("--load-balance", action=argparse.BooleanOptionalAction, default=None,
                    help="torch's head-tail load balancer (default: on for causal attention when S divides by "
                         "2 x world size, else off)")
     c.add_argument("--rotate", default="allgather", choices=("allgather", "alltoall"),
-                   help="how K/V shards travel: allgather (torch's default: one all-gather, every rank then holds "
-                        "all of K/V) or alltoall (one shard passed on per step)")
+                   help="how K/V shards travel: allgather (torch's default: one all-gather, then every rank holds "
+                        "all K/V) or alltoall (one shard passed on per step)")
     c.add_argument("--merge-dtype", default="float32", choices=("float32", "input"),
                    help="dtype the ring merges partial outputs in: float32 (torch's default, "
-                        "_cp_options.convert_to_f32) or input (the input's dtype: less memory, judged by the same "
-                        "accuracy check) (default: float32)")
+                        "_cp_options.convert_to_f32) or input (the input's: less memory, same accuracy check) "
+                        "(default: float32)")
     c.add_argument("--heads-per-call", type=cli.integer(1, cli.MAX_HEADS), metavar="N",
-                   help="run torch's ring on N heads at a time, the outputs written into one [B, H, S/N_ranks, D] "
-                        "tensor: heads are independent, so the output is the same, and what the ring allocates "
-                        "beyond the q/k/v/output shards (K/V send and receive buffers, merge temporaries) falls to "
-                        "N/H of one call's; N >= H: all heads in one call, as torch does (default: 1, the least "
-                        "memory; attention workload only)")
+                   help="run torch's ring on N heads at a time into one [B, H, S/N_ranks, D] output: the same "
+                        "output, and what the ring allocates beyond the q/k/v/output shards (K/V send and receive "
+                        "buffers, merge temporaries) falls to N/H of one call's; N >= H: one call, as torch does "
+                        "(default: 1, the least memory; attention workload only)")
     cli.add_sdpa_kernel_arg(c)
     c.add_argument("--flash-impl", choices=FLASH_IMPLS,
                    help="put FlashAttention-3 or -4 behind SDPA's flash kernel (torch.nn.attention."
@@ -103,11 +96,11 @@ def build_parser():
                    help="query rows the float64 reference is computed at, plus the shard edges (default: 1024; all "
                         "rows when S is smaller)")
     m.add_argument("--max-seq-len-search", type=cli.integer(2, cli.MAX_SEQ_LEN), metavar="CAP",
-                   help="also find the longest sequence up to CAP that runs, on one device and sharded: CAP first, "
-                        "then doubling from --seq-len, then bisecting to 1/64, one forward pass per probe")
+                   help="also find the longest sequence up to CAP that runs, on one device and sharded: CAP, then "
+                        "doubling from --seq-len, then bisecting to 1/64, one forward pass per probe")
     m.add_argument("--memory-limit", type=cli.gigabytes, metavar="GB",
                    help="during --max-seq-len-search, cap each rank's GPU memory at GB "
-                        "(torch.cuda.set_per_process_memory_fraction), so that the search ends sooner; the longest "
+                        "(torch.cuda.set_per_process_memory_fraction) to end the search sooner; the longest "
                         "sequences then scale with the cap (the search gathers no output)")
     return p
 

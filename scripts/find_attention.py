@@ -1,18 +1,17 @@
 #!/usr/bin/env python3
 """find_attention: every attention site in source code or in a live model, and whether it can become SDPA.
 
---source PATH reads a .py file or a package folder without importing it (a file that does
-not parse is an error naming its line, not "0 sites"). --model SPEC runs
-the model once and finds the attention-bearing submodules by what they execute, so
-untraceable code is found too. For each site it reports file:line (and the module's
-qualified name), the form of the score product (matmul, bmm, baddbmm, einsum), the mask
-(causal buffer, causal, boolean, additive, none), the scale, dropout, GQA and softmax
-upcast, and whether it can be swapped for F.scaled_dot_product_attention, or why not.
-Calls that already take a fast path (F.scaled_dot_product_attention, flash_attn_func) are
-listed with what keeps them off the flash kernel (an explicit attn_mask, fp32), and
-nn.MultiheadAttention calls that leave need_weights at True, which materialises the
-attention weights. With --model, each swap of a model without a transformers switch is
-verified on the module's own inputs against a float64 run.
+--source PATH reads a .py file or package folder without importing it (a file that does
+not parse is an error naming its line). --model SPEC runs the model once and finds the
+attention-bearing submodules by what they execute (untraceable code too). Per site:
+file:line (and qualified name), the score product's form (matmul, bmm, baddbmm, einsum),
+the mask (causal buffer, causal, boolean, additive, none), scale, dropout, GQA, softmax
+upcast, and whether it can become F.scaled_dot_product_attention, or why not. Calls
+already on a fast path (F.scaled_dot_product_attention, flash_attn_func) are listed with
+what keeps them off the flash kernel (an explicit attn_mask, fp32), and
+nn.MultiheadAttention calls leaving need_weights=True (weights materialised). With
+--model, each swap of a model without a transformers switch is verified on the module's
+own inputs against float64.
 
 --write-patch FILE writes the source change as a unified diff (git apply), its paths
 relative to the working directory, or for files outside it to their git work tree (a note

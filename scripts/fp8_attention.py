@@ -1,15 +1,14 @@
 #!/usr/bin/env python3
 """fp8_attention: is FP8 attention faster than bf16 on this GPU, and what does it cost in accuracy?
 
-FP8 attention here is cuDNN's sdpa_fp8 graph through nvidia-cudnn-frontend (pip install
-nvidia-cudnn-frontend==1.17.0), forward only, on sm90 (Hopper) and sm100 GPUs.
-flash_attn.flash_attn_func (FlashAttention-2) never takes FP8; FlashAttention-4 runs FP8
-on sm100 only; FlashAttention-3 is not on PyPI (check_env.py lists every FP8 path).
+FP8 attention here is cuDNN's sdpa_fp8 graph via nvidia-cudnn-frontend (pip install
+nvidia-cudnn-frontend==1.17.0), forward only, on sm90 (Hopper) and sm100 GPUs
+(FlashAttention-2 never takes FP8, FlashAttention-4 only on sm100, FlashAttention-3 is not
+on PyPI; check_env.py lists every FP8 path).
 
 For each shape of the grid (default: the seed's, B8 H32, head_dim 64 and 128, S 1024 to
-16384, causal and not; each shape option narrows it) on random bf16 inputs [B, S, H, D],
-it quantises q, k and v to float8_e4m3fn (one scale per tensor: amax / 448), runs the FP8
-kernel, and reports:
+16384, causal and not; shape options narrow it) on random bf16 [B, S, H, D], it quantises
+q, k, v to float8_e4m3fn (one scale per tensor, amax / 448), runs the kernel and reports:
 
   speed      median latency and TFLOP/s of the FP8 kernel, of FP8 with the quantisation
              included, and of bf16 attention (SDPA's cuDNN kernel, FlashAttention-4 where

@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
 """run_checklist: run one of SKILL.md's workflows step by step, as an agent would.
 
-Each step of the workflow (from skill.yaml) runs as its own command, exactly as written
-in SKILL.md with ${HERMES_SKILL_DIR} set to this skill's folder. Its JSON object is judged
-by the step's pass rule, and the checklist is printed with each line checked [x], failed
-[!], skipped [-] or not run [ ], with its one-line result. It stops at the first failure
-unless --keep-going. The model options given here (--model, --batch-size, --seq-len,
---pad-fraction, --dtype, --device, --trust-remote-code) are passed on to the steps that
-take them.
+Each step of the workflow (skill.yaml) runs as its own command, as written in SKILL.md
+with ${HERMES_SKILL_DIR} set to this skill's folder; its JSON is judged by the step's pass
+rule, and the checklist is printed with each line checked [x], failed [!], skipped [-] or
+not run [ ] and its one-line result. It stops at the first failure unless --keep-going.
+The model options (--model, --batch-size, --seq-len, --pad-fraction, --dtype, --device,
+--trust-remote-code) go to the steps that take them.
 
 The run folder (--report-dir, default ./attention-reports/run_checklist-<time>-<workflow>)
 holds the checklist's report.json and report.md and every file a step writes (a relative

@@ -75,6 +75,12 @@ def test_fp32_for_flash_attn_says_why_and_what_to_pass():
                           "runs fp16 and bf16 only", "pass --dtype bfloat16")
 
 
+def test_train_with_a_backend_that_has_no_backward_on_this_device():
+    # torch's FlexAttention raises NotImplementedError for backward on CPU: refused before any load
+    assert_one_line_error(["--backend", "flex_attention", "--train", "--device", "cpu"],
+                          "flex_attention has no backward pass on cpu")
+
+
 def test_unknown_values_and_bad_numbers():
     assert_one_line_error(["--batch-size", "two"], "invalid int value")
     assert_one_line_error(["--batch-size", "0"], "--batch-size must be at least 1")

@@ -2,9 +2,9 @@
 refuses is found in a graph captured with torch.compile, matched by data flow, rewritten to
 SDPA, and proven site by site like every other swap.
 
-Every style of tests/models/graph_styles.py is refused by the source matcher (the 'before',
-checked by the first test); the graph path must swap the eight it can express and refuse
-the two it cannot, naming the construct and its line.
+Every style of tests/models/graph_styles.py is refused by the source matcher, or its rewrite
+fails the per-site trial (the 'before', checked by the first test); the graph path must swap
+those it can express and refuse those it cannot, naming the construct and its line.
 """
 
 import pytest
@@ -19,6 +19,10 @@ STYLES_FILE = MODELS / "graph_styles.py"
 FUSED = "aten::_scaled_dot_product_flash_attention_for_cpu"
 SWAP = sorted(n for n, (_, want) in G.STYLES.items() if want == "swap")
 REFUSED = sorted(n for n, (_, want) in G.STYLES.items() if want != "swap")
+#: read by the source matcher, whose rewrite the per-site trial rejects: ArithmeticMask's raises
+#: NameError 'm'; RelativeLogits' runs SDPA's math kernel (v narrower than q, k); CosineTau's
+#: passes a tensor as SDPA's scale (TypeError). The graph path takes all three (test below).
+SOURCE_READS = {"ArithmeticMask", "RelativeLogits", "CosineTau"}
 
 
 @pytest.mark.parametrize("style", SWAP)
@@ -39,7 +43,7 @@ def test_the_source_matcher_alone_swaps_none_of_them(style):
     swapper.graph_path = False
     sites = swapper.discover(lambda: model(x, mask))
     taken = [s for s in sites if s in swapper.swappable()]
-    if style == "ArithmeticMask":  # read, but its rewrite raises NameError: 'm' (the trial tells; see below)
+    if style in SOURCE_READS:  # read, but its rewrite fails the trial (raises, differs, or runs math; see below)
         assert taken and taken[0].path == "source"
     else:
         assert not taken and all(s.reason for s in sites), [(s.line, s.reason) for s in sites]
@@ -158,6 +162,22 @@ def test_alibi_built_from_positions_forms_no_score_sized_tensor():
                if isinstance(n.meta.get("example_value"), torch.Tensor))
 
 
+def test_a_table_of_diagonals_is_rebuilt_when_its_leaf_changes_and_kept_otherwise():
+    """The ALiBi table is kept between calls while its slopes are the same tensor at the same
+    version; changed in place (an optimizer step), the next call reads the new slopes."""
+    capture, got, want = _flex_capture("AlibiArange", 64)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    module, (x, mask) = capture.module, G.example_inputs(2, 64)
+    programs = [t.lazy for gm in capture.graphs for n in gm.graph.nodes if n.op == "call_function"
+                for t in getattr(n.target, "terms", ())] or None
+    with torch.no_grad():
+        capture(x, mask)
+        module.slopes.mul_(4.0)  # the buffer changes in place: its _version moves
+        got, want = capture(x, mask), module(x, mask)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    assert programs is None or all(p.cached is not None for p in programs)
+
+
 def test_a_soft_capped_hand_written_model_is_switched_to_flex_attention(tmp_path):
     run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_softcapalibi", "--backend", "flex_attention",
                      "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--report-dir", str(tmp_path),
@@ -226,9 +246,20 @@ class _TopK(torch.nn.Module):
         return s.softmax(dim=-1) @ v
 
 
+class _OneMapTwoCombinations(torch.nn.Module):
+    """Differential-style maps where one map feeds two linear combinations: the value
+    product cannot be moved before them as one call per map (push_value_products refuses)."""
+
+    def forward(self, q, k, v):
+        b, h, s, _ = q.shape
+        w = (q @ k.transpose(-1, -2)).softmax(-1).view(b, h // 2, 2, s, s)
+        return (w[:, :, 0] - 0.3 * w[:, :, 1]) @ v[:, : h // 2] + (w[:, :, 1] + 0.5 * w[:, :, 0]) @ v[:, : h // 2]
+
+
 @pytest.mark.parametrize("module,construct", [(_QueryAxisSoftmax, "the query axis"),
                                               (_WeightsKept, "weights used anywhere but ·V"),
-                                              (_TopK, "Tensor.topk")])
+                                              (_TopK, "Tensor.topk"),
+                                              (_OneMapTwoCombinations, "Tensor.view")])
 def test_other_constructs_sdpa_cannot_express_are_refused_by_name(module, construct):
     q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
     capture = graph.Capture(module().eval())

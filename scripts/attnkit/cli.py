@@ -1,20 +1,15 @@
 """What every step script shares: argument groups, and ``run``, which keeps the contract.
 
-``run(step, parser, fn)`` parses the arguments, calls ``fn(args, reporter)`` (one library
-function returning a ``StepResult``) and prints the result: exactly one JSON object on
-stdout with ``--json``, a rich rendering without it. Whatever goes wrong becomes a
-result too, never a traceback: a bad argument or ``CannotRun`` -> status ``error``, one
-line, exit 2; Ctrl-C before anything was measured -> ``error``, exit 2; ``sys.exit`` called
-by the model's code -> ``error``, exit 2; an unexpected exception -> ``error`` with its type
-and message (``--debug`` re-raises it to show the traceback). Writing the result itself
-may fail: a full disk (``> /dev/full``) is one line on stderr and exit 2; a reader that
-went away (``| head``, a broken pipe) keeps the step's exit code, since the verdict stands.
+``run(step, parser, fn)`` parses the arguments, calls ``fn(args, reporter)`` (returning a
+``StepResult``) and prints it: one JSON object on stdout with ``--json``, else rich. Every
+failure becomes a result, never a traceback: a bad argument, ``CannotRun``, Ctrl-C before
+anything was measured, or the model's ``sys.exit`` -> ``error``, one line, exit 2; an
+unexpected exception -> ``error`` with its type and message (``--debug`` re-raises). A full
+disk when writing the result (``> /dev/full``) is one line on stderr, exit 2; a broken
+pipe (``| head``) keeps the step's exit code: the verdict stands.
 
-Every number and name is checked while the arguments are parsed, by the shared argument
-types below (``integer``, ``positive_float``, ``fraction``, ``text``, ``shape``, ``backend_list``):
-every value of a repeated option, with the bounds stated in the message. The output
-targets (``--report-dir``, ``--save``, ``--write-patch``, the default run folder) are
-checked right after parsing, before anything is loaded or measured (``report.check_outputs``).
+Every value (of repeated options too) is checked while parsing by the types below, bounds
+in the message; output targets right after (``report.check_outputs``), before any work.
 """
 
 from __future__ import annotations
@@ -28,9 +23,8 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
-# torch's profiler (kineto) prints a line per start/stop at its default log level; 6
-# silences it unless the user chose a level. kineto reads it from the C environment when
-# torch loads, so this runs before any torch import.
+# kineto (torch's profiler) logs every start/stop unless level 6; it reads the C environment
+# when torch loads, so this runs before any torch import.
 if os.environ.get("KINETO_LOG_LEVEL") is None:
     os.putenv("KINETO_LOG_LEVEL", "6")
 
@@ -40,9 +34,8 @@ from .steps import flag  # noqa: E402
 
 EXIT_CODES_HELP = "exit codes: 0 pass (or skip), 1 a check failed, 2 the step could not run"
 
-#: Upper bounds of the counting options: far above any run that fits on a machine, low enough
-#: that a typo (99999999999999999999) is refused at once instead of hanging while the inputs
-#: are built. Every bound is stated in the message that refuses a value.
+#: Upper bounds of the counting options: far above any run that fits, low enough that a typo
+#: (99999999999999999999) is refused at once instead of hanging while the inputs are built.
 MAX_BATCH = 2**16
 MAX_SEQ_LEN = 2**24
 MAX_HEADS = 2**12
@@ -64,8 +57,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(prog: str, description: str, epilog: str = "") -> Parser:
-    """A step's parser: --json, --quiet, --debug; no abbreviated options (``--jso`` is refused,
-    not taken for ``--json``)."""
+    """A step's parser: --json, --quiet, --debug; no abbreviations (``--jso`` is refused)."""
     p = Parser(prog=prog, description=description, epilog=(epilog + "\n\n" + EXIT_CODES_HELP).strip(),
                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (progress goes to stderr)")
@@ -74,9 +66,8 @@ def parser(prog: str, description: str, epilog: str = "") -> Parser:
     return p
 
 
-# ----------------------------------------------------------------------------- argument types
-# Each returns a function for ``add_argument(type=...)``: argparse calls it on every value,
-# each one of a repeated option included, and turns its ArgumentTypeError into one line.
+# --- argument types
+# For ``add_argument(type=...)``: argparse calls them on every value; ArgumentTypeError -> one line.
 
 def integer(low: int = 1, high: int = MAX_COUNT) -> Callable[[str], int]:
     """An int in [low, high]."""
@@ -97,10 +88,7 @@ def integer(low: int = 1, high: int = MAX_COUNT) -> Callable[[str], int]:
 def positive_float(high: float | None = None, unit: str = "") -> Callable[[str], float]:
     """A finite float above 0 (nan and inf refused), at most ``high`` when given."""
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        value = _float(text)
         if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"must be a positive finite number{unit}, not {text}")
         if high is not None and value > high:
@@ -110,12 +98,16 @@ def positive_float(high: float | None = None, unit: str = "") -> Callable[[str],
     return parse
 
 
-def fraction(text: str) -> float:
-    """A float in [0, 1)."""
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+
+
+def fraction(text: str) -> float:
+    """A float in [0, 1)."""
+    value = _float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
     return value
@@ -129,8 +121,8 @@ def text(value: str) -> str:
 
 
 def backend_list(extra: Sequence[str] = (), labels: bool = False) -> Callable[[str], list[str]]:
-    """A comma-separated list of backends from ``attnkit.backends.BACKENDS`` (and ``extra``,
-    e.g. auto), at least one; with ``labels`` an SDPA kernel may be named too, sdpa[cudnn]."""
+    """Comma-separated ``BACKENDS`` names (or ``extra``, e.g. auto), at least one; with
+    ``labels`` also SDPA kernels, sdpa[cudnn]."""
     def parse(value: str) -> list[str]:
         from .backends import BACKENDS, SDPA
 
@@ -152,9 +144,8 @@ def backend_list(extra: Sequence[str] = (), labels: bool = False) -> Callable[[s
 
 
 def shape(value: str) -> str:
-    """An attention shape B,H,D or B,H,H_KV,D (GQA: H a multiple of H_KV), read by
-    ``benchmark_attention.parse_shape``, each within its bound (``MAX_BATCH``, ``MAX_HEADS``,
-    ``MAX_HEAD_DIM``); returned as given."""
+    """B,H,D or B,H,H_KV,D (H a multiple of H_KV; ``benchmark_attention.parse_shape``) within
+    ``MAX_BATCH``, ``MAX_HEADS``, ``MAX_HEAD_DIM``; returned as given."""
     from .steps.benchmark_attention import parse_shape  # torch: imported by the script already
 
     try:
@@ -178,13 +169,10 @@ def add_model_args(p: argparse.ArgumentParser, *, default_seq_len: int = 1024, m
                    sweep: bool = False, default_batch_size: int = 1, batch_why: str = "",
                    default_pad_fraction: float | None = None, model_help: str = "",
                    shape: bool = True) -> argparse._ArgumentGroup:
-    """--model and the input shape, dtype and device options, shared by the model steps.
-
-    ``sweep`` makes --seq-len repeatable (a list, None when not given). A step with other
-    defaults passes them (``batch_why`` says why in --help); ``model_help`` replaces the
-    --model help. ``shape=False`` leaves out --batch-size, --seq-len and --pad-fraction for a
-    step that adds its own. Returns the group, for a step to add its own options to.
-    """
+    """--model, input shape, dtype and device options of the model steps; returns the group.
+    ``sweep``: --seq-len repeatable (None when not given); ``batch_why`` explains a default
+    in --help; ``model_help`` replaces --model's help; ``shape=False`` leaves out
+    --batch-size, --seq-len and --pad-fraction."""
     from .steps import DEMO_NAMES
 
     g = p.add_argument_group("model and inputs")
@@ -248,8 +236,7 @@ def add_sdpa_kernel_arg(g: argparse._ActionsContainer) -> None:
 
 
 def options(cls: type, args: argparse.Namespace, **overrides: object) -> object:
-    """The step's options dataclass ``cls`` filled from ``args`` by field name;
-    ``write_report`` from --no-report; ``overrides`` win."""
+    """``cls`` filled from ``args`` by field name, ``write_report`` from --no-report; ``overrides`` win."""
     import dataclasses
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
@@ -264,8 +251,7 @@ SAVE_MODEL = ("save the switched model (save_pretrained, attn_implementation rec
 
 
 def add_output_args(p: argparse.ArgumentParser, step: str, save: bool | str = False) -> None:
-    """--report-dir and --no-report; --save with ``save``: True gives the main job's help
-    (``SAVE_MODEL``), a string is the help of a step that saves something else."""
+    """--report-dir, --no-report; --save with ``save`` (True: ``SAVE_MODEL``; a string: its help)."""
     g = p.add_argument_group("output")
     g.add_argument("--report-dir", metavar="DIR", type=text,
                    help=f"run folder for report.json / report.md / report.png "
@@ -277,8 +263,7 @@ def add_output_args(p: argparse.ArgumentParser, step: str, save: bool | str = Fa
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM (``timeout``, a batch scheduler, ``kill``) ends a step as Ctrl-C does: what was
-    measured is kept and reported, instead of the process dying with nothing written."""
+    """SIGTERM (``timeout``, a scheduler) ends a step as Ctrl-C does, reporting what was measured."""
     import signal
 
     def handler(signum, frame):
@@ -291,8 +276,7 @@ def _sigterm_as_interrupt() -> None:
 
 
 class _KeepOpen:
-    """A stream that the model's code may close (``sys.stdout.close()``) without closing it: the
-    step still needs stderr for its progress and stdout for its one result."""
+    """A stream the model's ``sys.stdout.close()`` cannot close: the step still needs it."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -306,9 +290,8 @@ class _KeepOpen:
 
 @contextlib.contextmanager
 def stdout_to_stderr(active: bool):
-    """Inside the block, whatever the model (or a library) prints goes to stderr, at the Python
-    level (sys.stdout) and at the file-descriptor level (C extensions, subprocesses), so that
-    with --json stdout holds exactly the one JSON object ``run`` prints afterwards."""
+    """Inside the block, prints go to stderr (sys.stdout and file descriptor 1: C extensions,
+    subprocesses), so with --json stdout holds only ``run``'s JSON object."""
     if not active:  # stdout stays the terminal's; the model's code still cannot close it
         with contextlib.redirect_stdout(_KeepOpen(sys.stdout)):
             yield
@@ -340,10 +323,8 @@ def _not_switched(exc: NotSwitched) -> str:
     }.get(exc.reason, "")
 
 
-#: The command line's advice for a library error that carries none (the library speaks of its
-#: API, never of a script's flags): exception type -> what to change on the command line, as
-#: text or as a function of the error. An ``OptionError`` carries its own, and names its
-#: options as flags here (``steps.flag``).
+#: The command line's advice for a library error without one (the library never names flags):
+#: exception type -> text, or a function of the error. ``OptionError`` carries its own.
 ADVICE: dict[type[CannotRun], str | Callable[[Any], str]] = {
     OutOfMemory: "lower --batch-size or --seq-len",
     NotSwitched: _not_switched,
@@ -366,12 +347,8 @@ def with_advice(exc: CannotRun) -> CannotRun:
 
 def run(step: str, p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace, Reporter], StepResult],
         argv: Sequence[str] | None = None) -> int:
-    """Parse, check the output targets, call ``fn``, print the result, return the exit code
-    (see the module docstring).
-
-    In a process that a launcher such as torchrun started as rank 1 or higher (``RANK`` in
-    the environment), nothing is printed: rank 0 prints the one result.
-    """
+    """Parse, check the output targets, call ``fn``, print the result, return the exit code.
+    Ranks >= 1 of a launcher (``RANK`` in the environment) print nothing."""
     argv = list(sys.argv[1:] if argv is None else argv)
     silent = os.environ.get("RANK", "0") not in ("", "0")
     reporter = Reporter(json_mode="--json" in argv, quiet="--quiet" in argv or silent)
@@ -415,8 +392,7 @@ def _call(step: str, fn: Callable[[argparse.Namespace, Reporter], StepResult], a
 
 
 def _out_of_memory(exc: Exception) -> OutOfMemory | None:
-    """``exc`` as an ``OutOfMemory`` when it is an allocation failure (CUDA or CPU) that no step
-    caught where it happened, else None."""
+    """``exc`` as ``OutOfMemory`` if it is an allocation failure no step caught, else None."""
     if "torch" not in sys.modules:
         return None
     from .measure.timing import is_oom, oom_message
@@ -425,9 +401,8 @@ def _out_of_memory(exc: Exception) -> OutOfMemory | None:
 
 
 def _print(result: StepResult, reporter: Reporter) -> int:
-    """Print ``result`` and return the exit code: without --json an error is one line on
-    stderr, unless it carries checks (run_checklist: steps judged before one could not
-    run), which are drawn as a failure's are. A failure to write is ``_output_failed``'s."""
+    """Print ``result``, return the exit code; without --json an error without checks is one
+    line on stderr. A failure to write is ``_output_failed``'s."""
     try:
         if result.status == "error" and not reporter.json_mode and not result.checks:
             from rich.markup import escape
@@ -448,10 +423,9 @@ def _print(result: StepResult, reporter: Reporter) -> int:
 
 
 def _output_failed(exc: OSError, result: StepResult) -> int:
-    """Writing the result failed. A broken pipe (the reader left, ``| head``) keeps the step's
-    exit code: the verdict stands. Any other error (``ENOSPC``: ``> /dev/full``) is one line
-    on stderr and exit 2. Either way stdout then points at /dev/null, so that the
-    interpreter's last flush cannot fail again with a traceback."""
+    """Writing the result failed: a broken pipe keeps the exit code, anything else (``ENOSPC``)
+    is one line on stderr, exit 2. stdout then points at /dev/null, so the interpreter's last
+    flush cannot fail with a traceback."""
     for stream in (sys.stdout, sys.stderr) if exc.errno == errno.EPIPE else (sys.stdout,):
         try:
             null = os.open(os.devnull, os.O_WRONLY)

@@ -1,17 +1,11 @@
 """What this machine is: torch, CUDA, GPUs and their capability, SDPA's kernels, packages.
 
-The ground layer: ``environment()`` gathers the facts once. It knows nothing of attention
-backends beyond torch's own SDPA kernels; what each backend needs, and whether this
-machine has it, is the backend registry's business (``attnkit.backends``), which reads
-these facts. Packages are found by their pip distribution (``importlib.metadata``) and
-probed by importing them and keeping the exact exception (flash-attn's
-``benchmark_flash_attention.py`` habit): a missing or broken package is a fact with a
-reason, never a crash. ``parse_dtype`` and ``resolve_device`` turn ``--dtype`` and
-``--device`` into what this machine has.
-
-Whether an SDPA kernel can run on this GPU is asked of torch itself
-(``torch.backends.cuda.can_use_flash_attention`` and friends, on a small bf16 probe), not
-decided from a table of compute capabilities that would go stale.
+The ground layer: ``environment()`` gathers the facts once; each backend's needs live in
+``attnkit.backends``. Packages are found by pip distribution and probed by import,
+keeping the exact exception (flash-attn's ``benchmark_flash_attention.py`` habit).
+``parse_dtype`` and ``resolve_device`` read ``--dtype`` and ``--device``. Whether an SDPA
+kernel runs on this GPU is asked of torch (``torch.backends.cuda.can_use_flash_attention``
+and friends, on a small bf16 probe), not read from a table that would go stale.
 """
 
 from __future__ import annotations
@@ -27,11 +21,9 @@ import torch
 
 from .report import OptionError, one_line
 
-#: SDPA's FlashAttention-2 kernel arrived in PyTorch 2.2 ("scaled_dot_product_attention
-#: (SDPA) now supports FlashAttention-2", PyTorch 2.2 release notes, Jan 2024). The
-#: ``torch.nn.attention.sdpa_kernel`` context manager that replaced the deprecated
-#: ``torch.backends.cuda.sdp_kernel`` came with pytorch/pytorch PR #114689 (merged
-#: 2024-01-24, after the 2.2 branch cut), so it is in 2.3 and later.
+#: SDPA's FlashAttention-2 kernel arrived in PyTorch 2.2 (its release notes, Jan 2024);
+#: ``torch.nn.attention.sdpa_kernel`` (replacing ``torch.backends.cuda.sdp_kernel``) came with
+#: pytorch/pytorch PR #114689, merged 2024-01-24 after the 2.2 branch cut: in 2.3 and later.
 MIN_TORCH_FOR_SDPA = (2, 2)
 
 #: Marketing names of NVIDIA compute capabilities (CUDA C Programming Guide, "Compute
@@ -72,10 +64,8 @@ class PackageProbe:
 
 
 def distribution_version(name: str) -> str | None:
-    """The installed version of the pip distribution ``name`` (``importlib.metadata``), or
-    None when it is not installed. This, not a successful import, says what is installed:
-    FlashAttention-4's wheel (``flash-attn-4``) ships only ``flash_attn/cute/``, so
-    ``import flash_attn`` succeeds as a namespace package without FlashAttention-2 there."""
+    """The installed version of pip distribution ``name``, or None. Not an import: ``flash-attn-4``
+    ships only ``flash_attn/cute/``, so ``import flash_attn`` succeeds without FlashAttention-2."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -83,11 +73,8 @@ def distribution_version(name: str) -> str | None:
 
 
 def explain_import_error(module: str, exc: BaseException, install: str = "", distribution: str = "") -> str:
-    """What an import failure of ``module`` means, from its exception (one sentence).
-
-    ``install`` is the install command shown for a missing package; ``distribution`` the
-    pip name used in the reinstall advice (default: ``module``).
-    """
+    """What an import failure of ``module`` means, in one sentence; ``install``: the command for
+    a missing package; ``distribution``: the pip name to reinstall (default: ``module``)."""
     text = f"{type(exc).__name__}: {exc}"
     dist = distribution or module
     if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == module.split(".")[0]:
@@ -256,7 +243,7 @@ def environment() -> Environment:
     )
 
 
-# ----------------------------------------------------------------------------- --dtype and --device
+# --- --dtype and --device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -282,10 +269,8 @@ def parse_dtype(text: str, env: Environment, device: str) -> torch.dtype:
 
 
 def resolve_device(text: str, env: Environment) -> str:
-    """``auto`` (cuda when a GPU is visible, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Raises ``OptionError`` when the device does not exist here.
-    """
+    """``auto`` (cuda when a GPU is visible), ``cpu``, ``cuda`` or ``cuda:N``. Raises
+    ``OptionError`` when the device does not exist here."""
     if text == "auto":
         return env.default_device()
     if text == "cpu":

@@ -1,15 +1,11 @@
 """Result objects of a checklist step, and every way they are shown.
 
-The step contract (ARCHITECTURE.md): a script prints exactly one JSON object on stdout with
-``--json`` (logs and progress go to stderr), or a rich rendering for people without it,
-and exits ``0`` pass/skip, ``1`` a check failed, ``2`` the step could not run.
+The step contract (ARCHITECTURE.md): one JSON object on stdout with ``--json`` (progress on
+stderr), else a rich rendering; exit ``0`` pass/skip, ``1`` a check failed, ``2`` could not
+run. The only module that writes to the terminal or renders a report.
 
-This module is the only place in the library that writes to the terminal or renders a
-report: ``StepResult`` (the object), ``Reporter`` (progress on stderr, the result on
-stdout), ``to_markdown`` / ``write_run_folder`` (report.json, report.md, report.png).
-
-Units used in every rendering: latency in ms, memory in MB (2**20 bytes, as
-``torch.cuda.memory_summary`` counts), throughput in TFLOP/s (10**12 FLOP per second).
+Units: latency in ms, memory in MB (2**20 bytes, as ``torch.cuda.memory_summary``
+counts), throughput in TFLOP/s (10**12 FLOP per second).
 """
 
 from __future__ import annotations
@@ -31,11 +27,8 @@ EXIT_CODES = {"pass": 0, "skip": 0, "fail": 1, "error": 2}
 
 
 class CannotRun(Exception):
-    """The step cannot run: bad argument, model not found, missing dependency (exit 2).
-
-    ``message`` is one line for the user; ``hint`` says what to do and becomes the JSON
-    object's ``next``; ``data`` carries whatever was measured before the step stopped.
-    """
+    """The step cannot run (exit 2). ``message``: one line; ``hint``: what to do (the JSON's
+    ``next``); ``data``: whatever was measured before the step stopped."""
 
     def __init__(self, message: str, hint: str = "", data: "StepData | None" = None):
         super().__init__(message)
@@ -45,12 +38,10 @@ class CannotRun(Exception):
 
 
 class OptionError(CannotRun):
-    """A value given for one of the caller's options (``option``, its parameter name: ``dtype``,
-    ``max_memory``) that cannot be used here. ``text`` and ``advice`` are templates: a
-    placeholder given in ``values`` (``{value!r}``) is the caller's data, substituted as it is;
-    any other placeholder (``{dtype}``) names an option. The library's message names options as
-    parameters (``dtype``); ``render`` names them otherwise, as the command line does with its
-    flags (``--dtype``, ``steps.flag``)."""
+    """A value of the caller's option ``option`` (a parameter name: ``dtype``) that cannot be
+    used. ``text`` and ``advice`` are templates: a placeholder in ``values`` (``{value!r}``)
+    is data; any other (``{dtype}``) names an option, as a parameter until ``render`` names it
+    otherwise (the command line's ``--dtype``, ``steps.flag``)."""
 
     def __init__(self, option: str, text: str, advice: str = "", **values: object):
         self.option, self.text, self.advice, self.values = option, text, advice, values
@@ -58,8 +49,7 @@ class OptionError(CannotRun):
         self.render(str)
 
     def render(self, name: Callable[[str], str]) -> "OptionError":
-        """Write ``message`` and ``hint`` with every option named by ``name`` (the option's
-        parameter name -> how this caller spells it); returns the error."""
+        """Write ``message`` and ``hint`` naming options by ``name`` (parameter -> spelling); returns self."""
         names = _OptionNames(self.values, name)
         self.message = one_line(self.text.format_map(names))
         self.hint = self.advice.format_map(names)
@@ -79,9 +69,9 @@ class _OptionNames(dict):
 
 
 class Unsupported(CannotRun):
-    """A construct a backend cannot take (``construct``), and where it was met (``where``): raised
-    by library code that users call directly, such as the attention functions registered
-    with transformers, so its advice speaks of the API, not of a script's flags."""
+    """A ``construct`` a backend cannot take, met at ``where``: raised by code users call
+    directly (the attention functions registered with transformers), so its advice speaks of
+    the API, not of flags."""
 
     def __init__(self, construct: str, where: str = "", hint: str = ""):
         super().__init__(f"{where}: {construct}" if where else construct, hint)
@@ -89,9 +79,8 @@ class Unsupported(CannotRun):
 
 
 class OutOfMemory(CannotRun):
-    """A run that must finish ran out of memory (``where``: what ran, and at what shape;
-    ``detail``: the allocator's words, ``measure.timing.oom_message``). The library raises it
-    without advice; the command line adds its flags' (``cli.ADVICE``)."""
+    """A run that must finish ran out of memory (``where``: what, at what shape; ``detail``:
+    ``measure.timing.oom_message``). Raised without advice; ``cli.ADVICE`` adds it."""
 
     def __init__(self, where: str, detail: str):
         super().__init__(f"{where}: {detail}" if where else detail)
@@ -99,11 +88,10 @@ class OutOfMemory(CannotRun):
 
 
 class NotSwitched(CannotRun):
-    """A model whose attention could not be put on a backend (``backend``), and why: ``reason``
-    is ``no_switch`` (neither a transformers model nor swapped hand-written attention),
-    ``refused`` (transformers refused the backend for this class), ``already_fused`` (every
-    site already runs SDPA) or ``no_site`` (no site could be swapped; each site's reason says
-    why). The library says what happened; the command line adds what to run (``cli.ADVICE``)."""
+    """Attention could not be put on ``backend``; ``reason``: ``no_switch`` (neither transformers
+    nor swappable hand-written attention), ``refused`` (by transformers for this class),
+    ``already_fused`` (every site runs SDPA) or ``no_site`` (no site swappable; each site says
+    why). ``cli.ADVICE`` adds what to run."""
 
     def __init__(self, message: str, reason: str, backend: str = ""):
         super().__init__(message)
@@ -134,15 +122,13 @@ class NoMemoryBound(CannotRun):
 
 
 def one_line(text: object, limit: int | None = None) -> str:
-    """``text`` on one line (whitespace folded), cut to ``limit`` characters when given: how
-    every message that quotes another (an exception, torch's warnings) is shortened."""
+    """``text`` on one line (whitespace folded), cut to ``limit`` characters when given."""
     folded = " ".join(str(text).split())
     return folded if limit is None or len(folded) <= limit else folded[:limit]
 
 
 def said(exc: BaseException, limit: int = 200) -> str:
-    """What an exception said, for a one-line message: 'TypeName: its text' (``one_line``,
-    ``limit`` characters of text); a ``CannotRun`` gives its own message."""
+    """'TypeName: its text' (``one_line``, ``limit`` characters); a ``CannotRun``'s own message."""
     if isinstance(exc, CannotRun):
         return one_line(exc.message, limit)
     return f"{type(exc).__name__}: {one_line(exc, limit)}"
@@ -159,17 +145,13 @@ class Check:
 
 @dataclass(kw_only=True)
 class StepData:
-    """What a step measured: the base of each step's own typed ``data`` (e.g.
-    ``steps.enable_flash.EnableFlashData``), and its one JSON form, ``to_dict``.
+    """What a step measured: the base of each step's typed ``data`` (e.g.
+    ``steps.enable_flash.EnableFlashData``); its JSON form is ``to_dict``.
 
-    Fields are the JSON object's keys, in order; a field named in ``OMIT_IF_NONE`` is left
-    out of the JSON while it is None (keys that only some runs have, such as ``gradients``
-    without ``--train``). Values may be typed objects (``Measurement``, ``Accuracy``): the JSON
-    form takes their ``to_dict``. Reading by key (``data["candidate"]``, ``data.get``) gives the
-    JSON form of that key, so a view or a test reads a live result as it reads report.json.
-
-    The fields here are written by the generic writers (``write_run_folder``, ``write_patch``)
-    for every step.
+    Fields are the JSON keys, in order; one in ``OMIT_IF_NONE`` is left out while None
+    (``gradients`` without ``--train``). Typed values (``Measurement``, ``Accuracy``) give
+    their ``to_dict``. ``data["key"]`` / ``data.get`` read the JSON form, as report.json
+    would. The fields here are the generic writers' (``write_run_folder``, ``write_patch``).
     """
 
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
@@ -192,8 +174,7 @@ class StepData:
         return getattr(self, name) is None and (name in self.OMIT_IF_NONE or name in self._BASE_OPTIONAL)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: every field not omitted, typed values by their ``to_dict``; NaN and
-        inf become None (``_jsonable``)."""
+        """The JSON form of every field not omitted (``_jsonable``: NaN and inf become None)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self) if not self._omitted(f.name)}
 
     def __getitem__(self, key: str) -> Any:
@@ -263,7 +244,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-# ----------------------------------------------------------------------------- formatting
+# --- formatting
 
 def fmt_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} ms" if value < 100 else f"{value:.1f} ms"
@@ -289,14 +270,11 @@ def fmt_kernels(counts: dict[str, int] | None) -> str:
     return ", ".join(f"{name} x{n}" for name, n in counts.items())
 
 
-# ----------------------------------------------------------------------------- terminal
+# --- terminal
 
 class Reporter:
-    """Progress on stderr while a step works; the result on stdout when it is done.
-
-    With ``json_mode`` stdout receives exactly one JSON object; progress lines still go
-    to stderr (plain lines when stderr is not a terminal, a rich spinner when it is).
-    """
+    """Progress on stderr (a rich spinner on a terminal, else plain lines); the result on
+    stdout, exactly one JSON object with ``json_mode``."""
 
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         from rich.console import Console
@@ -398,9 +376,8 @@ Table = tuple[str, list[str], list[list[str]]]
 
 
 class View(Protocol):
-    """How one step's result is drawn: its tables (title, header, rows), shared by rich and
-    markdown, and its plot. Each step registers its own (``register_view``), so this module
-    never guesses from a dict's keys what a step measured."""
+    """How one step's result is drawn: tables (title, header, rows) for rich and markdown,
+    and its plot; each step registers its own (``register_view``)."""
 
     def tables(self, data: dict[str, Any]) -> list[Table]: ...
 
@@ -409,8 +386,7 @@ class View(Protocol):
 
 @dataclass(frozen=True)
 class Sections:
-    """A ``View`` put together from parts: each of ``parts`` turns the step's data into tables,
-    ``figure`` writes the plot into the run folder (or returns None)."""
+    """A ``View`` of ``parts`` (data -> tables) and ``figure`` (writes the plot, or None)."""
 
     parts: tuple[Callable[[dict[str, Any]], list[Table]], ...] = ()
     figure: Callable[[dict[str, Any], Path], Path | None] | None = None
@@ -445,8 +421,8 @@ def _runs(data: dict[str, Any], keys: tuple[str, ...], list_key: str | None) -> 
 
 
 def measured(*keys: str, list_key: str | None = None) -> Callable[[dict[str, Any]], list[Table]]:
-    """A part: the measurements (``measure.timing.Measurement`` dicts) at ``keys`` and in the
-    list at ``list_key``, as one table; a sweep of lengths gets a seq_len column."""
+    """A part: the ``Measurement`` dicts at ``keys`` and in ``list_key`` as one table (a
+    seq_len column for a sweep)."""
     def part(d: dict[str, Any]) -> list[Table]:
         runs = _runs(d, keys, list_key)
         if not runs:
@@ -464,8 +440,7 @@ def measured(*keys: str, list_key: str | None = None) -> Callable[[dict[str, Any
 
 
 def measured_figure(*keys: str, list_key: str | None = None) -> Callable[[dict[str, Any], Path], Path | None]:
-    """A figure: latency and peak memory of the measurements at ``keys`` / ``list_key``, against
-    sequence length when they sweep it (``plot_sweep``), else as bars (``plot_measurements``)."""
+    """A figure of those measurements: ``plot_sweep``, else ``plot_measurements``."""
     def figure(d: dict[str, Any], folder: Path) -> Path | None:
         runs = _runs(d, keys, list_key)
         shape = d.get("shape") or {}
@@ -478,8 +453,7 @@ def measured_figure(*keys: str, list_key: str | None = None) -> Callable[[dict[s
 
 
 def accuracy_part(d: dict[str, Any]) -> list[Table]:
-    """A part: ``data.accuracy`` (a ``measure.accuracy.Accuracy``) by its rule: the dtype rule's
-    figures, or the FP8 rule's."""
+    """A part: ``data.accuracy`` (``measure.accuracy.Accuracy``), by the dtype or FP8 rule."""
     acc = d.get("accuracy")
     out: list[Table] = []
     if not acc:
@@ -541,7 +515,7 @@ def rejected_part(d: dict[str, Any]) -> list[Table]:
     return [("backends not chosen", ["backend", "reason"], [[r["backend"], r["reason"]] for r in d["rejected"]])]
 
 
-# ----------------------------------------------------------------------------- files
+# --- files
 
 def _md_cell(value: object) -> str:
     """A table cell: pipes escaped, newlines folded, so every row keeps its cell count."""
@@ -569,21 +543,13 @@ def to_markdown(result: StepResult) -> str:
 
 
 def plot_measurements(runs: list[dict], path: Path, title: str) -> Path | None:
-    """Bar charts of median latency (ms) and peak memory (MB) per backend, saved as PNG.
-
-    Returns the path, or None when there is nothing measured to plot.
-    """
+    """Bars of median latency (ms) and peak memory (MB) per backend, as PNG: the path, or None."""
     ok = [m for m in runs if m.get("latency_ms") is not None]
     if not ok:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [m["backend"] for m in ok]
     colors = ["#9e9e9e" if m["backend"] == "eager" else "#1f77b4" for m in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, axes = subplots(1, 2, figsize=(8, 3.2))
     for ax, key, unit in ((axes[0], "latency_ms", "median latency (ms)"),
                           (axes[1], "peak_memory_mb", "peak memory (MB)")):
         values = [m.get(key) or 0.0 for m in ok]
@@ -591,9 +557,26 @@ def plot_measurements(runs: list[dict], path: Path, title: str) -> Path | None:
         ax.bar_label(bars, fmt="%.1f")
         ax.set_ylabel(unit)
         ax.set_ylim(0, max(values + [1e-9]) * 1.2)
+    return save_figure(fig, path, title)
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """``plt.subplots(...)`` on matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path, title: str, dpi: int = 120) -> Path:
+    """Title ``fig``, write it to ``path`` (PNG) and close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -603,12 +586,7 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> Path | None:
     ok = [m for m in runs if m.get("latency_ms") is not None and m.get("seq_len")]
     if len({m["seq_len"] for m in ok}) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, axes = subplots(1, 2, figsize=(8, 3.2))
     for name in dict.fromkeys(m.get("label") or m["backend"] for m in ok):
         pts = sorted((m["seq_len"], m["latency_ms"], m.get("peak_memory_mb")) for m in ok
                      if (m.get("label") or m["backend"]) == name)
@@ -626,11 +604,7 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> Path | None:
         ax.set_ylabel(unit)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 #: The files a run writes into its run folder, any of which a user's folder may already hold.
@@ -640,8 +614,8 @@ REPORTS_ROOT = Path("attention-reports")
 
 
 def default_run_folder(step: str, model: str, root: Path = REPORTS_ROOT) -> Path:
-    """A new folder ./attention-reports/<step>-<YYYYmmdd-HHMMSS.mmm>-<random>-<model>, created
-    here (``exist_ok=False``): two runs started in the same millisecond still get their own."""
+    """Create a new ./attention-reports/<step>-<YYYYmmdd-HHMMSS.mmm>-<random>-<model>
+    (``exist_ok=False``: runs started in one millisecond still get their own)."""
     import secrets
 
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
@@ -659,9 +633,8 @@ def default_run_folder(step: str, model: str, root: Path = REPORTS_ROOT) -> Path
 
 
 def _cannot_write(folder: Path) -> str | None:
-    """Why no file can be created in the existing folder ``folder``, or None when one can: a
-    real attempt (an unnamed temporary file), so that read-only mounts and permissions are
-    judged as the write itself would be."""
+    """Why no file can be created in the existing ``folder`` (None: it can), by really creating
+    a temporary file, so read-only mounts and permissions are judged as the write would be."""
     import tempfile
 
     try:
@@ -673,8 +646,7 @@ def _cannot_write(folder: Path) -> str | None:
 
 
 def _check_creatable(path: Path, flag: str, shown: str, hint: str = "") -> None:
-    """Raise ``CannotRun`` unless ``path`` (a file or folder to create, folders above it
-    included) can be created: its nearest existing ancestor is a folder we can write in."""
+    """Raise ``CannotRun`` unless ``path``'s nearest existing ancestor is a writable folder."""
     above = path.parent
     while not above.exists() and above != above.parent:
         above = above.parent
@@ -696,10 +668,8 @@ def _require_writable(folder: Path, flag: str, shown: str) -> None:
 
 
 def check_run_folder(path: str, flag: str = "--report-dir") -> None:
-    """Raise ``CannotRun`` before any work unless the run folder ``path`` is a new folder we can
-    create or an empty one we can write in: a file, a folder we cannot write in, a folder
-    already holding a report (a user's, or another run's), or any other non-empty folder (the
-    user's files) is refused, so that a run never overwrites or mixes with what is there."""
+    """Raise ``CannotRun`` before any work unless the run folder ``path`` is new and creatable or
+    empty and writable: a run never overwrites or mixes with a report or the user's files."""
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir():
@@ -721,8 +691,7 @@ def check_run_folder(path: str, flag: str = "--report-dir") -> None:
 
 
 def check_new_folder(path: str, flag: str) -> None:
-    """Raise ``CannotRun`` before any work unless ``path`` is a folder to create, or an empty
-    one we can write in (``--save``)."""
+    """Like ``check_run_folder``, for ``--save``."""
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir() or any(folder.iterdir()):
@@ -734,8 +703,8 @@ def check_new_folder(path: str, flag: str) -> None:
 
 
 def refuse_to_overwrite(path: str | None, flag: str) -> None:
-    """Raise ``CannotRun`` before any work when the new file ``path`` (the value of ``flag``)
-    exists, or cannot be created: its folder missing, not a folder, or not writable."""
+    """Raise ``CannotRun`` before any work when the new file ``path`` exists or cannot be
+    created (folder missing, not a folder, not writable)."""
     if not path:
         return
     target = Path(path).expanduser()
@@ -756,9 +725,8 @@ def refuse_to_overwrite(path: str | None, flag: str) -> None:
 
 
 def check_outputs(args: Any) -> None:
-    """Check every output target a step's parsed arguments name, before anything is loaded or
-    measured, so that a long run never ends in "cannot write": --report-dir (or the default
-    ./attention-reports), --save, --write-patch. Raises ``CannotRun``."""
+    """Check --report-dir (or ./attention-reports), --save and --write-patch before any work,
+    so a long run never ends in "cannot write". Raises ``CannotRun``."""
     if hasattr(args, "report_dir") and not getattr(args, "no_report", False):
         if args.report_dir:
             check_run_folder(args.report_dir)
@@ -772,11 +740,9 @@ def check_outputs(args: Any) -> None:
 
 def write_patch(result: StepResult, patch: str, path: str | None, why_none: str = "",
                 apply_in: Path | None = None) -> None:
-    """Write ``patch`` to the new file ``path`` (when both are given) and record it as
-    ``data["patch_file"]``; a note says where to apply it when that is not the working
-    directory (``apply_in``, ``swap.patch.patch_root``: its paths are relative to it). With
-    ``path`` but no patch, nothing is written and a note in ``data["notes"]`` says so, and why
-    (``why_none``)."""
+    """Write ``patch`` to the new file ``path`` (``data["patch_file"]``), with a note when its
+    paths are relative to ``apply_in`` (``swap.patch.patch_root``) other than the working
+    directory; with ``path`` but no patch, a note says nothing was written and ``why_none``."""
     if path and patch:
         target = Path(path).expanduser()
         with open(target, "x") as f:  # never over a file that appeared since the start
@@ -791,16 +757,11 @@ def write_patch(result: StepResult, patch: str, path: str | None, why_none: str 
 
 
 def write_run_folder(result: StepResult, folder: Path, extra: dict[str, str] | None = None) -> Path:
-    """Write report.json, report.md, the step's plot (its ``View``: report.png, and any other
-    plot the view writes, whose path it may record under a key of the JSON form it is given
-    that is a field of the step's data left out while None, e.g. benchmark_attention's
-    ``memory_plot``), and each non-empty ``extra`` file (name -> text, e.g. swap.patch).
-
-    ``folder`` is created. A folder that already holds a report (another run given the same
-    --report-dir finished first; ``check_run_folder`` refused one at the start) is never
-    overwritten: the report goes into a new subfolder (``default_run_folder``'s naming),
-    and ``result.data["report_dir_note"]`` says so. The absolute path is stored in
-    ``result.data["report_dir"]``.
+    """Create ``folder`` and write report.json, report.md, the ``View``'s plots (report.png;
+    another may record its path under an omitted-while-None field, e.g. ``memory_plot``) and
+    each non-empty ``extra`` file (name -> text). A folder already holding a report (another
+    run finished first) is never overwritten: a new subfolder is used, said in
+    ``data["report_dir_note"]``. The absolute path goes to ``data["report_dir"]``.
     """
     folder = folder.expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)

@@ -365,6 +365,143 @@ class TalkingHeadsInline(Heads):
     sdpa = None
 
 
+# ----------------------------------------------------------------------------- held-out set 4's constructs
+
+def stable_softmax(t, dim=-1):
+    """A softmax helper that subtracts each row's max first: softmax(x - max x) = softmax(x)."""
+    t = t - t.amax(dim=dim, keepdim=True).detach()
+    return t.softmax(dim)
+
+
+class RowMaxShift(Heads):
+    """The row max subtracted before the softmax, inside the model's own helper."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.hd ** -0.5
+        s = s.masked_fill(key_padding(mask), float("-inf"))
+        return self.merge(torch.einsum("b h i j, b h j d -> b h i d", stable_softmax(s), v))
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+class SharedKeyEllipsis(Heads):
+    """Multi-query attention in ellipsis einsums: one key and value head [B, S, D] shared by
+    every query head ('... h i d, ... j d -> ... h i j')."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.wk, self.wv = nn.Linear(d, d // h), nn.Linear(d, d // h)
+
+    def forward(self, x, mask):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.h, self.hd).transpose(1, 2)  # [B, H, S, D]
+        k, v = self.wk(x), self.wv(x)  # [B, S, D]
+        s = torch.einsum("... h i d, ... j d -> ... h i j", q, k) / math.sqrt(self.hd)
+        s = s.masked_fill(key_padding(mask), float("-inf"))
+        return self.merge(torch.einsum("... h i j, ... j d -> ... h i d", s.softmax(-1), v))
+
+    def sdpa(self, x, mask):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.h, self.hd).transpose(1, 2)
+        k, v = (w(x)[:, None].expand(-1, self.h, -1, -1) for w in (self.wk, self.wv))
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=~key_padding(mask)))
+
+
+class RelativeLogits(Heads):
+    """Content logits Q·Kᵀ plus relative logits Q·Rᵀ read at each key-minus-query offset, and
+    values half as wide as queries and keys."""
+
+    def __init__(self, d=D_MODEL, h=HEADS, max_len=512):
+        super().__init__(d, h)
+        self.wv, self.wo = nn.Linear(d, d // 2), nn.Linear(d // 2, d)
+        self.rel = nn.Parameter(0.1 * torch.randn(2 * max_len - 1, d // h))
+        self.max_len = max_len
+
+    def relative(self, q, S):
+        pos = torch.arange(S, device=q.device)
+        offset = pos[None, :] - pos[:, None] + self.max_len - 1  # [S, S]
+        rel = q @ self.rel.t()  # [B, H, S, 2 max_len - 1]
+        return rel.gather(-1, offset.expand(*rel.shape[:2], S, S))
+
+    def forward(self, x, mask):
+        B, S, _ = x.shape
+        q, k = (w(x).view(B, S, self.h, self.hd).transpose(1, 2) for w in (self.wq, self.wk))
+        v = self.wv(x).view(B, S, self.h, self.hd // 2).transpose(1, 2)
+        s = (q @ k.transpose(-1, -2) + self.relative(q, S)) / math.sqrt(self.hd)
+        return self.merge(s.softmax(-1) @ v)
+
+    def sdpa(self, x, mask):
+        B, S, _ = x.shape
+        q, k = (w(x).view(B, S, self.h, self.hd).transpose(1, 2) for w in (self.wq, self.wk))
+        v = self.wv(x).view(B, S, self.h, self.hd // 2).transpose(1, 2)
+        bias = self.relative(q, S) / math.sqrt(self.hd)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+
+
+class _WeightsToo(nn.Module):
+    """Returns (output, weights), as many attention functions do; its caller drops the weights."""
+
+    def forward(self, q, k, v, masked, dropout=None):
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        p = F.softmax(s.masked_fill(masked, -1e9), dim=-1)
+        if dropout is not None:
+            p = dropout(p)
+        return p @ v, p
+
+
+class ReturnsWeights(Heads):
+    """The attention module returns its weights beside its output; the caller drops them."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.core, self.drop = _WeightsToo(), nn.Dropout(0.1)
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        out, _ = self.core(q, k, v, key_padding(mask), dropout=self.drop)
+        return self.merge(out)
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+class RefilledMask(Heads):
+    """masked_fill(-inf) before the softmax and masked_fill(0) after it with the same mask."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        masked = key_padding(mask)
+        s = (q @ k.transpose(-1, -2) * self.hd ** -0.5).masked_fill(masked, float("-inf"))
+        return self.merge(torch.softmax(s, dim=-1).masked_fill(masked, 0.0) @ v)
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+class CosineTau(Heads):
+    """Scaled cosine attention: the scores over each query's norm and over a learned per-head
+    temperature clamped from below (both constant along the keys: Q's rows scaled)."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.tau = nn.Parameter(torch.linspace(0.2, 1.0, h).view(1, h, 1, 1))
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        s = q @ F.normalize(k, dim=-1).transpose(-1, -2) / q.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        s = s / self.tau.clamp(min=0.01)
+        s = s.masked_fill(key_padding(mask), float("-inf"))
+        return self.merge(s.softmax(-1) @ v)
+
+    def sdpa(self, x, mask):
+        q, k, v = self.split(x)
+        q = q / q.norm(dim=-1, keepdim=True).clamp(min=1e-6) / self.tau.clamp(min=0.01)
+        return self.merge(F.scaled_dot_product_attention(q, F.normalize(k, dim=-1), v,
+                                                         attn_mask=~key_padding(mask), scale=1.0))
+
+
 STYLES = {
     "HelperSoftmax": (HelperSoftmax, "swap"),
     "InlineSoftmaxModule": (InlineSoftmaxModule, "swap"),
@@ -374,6 +511,12 @@ STYLES = {
     "InPlace": (InPlace, "swap"),
     "BiasLoop": (BiasLoop, "swap"),
     "ArithmeticMask": (ArithmeticMask, "swap"),
+    "RowMaxShift": (RowMaxShift, "swap"),
+    "SharedKeyEllipsis": (SharedKeyEllipsis, "swap"),
+    "RelativeLogits": (RelativeLogits, "swap"),
+    "ReturnsWeights": (ReturnsWeights, "swap"),
+    "RefilledMask": (RefilledMask, "swap"),
+    "CosineTau": (CosineTau, "swap"),
     "Sinks": (Sinks, "swap"),
     "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
     "TalkingHeadsInline": (TalkingHeadsInline, "talking heads"),

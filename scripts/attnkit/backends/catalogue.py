@@ -176,6 +176,7 @@ FLEX_ATTENTION = Backend(
         "dropout": Support(False, "flex_attention has no dropout argument",
                            "torch.nn.attention.flex_attention signature"),
     },
+    backward_devices=("cuda",),  # torch 2.13 on CPU: "FlexAttention does not support backward on CPU"
     causal_alignment="as the block mask says", call=calls.flex,
     compiles="torch.compile builds a kernel per shape (Triton on CUDA, C++ through inductor on CPU)",
     why="torch.compile generates a fused kernel for the model's own score and mask functions",

@@ -70,9 +70,10 @@ def softcap_of(model: Any) -> float | None:
     return value if isinstance(value, (int, float)) and value else None
 
 
-def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None) -> Availability:
+def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None,
+                 train: bool = False) -> Availability:
     """Can ``name`` run here? Checks the model class, the dtype, the pip distribution, the
-    device, the GPU capability, the import (only where the rest allows it to run) and
+    device (with ``train``, that its backward runs there), the GPU capability, the import (only where the rest allows it to run) and
     head_dim; every failing one is a reason, in that order, joined by "; " (the first is
     the headline).
 
@@ -104,6 +105,8 @@ def availability(name: str, *, env: Environment, device: str, dtype: torch.dtype
     if kind not in info.devices:
         device_ok = False
         reasons.append(f"{name} needs a CUDA GPU; the device here is {device}")
+    elif train and kind not in info.backward_devices:
+        reasons.append(f"{name} has no backward pass on {kind} (--train): it runs forward only there")
     elif kind == "cuda" and env.capability is not None:
         cap = env.capability
         if info.min_capability and cap < info.min_capability:
@@ -139,7 +142,8 @@ class Choice:
     rejected: list[Availability]
 
 
-def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None) -> Choice:
+def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype, model: Any = None,
+           train: bool = False) -> Choice:
     """Pick the backend: ``auto`` or a forced name.
 
     ``auto`` takes the first available of ``AUTO_ORDER`` (FlashAttention-3 only on Hopper,
@@ -147,7 +151,8 @@ def choose(requested: str, *, env: Environment, device: str, dtype: torch.dtype,
     Raises ``CannotRun`` when a forced backend cannot run here,
     with what to install or pass, or when ``auto`` finds nothing better than eager.
     """
-    verdicts = {name: availability(name, env=env, device=device, dtype=dtype, model=model) for name in BACKENDS}
+    verdicts = {name: availability(name, env=env, device=device, dtype=dtype, model=model, train=train)
+                for name in BACKENDS}
     if requested != "auto":
         if requested not in BACKENDS:
             raise OptionError("backend", "unknown {backend} {value!r}; choose from auto, {names}", value=requested,

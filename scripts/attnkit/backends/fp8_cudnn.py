@@ -1,43 +1,36 @@
 """FP8 attention forward on Hopper: cuDNN's ``sdpa_fp8`` graph, through nvidia-cudnn-frontend.
 
 The kernel behind the ``fp8`` backend record. ``call(q, k, v, causal=, scale=)`` takes
-bf16 or fp16 q [B, S, H, D], k and v [B, S, H_kv, D] (the layout transformers and
-flash-attn store), quantises each to ``float8_e4m3fn`` with one scale per tensor, runs
-the FP8 kernel and returns out [B, S, H, D] de-quantised to q's dtype. Forward only.
+bf16/fp16 q [B, S, H, D], k and v [B, S, H_kv, D] (transformers' and flash-attn's layout),
+quantises each to ``float8_e4m3fn`` with one scale per tensor, runs the kernel and
+returns out [B, S, H, D] in q's dtype. Forward only.
 
-Scales (per tensor, computed on the GPU, no host sync):
+Scales (per tensor, on the GPU, no host sync):
 
-* q, k, v: ``amax = max|x|``, ``scale = 448 / amax``, ``x8 = e4m3(x * scale)``,
-  ``descale = amax / 448``. 448 is the largest finite e4m3 value
-  (``torch.finfo(torch.float8_e4m3fn).max``).
-* softmax probabilities: ``scale_s = 448``, ``descale_s = 1/448``. The kernel quantises
-  the unnormalised online-softmax P = exp(S - running row max), which lies in [0, 1], so
-  448 cannot overflow (cuDNN frontend's ``sdpa_fp8`` docstring: "Amax S ... 448 for E4M3
-  without dropout").
-* output: ``scale_o = 448 / (OUTPUT_MARGIN * amax(V))``. O is a convex combination of the
-  rows of V, so |O| <= max|V|; the kernel's numerator uses e4m3-rounded P while its
-  denominator sums fp32 P, which can push the weights' sum to at most 1 + 2**-4 (e4m3's
-  rounding unit), hence ``OUTPUT_MARGIN = 1.0625``: no output can overflow.
+* q, k, v: ``scale = 448 / max|x|``, ``x8 = e4m3(x * scale)``, ``descale = max|x| / 448``
+  (448: ``torch.finfo(torch.float8_e4m3fn).max``).
+* softmax probabilities: ``scale_s = 448``: the unnormalised online-softmax P = exp(S -
+  running row max) is in [0, 1] (cuDNN frontend's ``sdpa_fp8`` docstring: "Amax S ... 448
+  for E4M3 without dropout").
+* output: ``scale_o = 448 / (OUTPUT_MARGIN * amax(V))``: |O| <= max|V|, but the numerator
+  uses e4m3-rounded P and the denominator fp32 P, so the weights may sum to 1 + 2**-4.
 
 What the graph computes (cudnn-frontend ``scaled_dot_product_flash_attention.h`` and its
-test oracle ``test/python/sdpa/fp8_ref.py``; ``emulate`` below is the same arithmetic in
-PyTorch, for machines without the GPU)::
+test oracle ``test/python/sdpa/fp8_ref.py``; ``emulate`` is the same in PyTorch)::
 
     S  = (Q8 @ K8^T) * descale_q * descale_k * attn_scale                  fp32
     P  = exp(S - running row max)           in [0, 1]                       online softmax
     O  = e4m3(P * scale_s) @ V8 * descale_s * descale_v / rowsum(P)         fp32
     O8 = e4m3(O * scale_o)
 
-What cuDNN 9.19 takes on Hopper (frontend ``sdpa_support_surface.h``, 1.17.0; and the
-lead's probe on an H100, 2026-11-23): e4m3 output only ("HALF/BFLOAT16 output only on
-Blackwell"), head_dim <= 256 and a multiple of 16, causal masks aligned top-left only
-(bottom-right is Blackwell-only), no bias, no padding mask here. ``import torch`` must come
-before the first graph build: torch preloads libnvrtc-builtins, which cuDNN's
-runtime-compiled FP8 engine needs.
+cuDNN 9.19 on Hopper (frontend 1.17.0 ``sdpa_support_surface.h``; an H100 probe,
+2026-11-23): e4m3 output only ("HALF/BFLOAT16 output only on Blackwell"), head_dim <= 256
+and a multiple of 16, causal top-left only, no bias, no padding mask here. ``import torch``
+first: it preloads libnvrtc-builtins, which the runtime-compiled FP8 engine needs.
 
 A graph is built per (device, shapes, strides, causal, scale) on first use (0.05 to 1.2 s
-on an H100, NVRTC compiles the engine) and kept in ``_GRAPHS``; scales are device tensors
-read at run time, so new values need no rebuild. ``graph_builds()`` reports the builds.
+on an H100: NVRTC) and kept in ``_GRAPHS`` (``graph_builds()``); scales are device tensors
+read at run time, so new values need no rebuild.
 """
 
 from __future__ import annotations
@@ -52,8 +45,7 @@ import torch
 E4M3 = torch.float8_e4m3fn
 #: The largest finite e4m3 value (torch.finfo(torch.float8_e4m3fn).max).
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448.0
-#: Round-to-nearest unit of e4m3: 3 mantissa bits, so neighbours differ by 2**-3 relative
-#: and rounding moves a value by at most 2**-4 of itself (half of torch.finfo(e4m3).eps).
+#: e4m3's unit roundoff: 3 mantissa bits, so rounding moves a value by at most 2**-4 of itself.
 E4M3_UNIT_ROUNDOFF = torch.finfo(E4M3).eps / 2  # 0.0625
 #: The softmax-probability scale: P <= 1, so P * 448 <= 448 (cuDNN's "Amax S" bound).
 SCALE_S = E4M3_MAX
@@ -68,25 +60,19 @@ PROFILER_RANGE = "cudnn_frontend::sdpa_fp8"
 AMAX_FLOOR = torch.finfo(torch.float32).tiny * E4M3_MAX
 
 
-# ----------------------------------------------------------------------------- quantisation
+# --- quantisation
 
 def amax(x: torch.Tensor) -> torch.Tensor:
-    """max|x| as a float32 [1, 1, 1, 1] tensor on x's device, floored at ``AMAX_FLOOR``.
-
-    One reduction kernel, no copy of x and no host sync (``linalg.vector_norm`` with
-    ord=inf); the maximum of bf16 or fp16 values is exact in their own dtype.
-    """
+    """max|x| as a float32 [1, 1, 1, 1] tensor on x's device, floored at ``AMAX_FLOOR``: one
+    reduction (``linalg.vector_norm``, ord=inf), no copy, no host sync; exact for bf16/fp16."""
     top = torch.linalg.vector_norm(x.detach(), float("inf")).float()
     return top.clamp(min=AMAX_FLOOR).reshape(1, 1, 1, 1)
 
 
 def quantize(x: torch.Tensor, x_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise ``x`` (any shape and strides) to e4m3 with one scale for the whole tensor.
-
-    Returns ``(x8, descale)``: x8 has x's shape and strides, ``descale`` = amax / 448 is a
-    float32 [1, 1, 1, 1] tensor, and x ~= x8 * descale with a relative error of at most
-    2**-4 per element in e4m3's normal range (|x| >= 2**-6 * descale). The largest |x|
-    maps to 448 exactly.
+    """Quantise ``x`` (any shape and strides) to e4m3 with one scale: ``(x8, descale)``, x8 with
+    x's shape and strides, ``descale`` = amax / 448 (float32 [1, 1, 1, 1]); x ~= x8 * descale
+    within 2**-4 relative in e4m3's normal range (|x| >= 2**-6 * descale); max|x| -> 448.
     """
     top = amax(x) if x_amax is None else x_amax.float().reshape(1, 1, 1, 1)
     scale = E4M3_MAX / top
@@ -107,7 +93,7 @@ def output_scale(descale_v: torch.Tensor) -> torch.Tensor:
     return 1.0 / (descale_v * OUTPUT_MARGIN)
 
 
-# ----------------------------------------------------------------------------- what it takes
+# --- what it takes
 
 def shape_problems(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why cuDNN's sm90 FP8 path cannot take these [B, S, H, D] tensors (empty when it can)."""
@@ -129,7 +115,7 @@ def shape_problems(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[st
     return problems
 
 
-# ----------------------------------------------------------------------------- cuDNN graphs
+# --- cuDNN graphs
 
 _cudnn_module: Any = None
 
@@ -157,11 +143,8 @@ _HANDLES: dict[int, list[Any]] = {}  # device index -> [handle, bound stream]
 
 
 def _handle(device: torch.device) -> Any:
-    """One cuDNN handle per device, bound to torch's current stream (re-bound when it changes).
-
-    frontend 1.17: ``create_handle()`` returns an int; 1.27+: a ``cudnn.Handle``; both
-    take ``set_stream(handle=, stream=)``.
-    """
+    """One cuDNN handle per device, bound to torch's current stream (an int in frontend 1.17,
+    a ``cudnn.Handle`` in 1.27+)."""
     cudnn = _cudnn()
     index = device.index if device.index is not None else torch.cuda.current_device()
     entry = _HANDLES.get(index)
@@ -197,8 +180,7 @@ def graph_builds() -> list[dict[str, Any]]:
 
 
 def _build(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, causal: bool, scale: float, handle: Any) -> _Graph:
-    """Build the FP8 graph for logical [B, H, S, D] views with these strides (see the module
-    docstring for the formula). Raises cudnn's own errors for a configuration it refuses."""
+    """Build the FP8 graph for [B, H, S, D] views with these strides; raises cudnn's errors."""
     cudnn = _cudnn()
     f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     b, h, s_q, _ = q8.shape
@@ -247,14 +229,11 @@ def _constants(device: torch.device) -> dict[str, torch.Tensor]:
 def sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
              descale_v: torch.Tensor, scale_o: torch.Tensor, *, causal: bool = False,
              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cuDNN FP8 kernel on e4m3 CUDA tensors of logical shape [B, H, S, D] (any strides
-    with the last dimension contiguous; k and v may have fewer heads: GQA).
-
-    ``descale_*`` and ``scale_o`` are float32 [1, 1, 1, 1] CUDA tensors; ``scale`` is the
-    softmax scale (default 1/sqrt(D)); ``causal`` is top-left aligned. Returns
-    ``(o8, amax_o)``: o8 e4m3 [B, H, S_q, D_v] (a view of a [B, S, H, D] buffer when q
-    is one), amax_o = max|O| before ``scale_o`` (float32 [1, 1, 1, 1], overwritten by the
-    next call on this device). Builds and caches the graph on the first call of a shape.
+    """The cuDNN FP8 kernel on e4m3 CUDA [B, H, S, D] tensors (last dimension contiguous; k, v
+    may have fewer heads). ``descale_*``, ``scale_o``: float32 [1, 1, 1, 1]; ``scale``:
+    softmax scale (1/sqrt(D)); ``causal``: top-left. Returns ``(o8, amax_o)``: e4m3
+    [B, H, S_q, D_v] (a view of a [B, S, H, D] buffer when q is one) and max|O| before
+    ``scale_o`` (overwritten by the next call on this device).
     """
     scale = 1.0 / math.sqrt(q8.shape[-1]) if scale is None else float(scale)
     device = q8.device
@@ -288,6 +267,11 @@ def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = Fa
     bottom-right when S_q == S_k). Raises ``ValueError`` for what the kernel does not take
     (a window, softcap, head_dim, heads), naming it.
     """
+    return _attend(sdpa_fp8, q, k, v, causal, scale, window, softcap)
+
+
+def _attend(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+            window: Any, softcap: float | None) -> torch.Tensor:
     if window is not None and tuple(window) != (-1, -1):
         raise ValueError("fp8 (cuDNN sdpa_fp8) takes no sliding window here")
     if softcap:
@@ -299,21 +283,19 @@ def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = Fa
     q8, descale_q = quantize(qh)
     k8, descale_k = quantize(kh)
     v8, descale_v = quantize(vh)
-    scale_o = output_scale(descale_v)
-    o8, _ = sdpa_fp8(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, causal=causal, scale=scale)
+    o8, _ = kernel(q8, k8, v8, descale_q, descale_k, descale_v, output_scale(descale_v), causal=causal, scale=scale)
     return dequantize(o8, descale_v * OUTPUT_MARGIN, q.dtype).transpose(1, 2)  # [B, S, H, D]
 
 
-# ----------------------------------------------------------------------------- the same arithmetic, anywhere
+# --- the same arithmetic, anywhere
 
 def emulate(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
             descale_v: torch.Tensor, scale_o: torch.Tensor, *, causal: bool = False, scale: float | None = None,
             block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FP8 graph's arithmetic in float32 PyTorch on any device (the algorithm of
-    cudnn-frontend's ``test/python/sdpa/fp8_ref.py``): e4m3 [B, H, S, D] in, ``(o8,
-    amax_o)`` out, as ``sdpa_fp8``. Keys are processed in blocks of ``block`` with an
-    online softmax; causal is top-left. The kernel's own tiling and rounding order differ,
-    so its output matches this one in distribution, not bit for bit.
+    """``sdpa_fp8``'s arithmetic in float32 PyTorch on any device (cudnn-frontend's
+    ``test/python/sdpa/fp8_ref.py``): keys in blocks of ``block`` with an online softmax,
+    causal top-left. The kernel's tiling and rounding order differ: it matches in
+    distribution, not bit for bit.
     """
     b, h, s_q, d = q8.shape
     rep = h // k8.shape[1]
@@ -348,16 +330,6 @@ def emulate(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: tor
 def emulated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   scale: float | None = None, window: Any = None, softcap: float | None = None,
                   **_: Any) -> torch.Tensor:
-    """``call`` with ``emulate`` in place of the kernel: the same quantisation and scales, on
-    any device ([B, S, H, D] in and out, q's dtype). For tests and machines without the GPU."""
-    if (window is not None and tuple(window) != (-1, -1)) or softcap:
-        raise ValueError("fp8 (cuDNN sdpa_fp8) takes no window or softcap")
-    problems = shape_problems(q, k, v)
-    if problems:
-        raise ValueError("fp8 (cuDNN sdpa_fp8): " + "; ".join(problems))
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    q8, descale_q = quantize(qh)
-    k8, descale_k = quantize(kh)
-    v8, descale_v = quantize(vh)
-    o8, _ = emulate(q8, k8, v8, descale_q, descale_k, descale_v, output_scale(descale_v), causal=causal, scale=scale)
-    return dequantize(o8, descale_v * OUTPUT_MARGIN, q.dtype).transpose(1, 2)
+    """``call`` with ``emulate`` in place of the kernel, on any device: for tests and machines
+    without the GPU."""
+    return _attend(emulate, q, k, v, causal, scale, window, softcap)

@@ -83,6 +83,7 @@ class Backend:
     causal_alignment: str = ""  # where the causal diagonal sits when S_q != S_k
     varlen: bool = False  # a variable-length (packed, padding-free) entry point
     backward: bool = True
+    backward_devices: tuple[str, ...] = ("cpu", "cuda")  # where its backward runs (--train)
     kv_cache: bool = False  # a decode entry point that reads a KV cache in place
     auto: bool = True  # considered by --backend auto
     why: str = ""  # why one would pick it (shown when auto takes it)

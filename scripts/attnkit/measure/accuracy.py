@@ -1,47 +1,40 @@
 """Is the candidate's output as close to the truth as the baseline's? Judged, not guessed.
 
 Both outputs (logits [B, S, V] for language models, else the last hidden state
-[B, S, hidden]) are compared with a float64 run of the same model and the same inputs
-(``reference_output``: weights cast to float64 in place and restored bit for bit, eager
-attention). When the model builds tensors of a fixed dtype inside forward, a plain cast of its weights
-cannot run in float64; the reference then runs op by op in float64 (``Float64Everywhere``),
-and failing that in the run's own dtype, and says which it was (``Accuracy.reference``).
-The rule, from flash-attn's tests (``tests/test_flash_attn.py`` asserts
-``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``)::
+[B, S, hidden]) are compared with a float64 run of the same model on the same inputs
+(``reference``: weights cast to float64 in place and restored bit for bit, eager
+attention; op by op in float64, ``Float64Everywhere``, when the model builds fixed-dtype
+tensors inside forward; failing that in the run's own dtype, named in
+``Accuracy.reference``). The rule, from flash-attn's ``tests/test_flash_attn.py``
+(``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``)::
 
     err_candidate <= 2 * err_baseline + eps(dtype) * max|reference|
 
-``err`` is the max absolute error against the float64 reference over real tokens;
-``eps(dtype)`` is ``torch.finfo(dtype).eps`` (machine epsilon: 1.2e-7 fp32, 7.8e-3 bf16,
-9.8e-4 fp16), so the floor is one unit in the last place at the output's scale and the
-tolerance follows from the dtype and the baseline's own error, not from a magic number.
+``err``: max absolute error against float64 over real tokens; ``eps(dtype)``:
+``torch.finfo(dtype).eps`` (1.2e-7 fp32, 7.8e-3 bf16, 9.8e-4 fp16), one unit in the last
+place at the output's scale: no magic number.
 
-The reference is judged before any candidate is. A correct run in ``dtype`` errs against
-float64 by a few units of ``eps(dtype)`` at the output's scale: over this project's 182
-measured baselines (references/measurements/, bf16 and fp32, CPU and H200, up to Llama
-3B at 8K) the largest was 9.5 eps(dtype) x max|ref|. So the bound is::
+The reference is judged first. Over this project's 182 measured baselines
+(references/measurements/: bf16 and fp32, CPU and H200, up to Llama 3B at 8K) a correct
+run erred by at most 9.5 eps(dtype) x max|ref|, so (6.7x that)::
 
     err_baseline <= REFERENCE_FACTOR x eps(dtype) x max|ref|,   REFERENCE_FACTOR = 64
 
-(6.7x the largest seen). A baseline beyond it means the float64 run is not the same
-function as the model in ``dtype``: the model's code picks a constant by dtype (a norm's
-eps of 1e-5 in float32 and 1e-3 otherwise), and ``2 x err_baseline`` would then accept
-anything. The candidate is then compared with the eager baseline in the run's own dtype::
+Beyond it the float64 run is not the model's function (its code picks a constant by
+dtype: a norm's eps 1e-5 in float32, 1e-3 otherwise) and ``2 x err_baseline`` would
+accept anything; the candidate is then compared with the eager baseline in its dtype::
 
     max|candidate - baseline| <= 2 x REFERENCE_FACTOR x eps(dtype) x max|baseline|
 
-(each of two correct runs within the bound of the truth, so within twice it of each
-other). That is sound only while the tolerance is below 1/16 of the output's scale
-(``SAME_DTYPE_LIMIT``), which holds in float32 (1.5e-5) and fails in bf16 (1.0) and fp16
-(0.125): there the check is ``fail`` with "cannot verify", never ``pass``.
+sound only while that is below ``SAME_DTYPE_LIMIT`` = 1/16 of the output's scale: true in
+float32 (1.5e-5), not in bf16 (1.0) or fp16 (0.125), where the check fails "cannot verify".
 
-Padding positions (``Inputs.valid`` False) are left out of the judgement and reported
-apart: what a model writes at a padded query is not defined and differs by backend.
+Padding positions (``Inputs.valid`` False) are reported apart, not judged: what a model
+writes at a padded query is undefined and differs by backend.
 
-A backend that computes attention in FP8 (``Backend.precision == "fp8_e4m3"``) cannot meet
-that rule: e4m3 keeps 3 mantissa bits, so one attention call already errs by about 0.06
-relative RMS where bf16 errs by 0.002 (an H100 run, cuDNN sdpa_fp8 against fp32). It is
-judged by ``compare_fp8`` instead, the same idea scaled by the precision it computes in::
+FP8 attention (``Backend.precision == "fp8_e4m3"``: 3 mantissa bits, one call errs about
+0.06 relative RMS where bf16 errs 0.002; H100, cuDNN sdpa_fp8 vs fp32) is judged by
+``compare_fp8``, the same idea scaled by the precision::
 
     r = eps(e4m3) / eps(dtype)            16 for bf16 (2**-3 / 2**-7), 128 for fp16
     relRMS(candidate, ref) <= r x relRMS(baseline, ref)                  logits (or hidden states)
@@ -49,10 +42,9 @@ judged by ``compare_fp8`` instead, the same idea scaled by the precision it comp
     each layer: relRMS(attention out, fp32 attention on the same q, k, v) <= eps(e4m3) = 0.125
 
 relRMS(a, b) = ||a - b|| / ||b|| over real tokens. The first two let the model's own
-sensitivity set the scale: a deep network that amplifies bf16 rounding amplifies FP8
-rounding alike. The third reads the model's real activations, where a sharper softmax
-than random inputs give raises FP8's error (issue 12: from 0.06 to 0.10): every layer
-must stay within one e4m3 unit (``torch.finfo(float8_e4m3fn).eps``).
+sensitivity set the scale (a deep network amplifies bf16 and FP8 rounding alike); the
+third reads real activations, where a sharper softmax raises FP8's error (issue 12: 0.06
+to 0.10).
 """
 
 from __future__ import annotations
@@ -72,8 +64,7 @@ from ..swap import switch
 from .timing import is_oom, oom_caught, run_backend, train_fn
 
 RULE = "err <= 2 x baseline err + eps(dtype) x max|ref| (flash-attn tests)"
-#: A correct run in ``dtype`` errs against float64 by at most this many eps(dtype) x max|ref|
-#: (module docstring: 6.7x the largest of 182 measured baselines).
+#: The bound on a correct run's error against float64, in eps(dtype) x max|ref| (module docstring).
 REFERENCE_FACTOR = 64
 #: A same-dtype comparison whose tolerance reaches this fraction of the output's scale cannot
 #: tell a wrong swap (a dropped mask moves outputs by their own scale) from rounding.
@@ -90,31 +81,15 @@ FP8_RULE = ("FP8 attention vs the baseline, r = eps(e4m3) / eps(dtype): relRMS(o
 
 @contextlib.contextmanager
 def exact_cast(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator[nn.Module]:
-    """Cast the model's floating parameters and buffers to ``dtype`` inside the block.
-
-    Each tensor gets back its own original dtype afterwards (a bf16 model keeps its fp32
-    rotary ``inv_freq``); float64 holds every fp32/bf16/fp16 value exactly, so the
-    round trip restores the weights bit for bit.
-    """
-    saved: list[tuple[nn.Module, str, str, torch.dtype]] = []
-    for module in model.modules():
-        for kind, table in (("p", module._parameters), ("b", module._buffers)):
-            for name, t in table.items():
-                if t is not None and t.is_floating_point() and t.dtype != dtype:
-                    saved.append((module, kind, name, t.dtype))
-                    if kind == "p":
-                        t.data = t.data.to(dtype)
-                    else:
-                        table[name] = t.to(dtype)
+    """Cast the model's floating parameters and buffers to ``dtype`` inside the block; each
+    gets back its own dtype after (a bf16 model keeps its fp32 rotary ``inv_freq``), bit for
+    bit: float64 holds every fp32/bf16/fp16 value exactly."""
+    saved = [(module, _cast_own(module, dtype)) for module in model.modules()]
     try:
         yield model
     finally:
-        for module, kind, name, original in saved:
-            if kind == "p":
-                t = module._parameters[name]
-                t.data = t.data.to(original)
-            else:
-                module._buffers[name] = module._buffers[name].to(original)
+        for module, own in saved:
+            _restore_own(module, own)
 
 
 def _cast_own(module: nn.Module, dtype: torch.dtype) -> list[tuple[str, str, torch.dtype]]:
@@ -143,17 +118,11 @@ def _restore_own(module: nn.Module, saved: list[tuple[str, str, torch.dtype]]) -
 
 @contextlib.contextmanager
 def exact_cast_per_module(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator[nn.Module]:
-    """Like ``exact_cast``, but each module's own weights are in ``dtype`` only while that
-    module runs: a forward pre-hook casts them, a forward hook restores them bit for bit.
-
-    This is the float64 reference of a model spread over devices (``device_map``): the
-    whole model in float64 would need 4x its bf16 memory on every device, more than the
-    split allows; here the extra memory is one module's weights in float64 at a time (the
-    largest single module, e.g. the embedding) plus the float64 activations. A module
-    whose weights an accelerate hook keeps on the CPU (offload) is cast on the "meta"
-    placeholder before the hook loads it, so the hook loads it in float64 too. A forward
-    that reads another module's weights outside that module's own call fails with a dtype
-    error, which the caller reports.
+    """Like ``exact_cast``, but each module's own weights are in ``dtype`` only while it runs
+    (pre-hook casts, hook restores bit for bit): the float64 reference of a model spread over
+    devices (references/context-parallel.md). An offloaded module is cast on its "meta"
+    placeholder, so accelerate loads it in float64. A forward reading another module's
+    weights outside that module's call fails with a dtype error, which the caller reports.
     """
     handles, stacks = [], {}
 
@@ -179,9 +148,8 @@ def exact_cast_per_module(model: nn.Module, dtype: torch.dtype = torch.float64) 
 
 @contextlib.contextmanager
 def dropout_off(model: nn.Module) -> Iterator[None]:
-    """Inside the block, every nn.Dropout's p and every float attribute of a module named
-    like a dropout rate (``dropout``, ``attention_dropout``, ``attn_pdrop``, ``p``, ...) is 0,
-    so two training-mode passes compute the same function and can be compared."""
+    """Inside the block every float attribute named like a dropout rate (nn.Dropout's ``p``,
+    ``attention_dropout``, ``attn_pdrop``, ...) is 0, so two training passes can be compared."""
     saved = []
     for m in model.modules():
         for name, value in list(vars(m).items()):
@@ -279,23 +247,18 @@ def _rows(t: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, to
 def compare(candidate: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor, *,
             valid: torch.Tensor | None, dtype: torch.dtype, language_model: bool,
             reference_name: str = "float64 eager", check_reference: bool = True) -> Accuracy:
-    """Judge ``candidate`` against ``baseline`` using the float64 ``reference`` (all [B, S, ...]).
-
-    The reference is judged first (``check_reference``, the module docstring's bound); one
-    that fails it hands the verdict to the same-dtype rule or to "cannot verify". Errors
-    are computed in float64 on the outputs' device. Non-finite values in the candidate at
-    real tokens fail the check.
-    """
+    """Judge ``candidate`` against ``baseline`` using the float64 ``reference`` (all [B, S, ...]),
+    in float64 on the outputs' device. The reference is judged first (``check_reference``);
+    one that fails hands the verdict to the same-dtype rule or "cannot verify". Non-finite
+    candidate values at real tokens fail."""
     cand, cand_pad = _rows(candidate.double(), valid)
     base, base_pad = _rows(baseline.double(), valid)
     ref, _ = _rows(reference.double().to(candidate.device), valid)
     n = cand.shape[0]
-    if n == 0:
-        return Accuracy(None, None, None, None, False, None, None, None, 0, 0, None, reference_name,
-                        note="no real tokens to compare")
-    if not bool(torch.isfinite(ref).all()):
+    if n == 0 or not bool(torch.isfinite(ref).all()):
         return Accuracy(None, None, None, None, False, None, None, None, n, 0, None, reference_name,
-                        note=f"not compared: the {reference_name} reference has NaN or inf at real tokens")
+                        note=f"not compared: the {reference_name} reference has NaN or inf at real tokens" if n
+                        else "no real tokens to compare")
     diff = (cand - ref).abs()
     finite = bool(torch.isfinite(cand).all())
     err = float(diff.max()) if finite else float("inf")
@@ -328,10 +291,8 @@ def _pad_err(cand_pad: torch.Tensor | None, base_pad: torch.Tensor | None) -> fl
 
 def _same_dtype(cand: torch.Tensor, base: torch.Tensor, cand_pad: torch.Tensor | None, base_pad: torch.Tensor | None,
                 err_base: float, bound: float, dtype: torch.dtype, reference_name: str) -> Accuracy:
-    """The float64 reference failed its own test (the baseline errs by ``err_base`` > ``bound``):
-    judge [N, ...] real-token rows of the candidate against the eager baseline in the run's
-    dtype by ``SAME_DTYPE_RULE``, or fail with "cannot verify" where that rule is too loose
-    to tell anything (module docstring)."""
+    """The reference failed its test (``err_base`` > ``bound``): judge [N, ...] real-token rows
+    against the eager baseline by ``SAME_DTYPE_RULE``, or "cannot verify" where that is too loose."""
     eps = torch.finfo(dtype).eps
     why = (f"the {reference_name} reference is not the same function as the model in {str(dtype)[6:]}: the baseline's "
            f"own error {err_base:.1e} > {REFERENCE_FACTOR} x eps x max|ref| = {bound:.1e} (the model's code may pick a "
@@ -372,10 +333,8 @@ def precision_ratio(dtype: torch.dtype) -> float:
 def compare_fp8(candidate: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor, *,
                 valid: torch.Tensor | None, dtype: torch.dtype, language_model: bool,
                 attention: list[dict[str, Any]] | None = None, reference_name: str = "float64 eager") -> Accuracy:
-    """Judge an FP8-attention ``candidate`` by the FP8 rule (module docstring): outputs
-    [B, S, ...] against the float64 ``reference`` scaled by the ``baseline``'s own error,
-    top-1 agreement with the baseline (language models), and ``attention`` (per-layer
-    errors from ``attention_errors``; None: not measured, not judged)."""
+    """Judge an FP8-attention ``candidate`` [B, S, ...] by the FP8 rule (module docstring);
+    ``attention``: per-layer errors from ``attention_errors`` (None: not judged)."""
     acc = compare(candidate, baseline, reference, valid=valid, dtype=dtype, language_model=language_model,
                   reference_name=reference_name)
     if acc.max_abs_err is None or acc.reference_trusted is False:
@@ -405,13 +364,9 @@ def compare_fp8(candidate: torch.Tensor, baseline: torch.Tensor, reference: torc
 
 
 def attention_errors(loaded: Any, inputs: Any, backend: str) -> list[dict[str, Any]]:
-    """One forward pass of ``loaded`` with ``backend`` (a backend registered with
-    transformers, ``swap.registered``), comparing each attention call's output with fp32
-    SDPA on the very q, k, v it was given: per call ``{"layer", "rel_rms", "shape"}``.
-
-    The reference repeats k and v to the query heads and runs
-    ``F.scaled_dot_product_attention`` in float32 (torch's math or memory-efficient kernel).
-    """
+    """One forward pass of ``loaded`` with ``backend`` (registered with transformers), each
+    attention call's output compared with float32 SDPA on its own q, k, v (k, v repeated to
+    the query heads): per call ``{"layer", "rel_rms", "shape"}``."""
     from ..swap import registered
 
     errors: list[dict[str, Any]] = []
@@ -432,9 +387,8 @@ def attention_errors(loaded: Any, inputs: Any, backend: str) -> list[dict[str, A
 def judge(backend: str, candidate: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor, *,
           valid: torch.Tensor | None, dtype: torch.dtype, language_model: bool, loaded: Any = None,
           inputs: Any = None, reference_name: str = "float64 eager") -> Accuracy:
-    """``compare`` by the dtype rule, or ``compare_fp8`` when ``backend``'s record computes in
-    FP8; then each layer's attention is also measured on ``loaded`` and ``inputs`` when given
-    (one more forward pass, inside ``switch.using``)."""
+    """``compare``, or ``compare_fp8`` for an FP8 backend, with each layer's attention
+    measured on ``loaded`` and ``inputs`` when given (one more forward pass)."""
     record = BACKENDS.get(backend)
     if record is None or record.precision != FP8:
         return compare(candidate, baseline, reference, valid=valid, dtype=dtype, language_model=language_model,
@@ -467,12 +421,10 @@ def _up(obj: Any) -> Any:
 
 
 class Float64Everywhere(TorchFunctionMode):
-    """Inside the block every torch call computes in float64: floating arguments below float64
-    are upcast, a float32/16 ``dtype=`` becomes float64, and the model's own downcasts
-    (``x.float()``, ``x.to(torch.float32)``, ``x.type(self.dtype)``) keep float64. For models
-    that build float32 tensors inside forward (timestep embeddings, positional tables, fp32
-    norms), which a plain cast of the weights to float64 cannot run. The target of an in-place
-    update keeps its own dtype, so state written in place (a KV cache) stays where it was."""
+    """Inside the block every torch call computes in float64: lower floating arguments and
+    ``dtype=`` are upcast, downcasts (``x.float()``, ``x.to(torch.float32)``) keep float64.
+    For models that build float32 tensors inside forward (timestep embeddings, fp32 norms).
+    An in-place update's target keeps its dtype (a KV cache stays as it was)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -509,16 +461,14 @@ def run_reference(model: nn.Module, run: Callable[[nn.Module, torch.dtype], Any]
                   low: torch.dtype = torch.float32) -> tuple[Any, str]:
     """Run ``run(model, dtype)`` as the reference: (output, which reference it was).
 
-    1. float64: a deep copy of the model cast to float64 (state written in place, a KV cache,
-       stays on the copy), inputs cast by ``run``; then the model itself cast in place and
-       restored bit for bit (a copy is not faithful where forward reaches submodules through a
-       closure: minGPT's ``self.mlpf = lambda x: m.c_proj(...)``). ``copy_model=False`` starts
-       with the cast in place;
-    2. when the model makes tensors of a fixed dtype inside forward and (1) fails with a dtype
-       error: the same in ``Float64Everywhere``, every op upcast;
-    3. else the best dtype that runs: ``low`` (the run's own dtype), said so.
+    1. float64: a deep copy cast to float64 (a KV cache written in place stays on the copy),
+       then the model itself cast in place and restored bit for bit (a copy is not faithful
+       where forward reaches submodules through a closure: minGPT's ``self.mlpf``);
+       ``copy_model=False`` starts in place;
+    2. on a dtype error of (1): the same under ``Float64Everywhere``;
+    3. else ``low`` (the run's own dtype), said so.
 
-    Runs under ``torch.no_grad`` (not inference mode: the model may update its own tensors).
+    Under ``torch.no_grad`` (not inference mode: the model may update its own tensors).
     """
     attempts = []  # (copy or in place, op by op)
     if copy_model:
@@ -553,24 +503,16 @@ def reference_output(loaded: Any, inputs: Any, backend: str = "eager") -> torch.
 
 
 def reference(loaded: Any, inputs: Any, backend: str = "eager") -> tuple[torch.Tensor, str]:
-    """The model's output in float64 with ``backend`` attention (a ``models.LoadedModel``).
+    """(output in float64 with ``backend`` attention, reference name) of a ``models.LoadedModel``,
+    by ``run_reference``, or module by module for a model spread over devices
+    (``exact_cast_per_module``); the attention implementation is put back after.
 
-    The weights are cast in place and restored exactly (``exact_cast``), so no copy of the
-    model is made; the model's attention implementation is put back afterwards.
+    A causal LM runs without the padding mask: exact for real tokens under right padding
+    (causal attention never looks right), and it avoids NaN from a padded query past a
+    sliding window (every key masked; ``finfo(float64).min`` overflows to -inf in
+    transformers' float32 eager softmax) reaching real tokens in the next layer.
 
-    A model spread over devices (``loaded.device_map``) is cast module by module while it
-    runs (``exact_cast_per_module``), so the reference needs no more memory on any device
-    than one module's float64 weights beyond what the split holds.
-
-    For a causal LM the reference runs without the padding mask. With right padding this
-    is exact for every real token (causal attention never looks right, so a real token's
-    row of the mask is the same either way), and it avoids a float64 artefact: padded
-    queries past a sliding window have every key masked, transformers' eager attention
-    takes its softmax in float32 (``softmax(..., dtype=torch.float32)``), where float64's
-    mask value ``finfo(float64).min`` overflows to -inf, and the NaN of such a row then
-    reaches real tokens through the masked keys of the next layer.
-
-    Raises what the forward pass raises (an out-of-memory error included).
+    Raises what the forward pass raises (out of memory included).
     """
     if loaded.family == "causal-lm" and "attention_mask" in inputs.kwargs:
         inputs = type(inputs)(inputs.batch_size, inputs.seq_len, inputs.args,
@@ -589,19 +531,15 @@ def reference(loaded: Any, inputs: Any, backend: str = "eager") -> tuple[torch.T
         if getattr(loaded, "device_map", None):  # spread over devices: each module in float64 only while it runs
             with exact_cast_per_module(original), torch.no_grad():
                 return run(original, torch.float64), "float64 eager, cast module by module"
-        # a transformers model is cast in place (its weights can be large); other models are copied,
-        # so state they write in place (a KV cache) is not left in float64 on the model
+        # a transformers model is cast in place (large weights); others are copied (in-place state)
         return run_reference(original, run, copy_model=not loaded.is_transformers, low=loaded.dtype)
 
 
 def judge_outputs(first: Any, second: Any, inputs: Any, baseline: str, candidate: str, labels: tuple[str, str],
                   reporter: Any, dtype: torch.dtype, sdpa_kernels: list[str] | None = None) -> Accuracy:
-    """Run ``inputs`` through ``first`` with ``baseline`` and ``second`` (``models.LoadedModel``,
-    possibly the same) with ``candidate``, and through ``first`` in float64; ``compare``.
-
-    Raises ``OutOfMemory`` (nothing to compare then), or ``CannotRun`` when the two outputs
-    differ in shape.
-    """
+    """Run ``inputs`` through ``first`` with ``baseline``, ``second`` (``models.LoadedModel``,
+    possibly the same) with ``candidate`` and ``first`` in float64; ``judge``. Raises
+    ``OutOfMemory``, or ``CannotRun`` when the outputs differ in shape."""
     with oom_caught() as oom:
         with reporter.stage(f"running {labels[0]}"):
             base_out = run_backend(first, inputs, baseline, sdpa_kernels)
@@ -637,8 +575,7 @@ def compare_gradients(candidate: dict[str, torch.Tensor], baseline: dict[str, to
         if name not in candidate or name not in baseline:
             failed.append(f"{name}: missing")
             continue
-        # the reference itself is judged once, on the outputs of the same pass (``compare``); a
-        # gradient's own max can be tiny, so the bound relative to it says little per tensor
+        # the reference is judged once, on the pass's outputs: a gradient's own max can be tiny
         acc = compare(candidate[name].reshape(1, -1), baseline[name].reshape(1, -1), ref.reshape(1, -1), valid=None,
                       dtype=dtype, language_model=False, reference_name="float64 eager", check_reference=False)
         compared += 1

@@ -1,31 +1,19 @@
 """Measured backend choice: time every candidate on the real inputs, keep the fastest that is right.
 
 As ``triton.autotune`` does with its configs: every candidate runs on the same inputs,
-its first call (JIT compilation, ``torch.compile``, cuDNN plan building, lazy
-initialisation) is timed apart from its steady-state latency, and every candidate must
-pass the accuracy gate before it can win. Candidates (``candidates``):
-
-* SDPA's kernels one by one (cudnn, flash, efficient, math), each allowed alone through
-  ``torch.nn.attention.sdpa_kernel`` so a kernel that cannot take the inputs says so
-  instead of quietly falling back;
-* every other backend in the registry (``BACKENDS``) that can run here: FlashAttention-2,
-  -3 and -4, ``flex_attention``; ``eager`` is the baseline, listed for the ranking and
-  never chosen.
+its first call (JIT, ``torch.compile``, cuDNN plans, lazy init) is timed apart from its
+steady state, and it must pass the accuracy gate to win. Candidates (``candidates``):
+SDPA's kernels one by one (each allowed alone by ``torch.nn.attention.sdpa_kernel``, so
+one that cannot take the inputs says so instead of falling back), and every other
+registry backend that can run here; ``eager`` is the baseline, ranked, never chosen.
 
 The choice (``chosen``, ``CHOICE_RULE``): the lowest median of ``ROUNDS`` interleaved
-rounds among the candidates that passed; where several are within ``RUNOFF_WITHIN`` of the
-fastest, a run-off times those again, longer (``runoff``), because a short timing cannot
-order kernels that close.
+rounds among those that passed, with a longer run-off (``runoff``) for those within
+``RUNOFF_WITHIN`` of the fastest. ``torch.compile`` backends (``flex_attention``) are
+``skipped`` on CPU (tens of seconds of inductor C++ build) unless ``compiled=True``.
 
-Backends that compile with ``torch.compile`` (``flex_attention``) are timed on CUDA; on a
-CPU their inductor C++ build takes tens of seconds, so they are listed as ``skipped``
-with that reason unless asked for (``compiled=True``).
-
-Two levels share this: ``tune_model`` switches a loaded model to each candidate
-(``swap.switch``) and gates it on the model's output against the float64 reference
-(``accuracy.compare``, the flash-attn tests' rule); ``tune_op`` calls each backend's
-``Backend.call`` on q, k, v [B, S, H, D] and gates it on the output against a float64
-reference of a slice of the batch and heads.
+``tune_model`` gates a loaded model's output per candidate; ``tune_op`` each
+``Backend.call`` on q, k, v [B, S, H, D]; both against float64 (``accuracy.compare``).
 """
 
 from __future__ import annotations
@@ -52,13 +40,10 @@ BASELINE = "eager"
 
 @dataclass
 class Candidate:
-    """One candidate of a measured choice, and what happened to it.
-
-    ``status``: ``passed`` (ran, accuracy within tolerance), ``failed`` (ran, outside
-    tolerance), ``error`` (could not run on these inputs: ``reason``), ``skipped`` (not
-    run here: ``reason``), ``baseline`` (eager: ranked, never chosen). Times in ms,
-    ``compile_s`` in seconds (the first call, minus one steady-state call).
-    """
+    """One candidate and what happened to it. ``status``: ``passed`` / ``failed`` (ran, within /
+    outside tolerance), ``error`` (could not run: ``reason``), ``skipped`` (not run here:
+    ``reason``), ``baseline`` (eager). Times in ms; ``compile_s`` in s (the first call
+    minus one steady-state call)."""
 
     backend: str
     kernel: str | None = None
@@ -87,12 +72,11 @@ class Candidate:
 
 
 def candidates(env: Environment, device: str, dtype: torch.dtype, model: Any = None, *,
-               compiled: bool | None = None, head_dim: int | None = None) -> list[Candidate]:
-    """Every backend (and SDPA kernel) of the registry as a candidate for ``device`` and
-    ``dtype`` (and ``model``, whose class flags and head_dim count): ``pending`` when it can
-    run here, ``skipped`` with the reason otherwise. ``compiled`` (default: on CUDA only)
-    includes backends that compile per shape with torch.compile. Records with ``auto``
-    False other than the eager baseline (FP8, which changes the numerics) are left out."""
+               compiled: bool | None = None, head_dim: int | None = None, train: bool = False) -> list[Candidate]:
+    """Every registry backend and SDPA kernel as a candidate for ``device``, ``dtype`` and
+    ``model``: ``pending``, or ``skipped`` with the reason. ``compiled`` (default: CUDA only)
+    includes torch.compile backends. Records with ``auto`` False (FP8, which changes the
+    numerics) are left out, except the eager baseline."""
     compiled = device.startswith("cuda") if compiled is None else compiled
     kind = "cuda" if device.startswith("cuda") else "cpu"
     usable = {k.name: k for k in env.sdpa_kernels.get(kind, [])}
@@ -100,7 +84,7 @@ def candidates(env: Environment, device: str, dtype: torch.dtype, model: Any = N
     for name, record in BACKENDS.items():
         if name != BASELINE and not record.auto:
             continue
-        verdict = availability(name, env=env, device=device, dtype=dtype, model=model)
+        verdict = availability(name, env=env, device=device, dtype=dtype, model=model, train=train)
         if name == SDPA.name:
             for k in record.kernels:
                 c = Candidate(name, k.name)
@@ -172,12 +156,10 @@ def _judge(c: Candidate, acc: Accuracy | None) -> None:
 def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out: torch.Tensor | None,
                reference: torch.Tensor | None, dtype: torch.dtype, min_run_time: float, train: bool = False,
                flops: float | None = None, progress: Callable[[str], Any] | None = None) -> list[Candidate]:
-    """Measure every ``pending`` candidate on ``loaded`` (a ``models.LoadedModel``) with
-    ``inputs``: switch to it, time the first call (``compile_s``), time the steady state
-    (``time_it``, forward, or forward + backward with ``train``), and judge its inference
-    output against ``reference`` (float64) with ``baseline_out`` (the eager output) as the
-    rule's baseline. Every run is inside ``switch.using``: the model keeps the backend it had.
-    Returns ``cands``, updated."""
+    """Measure every ``pending`` candidate on ``loaded`` (``models.LoadedModel``) and ``inputs``
+    inside ``switch.using``: first call (``compile_s``), steady state (forward, or forward +
+    backward with ``train``), and its inference output judged against the float64
+    ``reference`` with the eager ``baseline_out``. Returns ``cands``, updated."""
     lm = loaded.family == "causal-lm"
     runs: dict[str, Callable[[], Any]] = {}
     for c in cands:
@@ -213,8 +195,7 @@ def tune_model(loaded: Any, inputs: Any, cands: list[Candidate], *, baseline_out
     return cands
 
 
-#: Rounds of the timing phase: every candidate is timed once per round, in turn, so that a
-#: machine that slows down or speeds up in between affects them all alike.
+#: Rounds of the timing phase: each candidate once per round, in turn (drift hits all alike).
 ROUNDS = 5
 #: The run-off (``runoff``): candidates within this fraction of the fastest are timed again.
 #: Two kernels closer than 10 % are inside the noise of a short timing: on an H200 a quick pass
@@ -226,11 +207,9 @@ RUNOFF_TIME = 4
 
 def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], scope: Callable[[Candidate], Any],
                 min_run_time: float, device: str, flops: float | None, *, first: bool = True) -> None:
-    """Time every candidate with a ``runs`` entry in ``ROUNDS`` rounds of ``min_run_time /
-    ROUNDS`` seconds each (``time_it``): latency = the median of the round medians (ms), IQR
-    = their interquartile range; ``compile_s`` loses one steady-state call (``first``: only
-    the first timing does). ``scope(c)`` is the context manager each timing runs in
-    (``switch.using`` the candidate's backend). A candidate that fails here becomes ``error``."""
+    """Time each candidate in ``runs`` for ``ROUNDS`` rounds of ``min_run_time / ROUNDS`` s,
+    each inside ``scope(c)``: latency and IQR (ms) of the round medians; with ``first``,
+    ``compile_s`` loses one steady-state call. A failure here becomes ``error``."""
     medians: dict[str, list[float]] = {label: [] for label in runs}
     timed = [c for c in cands if c.label in runs and c.status in ("passed", "failed", "baseline")]
     for _ in range(ROUNDS):
@@ -257,10 +236,8 @@ def interleaved(cands: list[Candidate], runs: dict[str, Callable[[], Any]], scop
 
 def runoff(cands: list[Candidate], runs: dict[str, Callable[[], Any]], scope: Callable[[Candidate], Any],
            min_run_time: float, device: str, flops: float | None) -> list[Candidate]:
-    """The run-off: where more than one candidate that passed is within ``RUNOFF_WITHIN`` of
-    the fastest, time those again, ``RUNOFF_TIME`` x longer in ``ROUNDS`` interleaved rounds,
-    and keep these latencies (``Candidate.runoff``); the others keep theirs. Returns the
-    candidates re-timed ([] when the fastest was clear)."""
+    """Re-time the passed candidates within ``RUNOFF_WITHIN`` of the fastest, ``RUNOFF_TIME`` x
+    longer (``Candidate.runoff``); returns them ([] when the fastest was clear)."""
     passed = [c for c in cands if c.status == "passed" and c.latency_ms is not None and c.label in runs]
     if len(passed) < 2:
         return []
@@ -277,12 +254,10 @@ def runoff(cands: list[Candidate], runs: dict[str, Callable[[], Any]], scope: Ca
 def tune_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cands: list[Candidate], *, causal: bool,
             min_run_time: float = 0.2, backward: bool = False, reference_slice: tuple[int, int] = (1, 2)) -> list[Candidate]:
     """Measure every ``pending`` candidate's ``Backend.call`` on q [B, S, H, D], k, v
-    [B, S, H_kv, D] (forward, or forward + backward with ``backward``). Accuracy: the output
-    of the first ``reference_slice`` = (batch rows, key/value heads) against a float64
-    reference of that slice, judged by ``accuracy.compare`` with the eager output of the same
-    slice as the baseline. TFLOP/s from
-    ``flops.attention_flops`` (x3.5 for forward + backward, flash-attn's benchmark count).
-    Returns ``cands``, updated; the baseline row is timed too when it fits."""
+    [B, S, H_kv, D] (forward + backward with ``backward``). Accuracy: ``accuracy.compare``
+    on the first ``reference_slice`` = (batch rows, key/value heads), eager as baseline.
+    TFLOP/s from ``flops.attention_flops`` (x3.5 with backward: flash-attn's benchmark count).
+    Returns ``cands``, updated; the baseline is timed too when it fits."""
     b, s_q, h, d = q.shape
     h_kv = k.shape[2]
     rows, kv_heads = min(reference_slice[0], b), min(reference_slice[1], h_kv)
@@ -349,17 +324,14 @@ MODEL_CHOICE_RULE = (f"the lowest first-call cost (compile_s) + {PAYBACK_CALLS:,
 
 
 def cost_s(c: Candidate, payback_calls: int | None) -> float:
-    """What ``chosen`` minimises (s): the median latency, plus with ``payback_calls`` the
-    first-call cost spread over that many calls (``compile_s + payback_calls x latency``)."""
+    """What ``chosen`` minimises (s): latency, or ``compile_s + payback_calls x latency``."""
     if payback_calls is None:
         return c.latency_ms / 1e3
     return (c.compile_s or 0.0) + payback_calls * c.latency_ms / 1e3
 
 
 def chosen(cands: list[Candidate], payback_calls: int | None = None) -> Candidate | None:
-    """The candidate that passed with the lowest ``cost_s`` (the fastest, or with
-    ``payback_calls`` the cheapest over that many calls, first call included); the baseline
-    is never chosen; None when none passed."""
+    """The passed candidate with the lowest ``cost_s`` (never the baseline); None if none passed."""
     passed = [c for c in cands if c.status == "passed" and c.latency_ms is not None]
     return min(passed, key=lambda c: cost_s(c, payback_calls)) if passed else None
 

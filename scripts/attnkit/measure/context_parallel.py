@@ -1,49 +1,21 @@
 """Attention with the sequence sharded across ranks, through PyTorch's context parallel API.
 
-``torch.distributed.tensor.experimental.context_parallel(mesh, buffers=..., buffer_seq_dims=...)``
-shards the buffers along their sequence dimension (in place) and, inside the block,
-replaces ``F.scaled_dot_product_attention``: q, k, v become DTensors sharded on dim 2, and
-the DTensor handler runs ring attention (``_templated_ring_attention``) over SDPA's own
-kernels, rotating K/V between ranks and merging the partial outputs by their logsumexp.
-``context_parallel_unshard(mesh, [out], [2])`` all-gathers the output and undoes the
-load balancer's order. Everything here is torch's; this module calls it, measures it,
-and states its limits.
+``context_parallel(mesh, buffers=..., buffer_seq_dims=...)`` shards the buffers along their
+sequence dimension in place and, inside the block, runs ``F.scaled_dot_product_attention``
+as ring attention (``_templated_ring_attention``) over SDPA's kernels: K/V rotate between
+ranks, partial outputs merge by their logsumexp. ``context_parallel_unshard(mesh, [out],
+[2])`` all-gathers the output and undoes the load balancer's order. All of it is torch's;
+this module calls, measures and states its limits (``LIMITS``, read in ``SOURCE`` of torch
+2.13; pytorch/pytorch commit 09b101c5 has the same checks). Explained with measurements in
+references/context-parallel.md.
 
-The limits, read in torch 2.13's
-``torch/distributed/tensor/experimental/_context_parallel/_attention.py`` (``LIMITS``
-below; an older upstream copy of the file, stored at pytorch/pytorch commit 09b101c5,
-has the same checks):
+On CPU (torch 2.13, gloo) the public block runs only SDPA's math kernel, non-causal, by
+DTensor's generic rules, not the ring (``cpu_api_probe``; the reference's "On CPU"); the
+ring itself runs there: ``ring_attention`` checks sharding, rotation, merging, gathering.
 
-* ``_sdpa_handler`` maps only ``_scaled_dot_product_{flash,efficient,cudnn}_attention``
-  (and their backward) to the ring: any other SDPA kernel is not ring attention;
-* the efficient and cudnn ring functions raise ``NotImplementedError("attn_bias is not
-  supported yet")``; the flash kernel takes no mask: no ``attn_mask``;
-* ``_templated_ring_attention`` raises "is_causal requires the same query and context
-  sequence lengths" and "Load balancing requires `is_causal=True`";
-* the default head-tail load balancer (``_create_default_load_balancer``) exists only
-  when ``seq_len % (2 * world_size) == 0``; otherwise torch turns load balancing off
-  without a word, so the step refuses an explicit --load-balance there;
-* ``set_rotate_method`` takes "allgather" (the default) or "alltoall";
-* the partial outputs are merged in float32 unless ``_cp_options.convert_to_f32`` is off
-  (``merge_dtype``);
-* K/V are rotated as flat buffers reshaped to the local shape: every rank needs the same
-  shard length, so seq_len (and kv_len) must divide by the world size.
-
-On CPU, measured with torch 2.13 and gloo (``cpu_api_probe`` repeats it in every CPU run):
-the public ``context_parallel`` block cannot run SDPA's CPU flash kernel
-(``aten._scaled_dot_product_flash_attention_for_cpu`` has no DTensor sharding strategy:
-NotImplementedError for causal; the non-causal call goes into DTensor's decomposition-based
-propagation, which did not finish in 20 s at S=64); SDPA's math kernel runs non-causal only
-(causal raises "aten.add.Tensor got mixed torch.Tensor and DTensor"), and then by DTensor's
-generic op rules (an all-gather of K/V), not by the ring. Torch's ring itself runs on CPU:
-``ring_attention`` calls ``_templated_ring_attention`` with the CPU flash kernel on shards
-made by ``_context_parallel_shard`` and the head-tail load balancer, which is the CPU check
-of the sharding, rotation, merging and gathering logic.
-
-The workload: the sequence to shard is token ids [B, S] (so no rank ever holds the full
-q, k, v, as in a model, where context parallelism shards the batch, not q/k/v), and q, k,
-v [B, H, S, D] are rows of random tables [V, H, D] (``TABLE_ROWS`` rows, seed 0, left out of the memory figures) looked
-up at each rank's own positions.
+The workload: token ids [B, S] are what is sharded (no rank holds the whole q, k, v, as in
+a model), and q, k, v [B, H, S, D] are rows of random tables [V, H, D] (``TABLE_ROWS`` rows,
+seed 0, left out of the memory figures) at each rank's own positions.
 """
 
 from __future__ import annotations
@@ -164,12 +136,10 @@ MERGE_DTYPES = ("float32", "input")
 @contextlib.contextmanager
 def merge_dtype(name: str) -> Iterator[None]:
     """The block runs with torch's ring merging partial outputs and logsumexps in ``name``
-    (``MERGE_DTYPES``), torch's value back afterwards. ``_SDPAMerger`` (``SOURCE``) keeps
-    the running output and each step's block output in float32 when
-    ``_cp_options.convert_to_f32`` is set, and its update ``out - sigmoid(lse_b - lse) x
-    (out - out_b)`` makes temporaries of the shard's output size: in float32 these are twice
-    the bf16 output's bytes, per temporary. Raises ``OptionError`` when this torch has no such
-    option."""
+    (``MERGE_DTYPES``). ``_SDPAMerger`` (``SOURCE``) keeps them in float32 under
+    ``_cp_options.convert_to_f32``, and its update ``out - sigmoid(lse_b - lse) x (out -
+    out_b)`` makes temporaries of the output shard's size, in float32 twice bf16's bytes.
+    Raises ``OptionError`` when this torch has no such option."""
     from torch.distributed.tensor.experimental._context_parallel import _attention as cp
 
     if not hasattr(cp._cp_options, "convert_to_f32"):
@@ -185,9 +155,8 @@ def merge_dtype(name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def cp_options(load_balance: bool, rotate: str) -> Iterator[None]:
-    """Torch's global context parallel options for the block (``_cp_options.enable_load_balance``,
-    ``set_rotate_method``), and torch's own values back afterwards (with its dispatch mode,
-    which ``_context_parallel_shard`` changes)."""
+    """Torch's global ``_cp_options.enable_load_balance`` and ``set_rotate_method`` for the
+    block; its values (and dispatch mode, which ``_context_parallel_shard`` changes) back after."""
     from torch.distributed.tensor.experimental._context_parallel import _attention as cp
 
     saved = (cp._cp_options.enable_load_balance, cp._cp_options.rotate_method, cp._dispatch_mode)
@@ -199,7 +168,7 @@ def cp_options(load_balance: bool, rotate: str) -> Iterator[None]:
         cp._cp_options.enable_load_balance, cp._cp_options.rotate_method, cp._dispatch_mode = saved
 
 
-# ----------------------------------------------------------------------------- the workload
+# --- the workload
 
 @dataclass
 class Workload:
@@ -222,8 +191,7 @@ class Workload:
         """q, k, v [B, H, S, D] for token ids [B, S] (k and v at ``ids_kv`` when given)."""
         ids_kv = ids if ids_kv is None else ids_kv
         tq, tk, tv = self.tables
-        # [B, S, H, D] -> [B, H, S, D], materialised contiguous: SDPA's own layout, and torch's
-        # ring calls key.contiguous() / value.contiguous(), which would copy a transposed view
+        # [B, S, H, D] -> [B, H, S, D], contiguous: the ring's key.contiguous() would copy a view
         return tuple(t[i].transpose(1, 2).contiguous() for t, i in ((tq, ids), (tk, ids_kv), (tv, ids_kv)))
 
 
@@ -252,13 +220,11 @@ def tensors_mb(*tensors: torch.Tensor) -> float:
 
 def by_head_groups(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    heads_per_call: int | None) -> torch.Tensor:
-    """``attend(q, k, v)`` over ``heads_per_call`` heads at a time, written into one output.
-
-    q [B, H, S, D], k and v [B, H, S_kv, D] -> [B, H, S, D]. Attention heads are independent,
-    so calling torch's ring on a group of heads at a time gives the same output, while what
-    the ring allocates for one call (its K/V send copy and receive buffer, block outputs,
-    merge temporaries: ``memory_explained``) shrinks to that group's share; the output
-    itself is allocated once. ``heads_per_call`` None or >= H: one call on all heads.
+    """``attend(q, k, v)`` on ``heads_per_call`` heads at a time (None or >= H: one call), into
+    one output allocated once: q [B, H, S, D], k and v [B, H, S_kv, D] -> [B, H, S, D]. Heads
+    are independent, so the output is the same, and what the ring allocates per call (K/V
+    send and receive buffers, block outputs, merge temporaries: ``memory_explained``)
+    shrinks to the group's share.
     """
     heads = q.shape[1]
     if heads_per_call is None or heads_per_call >= heads:
@@ -270,7 +236,7 @@ def by_head_groups(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-# ----------------------------------------------------------------------------- runs
+# --- runs
 
 @dataclass
 class Sharded:
@@ -312,14 +278,11 @@ def _buffers(work: Workload) -> list[torch.Tensor]:
 def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: list[str] | None, load_balance: bool,
                       rotate: str, reps: int, warmup: bool = True, gather: bool = True,
                       heads_per_call: int | None = None, reserve_bytes: int = 0) -> Sharded:
-    """SDPA inside ``context_parallel`` (the public API; CUDA): the token ids are sharded,
-    each rank looks up its own q, k, v and calls ``F.scaled_dot_product_attention``, which
-    the block has replaced by ring attention, on ``heads_per_call`` heads at a time
-    (``by_head_groups``; None: all heads in one call); the output is gathered with
-    ``context_parallel_unshard`` (``gather=False``: not gathered, output None, as in the
-    longest-sequence search, where the whole output on every rank is not what is asked).
-    q, k, v are made on every rank before the ring starts, with ``reserve_bytes`` held on
-    top (``distributed.prepare_together``): out of memory there fails every rank together."""
+    """SDPA inside ``context_parallel`` (the public API; CUDA) on sharded token ids, each rank
+    calling the ring on its own q, k, v ``by_head_groups``; the output gathered with
+    ``context_parallel_unshard`` unless ``gather=False`` (output None: the longest-sequence
+    search). q, k, v are made with ``reserve_bytes`` on top by ``distributed.prepare_together``,
+    so OOM there fails every rank together."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
@@ -347,10 +310,9 @@ def sharded_attention(work: Workload, rank: Rank, mesh: Any, *, sdpa_kernels: li
 
 def ring_attention(work: Workload, rank: Rank, mesh: Any, *, load_balance: bool, rotate: str, reps: int,
                    warmup: bool = True, heads_per_call: int | None = None) -> Sharded:
-    """Torch's ring (``_templated_ring_attention``) with SDPA's CPU flash kernel, on shards
-    made by ``_context_parallel_shard`` with the head-tail load balancer, ``heads_per_call``
-    heads at a time (``by_head_groups``), gathered with ``context_parallel_unshard``: the
-    CPU check of the logic the GPU handlers run."""
+    """Torch's ring (``_templated_ring_attention``) with SDPA's CPU flash kernel on shards from
+    ``_context_parallel_shard`` (head-tail load balancer), ``by_head_groups``, gathered by
+    ``context_parallel_unshard``: the CPU check of what the GPU handlers run."""
     from torch.distributed.tensor.experimental._attention import (_context_parallel_shard, _HeadTailLoadBalancer,
                                                                   _templated_ring_attention, context_parallel_unshard)
 
@@ -410,8 +372,8 @@ def _model_forward(loaded: Any, ids: torch.Tensor, positions: torch.Tensor, sdpa
 
 def model_single_device(loaded: Any, ids: torch.Tensor, rank: Rank, sdpa_kernels: list[str] | None, reps: int,
                         warmup: bool = True) -> Sharded:
-    """One forward pass of a causal LM (``models.LoadedModel``, switched to SDPA while it runs) over token
-    ids [B, S] on this rank's device: the 1-device baseline; output logits [B, S, V]."""
+    """The 1-device baseline: a causal LM (``models.LoadedModel``, on SDPA while it runs) over
+    token ids [B, S]; output logits [B, S, V]."""
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
     measured, out = _measure(_model_forward(loaded, ids, positions, sdpa_kernels), rank, reps, None, warmup,
                              together=False)
@@ -421,11 +383,9 @@ def model_single_device(loaded: Any, ids: torch.Tensor, rank: Rank, sdpa_kernels
 def sharded_model(loaded: Any, ids: torch.Tensor, rank: Rank, mesh: Any, *, sdpa_kernels: list[str] | None,
                   rotate: str, reps: int, warmup: bool = True, gather: bool = True,
                   reserve_bytes: int = 0) -> Sharded:
-    """The same forward pass inside ``context_parallel``: token ids and position ids [B, S]
-    are the sharded buffers (contiguous shards: no load balancing, see ``problems``), every
-    SDPA call of the model becomes ring attention, and the logits [B, S / N, V] are
-    gathered to [B, S, V] with ``context_parallel_unshard`` (not with ``gather=False``).
-    ``reserve_bytes`` is held on every rank before the forward pass
+    """The same pass inside ``context_parallel``: token and position ids [B, S] sharded
+    contiguously (no load balancing: ``problems``), every SDPA call a ring, logits
+    [B, S / N, V] gathered to [B, S, V] unless ``gather=False``; ``reserve_bytes`` held first
     (``distributed.prepare_together``)."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import context_parallel_unshard
@@ -442,16 +402,13 @@ def sharded_model(loaded: Any, ids: torch.Tensor, rank: Rank, mesh: Any, *, sdpa
     return Sharded(measured, full)
 
 
-# ----------------------------------------------------------------------------- reference
+# --- reference
 
 def reference_rows(work: Workload, rows: torch.Tensor, device: str | None = None,
                    block_bytes: int = 1 << 30) -> torch.Tensor:
-    """Attention in float64 at the query positions ``rows`` [R]: [B, H, R, D].
-
-    Exact math (scores, softmax, weighted sum, all float64, scale 1/sqrt(D), causal keys
-    0..row), computed in blocks of rows so that a block's scores [B, H, r, S_kv] stay under
-    ``block_bytes``; full K and V are held in float64 (2 x B x S_kv x H x D x 8 bytes).
-    """
+    """Attention in float64 (scale 1/sqrt(D), causal keys 0..row) at query positions ``rows``
+    [R]: [B, H, R, D], in row blocks whose scores [B, H, r, S_kv] stay under ``block_bytes``;
+    K and V held in float64 (2 x B x S_kv x H x D x 8 bytes)."""
     device = device or str(work.ids.device)
     tq, tk, tv = (t.to(device, torch.float64) for t in work.tables)
     k = tk[work.ids_kv.to(device)]  # [B, S_kv, H, D]
@@ -474,9 +431,8 @@ def reference_rows(work: Workload, rows: torch.Tensor, device: str | None = None
 
 
 def check_rows(seq_len: int, world_size: int, wanted: int) -> torch.Tensor:
-    """The query positions the accuracy is judged at: all of them when ``seq_len <= wanted``,
-    else ``wanted`` evenly spaced positions plus the first and last of each of the
-    2 x world size load-balancing chunks (where shards meet)."""
+    """Query positions judged: all when ``seq_len <= wanted``, else ``wanted`` evenly spaced
+    plus the first and last of each of the 2 x world size chunks (where shards meet)."""
     if seq_len <= wanted:
         return torch.arange(seq_len)
     even = torch.linspace(0, seq_len - 1, wanted).round().long()

@@ -1,20 +1,15 @@
 """Several processes, one measurement: the process group, per-rank figures gathered on rank 0.
 
-A step that runs on N processes (``torchrun --nproc-per-node=N``, or processes it spawns
-itself) measures on every rank and reports once, from rank 0. This module holds what such
-a step needs and nothing about attention:
+A step on N processes (torchrun, or spawned) measures on every rank and reports from rank
+0. Nothing here is about attention:
 
-* ``Rank``: who this process is (rank, world size, its device, the collective backend);
-  ``join`` makes or joins the default process group (NCCL on GPUs, gloo on CPU).
-* ``gather`` (every rank's object on rank 0), ``agree`` (a flag every rank holds only
-  when all hold it), ``barrier``; ``prepare_together``: local allocations (and a memory
-  reserve) that fail on every rank together, before any collective.
-* ``timed_runs``: a fixed number of timed runs on every rank. Collectives inside ``run``
-  need every rank to call it the same number of times, so the adaptive count of
-  ``torch.utils.benchmark``'s ``blocked_autorange`` (which each rank would choose for
-  itself) cannot be used; each run is timed by ``Timer.timeit(1)`` after a barrier.
-* ``peak_memory``: peak memory of one call on this rank: CUDA's allocator counters, or on
-  CPU the profiler's memory events (``timing._cpu_peak_mb``).
+* ``Rank`` and ``join``: the default process group (NCCL on GPUs, gloo on CPU).
+* ``gather``, ``agree``, ``barrier``; ``prepare_together``: local allocations that fail on
+  every rank together, before any collective.
+* ``timed_runs``: the same number of timed runs on every rank, as collectives need (so
+  not ``blocked_autorange``'s adaptive count).
+* ``profile_call``: kernels and peak memory of one call (CUDA's allocator counters, or the
+  CPU profiler's memory events).
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -31,7 +25,7 @@ import torch.distributed as dist
 
 from ..report import CannotRun
 from .kernels import attention_kernels, profiled
-from .timing import _cpu_peak_mb, is_oom, synchronize
+from .timing import _cpu_peak_mb, is_oom, quartiles, synchronize
 
 #: How long a collective may wait for the other ranks before the run fails (torch's own
 #: default for NCCL is 10 minutes; ``init_process_group(timeout=...)``).
@@ -76,12 +70,9 @@ def free_port() -> int:
 
 def join(device_kind: str, *, rank: int | None = None, world_size: int | None = None,
          init_method: str | None = None, launcher: str = "torchrun", local_rank: int | None = None) -> Rank:
-    """Join (or make) the default process group: NCCL for ``device_kind`` 'cuda', gloo for 'cpu'.
-
-    Without ``init_method`` it reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT). Each CUDA rank uses GPU LOCAL_RANK. Raises ``CannotRun``
-    when this machine has fewer GPUs than local ranks, or the backend is missing.
-    """
+    """Join (or make) the default process group: NCCL for 'cuda', gloo for 'cpu'; without
+    ``init_method`` from torchrun's environment. Each CUDA rank uses GPU LOCAL_RANK. Raises
+    ``CannotRun`` for fewer GPUs than local ranks, or a missing backend."""
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if not dist.is_available():
         raise CannotRun("this torch has no torch.distributed", "install a torch build with distributed support")
@@ -141,17 +132,13 @@ class PeerOutOfMemory(RuntimeError):
 
 
 def prepare_together(build: Callable[[], Any], rank: Rank, reserve_bytes: int = 0) -> Any:
-    """``build()`` on this rank (local work only, no collectives), then hold ``reserve_bytes``
-    more (a uint8 tensor freed at once: the memory stays in torch's caching allocator for
-    what comes next), then one ``agree`` that every rank reaches whatever happened.
+    """``build()`` (local work, no collectives), then ``reserve_bytes`` allocated and freed
+    (kept in torch's caching allocator), then one ``agree`` every rank reaches. Returns
+    ``build()``'s result; when any rank ran out of memory, raises on every rank (its own
+    error, ``PeerOutOfMemory`` on the others); other errors raise on their rank alone.
 
-    Returns ``build()``'s result when every rank succeeded. Raises, on every rank, when any
-    rank ran out of memory (``timing.is_oom``): its own error, or ``PeerOutOfMemory`` on the
-    others; any other error of ``build()`` is raised on its rank alone, as before.
-
-    Why: a rank out of memory inside a sequence of collectives (torch's ring) leaves the
-    other ranks waiting in NCCL until the process group's timeout; out of memory before the
-    first collective, on every rank together, is a failure they can all report."""
+    Why: a rank out of memory inside torch's ring leaves the others waiting in NCCL until
+    the timeout; before the first collective, all can report it."""
     built, failure = None, None
     try:
         built = build()
@@ -194,11 +181,9 @@ class RankRun:
 
 def profile_call(run: Callable[[], Any], rank: Rank, resident_mb: float | None = None,
                  exclude_mb: float = 0.0) -> tuple[RankRun, Any]:
-    """Run ``run()`` once under torch.profiler on this rank: the attention ops it ran
-    (``kernels.attention_kernels``) and its peak memory (MB). On CUDA the resident memory
-    is what the allocator held before the call, less ``exclude_mb`` (what the caller does
-    not count); on CPU the caller says (``resident_mb``), as the CPU allocator keeps no
-    counter. Returns the measurement and the output."""
+    """Run ``run()`` once under torch.profiler: (``RankRun`` with attention ops and peak MB,
+    output). Resident memory: on CUDA the allocator's before the call less ``exclude_mb``;
+    on CPU (no counter) the caller's ``resident_mb``."""
     device = rank.device
     if device.startswith("cuda"):
         synchronize(device)
@@ -217,11 +202,9 @@ def profile_call(run: Callable[[], Any], rank: Rank, resident_mb: float | None =
 
 
 def timed_runs(run: Callable[[], Any], rank: Rank, reps: int, together: bool = True) -> tuple[float, float | None, int]:
-    """Median and IQR (ms; IQR None with fewer than 4 runs) of ``reps`` runs of ``run``,
-    the same count on every rank, each timed by ``torch.utils.benchmark.Timer.timeit(1)``
-    (which synchronises CUDA); with ``together`` each run starts after a barrier (for a
-    ``run`` with collectives; a rank's own single-device run needs none, and a rank that
-    ran out of memory before it must not leave the others waiting at a barrier)."""
+    """(median ms, IQR ms or None under 4 runs, count) of ``reps`` runs, each by
+    ``Timer.timeit(1)`` (synchronises CUDA); with ``together`` after a barrier (for runs
+    with collectives; not for a rank's own 1-device run, which another rank may skip)."""
     import torch.utils.benchmark as benchmark
 
     timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
@@ -230,8 +213,5 @@ def timed_runs(run: Callable[[], Any], rank: Rank, reps: int, together: bool = T
         if together:
             barrier(rank)
         times.append(timer.timeit(1).median * 1e3)
-    iqr = None
-    if len(times) >= 4:
-        q = statistics.quantiles(times, n=4)
-        iqr = q[2] - q[0]
-    return statistics.median(times), iqr, len(times)
+    q1, median, q3 = quartiles(times)
+    return median, q3 - q1 if len(times) >= 4 else None, len(times)

@@ -1,17 +1,14 @@
 """Measure one backend: the attention kernels that ran, peak memory, latency, TFLOP/s.
 
 * Kernels: one forward pass under ``torch.profiler`` (``kernels.py`` reads the evidence).
-* Peak memory (MB = 2**20 bytes): the most memory allocated at once during one forward
-  pass, above what was allocated before it (activations, score matrices, the output;
-  not the weights). CUDA: ``torch.cuda.max_memory_allocated`` after
-  ``reset_peak_memory_stats``. CPU: the running sum of the profiler's memory events
-  (``profile_memory=True``), since the CPU allocator keeps no peak counter.
-* Latency (ms): the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after a
-  warm-up pass, with its IQR; the Timer synchronises CUDA and uses all CPU threads here.
+* Peak memory (MB = 2**20 bytes): the most allocated at once during one forward pass
+  above what was allocated before (activations, scores, output; not the weights). CUDA:
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; CPU (no peak
+  counter): the running sum of the profiler's memory events.
+* Latency (ms): median and IQR of ``Timer.blocked_autorange`` (synchronises CUDA) after a warm-up.
 * FLOPs: useful work, the same for every backend so TFLOP/s compare (``flops.py``).
 
-A backend that runs out of memory is recorded as such (``Measurement.error``); the
-caller goes on with the next one.
+Out of memory is recorded (``Measurement.error``); the caller goes on with the next backend.
 """
 
 from __future__ import annotations
@@ -49,8 +46,7 @@ def oom_message(exc: BaseException) -> str:
 
 @dataclass
 class OomCaught:
-    """What ``oom_caught`` caught: ``message`` (``oom_message``) when the block ran out of
-    memory, else None; true when it did."""
+    """``oom_caught``'s catch: ``message`` (``oom_message``) or None; true when set."""
 
     message: str | None = None
 
@@ -60,9 +56,9 @@ class OomCaught:
 
 @contextmanager
 def oom_caught(device: str | None = None) -> Iterator[OomCaught]:
-    """Run the block; running out of memory ends it quietly and is kept as ``caught.message``,
-    and the allocator's cache on ``device`` is emptied (any CUDA device when None). Any other
-    error propagates. The one out-of-memory catch of the library::
+    """The library's one out-of-memory catch: OOM ends the block quietly, kept as
+    ``caught.message``, and empties the allocator's cache on ``device`` (None: CUDA if any).
+    Other errors propagate::
 
         with oom_caught(device) as oom:
             time_paired(...)
@@ -134,13 +130,10 @@ def synchronize(device: str) -> None:
 
 
 def cap_cuda_memory(limit_gb: float | None, device: str | int) -> dict[str, Any]:
-    """Cap what this process may allocate on one GPU at ``limit_gb`` GB (2**30 bytes), through
-    ``torch.cuda.set_per_process_memory_fraction``; ``None`` lifts the cap (fraction 1.0).
-
-    ``device``: "cuda", "cuda:N" or N. Returns what was set, for the report:
-    ``memory_limit_gb`` and ``enforced_by``. Raises ``OptionError`` when the limit is not
-    positive or is more than the GPU holds.
-    """
+    """Cap this process on GPU ``device`` ("cuda", "cuda:N" or N) at ``limit_gb`` GB (2**30
+    bytes; None lifts it) by ``torch.cuda.set_per_process_memory_fraction``. Returns
+    ``memory_limit_gb`` and ``enforced_by``. Raises ``OptionError`` for a limit not in
+    (0, the GPU's memory]."""
     index = device if isinstance(device, int) else torch.device(device).index
     index = torch.cuda.current_device() if index is None else index  # "cuda" has no index
     total = torch.cuda.get_device_properties(index).total_memory
@@ -154,9 +147,8 @@ def cap_cuda_memory(limit_gb: float | None, device: str | int) -> dict[str, Any]
 
 
 def fits_in_memory(run: Callable[[], Any], device: str) -> bool:
-    """True when ``run()`` finishes on ``device``, False when it runs out of memory (any other
-    error is raised); the allocator's cache is emptied afterwards either way. The probe of
-    every longest-sequence search."""
+    """Whether ``run()`` finishes on ``device`` without OOM (other errors raise); the cache is
+    emptied after. Every longest-sequence search's probe."""
     with oom_caught(device) as oom:
         run()
         synchronize(device)
@@ -166,14 +158,10 @@ def fits_in_memory(run: Callable[[], Any], device: str) -> bool:
 
 def search_longest(fits: Callable[[int], bool], cap: int, start: int = 512, unit: int = 1,
                    name: str = "prompt_len") -> dict[str, Any]:
-    """The longest length L <= ``cap``, a multiple of ``unit``, with ``fits(L)``, assuming
-    fitting is monotone in L.
-
-    Tries ``cap`` first (often all of it fits); else doubles from ``start`` until a length
-    fails, then bisects until the gap between the longest fit and the shortest failure is
-    at most 1/64 of the fit (1.6 %) or one ``unit``. Returns max_context (0 when nothing
-    fits), first_failure (None when ``cap`` fits), the probes in order (``{name: L, "fits":
-    bool}``), and capped (``cap`` fit).
+    """The longest L <= ``cap``, a multiple of ``unit``, with ``fits(L)`` (monotone in L):
+    ``cap`` first, else doubling from ``start`` to a failure, then bisecting to within 1/64
+    (1.6 %) or one ``unit``. Returns max_context (0: nothing fits), first_failure (None when
+    ``cap`` fits), capped, and the probes in order (``{name: L, "fits": bool}``).
     """
     probes: list[dict[str, Any]] = []
 
@@ -211,10 +199,9 @@ def free_memory(device: str) -> None:
 
 def profile_once(run: Callable[[], Any], device: str, measurement: Measurement,
                  devices: list[str] | None = None) -> Any:
-    """Run ``run()`` once under torch.profiler; fill kernels and peak memory; return its output.
-
-    ``devices``: every GPU a device-mapped model is on; the peak is then the sum of each
-    GPU's peak above what it held before (``peak_memory_by_device`` has each one)."""
+    """Run ``run()`` once under torch.profiler, fill kernels and peak memory, return its output.
+    ``devices``: a device-mapped model's GPUs; the peak is then the sum of each GPU's
+    (``peak_memory_by_device``)."""
     gpus = [d for d in (devices or [device]) if d.startswith("cuda")]
     base = {}
     for gpu in gpus:
@@ -251,19 +238,17 @@ def time_it(run: Callable[[], Any], min_run_time: float, label: str) -> tuple[fl
     return m.median * 1e3, iqr, len(m.times) * m.number_per_run
 
 
-#: Rounds of a before/after comparison (``paired``): each side is timed once per round, in
-#: turn, so that a machine that slows down in between slows both alike; 5 samples a side, the
-#: fewest the speed rule (``verdicts.speed_check``) takes for quartiles.
+#: Rounds of ``paired``: each side timed once per round, in turn, so a machine slowing down
+#: slows both alike; 5, the fewest samples ``verdicts.speed_check`` takes for quartiles.
 PAIRED_ROUNDS = 5
 #: Warm-up ends when two consecutive block medians agree within this fraction (``warm_up``).
 STABLE_WITHIN = 0.05
 
 
 def warm_up(run: Callable[[], Any], seconds: float, label: str, tries: int = 3) -> int:
-    """Time ``run`` in blocks of ``seconds`` until two consecutive block medians agree within
-    ``STABLE_WITHIN`` (lazy inits, allocator growth, clocks and caches settle first), at most
-    ``tries`` blocks (the caller's measurement already ran it twice: a warm-up and the
-    profiled pass); returns how many blocks it took."""
+    """Time ``run`` in blocks of ``seconds`` until two consecutive medians agree within
+    ``STABLE_WITHIN`` (lazy inits, allocator, clocks and caches settle), at most ``tries``
+    blocks (the caller already ran it twice); returns how many it took."""
     last = None
     for block in range(1, tries + 1):
         median = time_it(run, seconds, label)[0]
@@ -275,13 +260,10 @@ def warm_up(run: Callable[[], Any], seconds: float, label: str, tries: int = 3) 
 
 def paired(sides: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], min_run_time: float,
            rounds: int = PAIRED_ROUNDS) -> dict[str, list[float]]:
-    """Interleaved timing of two (or more) ways to run the same work: ``sides`` maps a label
-    to (``scope``, ``run``), where ``scope()`` is a context manager that puts the model in
-    that side's state (``switch.using``) and ``run()`` is one pass. Each side is warmed up
-    until stable (``warm_up``), then timed in ``rounds`` rounds, every side once per round,
-    for ``min_run_time / rounds`` seconds each (``time_it``'s median of that block). Returns
-    label -> the round medians (ms), one per round. Exceptions propagate (the scopes have
-    restored the model)."""
+    """Interleaved timing of ways to run the same work: ``sides`` maps a label to (``scope``, a
+    context manager putting the model in that side's state, ``run``, one pass). Each side
+    is warmed up (``warm_up``), then timed once per round for ``min_run_time / rounds`` s.
+    Returns label -> round medians (ms). Exceptions propagate (the scopes restored the model)."""
     block = max(min_run_time / rounds, 1e-3)
     for label, (scope, run) in sides.items():
         with scope():
@@ -295,8 +277,7 @@ def paired(sides: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], min_ru
 
 
 def quartiles(samples: list[float]) -> tuple[float, float, float]:
-    """(q1, median, q3) of ``samples`` (``statistics.quantiles``, exclusive method; a single
-    sample is its own quartiles)."""
+    """(q1, median, q3) by ``statistics.quantiles`` (exclusive); one sample is its own."""
     import statistics
 
     if len(samples) < 2:
@@ -306,8 +287,7 @@ def quartiles(samples: list[float]) -> tuple[float, float, float]:
 
 
 def set_latency(m: "Measurement", samples: list[float]) -> None:
-    """Fill ``m``'s latency from interleaved round medians (``paired``): the median of the
-    rounds, their IQR, and the samples themselves; TFLOP/s follows from the median."""
+    """Fill ``m``'s latency (median, IQR, samples) and TFLOP/s from ``paired``'s round medians."""
     q1, median, q3 = quartiles(samples)
     m.latency_ms, m.latency_iqr_ms, m.latency_samples_ms = median, q3 - q1, list(samples)
     m.runs = max(m.runs, len(samples))
@@ -334,13 +314,11 @@ def no_kernel_reasons(caught: list) -> str:
 def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: float = 1.0,
             flops: float | None = None, mode: str = "forward",
             devices: list[str] | None = None, timed: bool = True) -> tuple[Measurement, Any]:
-    """Measure ``run`` (one forward pass of the model, already switched to ``backend``).
-
-    Order: a warm-up pass (its time, compilation included, is ``first_call_s``), a profiled pass (kernels, peak memory, the output returned),
-    then ``time_it`` (left to the caller with ``timed=False``: a before/after comparison
-    times both sides interleaved, ``paired``). Out-of-memory at any point is recorded in ``Measurement.error`` and
-    the output is None. Raises ``CannotRun`` when SDPA has no allowed kernel for the
-    inputs (``--sdpa-kernel`` too narrow), with torch's reasons; other exceptions propagate.
+    """Measure ``run`` (one pass, already on ``backend``): a warm-up (``first_call_s``,
+    compilation included), a profiled pass (kernels, peak memory, the output returned), then
+    ``time_it`` (with ``timed=False`` the caller times, ``paired``). OOM goes to
+    ``Measurement.error``, the output None. Raises ``CannotRun`` (``NoKernel``, with torch's
+    reasons) when no allowed SDPA kernel takes the inputs; other exceptions propagate.
     """
     m = Measurement(backend, flops=flops, mode=mode, device=device)
     out = None
@@ -375,8 +353,7 @@ def measure(run: Callable[[], Any], *, backend: str, device: str, min_run_time: 
 def forward_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) -> Callable[[], torch.Tensor]:
     """A closure running one inference forward pass of ``loaded`` on ``inputs``."""
     def run() -> torch.Tensor:
-        # no_grad, not inference_mode: a model that writes its own tensors in place (a KV cache)
-        # must be able to write them again outside inference mode
+        # not inference_mode: tensors written in place (a KV cache) must stay writable after
         with torch.no_grad(), switch.sdpa_kernels(sdpa_kernels):
             return loaded.forward(inputs)
 
@@ -385,13 +362,10 @@ def forward_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None) 
 
 def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None,
              gradients: bool = True) -> Callable[[], tuple]:
-    """A closure running one forward + backward pass, with the loss sum(output * G) for a
-    fixed random G (seed 0, the output's shape, made in the output's dtype the first time
-    and kept in ``loaded.train_weights`` so every run, the float64 reference included,
-    uses the same values). Returns (output, gradients): parameter name -> grad, and
-    "input:i" -> grad for floating positional inputs; with ``gradients=False`` the dict is
-    empty and no copy is made (a copy of every gradient would add the size of the weights
-    to the peak memory of a step that only times training)."""
+    """A closure running one forward + backward pass of loss sum(output * G), G fixed random
+    (seed 0, kept in ``loaded.train_weights`` so every run, float64 included, uses it).
+    Returns (output, gradients: parameter name or "input:i" -> grad); ``gradients=False``
+    copies none (the copies would add the weights' size to a timing's peak memory)."""
     model = loaded.model
     probe = loaded.train_weights
 
@@ -411,19 +385,16 @@ def train_fn(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None = None,
         if gradients:
             grads.update({f"input:{i}": a.grad.detach().clone() for i, a in enumerate(args)
                           if isinstance(a, torch.Tensor) and a.grad is not None})
-        for p in model.parameters():  # as an optimizer's zero_grad(set_to_none=True): the next
-            p.grad = None  # pass's peak memory then starts without this one's gradients
+        for p in model.parameters():  # zero_grad(set_to_none=True): the next peak starts clean
+            p.grad = None
         return out.detach(), grads
 
     return run
 
 
 def run_backend(loaded: Any, inputs: Any, backend: str, sdpa_kernels: list[str] | None = None) -> torch.Tensor:
-    """Run one forward pass of ``loaded`` with ``backend`` (no timing); the output.
-
-    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``). The model is back
-    on its previous backend afterwards (``switch.using``).
-    """
+    """One untimed forward pass with ``backend`` inside ``switch.using``; the output. Raises
+    ``CannotRun`` when the switch is refused (``switch.apply``)."""
     with switch.using(loaded.model, backend):
         return forward_fn(loaded, inputs, sdpa_kernels)()
 
@@ -431,15 +402,11 @@ def run_backend(loaded: Any, inputs: Any, backend: str, sdpa_kernels: list[str] 
 def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: float = 1.0,
                     sdpa_kernels: list[str] | None = None, label: str | None = None, train: bool = False,
                     flops: float | None = None, gradients: bool = True, timed: bool = True) -> tuple[Measurement, Any]:
-    """Inside ``switch.using(model, backend)``, ``measure`` the forward
-    pass on ``inputs`` (forward + backward with ``train``); returns the measurement and the
-    output (with ``train``: the pair (output, gradients); ``gradients=False`` keeps no copy
-    of them, see ``train_fn``), None on OOM. ``flops`` overrides
-    the model's own count (``forward_flops``; x3 for linear layers and x3.5 for attention
-    with ``train``, flash-attn's benchmark counts a backward as 2.5 forwards).
-
-    Raises ``CannotRun`` when the switch is refused (see ``switch.apply``). The model is back
-    on its previous backend afterwards (``switch.using``), whatever happened.
+    """``measure`` one pass on ``inputs`` (forward + backward with ``train``) inside
+    ``switch.using(model, backend)``: (measurement, output, or (output, gradients) with
+    ``train``; None on OOM). ``flops`` overrides ``forward_flops`` (with ``train`` x3 for
+    linear layers, x3.5 for attention: flash-attn's benchmark counts a backward as 2.5
+    forwards). Raises ``CannotRun`` when the switch is refused (``switch.apply``).
     """
     if flops is None:
         flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, loaded.attention_shape(), train)
@@ -457,12 +424,9 @@ def measure_backend(loaded: Any, inputs: Any, backend: str, *, min_run_time: flo
 
 def time_paired(sides: list[tuple[Any, Any, str, list[str] | None, Measurement]], min_run_time: float,
                 train: bool = False) -> None:
-    """Re-time already measured runs against each other, interleaved (``paired``), and set
-    each ``Measurement``'s latency from its rounds (``set_latency``): ``sides`` holds
-    (``models.LoadedModel``, its ``Inputs``, backend, allowed SDPA kernels, measurement), in
-    the order of a before/after comparison. Each side runs inside ``switch.using`` its
-    backend. Raises what a run raises (out of memory included); the models keep their
-    backends."""
+    """Re-time measured runs against each other (``paired``, each inside ``switch.using``) and
+    ``set_latency``: ``sides`` holds (``models.LoadedModel``, ``Inputs``, backend, allowed
+    SDPA kernels, measurement), before first. Raises what a run raises (OOM included)."""
     runs = {}
     for i, (loaded, inputs, backend, kernels, m) in enumerate(sides):
         run = train_fn(loaded, inputs, kernels, gradients=False) if train else forward_fn(loaded, inputs, kernels)
@@ -478,11 +442,9 @@ MATH_OP = "aten::_scaled_dot_product_attention_math"
 
 
 def fused_refusal(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None) -> str:
-    """Why SDPA ran its math kernel on a GPU: one more forward pass with only the fused
-    kernels allowed (``torch.nn.attention.sdpa_kernel``), where torch raises "No available
-    kernel" and warns each kernel's reason ("Flash attention requires ...", "Mem efficient
-    attention requires last dimension of inputs to be divisible by 4"); their text, or, when
-    a fused kernel could take the inputs, that the math kernel was chosen (``sdpa_kernels``)."""
+    """Why SDPA ran its math kernel on a GPU: a pass with only fused kernels allowed, where
+    torch raises "No available kernel" and warns each kernel's reason ("Flash attention
+    requires ..."); their text, or that a fused kernel could take the inputs."""
     fused_names = [k.name for k in SDPA.kernels if k.fused and "cuda" in k.devices]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -497,10 +459,8 @@ def fused_refusal(loaded: Any, inputs: Any, sdpa_kernels: list[str] | None) -> s
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None, min_run_time: float = 0.5) -> float:
-    """TFLOP/s of a square matmul [n, n] @ [n, n] in ``dtype`` on ``device`` (2 * n**3 FLOPs,
-    median of ``time_it``): the peak the attention figures are a percentage of, measured in
-    the same run rather than taken from a datasheet. n defaults to 8192 on a GPU, 2048 on a
-    CPU."""
+    """TFLOP/s of [n, n] @ [n, n] in ``dtype`` (2 * n**3 FLOPs, median of ``time_it``; n 8192
+    on a GPU, 2048 on CPU): the measured peak attention's % of peak refers to."""
     n = n or (8192 if device.startswith("cuda") else 2048)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=gen, device=device, dtype=dtype)
@@ -511,8 +471,7 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None, min_run_t
 
 
 def peak_memory_mb(run: Callable[[], Any], device: str) -> float | None:
-    """Peak memory (MB) allocated by one call of ``run`` above what was allocated before it:
-    ``torch.cuda.max_memory_allocated`` on CUDA, the profiler's memory events on CPU."""
+    """Peak memory (MB) one call of ``run`` allocates above what was there (module docstring)."""
     if device.startswith("cuda"):
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

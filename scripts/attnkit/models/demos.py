@@ -37,9 +37,7 @@ def _llama_config():
 def _llama_1b_config():
     from transformers import LlamaConfig
 
-    # The shapes of meta-llama/Llama-3.2-1B's config.json (hidden 2048, 16 layers,
-    # 32 query / 8 key-value heads, head_dim 64, vocab 128256, rope_theta 500000, tied
-    # embeddings): 1.24 B parameters, random weights.
+    # meta-llama/Llama-3.2-1B's config.json shapes (head_dim 64): 1.24 B parameters, random weights.
     return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
@@ -48,10 +46,8 @@ def _llama_1b_config():
 def _llama_3b_config():
     from transformers import LlamaConfig
 
-    # The shapes of meta-llama/Llama-3.2-3B's config.json (hidden 3072, 28 layers, 24 query /
-    # 8 key-value heads, head_dim 128, intermediate 8192, vocab 128256, rope_theta 500000, tied
-    # embeddings): 3.2 B parameters, random weights; head_dim 128 is what FlashAttention-4 and
-    # cuDNN are tuned for.
+    # meta-llama/Llama-3.2-3B's config.json shapes: 3.2 B parameters, random weights; head_dim
+    # 128 is what FlashAttention-4 and cuDNN are tuned for.
     return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                        num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
                        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "causal-lm"
@@ -60,11 +56,8 @@ def _llama_3b_config():
 def _llama_2_7b_config():
     from transformers import LlamaConfig
 
-    # The shapes of meta-llama/Llama-2-7b-hf's config.json: hidden 4096, 32 layers, 32 heads
-    # and 32 key/value heads (no GQA), head_dim 128, intermediate 11008, vocab 32000,
-    # max_position_embeddings 4096, rms_norm_eps 1e-5, rope_theta 10000, untied embeddings:
-    # 6.74 B parameters, random weights. Built on the target device in the target dtype
-    # (``loading._load_demo``), never in float32 on the CPU first.
+    # meta-llama/Llama-2-7b-hf's config.json shapes (no GQA, head_dim 128): 6.74 B parameters,
+    # random weights, built on the target device in the target dtype (``loading._load_demo``).
     return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
@@ -74,9 +67,7 @@ def _llama_2_7b_config():
 def _gpt2_medium_config():
     from transformers import GPT2Config
 
-    # The shapes of openai-community/gpt2-medium's config.json: n_embd 1024, 24 layers,
-    # 16 heads (head_dim 64), n_positions 1024, vocab 50257, tied embeddings: 355 M
-    # parameters, random weights.
+    # openai-community/gpt2-medium's config.json shapes (head_dim 64): 355 M parameters, random weights.
     return GPT2Config(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024,
                       bos_token_id=50256, eos_token_id=50256), "causal-lm"
 

@@ -2,29 +2,22 @@
 
 A spec (``--model``) is one of:
 
-* ``demo:NAME``: a built-in model built from a config with random weights (seed 0), so it
-  runs offline anywhere; ``demo:llama`` is the embedded default. See ``DEMOS``.
-* a local folder with a ``config.json`` (``save_pretrained`` output), or a Hugging Face
-  model id, read from the local cache first and downloaded only when ``HF_HUB_OFFLINE``
-  is not set; ``trust_remote_code`` only when asked.
+* ``demo:NAME``: a built-in model from a config with random weights (seed 0), offline;
+  ``demo:llama`` is the default. See ``DEMOS``.
+* a folder with a ``config.json`` (``save_pretrained`` output), or a Hugging Face id, read
+  from the local cache first and downloaded unless ``HF_HUB_OFFLINE``; ``trust_remote_code``
+  only when asked.
 * ``path/to/file.py:factory`` or ``package.module:factory``: a callable returning an
-  ``nn.Module``. The factory's module may define ``example_inputs(batch_size, seq_len)``
-  returning the tuple of positional inputs; without it the job feeds token ids [B, S] to
-  a model whose first submodule is an ``nn.Embedding``, else a float tensor
-  [B, S, d_model].
+  ``nn.Module``. Its module may define ``example_inputs(batch_size, seq_len)`` returning the
+  positional inputs; else token ids [B, S] when the first submodule is an ``nn.Embedding``,
+  else a float tensor [B, S, d_model].
 
-``device_map`` (``--device-map auto``, with ``--max-memory``) spreads a model over the
-visible devices through accelerate: ``from_pretrained(device_map=..., max_memory=...)`` for
-a folder or hub id (the weights go straight to their devices), accelerate's
-``infer_auto_device_map`` + ``dispatch_model`` for a demo or factory (built on the CPU
-first). Accelerate hooks move the activations between devices; the inputs go to the
-first device that holds weights (``LoadedModel.device``).
+``device_map`` spreads a model over the devices with accelerate (``from_pretrained`` for a
+folder or hub id, ``infer_auto_device_map`` + ``dispatch_model`` for a demo or factory
+built on the CPU); the inputs go to the first device holding weights (``LoadedModel.device``).
 
-A model is moved and cast by ``place``, never by ``Module.to(dtype=...)``, which casts complex
-tensors to real (a complex rotary table loses its sine half). A factory's model is first
-proven unchanged by ``check_placement``: one forward pass of the model as the factory returned
-it, and one after placing it on the device in its own dtype, compared before the cast to the
-run's dtype; the figure goes to ``LoadedModel.notes``.
+Models are moved and cast by ``place``, never ``Module.to(dtype=...)`` (it casts complex
+tensors to real). A factory's model is first proven unchanged by ``check_placement``.
 
 Every failure to load raises ``CannotRun`` with one line saying what is wrong.
 """
@@ -64,9 +57,8 @@ _SIZE = re.compile(r"^\d+(\.\d+)?(GiB|MiB|KiB|GB|MB|KB)?$", re.IGNORECASE)
 
 
 def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
-    """``--max-memory 0=10GiB,1=10GiB,cpu=50GiB`` -> {0: "10GiB", 1: "10GiB", "cpu": "50GiB"}
-    (GPU indices as ints, as accelerate takes them). Devices left out get nothing.
-    Raises ``OptionError`` for a malformed entry."""
+    """``0=10GiB,cpu=50GiB`` -> {0: "10GiB", "cpu": "50GiB"} (GPU indices as ints, as accelerate
+    takes them; devices left out get nothing). Raises ``OptionError`` for a malformed entry."""
     if not text:
         return None
     out: dict[int | str, str] = {}
@@ -144,7 +136,7 @@ def _token_rows(loaded: "LoadedModel", lengths: list[int], seq_len: int, device:
     return ids.to(device), mask.to(device)
 
 
-# ----------------------------------------------------------------------------- the model
+# --- the model
 
 @dataclass
 class LoadedModel:
@@ -171,8 +163,8 @@ class LoadedModel:
             return [self.device]
         return list(dict.fromkeys(f"cuda:{d}" if isinstance(d, int) else str(d) for d in self.device_map.values()))
 
-    #: set when a plain cast of the weights to ``dtype`` cannot run (the model builds float32
-    #: tensors inside forward): the weights stay float32 and forward runs under torch.autocast(dtype)
+    #: set when a plain cast to ``dtype`` cannot run (float32 tensors built inside forward):
+    #: float32 weights, forward under torch.autocast(dtype)
     autocast: torch.dtype | None = None
 
     @property
@@ -186,8 +178,7 @@ class LoadedModel:
         return torch.float32 if self.autocast is not None else self.dtype
 
     def use_autocast(self) -> None:
-        """Fall back from a plain cast to torch.autocast: weights back to float32 (exactly, from
-        bf16/fp16), forward under autocast(dtype)."""
+        """Fall back to torch.autocast(dtype) with the weights back in float32 (exact from bf16/fp16)."""
         self.autocast = self.dtype
         self.model.float()
 
@@ -228,11 +219,8 @@ class LoadedModel:
                 "sliding_window": getattr(config, "sliding_window", None)}
 
     def inputs(self, batch_size: int, seq_len: int, pad_fraction: float | None = None) -> Inputs:
-        """Example inputs [B, S] on the model's device (see the module docstring).
-
-        ``pad_fraction`` None means the family's default: 0 for causal LMs (one long
-        prompt per row), 0.5 for encoders (sentence batches of uneven length).
-        """
+        """Example inputs [B, S] on the model's device (module docstring); ``pad_fraction``
+        None: 0 for causal LMs (one prompt per row), 0.5 for encoders (uneven sentences)."""
         if self.family == "module":
             return self._module_inputs(batch_size, seq_len)
         if pad_fraction is None:
@@ -252,9 +240,8 @@ class LoadedModel:
         return Inputs(batch_size, seq_len, (), kwargs, mask.bool(), desc)
 
     def probe(self) -> Inputs:
-        """The small inputs attention is found and swaps are verified on: [1, 16] for a
-        transformers model, [2, 32] (so masks are exercised) for any other, capped to the
-        model's maximum length."""
+        """Inputs to find attention and verify swaps on: [1, 16] for transformers, else [2, 32]
+        (masks exercised), capped to the model's maximum length."""
         batch, length = (1, 16) if self.is_transformers else (2, 32)
         return self.inputs(batch, min(length, self.max_seq_len() or length))
 
@@ -285,9 +272,8 @@ class LoadedModel:
                                                            f"[{batch_size}, {seq_len}, {d_model}]")
 
     def forward(self, inputs: Inputs, autocast: bool = True) -> torch.Tensor:
-        """One forward pass; returns the tensor to compare (see ``select_output``). Under
-        torch.autocast when the model runs that way (``autocast=False``: never, for the float64
-        reference)."""
+        """One forward pass: ``select_output``; under torch.autocast when the model runs that
+        way, unless ``autocast=False`` (the float64 reference)."""
         if autocast and self.autocast is not None:
             with torch.autocast(torch.device(self.device).type, dtype=self.autocast):
                 return select_output(self.model(*inputs.args, **inputs.kwargs))
@@ -330,25 +316,20 @@ def select_output(out: Any) -> torch.Tensor:
     raise CannotRun(f"the model returned {type(out).__name__} with no tensor to compare", "")
 
 
-# ----------------------------------------------------------------------------- placement
+# --- placement
 
 def place(model: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:
-    """Move ``model`` to ``device`` and cast its floating-point parameters and buffers (and their
-    gradients) to ``dtype``; complex tensors are moved only and keep their dtype, integer and bool
-    tensors keep theirs. ``dtype`` None moves only, each tensor keeping its own dtype. Returns
-    ``model``, changed in place as ``Module.to`` changes it.
+    """Move ``model`` (in place; returned) to ``device`` and cast its floating parameters and
+    buffers (and gradients) to ``dtype`` (None: move only); complex, integer and bool tensors
+    keep their dtype.
 
-    Why not ``model.to(device=device, dtype=dtype)``: torch's ``Module.to`` casts complex
-    parameters and buffers to a floating ``dtype`` as well, and a complex -> real cast keeps the
-    real part only (torch warns "Casting complex values to real discards the imaginary part").
-    Rotary tables kept as a complex ``freqs_cis`` buffer (Meta's reference Llama:
-    ``torch.polar(torch.ones_like(freqs), freqs)``, applied with ``torch.view_as_complex``) become
-    cosine-only, and the model measured is no longer the user's.
+    Not ``Module.to(dtype=...)``: it casts complex tensors too, keeping the real part only
+    ("Casting complex values to real discards the imaginary part"), so a complex rotary
+    ``freqs_cis`` buffer (Meta's reference Llama, ``torch.polar``) becomes cosine-only.
 
-    Raises ``ValueError`` when ``dtype`` is not a floating-point dtype (``Module.to`` refuses an
-    integer one too). torch's own errors from the move pass through unchanged:
-    ``torch.OutOfMemoryError``, a ``RuntimeError`` for a device torch cannot use, a
-    ``NotImplementedError`` for a tensor on the meta device.
+    Raises ``ValueError`` for a non-floating ``dtype``. torch's errors from the move pass
+    through: ``torch.OutOfMemoryError``, ``RuntimeError`` (unusable device),
+    ``NotImplementedError`` (a meta tensor).
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"place() casts floating-point tensors to a floating-point dtype, not {dtype}")
@@ -375,30 +356,20 @@ def placement_bound(dtype: torch.dtype, scale: float) -> tuple[float, int]:
 
 
 def check_placement(loaded: LoadedModel, device: str) -> str:
-    """Place ``loaded.model`` on ``device`` in its own dtypes (``place`` with no dtype) and prove
-    that the placement kept the model; returns the note for ``LoadedModel.notes``.
+    """Place ``loaded.model`` (as the factory returned it) on ``device`` in its own dtypes and
+    prove the placement kept it; returns the note for ``LoadedModel.notes`` (``loaded.device``
+    is ``device`` after).
 
-    ``loaded`` holds the model as the factory returned it: ``device`` where it is, ``dtype`` its
-    own (the dtype of its floating parameters, typically float32). One forward pass runs on
-    ``loaded.probe()`` before the placement, one after it on the same inputs moved to
-    ``device``, each under ``torch.no_grad()`` after ``torch.manual_seed(0)`` (a forward with
-    random ops compares; the caller's RNG state is restored afterwards). Nothing is copied: the
-    first pass keeps only its output, and a fingerprint (two float64 sums) of each buffer and of
-    each parameter that is not floating-point, to name what changed.
+    A forward pass on ``loaded.probe()`` before and after, each under ``torch.no_grad()``
+    after ``torch.manual_seed(0)`` (the caller's RNG restored), must agree within
+    ``placement_bound`` (bit for bit on one device). Nothing is copied: the first pass keeps
+    its output and two float64 sums of each buffer and non-floating parameter, to name what
+    changed. Skipped, saying why, when the model cannot run the probe as returned (reported
+    later), does not fit in its own dtype (cast on the way), or is random and ``device`` is
+    another kind of device.
 
-    The bound: max|after - before| <= ``placement_bound`` (4 * 2**-m * max|before|). On the
-    same device it is the same computation, and the two outputs are equal bit for bit; a
-    placement that loses a tensor changes them by far more.
-
-    The check is skipped, and the note says why, when the model as returned cannot run a forward
-    pass on the probe at all (a failure of its own, reported later by the step that runs it),
-    when the model in its own dtype does not fit on ``device`` (it is then cast on the way),
-    and when its forward is random and ``device`` is another kind of device, whose generator
-    draws other numbers from the same seed. ``loaded.device`` is ``device`` afterwards.
-
-    Raises ``CannotRun`` (one line: the largest difference, the likely cause, and the advice in
-    its hint) when the outputs differ beyond the bound, or when the forward pass that ran before
-    the placement raises after it. Errors of the move itself pass through (see ``place``).
+    Raises ``CannotRun`` (largest difference, likely cause, advice) when the outputs differ
+    beyond the bound or the forward raises only after placement. Move errors pass (``place``).
     """
     model, source, own = loaded.model, loaded.device, loaded.dtype
     with torch.random.fork_rng(devices=_cuda_indices(source, device)):
@@ -409,7 +380,7 @@ def check_placement(loaded: LoadedModel, device: str) -> str:
             with torch.no_grad():
                 before = loaded.forward(probe).detach()
             facts = _tensor_facts(model)
-        except Exception as exc:  # the model's own failure (out of memory too): the step that runs it reports it
+        except Exception as exc:  # the model's own failure (OOM too): the step that runs it reports it
             what = f"on {probe.description}" if probe is not None else "on a probe input"
             skipped = (f"loading check skipped: a forward pass of the model as the factory returned it {what} "
                        f"raised {said(exc, 160)}")
@@ -485,19 +456,12 @@ def _to_device(obj: Any, device: str) -> Any:
     return obj
 
 
-def _own_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a factory returned its floating parameters in (else its floating buffers; float32)."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
-def _device_of(model: nn.Module) -> str:
-    """Where a factory's model is: the device of its first parameter or buffer (cpu without any)."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return str(t.device)
-    return "cpu"
+def _as_returned(model: nn.Module) -> tuple[str, torch.dtype]:
+    """A factory's model's device (of its first parameter or buffer; cpu without any) and own
+    dtype (of its first floating parameter, else buffer; float32 without any)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    return (str(tensors[0].device) if tensors else "cpu",
+            next((t.dtype for t in tensors if t.is_floating_point()), torch.float32))
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[float, float] | None:
@@ -514,8 +478,7 @@ def _fingerprint(t: torch.Tensor) -> tuple[float, float] | None:
 
 
 def _tensor_facts(model: nn.Module) -> dict[str, tuple[str, torch.dtype, tuple[int, ...], Any]]:
-    """name -> (parameter | buffer, dtype, shape, fingerprint); the fingerprint of buffers and of
-    parameters that are not floating-point only (a model's weights are not summed)."""
+    """name -> (parameter | buffer, dtype, shape, fingerprint of buffers and non-floating parameters)."""
     facts = {}
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
@@ -532,8 +495,8 @@ def _same_sum(a: tuple[float, float] | None, b: tuple[float, float] | None) -> b
 
 
 def _cause(facts: dict[str, tuple], model: nn.Module) -> str:
-    """What most likely changed the model in its placement: a parameter or buffer whose dtype,
-    shape or values changed, else a tensor kept as a plain attribute, which ``.to()`` does not move."""
+    """What most likely changed in placement: a parameter or buffer's dtype, shape or values,
+    else a tensor kept as a plain attribute (``.to()`` does not move it)."""
     now = _tensor_facts(model)
     changed = []
     for name, (kind, dtype, shape, sig) in facts.items():
@@ -558,8 +521,8 @@ def _cause(facts: dict[str, tuple], model: nn.Module) -> str:
 
 
 def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """max|a - b| (0 where both are equal or both NaN; inf for other shapes or a NaN against a
-    number) and max|a| over a's finite entries; compared in float64 on the CPU."""
+    """(max|a - b|, max|a| over finite entries), in float64 on the CPU: equal or both-NaN
+    entries count 0; other shapes or NaN against a number, inf."""
     if a.shape != b.shape:
         return math.inf, 0.0
     a, b = (torch.view_as_real(t) if t.is_complex() else t for t in (a.cpu(), b.cpu()))
@@ -570,7 +533,7 @@ def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]
     return (float(diff.max()) if diff.numel() else 0.0), (float(finite.abs().max()) if finite.numel() else 0.0)
 
 
-# ----------------------------------------------------------------------------- loading
+# --- loading
 
 def _family_of(config: Any) -> str:
     if getattr(config, "is_encoder_decoder", False):
@@ -638,8 +601,7 @@ def _weight_files(ref: str | Path) -> list[Path]:
 
 
 def _unreadable(files: list[Path]) -> list[str]:
-    """Each safetensors file whose header or data does not hold together (a truncated copy, a
-    download cut short), with what safetensors said."""
+    """Each safetensors file that does not read (truncated), with what safetensors said."""
     from safetensors import safe_open
 
     bad = []
@@ -656,8 +618,8 @@ def _unreadable(files: list[Path]) -> list[str]:
 
 
 def _mismatched_shapes(files: list[Path], config: Any, family: str) -> list[str]:
-    """'name: [a, b] in FILE, [c, d] from config.json' for each tensor of the safetensors files
-    whose shape is not the one the config builds (the model built on the meta device)."""
+    """'name: [a, b] in FILE, [c, d] from config.json' for each safetensors tensor whose shape
+    differs from the config's model (built on the meta device)."""
     from safetensors import safe_open
 
     with torch.device("meta"):
@@ -679,9 +641,9 @@ def _mismatched_shapes(files: list[Path], config: Any, family: str) -> list[str]
 
 
 def _weights_error(ref: str | Path, config: Any, family: str, exc: Exception) -> CannotRun:
-    """``from_pretrained``'s failure as a one-line ``CannotRun`` that names it: a truncated or
-    corrupt weights file, a config.json whose shapes do not fit the weights (both with the
-    file), or what transformers said. Anything else is re-raised: a bug, not the user's model."""
+    """``from_pretrained``'s failure as a one-line ``CannotRun``: a corrupt weights file, a
+    config.json that does not fit the weights, or what transformers said (an OSError or
+    ValueError). Anything else is re-raised: a bug, not the user's model."""
     text = one_line(exc, 300)
     files = _weight_files(ref)
     if type(exc).__name__ == "SafetensorError" or "deserializ" in text or "incomplete metadata" in text:
@@ -725,10 +687,9 @@ def _load_demo(name: str, device: str, dtype: torch.dtype, device_map: str | Non
 
 @contextlib.contextmanager
 def _as_user_code(what: str, argv0: str) -> Iterator[None]:
-    """Run user code (a factory module's import, the factory call) as if it were its own
-    program's: ``sys.argv`` is ``[argv0]``, so a module that parses its command line at import
-    sees none of the step's options, and ``sys.exit`` / ``exit()`` becomes ``CannotRun`` naming
-    ``what``, so that stdout still holds one JSON object. ``sys.argv`` is put back after."""
+    """Run user code (factory import or call) as its own program: ``sys.argv`` is ``[argv0]``
+    (put back after), and ``sys.exit`` becomes ``CannotRun`` naming ``what``, so stdout
+    still holds one JSON object."""
     saved = sys.argv
     sys.argv = [argv0]
     try:
@@ -742,8 +703,7 @@ def _as_user_code(what: str, argv0: str) -> Iterator[None]:
 
 
 def _load_factory(spec: str) -> tuple[nn.Module, ModuleType]:
-    """The factory's model as it returned it (in eval mode), and the factory's module. The
-    module is imported and the factory called as user code (``_as_user_code``)."""
+    """(the factory's model in eval mode, its module), run as ``_as_user_code``."""
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py"):
         path = Path(target).expanduser()
@@ -792,16 +752,15 @@ def _load_factory(spec: str) -> tuple[nn.Module, ModuleType]:
 
 def _place_factory(model: nn.Module, spec: str, module: ModuleType, family: str, device: str,
                    dtype: torch.dtype, notes: list[str]) -> nn.Module:
-    """A factory's model on ``device`` in ``dtype``, after ``check_placement`` proved that placing
-    it in its own dtype kept it (its note appended to ``notes``). Raises ``CannotRun`` from it."""
-    as_returned = LoadedModel(model, spec, spec, "factory", family, _device_of(model), _own_dtype(model), None, module)
+    """A factory's model on ``device`` in ``dtype`` after ``check_placement`` (its note appended to
+    ``notes``; its ``CannotRun`` raised)."""
+    as_returned = LoadedModel(model, spec, spec, "factory", family, *_as_returned(model), None, module)
     notes.append(check_placement(as_returned, device))
     return place(model, device, dtype)
 
 
 def classify(spec: str) -> str:
-    """Which kind of spec this is: demo, factory, folder or hub. Raises ``CannotRun`` for
-    a path that does not exist or a string that is none of them."""
+    """demo, factory, folder or hub. Raises ``CannotRun`` for a missing path or none of them."""
     if spec.startswith("demo:"):
         return "demo"
     target, sep, attr = spec.rpartition(":")
@@ -826,15 +785,14 @@ def classify(spec: str) -> str:
 
 def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
          device_map: str | None = None, max_memory: dict | None = None) -> LoadedModel:
-    """Load ``spec`` (see the module docstring) onto ``device`` in ``dtype``, in eval mode;
-    with ``device_map`` (one of ``DEVICE_MAPS``) across the devices accelerate may use
-    (``max_memory``, from ``parse_max_memory``), and ``device`` is then where the inputs go.
+    """Load ``spec`` (module docstring) onto ``device`` in ``dtype``, in eval mode; with
+    ``device_map`` (``DEVICE_MAPS``; ``max_memory`` from ``parse_max_memory``) across devices,
+    ``device`` being where the inputs go.
 
-    Raises ``CannotRun`` (one line) for a path that does not exist, a folder without
-    config.json, a hub id not available offline, a factory that fails or returns no
-    ``nn.Module``, a factory's model that placing it on ``device`` changed (``check_placement``),
-    remote code without ``trust_remote_code``, a ``device_map`` without accelerate, or one that
-    would offload weights to disk.
+    Raises ``CannotRun`` (one line) for a missing path, a folder without config.json, a hub
+    id not available offline, a failing factory or one returning no ``nn.Module``, a model
+    that placement changed (``check_placement``), remote code without ``trust_remote_code``,
+    a ``device_map`` without accelerate or one that would offload to disk.
     """
     spec = spec or DEFAULT_MODEL
     kind = classify(spec)
@@ -848,6 +806,11 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
                               "pip install accelerate", missing=missing)
     placement = {"device_map": device_map, "max_memory": max_memory}
     tokenizer, module, notes = None, None, []
+
+    def pretrained(ref: str | Path, local_files_only: bool = True) -> tuple[nn.Module, str, Any]:
+        return _from_pretrained(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                local_files_only=local_files_only, **placement)
+
     if kind == "demo":
         model, family, tokenizer = _load_demo(spec.split(":", 1)[1], device, dtype, **placement)
     elif kind == "factory":
@@ -862,14 +825,10 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
         if not (Path(spec).expanduser() / "config.json").is_file():
             raise CannotRun(f"model folder {spec} has no config.json: not a Hugging Face model folder",
                             "pass the folder save_pretrained wrote, or path/to/file.py:factory")
-        model, family, tokenizer = _from_pretrained(Path(spec).expanduser(), device=device, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code, local_files_only=True,
-                                                    **placement)
+        model, family, tokenizer = pretrained(Path(spec).expanduser())
     else:
         try:
-            model, family, tokenizer = _from_pretrained(spec, device=device, dtype=dtype,
-                                                        trust_remote_code=trust_remote_code, local_files_only=True,
-                                                        **placement)
+            model, family, tokenizer = pretrained(spec)
         except CannotRun as exc:
             from huggingface_hub import constants
 
@@ -880,9 +839,7 @@ def load(spec: str | None, *, device: str, dtype: torch.dtype, trust_remote_code
                                 "downloading it", f"on a connected machine run `hf download {spec}`, or pass a local "
                                 "folder") from None
             try:
-                model, family, tokenizer = _from_pretrained(spec, device=device, dtype=dtype,
-                                                            trust_remote_code=trust_remote_code, local_files_only=False,
-                                                            **placement)
+                model, family, tokenizer = pretrained(spec, local_files_only=False)
             except CannotRun as exc2:
                 raise CannotRun(f"model {spec} is not in the local cache and could not be downloaded: {exc2.message}",
                                 "check the id and the network, or pass a local folder") from None

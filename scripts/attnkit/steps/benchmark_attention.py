@@ -1,16 +1,10 @@
-"""The benchmark_attention step; ``scripts/benchmark_attention.py``'s docstring says what it
-measures on which grid.
+"""The benchmark_attention step (``scripts/benchmark_attention.py`` says what and on which grid).
 
-Where each figure comes from: the candidates are ``measure.autotune.candidates``; latency,
-median and IQR (ms) over interleaved rounds, ``autotune.tune_op``; TFLOP/s,
-``flops.attention_flops`` (x3.5 for forward + backward, flash-attn's benchmark count); % of
-peak, ``timing.matmul_peak`` (this machine, not a datasheet); memory,
-``timing.peak_memory_mb``; accuracy, the flash-attn tests' rule with eager's own error as
-the baseline; ``autotune_ratio`` = fastest latency / chosen latency (1.0 when the quick pass
-chose the fastest).
-
-Results: ``data.grid`` (one row per candidate and configuration), ``data.autotune_by_config``
-(one row per configuration), report.png and memory.png (TFLOP/s and peak memory against S)."""
+Sources: candidates, ``measure.autotune.candidates``; latency (median, IQR, ms),
+``autotune.tune_op``; TFLOP/s, ``flops.attention_flops`` (x3.5 with backward, flash-attn's
+benchmark count); % of peak, ``timing.matmul_peak``; memory, ``timing.peak_memory_mb``;
+accuracy, flash-attn's rule against eager's error; ``autotune_ratio`` = fastest latency /
+chosen latency (1.0: the quick pass chose the fastest)."""
 
 from __future__ import annotations
 
@@ -26,7 +20,7 @@ from ..measure import autotune
 from ..measure.timing import (cap_cuda_memory, fits_in_memory, matmul_peak, oom_caught, peak_memory_mb,
                               search_longest)
 from ..report import (CannotRun, Check, Sections, StepData, StepResult, Table, default_run_folder, fmt_mb, fmt_ms,
-                      one_line, register_view, said, write_run_folder)
+                      one_line, register_view, said, save_figure, subplots, write_run_folder)
 
 STEP = "benchmark_attention"
 
@@ -102,18 +96,11 @@ def _inputs(b: int, s: int, h: int, h_kv: int, d: int, dtype: torch.dtype, devic
 
 @dataclass(kw_only=True)
 class BenchmarkData(StepData):
-    """``data`` of benchmark_attention: where the grid ran and every figure it measured.
-
-    ``device``, ``gpu`` (GPU 0's name, None on CPU) and ``torch`` (its version): where.
-    ``grid``: one row per candidate and configuration (the configuration's keys, the
-    candidate's ``autotune.Candidate.to_dict``, ``label``, ``pct_of_matmul_peak`` (% of this
-    dtype's matmul peak), ``peak_memory_mb`` (MB above the inputs), ``memory_error`` when
-    that could not be measured); ``autotune_by_config``: one row per configuration, the
-    quick pass's choice against the full pass's fastest (latencies in ms, ``ratio`` = fastest
-    / chosen latency); ``matmul_peak_tflops``: dtype name -> TFLOP/s of a square matmul here;
-    ``max_seq_len``: the ``--max-seq-len-search`` result (``_search``), else None;
-    ``memory_limit_gb`` (GB), ``min_run_time_s`` and ``tune_time_s`` (s): the options;
-    ``memory_plot``: memory.png in the run folder, when it was drawn."""
+    """``data`` of benchmark_attention (``gpu``: None on CPU). ``grid``: a row per candidate and configuration (its
+    keys, ``autotune.Candidate.to_dict``, ``label``, ``pct_of_matmul_peak``, ``peak_memory_mb``
+    above the inputs or ``memory_error``); ``autotune_by_config``: a row per configuration,
+    quick choice against fastest (ms; ``ratio`` = fastest / chosen); ``matmul_peak_tflops``:
+    dtype -> TFLOP/s; ``max_seq_len``: ``_search``'s or None; ``memory_plot``: memory.png."""
 
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"memory_plot"})
 
@@ -222,9 +209,8 @@ def _one_config(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, confi
 
 
 def _search(o: BenchmarkOptions, env, device: str, dtype: torch.dtype, shape, reporter) -> dict:
-    """The largest S (a multiple of 1024) each backend's causal forward runs at on ``shape``
-    before it runs out of memory, up to ``o.search_cap`` (``timing.search_longest``: the
-    cap, then doubling from 1024, then bisecting to 1/64 or 1024); CUDA only."""
+    """The largest S (a multiple of 1024, up to ``o.search_cap``) each backend's causal forward
+    runs at on ``shape`` without OOM (``timing.search_longest`` from 1024); CUDA only."""
     if not device.startswith("cuda"):
         return {"skipped": "the search runs on a CUDA device only: on a CPU each point would take minutes"}
     b, h, h_kv, d = shape
@@ -324,15 +310,11 @@ def plot_grid(rows: list[dict], path: Path, metric: str, unit: str, title: str) 
     panels = list(dict.fromkeys((r["shape"], r["causal"], r["direction"], r["dtype"]) for r in ok))
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    fig, axes = subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    from matplotlib.ticker import ScalarFormatter
+
     for ax, key in zip(axes.flat, panels):
         sub = [r for r in ok if (r["shape"], r["causal"], r["direction"], r["dtype"]) == key]
         for label in dict.fromkeys(r["label"] for r in sub):
@@ -352,11 +334,7 @@ def plot_grid(rows: list[dict], path: Path, metric: str, unit: str, title: str) 
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, dpi=110)
 
 
 #: How a result of this step is drawn (report.View): the grid and the autotuner's misses, two plots.

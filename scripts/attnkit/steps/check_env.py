@@ -44,12 +44,7 @@ def flash_attention(env: Environment) -> list[dict]:
     return [library_status(name, env) for name in FLASH_ATTENTION_BACKENDS]
 
 
-# ----------------------------------------------------------------------------- FP8 attention paths
-
-def fp8_paths(env: Environment) -> list[Fp8Availability]:
-    """Every FP8 attention library (``backends.FP8_PATHS``): installed, usable here, why not."""
-    return fp8_availability(env)
-
+# --- FP8 attention paths
 
 def fp8_check(paths: list[Fp8Availability]) -> Check:
     """``--require fp8``: the path the ``fp8`` backend runs on (cuDNN) is usable; the evidence
@@ -67,15 +62,10 @@ def _state(p: Fp8Availability) -> str:
     return "not installed" if not p.installed else f"{p.distribution} {p.version}: {p.reason.split(' [')[0]}"
 
 
-def fp8_facts(paths: list[Fp8Availability]) -> tuple[str, str]:
-    """The FP8 row of the facts table (data.fp8 has the install commands and sources)."""
-    return ("FP8 attention", "; ".join(f"{p.path}: {_state(p)}" for p in paths))
-
-
 def _requirement_check(name: str, env: Environment, device: str) -> Check:
     cap = env.capability
     if name == "fp8":
-        return fp8_check(fp8_paths(env))
+        return fp8_check(fp8_availability(env))
     if name == "sdpa":
         fused = [k.name for k in env.sdpa_kernels.get("cuda" if device.startswith("cuda") else "cpu", [])
                  if k.name != "math" and k.compiled and k.enabled and k.usable is not False]
@@ -131,19 +121,11 @@ def facts(env: Environment) -> list[dict[str, str]]:
 
 @dataclass(kw_only=True)
 class CheckEnvData(StepData, Environment):
-    """``data`` of check_env: every field of ``env.Environment`` (python, torch, CUDA, each
-    GPU with its memory in MB, SDPA's kernels per device, transformers) under its own name,
-    then what the step derives from it.
-
-    ``flash_attn``: each FlashAttention version (``backends.library_status``);
-    ``torch_fa4_bridge``: whether torch's own FA4 bridge can run; ``device`` and ``dtype``: what
-    the recommendation is for; ``fp8``: every FP8 attention library, installed and usable here
-    or why not; ``facts``: the environment as (name, value) rows for people;
-    ``recommendation``: the backend ``auto`` would pick, why, and why not each other one (also
-    in ``rejected``); ``required``: each ``--require`` and what it means.
-
-    check_env writes no run folder and has no notes: ``notes`` and ``report_dir`` stay out of
-    its JSON."""
+    """``data`` of check_env: ``env.Environment``'s fields (GPU memory in MB), then
+    ``flash_attn`` (``backends.library_status`` per version), ``torch_fa4_bridge``, the
+    recommendation's ``device`` and ``dtype``, ``fp8`` (each FP8 library, usable or why not),
+    ``facts`` ((name, value) rows), ``recommendation`` (``auto``'s pick, why, why not each
+    other; also ``rejected``), ``required`` (each ``--require``). No ``notes``, ``report_dir``."""
 
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notes", "report_dir"})
 
@@ -160,11 +142,9 @@ class CheckEnvData(StepData, Environment):
 
 
 def check_env_step(require: list[str] | None = None, device: str = "auto", dtype: str = "auto") -> StepResult:
-    """The ``check_env`` step: facts, the recommended backend, and the requested checks.
-
-    ``require`` names entries of ``REQUIREMENTS`` (default: ``["sdpa"]``); the step passes
-    when each holds. Raises ``CannotRun`` for an unknown requirement, device or dtype.
-    """
+    """Facts, the recommended backend, and the checks ``require`` names (``REQUIREMENTS``;
+    default ``["sdpa"]``), passing when each holds. Raises ``CannotRun`` for an unknown
+    requirement, device or dtype."""
     require = list(require or ["sdpa"])
     unknown = [r for r in require if r not in REQUIREMENTS]
     if unknown:
@@ -175,11 +155,11 @@ def check_env_step(require: list[str] | None = None, device: str = "auto", dtype
     dt = parse_dtype(dtype, env, dev)
     checks = [_requirement_check(r, env, dev) for r in require]
     choice = choose("auto", env=env, device=dev, dtype=dt, model=None)
-    paths = fp8_paths(env)
+    paths = fp8_availability(env)
     data = CheckEnvData(
         **{f.name: getattr(env, f.name) for f in fields(Environment)}, flash_attn=flash_attention(env),
         torch_fa4_bridge=torch_fa4_bridge(), device=dev, dtype=str(dt).replace("torch.", ""), fp8=paths,
-        facts=facts(env) + [dict(zip(("name", "value"), fp8_facts(paths)))],
+        facts=facts(env) + [{"name": "FP8 attention", "value": "; ".join(f"{p.path}: {_state(p)}" for p in paths)}],
         recommendation={"backend": choice.backend, "why": choice.why,
                         "rejected": [r.to_dict() for r in choice.rejected]},
         rejected=list(choice.rejected), required={r: REQUIREMENTS[r] for r in require})

@@ -1,37 +1,23 @@
 """Context parallelism: attention (or a causal LM) with the sequence sharded across N processes.
 
-``context_parallel(options, reporter)`` is what ``scripts/context_parallel.py`` calls. How
-it runs depends on how it was started:
+``context_parallel(options, reporter)`` is what ``scripts/context_parallel.py`` calls:
 
-* ``torchrun --nproc-per-node=N scripts/context_parallel.py``: every process runs the
-  step on its own GPU (NCCL; gloo on CPU); rank 0 prints the one result, the others print
-  nothing on stdout and exit with rank 0's code;
-* plain ``python scripts/context_parallel.py`` on a GPU: one process, world size 1 (the
-  1-GPU baseline of the same code path), or ``--nproc N`` processes it spawns itself;
-* on CPU: ``--nproc`` (default 2) gloo processes it spawns itself, the check of the
-  sharding, rotation, merging and gathering logic (``measure.context_parallel`` says
-  what torch runs there and why).
+* under ``torchrun --nproc-per-node=N`` every process runs it on its own GPU (NCCL; gloo
+  on CPU); rank 0 prints the result, the others nothing, exiting with rank 0's code;
+* plain ``python`` on a GPU: world size 1 (the 1-GPU baseline of the same path), or
+  ``--nproc N`` spawned processes;
+* on CPU: ``--nproc`` (default 2) spawned gloo processes checking the ring's logic.
 
-Each rank, in turn:
+Each rank: (1) builds the same workload (seed 0) and runs plain SDPA over the whole
+sequence: the 1-device baseline; (2) runs it sharded (``sharded_attention`` on GPUs,
+``ring_attention`` on CPU) on ``--heads-per-call`` heads per ring call, profiled once
+(SDPA kernel, peak memory) and ``--reps`` times timed, and gathers the output; (3) sends its
+figures to rank 0, which judges the gathered output against float64 at sampled rows
+(``measure.accuracy.compare``) and reports kernels, memory, latency and the scaling
+efficiency T_1 / (N x T_N); (4) with ``--max-seq-len-search CAP``, finds the longest
+sequence up to CAP that runs, on one device and sharded.
 
-1. builds the same workload (token ids [B, S] and q/k/v tables, seed 0) and runs plain
-   SDPA over the whole sequence on its own device: the 1-device baseline;
-2. runs the sharded attention (``measure.context_parallel.sharded_attention``: the public
-   ``context_parallel`` block on GPUs; ``ring_attention``, torch's ring with the CPU flash
-   kernel, on CPU), on ``--heads-per-call`` heads per ring call (default 1,
-   ``DEFAULT_HEADS_PER_CALL``), under torch.profiler once (which SDPA kernel ran, peak memory) and
-   ``--reps`` times timed, and gathers the output by ``context_parallel_unshard``;
-3. sends its figures to rank 0, which judges the gathered output against a float64
-   reference at sampled query rows with the project's rule
-   (``measure.accuracy.compare``), against the baseline's own error, and reports
-   per-rank kernels, memory and latency, and the scaling efficiency
-   T_1 / (N x T_N);
-4. with ``--max-seq-len-search CAP``: finds the longest sequence up to CAP that runs, on
-   one device and sharded (doubling from --seq-len, then bisecting to 1/64), one forward
-   pass per probe.
-
-Limits of torch's API are checked before anything runs (``measure.context_parallel.problems``):
-each one is an error with one line, exit 2.
+The API's limits (``measure.context_parallel.problems``) are checked first: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -128,21 +114,14 @@ class Plan:
 
 @dataclass(kw_only=True)
 class ContextParallelData(StepData):
-    """``data`` of rank 0's result: how the run was launched and sharded, and what it measured.
-
-    ``single_device``: the 1-device baseline's run (``distributed.RankRun.to_dict``: kernels,
-    ``resident_mb``, ``peak_memory_mb``, ``total_mb`` in MB, ``latency_ms``), or its
-    ``error``; ``ranks``: the same for the sharded run on every rank. ``latency_ms``: the
-    slowest rank's median (ms); ``speedup`` = 1-device latency / ``latency_ms``;
-    ``scaling_efficiency`` = speedup / world size; ``memory_per_rank_mb``: the largest
-    rank's ``total_mb`` (MB); ``memory_ratio`` = that / the 1-device ``total_mb``;
-    ``tflops``: attention TFLOP/s at ``latency_ms`` (bare attention only); each None when
-    not measured. ``accuracy``: the gathered output against float64, judged against the
-    baseline's own error (``measure.accuracy.Accuracy``; its ``note`` says why when not
-    compared). ``heads_per_call`` and ``ring_calls``: bare attention only (None with --model).
-    Only some runs have ``max_seq_len`` (--max-seq-len-search: ``_search``),
-    ``memory_explained`` (bare attention on several ranks) and ``cpu_public_api`` (on CPU:
-    ``_cpu_api_record``). No run folder is written, so no ``report_dir``."""
+    """``data`` of rank 0's result. ``single_device``: the 1-device ``distributed.RankRun.to_dict``
+    (kernels, ``resident_mb``, ``peak_memory_mb``, ``total_mb`` in MB, ``latency_ms``) or its
+    ``error``; ``ranks``: the same per rank, sharded. ``latency_ms``: the slowest rank's median;
+    ``speedup`` = 1-device latency / ``latency_ms``; ``scaling_efficiency`` = speedup / world
+    size; ``memory_per_rank_mb``: the largest ``total_mb``; ``memory_ratio`` = that / 1-device
+    ``total_mb``; each None when not measured. ``accuracy``: ``measure.accuracy.Accuracy``.
+    ``tflops``, ``heads_per_call``, ``ring_calls``: bare attention only. Some runs only:
+    ``max_seq_len`` (``_search``), ``memory_explained``, ``cpu_public_api``. No ``report_dir``."""
 
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset(
         {"report_dir", "max_seq_len", "memory_explained", "cpu_public_api"})
@@ -183,9 +162,8 @@ class ContextParallelData(StepData):
 
 @dataclass(kw_only=True)
 class NotMeasuredData(StepData):
-    """``data`` of a context_parallel result that measured nothing: a ``skip`` names what
-    it found (``torch``: a version without the API; or the ``model`` and ``device``), and a
-    rank other than 0 returns it empty (rank 0's result holds every rank's figures)."""
+    """``data`` of a result that measured nothing: a ``skip`` names ``torch`` (no API) or the
+    ``model`` and ``device``; ranks other than 0 return it empty."""
 
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"report_dir", "torch", "model", "device"})
 
@@ -195,10 +173,8 @@ class NotMeasuredData(StepData):
 
 
 def plan(o: CPOptions) -> Plan:
-    """Resolve device, dtype, world size and defaults, and check the API's limits.
-
-    Raises ``CannotRun`` (exit 2, one line) for a bad number or a broken limit.
-    """
+    """Resolve device, dtype, world size and defaults; check the API's limits. Raises
+    ``CannotRun`` (one line) for a bad number or a broken limit."""
     for name in ("batch_size", "heads", "head_dim", "reps", "check_rows"):
         value = getattr(o, name)
         if value < (0 if name == "reps" else 1):
@@ -321,7 +297,7 @@ def _spawn(p: Plan) -> StepResult:
     return queue.get()
 
 
-# ----------------------------------------------------------------------------- on every rank
+# --- on every rank
 
 def _safely(fn, *args, **kwargs) -> tuple[Any, str | None]:
     """(``fn(...)``, None), or (None, the out-of-memory message) when it runs out of memory."""
@@ -365,8 +341,8 @@ def _model_ids(loaded: models.LoadedModel, batch_size: int, seq_len: int) -> tor
 
 
 def _keep(base: cp.Sharded | None, rank: dd.Rank, rows: torch.Tensor | None) -> torch.Tensor | None:
-    """What rank 0 keeps of the 1-device output for the accuracy check (the rows judged, or
-    all of a model's logits); the rest is freed before the sharded run is measured."""
+    """Rank 0 keeps the judged rows (or a model's logits) of the 1-device output; the rest is
+    freed before the sharded run."""
     if base is None or base.output is None:
         return None
     kept = None
@@ -445,8 +421,8 @@ def _run_rank(p: Plan, rank: dd.Rank, reporter: Reporter) -> StepResult:
 
 def _accuracy(p: Plan, rank: dd.Rank, output: torch.Tensor, base_rows: torch.Tensor, rows: torch.Tensor,
               loaded: Any, notes: list[str]) -> acc_mod.Accuracy | None:
-    """The gathered output against float64, judged against the 1-device baseline's own error
-    (rank 0 only). None, with a note, when the reference runs out of memory."""
+    """Rank 0: the gathered output judged against float64 and the 1-device baseline (None,
+    with a note, when the reference runs out of memory)."""
     o = p.o
     with oom_caught() as oom:
         if loaded is None:
@@ -466,27 +442,21 @@ def _accuracy(p: Plan, rank: dd.Rank, output: torch.Tensor, base_rows: torch.Ten
     return None
 
 
-#: A sharded probe of the search holds this much more than the sharded call is expected to
-#: allocate (its measured bytes per token at the longest run so far, times the probe's
-#: length) before the ring starts (``distributed.prepare_together``): the slack for the
-#: allocator's rounding and fragmentation. The longest sharded length found can be short of
-#: the true one by about this share of the call's allocation.
+#: A sharded search probe first holds this times its expected allocation (``_search``): slack
+#: for allocator rounding; the longest length found may fall short by about this share.
 RESERVE_MARGIN = 1.05
 
 
 def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, shard: cp.Sharded | None,
             reporter: Reporter) -> dict[str, Any]:
-    """The longest sequence that runs, one forward pass per probe, on one device and sharded
-    (``timing.search_longest``: the cap first, then doubling from --seq-len, then bisection
-    to 1/64 of the longest fit). Lengths are multiples of 64 x the shard count (2 x N with
-    load balancing, else N), so every probe meets the API's limits; every rank agrees on
-    each probe's outcome (a rank out of memory fails it for all).
+    """The longest sequence that runs on one device and sharded (``timing.search_longest``),
+    one forward pass per probe, in multiples of 64 x the shard count (2 x N with load
+    balancing) to meet the API's limits; all ranks agree on each outcome.
 
-    A rank out of memory inside torch's ring would leave the others waiting in NCCL (it hung
-    a search on 2 H200s), so a sharded probe first makes its inputs and holds what the call
-    is expected to allocate, ``RESERVE_MARGIN`` x this rank's measured bytes per token (from
-    the sharded run at --seq-len, then from the longest sharded probe that ran) x the
-    probe's length, and all ranks fail together when any cannot."""
+    A rank out of memory inside torch's ring leaves the others waiting in NCCL (it hung a
+    search on 2 H200s), so a sharded probe first makes its inputs and holds
+    ``RESERVE_MARGIN`` x measured bytes per token (of the longest sharded run so far) x its
+    length (``distributed.prepare_together``): all ranks fail together when any cannot."""
     o, n = p.o, rank.world_size
     unit = 64 * (2 * n if p.load_balance else n)
     model_limit = loaded.max_seq_len() if loaded is not None else None
@@ -542,7 +512,7 @@ def _search(p: Plan, rank: dd.Rank, mesh: Any, loaded: Any, shard: cp.Sharded | 
     return found
 
 
-# ----------------------------------------------------------------------------- rank 0's verdict
+# --- rank 0's verdict
 
 def _kernel_names(kernels: dict[str, int]) -> str:
     named = {f"{SDPA_OPS.get(k, k)} x{n}" for k, n in kernels.items() if k in SDPA_OPS}
@@ -591,8 +561,8 @@ def _data(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, bas
 def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, base_err: str | None,
             shard: cp.Sharded | None, shard_err: str | None, accuracy: acc_mod.Accuracy | None, notes: list[str],
             loaded: Any, cpu_api: dict | None, search: dict | None, reporter: Reporter) -> StepResult:
-    """Rank 0's verdict: every rank ran the sharded call, on a ring kernel, and the gathered
-    output matches the 1-device output within its own error against float64."""
+    """Rank 0's verdict: every rank ran the sharded call on a ring kernel, and the gathered
+    output passed the accuracy rule."""
     n = rank.world_size
     ring_ops = RING_OPS[p.device_kind]
     data = _data(p, rank, runs, base, base_err, notes, loaded, search)
@@ -641,9 +611,8 @@ def _result(p: Plan, rank: dd.Rank, runs: list[dict], base: cp.Sharded | None, b
 
 
 def _memory_explained(p: Plan, runs: list[dict]) -> str:
-    """What a rank's peak memory is made of, in multiples of its output shard
-    [B, H, S / N, D] (measured figures; the parts named are read in torch's ring,
-    ``measure.context_parallel.SOURCE``)."""
+    """A rank's measured peak in multiples of its output shard [B, H, S / N, D], its parts
+    named from torch's ring (``measure.context_parallel.SOURCE``)."""
     o, n = p.o, len(runs)
     shard_mb = o.batch_size * o.heads * (p.seq_len // n) * o.head_dim * p.dtype.itemsize / 2**20
     worst = max(runs, key=lambda r: r["total_mb"])
@@ -662,10 +631,8 @@ def _memory_explained(p: Plan, runs: list[dict]) -> str:
 
 
 def _cpu_api_record(p: Plan, rank: dd.Rank, found: dict) -> dict[str, Any]:
-    """What the public ``context_parallel`` block did on CPU (evidence, not a check: torch
-    supports none of CPU's SDPA kernels there): SDPA's math kernel, non-causal, judged
-    against float64 when its gathered output has the sequence's shape; the causal call's
-    refusal."""
+    """Evidence, not a check, of the public block on CPU: the math kernel non-causal (judged
+    against float64 when the gathered output has the right shape) and the causal refusal."""
     noncausal = found.get("noncausal")
     record: dict[str, Any] = {"kernel": "math, non-causal, no load balancing (DTensor's own op rules, not the ring)",
                               "causal_math": found.get("causal_error") or "ran", "noncausal_math": noncausal,

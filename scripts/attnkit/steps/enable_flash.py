@@ -222,8 +222,8 @@ def _prepare(o: EnableOptions, reporter: Reporter) -> Prepared:
     _refuse_early(o)
     env, device, dtype = resolve(o.device, o.dtype)
     if o.backend != "auto":
-        choose(o.backend, env=env, device=device, dtype=dtype)
-    base_av = availability(o.baseline, env=env, device=device, dtype=dtype)
+        choose(o.backend, env=env, device=device, dtype=dtype, train=o.train)
+    base_av = availability(o.baseline, env=env, device=device, dtype=dtype, train=o.train)
     if not base_av.available:
         raise CannotRun(f"--baseline {o.baseline} cannot run here: {base_av.reason}", "use --baseline eager")
     session = open_session(o.model, device=device, dtype=o.dtype, batch_size=o.batch_size, seq_len=o.seq_len,
@@ -231,8 +231,10 @@ def _prepare(o: EnableOptions, reporter: Reporter) -> Prepared:
                            reporter=reporter, env=env, train=o.train, device_map=o.device_map,
                            max_memory=o.max_memory, target="flex_attention" if o.backend == "flex_attention" else "sdpa",
                            alternative="flex_attention" if o.backend == "auto" and (
-                               device.startswith("cuda") if o.tune_compiled is None else o.tune_compiled) else None)
-    choice = choose(o.backend, env=env, device=device, dtype=dtype, model=session.loaded.model)
+                               device.startswith("cuda") if o.tune_compiled is None else o.tune_compiled) and
+                           availability("flex_attention", env=env, device=device, dtype=dtype,
+                                        train=o.train).available else None)
+    choice = choose(o.backend, env=env, device=device, dtype=dtype, model=session.loaded.model, train=o.train)
     refuse_unsupported_masks(session.loaded, session.inputs, choice.backend)
     prep = Prepared(session, choice, _dropout_in_use(session.loaded, session.inputs))
     if o.backend != "auto":
@@ -390,7 +392,8 @@ def _tune(prep: Prepared, o: EnableOptions, reporter: Reporter, m: Measured) -> 
             gate_out = None
         else:
             gate_out, m.ref, m.ref_name = _gate_outputs(loaded, inputs, notes)
-    cands = autotune.candidates(prep.session.env, prep.session.device, dtype, loaded.model, compiled=o.tune_compiled)
+    cands = autotune.candidates(prep.session.env, prep.session.device, dtype, loaded.model, compiled=o.tune_compiled,
+                                train=o.train)
     _skip_candidates(cands, prep, o)
     m.stage = "autotune: timing every candidate"
     tune_time = min(o.min_run_time, 0.5)

@@ -1,9 +1,7 @@
 """The find_attention step; ``scripts/find_attention.py``'s docstring says what it reports.
 
-``--source PATH`` reads .py files without importing them (``swap.scan.analyze_path``);
-``--model SPEC`` runs the model (``swap.live.Swapper``): the same facts per
-attention-bearing submodule. The swappable sites' change is a unified diff
-(``--write-patch FILE``); nothing of the user's is edited."""
+``--source``: ``swap.scan.analyze_path``; ``--model``: ``swap.live.Swapper``, the same facts
+per attention-bearing submodule. Nothing of the user's is edited."""
 
 from __future__ import annotations
 
@@ -47,11 +45,10 @@ class FindOptions:
 
 @dataclass(kw_only=True)
 class FindAttentionData(StepData):
-    """``data`` of find_attention, what both modes report: ``sites`` (one dict per attention
-    site, ``swap.scan.site.Site`` / ``swap.live.LiveSite`` ``to_dict``: where, form, mask, scale,
-    status and why), ``patch`` (the unified diff of the swappable sites, '' when none) and
-    ``verified`` (True when each swap was run and checked on the module's own inputs).
-    ``patch_file`` is always in the JSON here (None until --write-patch writes it)."""
+    """``data`` of find_attention: ``sites`` (``swap.scan.site.Site`` / ``swap.live.LiveSite``
+    ``to_dict``: where, form, mask, scale, status, why), ``patch`` (unified diff, '' when
+    none), ``verified`` (each swap run and checked on the module's own inputs) and
+    ``patch_file`` (always present; None until --write-patch writes it)."""
 
     _BASE_OPTIONAL: ClassVar[frozenset[str]] = StepData._BASE_OPTIONAL - {"patch_file"}
 
@@ -104,8 +101,8 @@ def _summarise(found: list[dict], where: str) -> tuple[str, list[Check], str]:
 
 
 def find_attention(o: FindOptions, reporter: Any) -> StepResult:
-    """Run the step (see the module docstring). Raises ``CannotRun`` for a missing path, a
-    model that does not load, or both/neither of --source and --model."""
+    """Run the step. Raises ``CannotRun`` for a missing path, a model that does not load, or
+    both --source and --model (neither: the default model)."""
     if o.source and o.model:
         raise CannotRun("pass --source PATH or --model SPEC, not both", "see find_attention.py --help")
     if not o.source and not o.model:
@@ -152,9 +149,8 @@ def _from_source(o: FindOptions, reporter: Any) -> tuple[StepResult, str, str, l
 
 
 def _refuse_unread(shown: str, path: Path, unparsed: list[str]) -> None:
-    """Raise ``CannotRun`` when nothing under ``path`` was read as Python: a file that does not
-    parse (its line), a folder without .py files, or one whose files all fail. "0 sites" would
-    otherwise pass for source that was never read."""
+    """Raise ``CannotRun`` when nothing under ``path`` read as Python (a syntax error's line, no
+    .py files, all failing), rather than pass "0 sites" for unread source."""
     if path.is_file() and unparsed:
         raise CannotRun(f"source file {shown} cannot be read as Python: {unparsed[0].removeprefix(str(path) + ': ')}",
                         "pass a .py file that Python can read (python -m py_compile FILE says why)")

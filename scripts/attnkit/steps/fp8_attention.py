@@ -1,20 +1,14 @@
-"""The fp8_attention step; ``scripts/fp8_attention.py``'s docstring says what it measures and
-its pass rule.
+"""The fp8_attention step (``scripts/fp8_attention.py`` says what it measures and its rule).
 
-FP8 is the ``fp8`` backend (``backends/fp8_cudnn.py``), the one FP8 path built only from
-PyPI wheels that runs on Hopper (``check_env.py`` lists every path in ``data.fp8``). Inputs:
-random bf16 q [B, S, H, D], k and v [B, S, H_kv, D] (seed 0). Latency from
-``torch.utils.benchmark``; TFLOP/s from ``measure.flops.attention_flops`` (4 x B x H x D x
-query-key pairs). The float64 reference is SDPA math on batch 0 and the first ``ref_heads``
-query heads (the largest shapes' full float64 attention would not fit); FP8's kernel is also
-compared with float64 on its de-quantised inputs, isolating the kernel's rounding from the
-quantisation of q, k, v.
+FP8 is the ``fp8`` backend (``backends/fp8_cudnn.py``), the one PyPI-only FP8 path that runs
+on Hopper. Inputs: random bf16 q [B, S, H, D], k and v [B, S, H_kv, D] (seed 0). TFLOP/s
+from ``measure.flops.attention_flops``. The float64 reference is SDPA math on batch 0 and the
+first ``ref_heads`` query heads (whole float64 attention of the largest shapes would not
+fit); the kernel is also compared with float64 on its de-quantised inputs, isolating its
+rounding from the quantisation.
 
-The rule is flash-attn's test rule in relative RMS with FP8's epsilon as the floor, eps(e4m3)
-= 2**-3 (``torch.finfo(torch.float8_e4m3fn).eps``). Not in max abs error: FP8's largest error
-is set by a few elements, not by the output's scale (an H100 run, 2026-11-23: max abs error /
-max|ref| reached 0.18 at D128 S8192 non-causal while the relative RMS error stayed at 0.059,
-as on every other shape)."""
+The rule is flash-attn's in relative RMS with eps(e4m3) = 2**-3 as the floor; not in max abs
+error, which a few elements set (references/advanced-features.md, "Judging FP8")."""
 
 from __future__ import annotations
 
@@ -30,12 +24,12 @@ import torch
 
 from ..backends import BACKENDS, SDPA, availability, calls, fp8_availability, fp8_cudnn, probe
 from ..backends.catalogue import FLASH_ATTENTION_4
-from ..env import architecture, environment
+from ..env import environment
 from ..measure.flops import attention_flops
 from ..measure.kernels import library_kernels, profiled
 from ..measure.timing import free_memory, is_oom, oom_caught, synchronize, time_it
 from ..report import (CannotRun, Check, Sections, StepData, StepResult, Table, default_run_folder, register_view,
-                      said, write_run_folder)
+                      said, save_figure, subplots, write_run_folder)
 
 STEP = "fp8_attention"
 E4M3_EPS = float(torch.finfo(fp8_cudnn.E4M3).eps)  # 0.125
@@ -43,9 +37,8 @@ RULE = "rel_rms_err(fp8) <= 2 x rel_rms_err(bf16 cuDNN) + eps(e4m3), eps(e4m3) =
 #: The seed's grid (original SKILL.md, workflow 3 benchmark): B8 H32, D 64 and 128, S 1024..16384.
 GRID_SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
 GRID_HEAD_DIMS = (64, 128)
-#: Words a GPU kernel name of an attention kernel tends to contain; cuDNN's FP8 engine is
-#: compiled at run time and its name was not known before the first run, so the step
-#: records every kernel it sees and says which of them match.
+#: Words of attention kernel names: cuDNN's runtime-compiled FP8 engine has no known name, so
+#: every kernel seen is recorded and these say which match.
 KERNEL_WORDS = re.compile(r"cudnn|sm90|sm100|fp8|e4m3|fmha|sdpa|flash|attention|fprop", re.IGNORECASE)
 
 
@@ -90,7 +83,7 @@ def validate(o: Fp8Options) -> None:
         raise CannotRun("--min-run-time and --ref-heads must be positive", "")
 
 
-# ----------------------------------------------------------------------------- accuracy
+# --- accuracy
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """max abs error, relative RMS error ||out - ref|| / ||ref|| and cosine similarity, in float64."""
@@ -118,12 +111,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     return torch.cat(outs, dim=1).transpose(1, 2)
 
 
-# ----------------------------------------------------------------------------- evidence
+# --- evidence
 
 def fp8_kernels(run: Any, device: str = "cuda") -> dict[str, Any]:
-    """The GPU kernels torch.profiler saw during one call of ``run`` (one FP8 kernel launch
-    on pre-quantised inputs, so every kernel in the window is the FP8 graph's): names with
-    their count and time (us), the longest one, and which names look like attention."""
+    """GPU kernels of one ``run`` (the FP8 kernel on pre-quantised inputs) under torch.profiler:
+    names with count and time (us), the longest, and those that look like attention."""
     with profiled(device) as prof:
         run()
         synchronize(device)
@@ -143,7 +135,7 @@ def fp8_kernels(run: Any, device: str = "cuda") -> dict[str, Any]:
             "in_range": sorted(library_kernels(events))}
 
 
-# ----------------------------------------------------------------------------- one shape
+# --- one shape
 
 def _timed(fn: Any, min_run_time: float, label: str, flops: float, device: str) -> dict[str, Any]:
     fn()
@@ -153,8 +145,8 @@ def _timed(fn: Any, min_run_time: float, label: str, flops: float, device: str) 
 
 
 def run_shape(shape: dict[str, Any], o: Fp8Options, fa4: str, device: str = "cuda") -> dict[str, Any]:
-    """Measure one shape on ``device`` (see the module docstring); ``fa4`` is '' when
-    FlashAttention-4 can run, else why not. Out-of-memory is recorded in ``row["error"]``."""
+    """Measure one shape; ``fa4``: '' when FlashAttention-4 runs, else why not. OOM goes to
+    ``row["error"]``."""
     b, s, h, kv, d, causal = (shape[k] for k in ("batch_size", "seq_len", "heads", "kv_heads", "head_dim", "causal"))
     row: dict[str, Any] = dict(shape, flops=attention_flops(b, s, h, d, 1, causal), error=None)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -229,7 +221,7 @@ def run_shape(shape: dict[str, Any], o: Fp8Options, fa4: str, device: str = "cud
     return row
 
 
-# ----------------------------------------------------------------------------- the step
+# --- the step
 
 def _label(r: dict[str, Any]) -> str:
     return f"D{r['head_dim']} S{r['seq_len']} {'causal' if r['causal'] else 'full'}"
@@ -280,16 +272,11 @@ def not_here(env: Any) -> list[str]:
 
 @dataclass(kw_only=True)
 class Fp8AttentionData(StepData):
-    """``data`` of fp8_attention: the GPU, the grid, and per shape FP8 against bf16.
-
-    ``grid``: the shapes asked for (``shapes``); ``fp8``: every FP8 attention path and whether
-    it can run here (``backends.fp8_availability``); ``capability``: GPU 0's, e.g. "9.0";
-    ``rule``: the accuracy rule (``RULE``). Only when the step ran (not on ``skip``):
-    ``versions`` (torch, CUDA, cuDNN, the frontend), ``flash_attention_4`` ('available' or why
-    not), ``shapes`` (one row per shape, ``run_shape``: latencies in ms, TFLOP/s, errors
-    against float64, the kernels seen, ``error`` when out of memory), ``graph_builds`` (each
-    cuDNN graph built: shapes, build time in s), and the per-shape summary as ``table``
-    (markdown) and ``grid_table`` (title, header, rows)."""
+    """``data`` of fp8_attention. ``grid``: the shapes asked; ``fp8``: each FP8 path, usable here
+    or not (``backends.fp8_availability``); ``capability``: GPU 0's ("9.0"). Not on ``skip``:
+    ``versions``, ``flash_attention_4`` ('available' or why not), ``shapes`` (``run_shape``
+    rows: ms, TFLOP/s, errors against float64, kernels, ``error`` on OOM), ``graph_builds``
+    (build time in s), the summary as ``table`` (markdown) and ``grid_table``."""
 
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset(
         {"versions", "flash_attention_4", "shapes", "graph_builds", "table", "grid_table"})
@@ -310,11 +297,8 @@ class Fp8AttentionData(StepData):
 
 
 def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
-    """Run the grid (see the module docstring); ``skip`` when FP8 attention cannot run here.
-
-    Passes when the FP8 kernel ran on every shape, the profiler saw it, and every shape
-    meets the accuracy rule. Raises ``CannotRun`` for shapes the kernel does not take.
-    """
+    """Run the grid; ``skip`` when FP8 cannot run here; pass when the kernel ran and was seen on
+    every shape and each met the rule. Raises ``CannotRun`` for shapes it does not take."""
     validate(o)
     env = environment()
     grid = shapes(o)
@@ -330,8 +314,7 @@ def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                 "nvidia-cudnn-frontend": probe.installed(BACKENDS["fp8"])[1],
                 "cudnn_backend": fp8_cudnn.backend_version()}
-    fa4 = availability(FLASH_ATTENTION_4.name, env=env, device="cuda", dtype=torch.bfloat16).reason \
-        if FLASH_ATTENTION_4.name in BACKENDS else _fa4_reason(env)
+    fa4 = availability(FLASH_ATTENTION_4.name, env=env, device="cuda", dtype=torch.bfloat16).reason
     fa4 = "" if fa4 == "available" else fa4
     data.versions, data.flash_attention_4, data.shapes = versions, fa4 or "available", []
     for i, shape in enumerate(grid, 1):
@@ -380,16 +363,6 @@ def fp8_attention(o: Fp8Options, reporter: Any) -> StepResult:
     return result
 
 
-def _fa4_reason(env: Any) -> str:
-    """Why FlashAttention-4 cannot run its bf16 kernels here ('' when it can), from its record."""
-    if env.capability is None or env.capability[0] not in (FLASH_ATTENTION_4.capabilities or ()):
-        return f"FlashAttention-4 runs on sm90 and sm100; GPU 0 is {architecture(env.capability or (0, 0))}"
-    if probe.installed(FLASH_ATTENTION_4) is None:
-        return f"flash_attn.cute: not installed: {FLASH_ATTENTION_4.install}"
-    found = probe.imports(FLASH_ATTENTION_4)
-    return "" if found.importable else f"flash_attn.cute: {found.meaning} [{found.error}]"
-
-
 def _grid_table(d: dict[str, Any]) -> list[Table]:
     grid = d.get("grid_table")
     return [(grid["title"], grid["header"], grid["rows"])] if grid and grid.get("rows") else []
@@ -402,18 +375,12 @@ def _fp8_figure(d: dict[str, Any], folder: Path) -> Path | None:
 
 
 def plot_fp8(rows: list[dict], path: Path, title: str) -> Path | None:
-    """TFLOP/s against sequence length, one panel per (head_dim, causal), a line each for
-    the FP8 kernel, FP8 with quantisation and the bf16 kernels (``fp8_attention`` rows)."""
+    """TFLOP/s against S, a panel per (head_dim, causal), a line per FP8 / bf16 variant."""
     ok = [r for r in rows if not r.get("error") and r.get("fp8")]
     if not ok:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = sorted({(r["head_dim"], r["causal"]) for r in ok})
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (d, causal) in zip(axes[0], panels):
         mine = sorted((r for r in ok if (r["head_dim"], r["causal"]) == (d, causal)), key=lambda r: r["seq_len"])
         lines = {"FP8 (cuDNN)": [r["fp8"] for r in mine], "FP8 + quantise": [r["fp8_with_quantize"] for r in mine]}
@@ -433,11 +400,7 @@ def plot_fp8(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.set_title(f"head_dim {d}, {'causal' if causal else 'full'}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 #: How a result of this step is drawn (report.View): FP8 against bf16 per shape, TFLOP/s against S.

@@ -15,13 +15,11 @@ skill.yaml holds the workflows an agent follows::
 
 A SKILL.md checklist line is ``- [ ] TITLE: `COMMAND``` with exactly one command.
 
-A ``pass`` rule maps a dotted path in the step's JSON object to what it must hold: a
-value (equal), a list (one of), or a string ``"OP NUMBER"`` with OP one of
-``> >= < <= == !=``. ``run_workflow`` runs the steps as an agent's terminal would (one
-process per command), reads each JSON object, judges it by its rule, and stops at the
-first failure unless asked to keep going. Files a step writes (``OUTPUT_FLAGS``: a
-relative ``--write-patch FILE``) go into the checklist's run folder, never into the
-working directory, where a second run would find them and refuse.
+A ``pass`` rule maps a dotted path in the step's JSON to a value (equal), a list (one of)
+or ``"OP NUMBER"`` (OP in ``> >= < <= == !=``). ``run_workflow`` runs each command as its
+own process, as an agent's terminal would, judges its JSON by the rule, and stops at the
+first failure unless asked to keep going. Files a step writes (``OUTPUT_FLAGS``) go into
+the checklist's run folder, never the working directory, where a second run would refuse.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,9 +110,8 @@ def load_manifest(root: Path) -> Manifest:
 
 
 def checklist_lines(skill_md: str) -> list[tuple[int, str, str]]:
-    """(line number, title, command) of every ``- [ ]`` line of SKILL.md that has the
-    checklist form; lines starting with ``- [ ]`` that do not are returned with an
-    empty command, so a validator can report them."""
+    """(line number, title, command) of every ``- [ ]`` line of SKILL.md; one not of the
+    checklist form has an empty command, for a validator to report."""
     out = []
     for n, line in enumerate(skill_md.splitlines(), 1):
         if line.startswith("- [ ]"):
@@ -158,9 +155,9 @@ def evaluate(rule: dict[str, Any], result: dict) -> tuple[bool, str]:
 
 
 def command(step: Step, skill_dir: Path, options: dict[str, Any], folder: Path | None = None) -> list[str]:
-    """The step's argv: ${HERMES_SKILL_DIR} replaced, ``python`` as this interpreter, a
-    relative file of ``OUTPUT_FLAGS`` placed in ``folder`` (the run folder) when given, and
-    the options the step ``takes`` appended (``options`` maps dest names to values)."""
+    """The step's argv: ${HERMES_SKILL_DIR} replaced, ``python`` this interpreter, a relative
+    ``OUTPUT_FLAGS`` file put in ``folder`` when given, the ``takes`` options (dest -> value)
+    appended."""
     text = step.run.replace("${HERMES_SKILL_DIR}", str(skill_dir))
     argv = shlex.split(text)
     if argv and argv[0] in ("python", "python3"):
@@ -196,18 +193,14 @@ class StepRun:
     result: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "command": " ".join(shlex.quote(a) for a in self.command),
-                "mark": self.mark, "rc": self.rc, "status": self.status, "summary": self.summary,
-                "evidence": self.evidence, "hint": self.hint, "seconds": self.seconds, "result": self.result}
+        return {**asdict(self), "command": " ".join(shlex.quote(a) for a in self.command)}
 
 
 @dataclass(kw_only=True)
 class ChecklistData(StepData):
-    """``data`` of a workflow's run: the ``workflow`` (id, ``title``), the ``skill_dir`` its
-    commands ran from, the ``options`` passed through (those set), and ``steps``: one
-    ``StepRun.to_dict`` per step (mark, exit code, the step's own JSON object as ``result``,
-    the rule's evidence, ``seconds``: wall time in s). ``report_dir`` is the run folder, None
-    when nothing was written."""
+    """``data`` of a workflow's run: ``workflow`` (id), ``title``, ``skill_dir``, the ``options``
+    set, and ``steps`` (``StepRun.to_dict``: mark, exit code, the step's JSON as ``result``,
+    the rule's evidence, ``seconds`` of wall time). ``report_dir``: None when nothing written."""
 
     workflow: str = ""
     title: str = ""
@@ -257,13 +250,11 @@ def writes_files(step: Step) -> bool:
 
 def run_workflow(root: Path, workflow_id: str, options: dict[str, Any], keep_going: bool,
                  reporter: Reporter, report_dir: str | None = None, write_report: bool = True) -> StepResult:
-    """Run a workflow's steps in order (see the module docstring); the run_checklist result.
-
-    The run folder (``report_dir``, or a new ./attention-reports/run_checklist-...) holds the
-    checklist's report unless ``write_report`` is off, and the files the steps write; it is
-    created only when one of them is written. Status ``error`` when a step could not run
-    (its own status ``error``, exit 2), as a bad --model makes every model step do.
-    """
+    """Run a workflow's steps in order; the run_checklist result. The run folder
+    (``report_dir``, or a new ./attention-reports/run_checklist-...), created only when
+    written, holds the report (unless ``write_report`` is off) and the steps' files.
+    Status ``error`` when a step could not run (exit 2), as a bad --model makes every model
+    step do."""
     manifest = load_manifest(root)
     workflow = manifest.workflow(workflow_id)
     if options.get("model"):

@@ -65,6 +65,10 @@ class Refused(Exception):
     """The site cannot be SDPA; the message names the construct and its source line."""
 
 
+class Returned(Refused):
+    """The weights leave the captured graph: the module around it may drop them."""
+
+
 @dataclass
 class GraphSite:
     """One softmax of a captured graph piece and what the matcher made of it.
@@ -88,6 +92,7 @@ class GraphSite:
     lines: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     external_input: bool = False  # the softmax's input comes from outside this graph piece
+    returned: bool = False  # the weights are an output of this graph piece (a caller may drop them)
     #: the backends the rewrite can call here (``TARGETS``), and for each other one why not
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
     refused_for: dict[str, str] = field(default_factory=dict)
@@ -105,7 +110,7 @@ class GraphSite:
         return (self.file, self.line)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "external_input"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("external_input", "returned")}
 
 
 # ----------------------------------------------------------------------------- node facts
@@ -375,7 +380,7 @@ def contraction(node: fx.Node) -> Contraction:
         ops = node.args[1:]
         if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
             ops = tuple(ops[0])
-        if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq or "..." in eq:
+        if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq:
             raise Refused(f"torch.einsum({eq!r}) at {where(node)}: not a two-operand equation with explicit "
                           "output indices")
         eq = eq.replace(" ", "")
@@ -383,6 +388,14 @@ def contraction(node: fx.Node) -> Contraction:
         a_idx, b_idx = ins.split(",")
         if not all(isinstance(o, fx.Node) for o in ops):
             raise Refused(f"torch.einsum at {where(node)} takes a constant operand")
+        if "..." in eq:  # the ellipsis as letters of their own, aligned from the right as broadcasting does
+            spans = [_rank(o) - len(i.replace("...", "")) for o, i in zip(ops, (a_idx, b_idx))]
+            free = [c for c in letters if c not in eq][:max(spans + [0])]
+            if min(spans) < 0 or len(free) < max(spans):
+                raise Refused(f"torch.einsum({eq!r}) at {where(node)}: an ellipsis of unknown rank")
+            a_idx, b_idx = (i.replace("...", "".join(free[len(free) - n:])) for i, n in zip((a_idx, b_idx), spans))
+            out = out.replace("...", "".join(free))
+            eq = f"{a_idx},{b_idx}->{out}"
         return Contraction(node, ops[0], ops[1], a_idx, b_idx, out, f"einsum '{eq}'")
     if node.target in (torch.baddbmm, "baddbmm"):
         bias = _arg(node, 0, "input")
@@ -432,8 +445,8 @@ class _Plan:
     k: fx.Node
     v: fx.Node
     q_perm: list[int]
-    k_perm: list[int]
-    v_perm: list[int]
+    k_perm: list[int | None]  # None: an axis K lacks (a batch letter of Q alone), broadcast
+    v_perm: list[int | None]
     out_perm: list[int]
     scale: float
     terms: list[_Term]
@@ -445,6 +458,7 @@ class _Plan:
     dtype_readers: list = field(default_factory=list)
     mods: list = field(default_factory=list)  # _Folded.mods: what a flex_attention score_mod replays
     sink: tuple | None = None  # _Folded.sink: extra key columns (attention sinks), SDPA only
+    qscales: list = field(default_factory=list)  # _Folded.qscales: applied to Q before the call
 
 
 def _data_inputs(n: fx.Node) -> list:
@@ -490,7 +504,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: list | None = None) -> list[t
             site.swappable = True
             out.append((site, plan))
         except Refused as exc:
-            site.reason, site.targets = str(exc), []
+            site.reason, site.targets, site.returned = str(exc), [], isinstance(exc, Returned)
             out.append((site, None))
     return out
 
@@ -518,6 +532,8 @@ class _Folded(NamedTuple):
     mods: list[tuple]
     #: attention sinks: extra score columns after the key axis, (a _Term per tensor, width)
     sink: tuple | None = None
+    #: tensor factors constant along the key axis (``coef`` 1 multiplies, -1 divides): Q's rows scaled
+    qscales: list = []
 
 
 class _Axes(NamedTuple):
@@ -529,7 +545,7 @@ class _Axes(NamedTuple):
     k_node: fx.Node
     q_idx: str
     k_idx: str
-    batch: list[str]  # the letters both operands keep, in the scores' order
+    batch: list[str]  # the letters both operands keep (or Q alone: K broadcast over it), in the scores' order
     query: list[str]  # the one query letter
     inner: list[str]  # the one contracted (feature) letter
 
@@ -565,7 +581,7 @@ def _walk_back(softmax: fx.Node, site: GraphSite, reach: dict) -> _ScoreChain:
     chain.append(product)
     cont = contraction(product)
     _refuse_talking_heads(cont)
-    inside = set(chain)
+    inside = set(chain).union(*(data for kind, _, data in steps if kind == "shift"))
     dtype_readers = []  # x.type_as(scores): only the scores' dtype is read, which the graph knows
     for n in chain[1:]:
         readers = [u for u in n.users if u.op == "call_method" and (
@@ -593,6 +609,7 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
         terms.append(_Term("add", cont.bias, layout, cont.beta, text=f"baddbmm input x {cont.beta:g}"))
         mods.append(("add", terms[-1], cont.beta))
     mul01: list[tuple[fx.Node, str, int]] = []
+    qscales: list[_Term] = []
     views: list[tuple] = []
     sink = None
     seq = {c for c in cont.out_idx if not (c in cont.a_idx and c in cont.b_idx)}  # the query and key letters
@@ -626,6 +643,12 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
             terms.append(_Term("fill", cond, layout, 1.0, fill, keep, text=f"{op_name(n)} at {where(n)}",
                                views=list(views)))
             mods.append(("fill", terms[-1]))
+        elif kind == "qscale":
+            if terms or mul01 or any(m[0] == "fn" for m in mods):
+                raise Refused(f"the scores are scaled by a tensor at {where(n)} after a mask term or a function of "
+                              "them: not a scaling of Q")
+            qscales.append(_Term("qscale", data[0], layout, data[1], text=f"{op_name(n)} at {where(n)}",
+                                 views=list(views)))
         elif kind == "mul01":
             mul01.append((data, layout, len(terms)))
             mods.append(("mul", _Term("mul", data, layout, views=list(views))))
@@ -633,7 +656,7 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
             if views:
                 raise Refused(f"{op_name(n)} at {where(n)} adds key columns to reshaped scores")
             sink = ([_Term("add", x, layout, text=f"{op_name(n)} at {where(n)}") for x in data[0]], data[1])
-    return _Folded(layout, terms, alpha, mul01, views, mods, sink)
+    return _Folded(layout, terms, alpha, mul01, views, mods, sink, qscales)
 
 
 def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node, example_inputs: list | None,
@@ -649,8 +672,11 @@ def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node
                       f"{cont.form} at {where(product)}, which is not a key axis: not attention")
     k_node, q_node = (cont.a, cont.b) if key in cont.a_idx else (cont.b, cont.a)
     k_idx, q_idx = (cont.a_idx, cont.b_idx) if key in cont.a_idx else (cont.b_idx, cont.a_idx)
-    batch = [c for c in cont.out_idx if c in cont.a_idx and c in cont.b_idx]
     query = [c for c in cont.out_idx if c in q_idx and c not in k_idx]
+    if len(query) > 1 and dim > 0 and layout[dim - 1] in query:  # 'bhid,bjd->bhij': K shared by every head
+        query = [layout[dim - 1]]  # the others are batch letters K (and V) broadcast over, as MQA does
+    batch = [c for c in cont.out_idx if c in cont.a_idx and c in cont.b_idx or c in q_idx and c not in query
+             and c not in k_idx]
     inner = [c for c in q_idx if c in k_idx and c not in cont.out_idx]
     stray = [c for c in q_idx + k_idx if c not in cont.out_idx and c not in inner]
     key_side = [c for c in k_idx if c in cont.out_idx and c not in batch]
@@ -677,14 +703,14 @@ def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _We
     node = softmax
     while True:
         users = list(node.users)
+        if any(u.op == "output" for u in users):
+            raise Returned(f"the attention weights of the softmax at {where(softmax)} are returned "
+                           "(weights used anywhere but ·V)")
         if len(users) != 1:
-            used = ", ".join(f"{op_name(u)} at {where(u)}" for u in users if u.op != "output") or "the graph's output"
+            used = ", ".join(f"{op_name(u)} at {where(u)}" for u in users)
             raise Refused(f"the attention weights of the softmax at {where(softmax)} are also used by {used} "
                           "(weights used anywhere but ·V): SDPA never forms them")
         user = users[0]
-        if user.op == "output":
-            raise Refused(f"the attention weights of the softmax at {where(softmax)} are returned "
-                          "(weights used anywhere but ·V)")
         if _is_contraction(user):
             break
         if user.op == "call_method" and user.target in _CAST_METHODS and user.args[0] is node:
@@ -695,6 +721,8 @@ def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _We
                 dropout = float(p)
         elif user.op == "call_method" and user.target in ("transpose", "permute") and user.args[0] is node:
             w_layout = _permuted(w_layout, user)
+        elif _refills_masked(user, node, folded):
+            pass  # softmax(masked_fill(s, m, -inf)).masked_fill(m, 0): zeros where SDPA gives 0 already
         elif folded.sink and _drops_sink(user, node, folded.sink[1]):
             pass  # W[..., :-n]: the sink columns go, the keys' weights stay
         elif user.op == "call_method" and user.target in ("view", "reshape") and views and \
@@ -707,6 +735,18 @@ def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _We
         tail.append(user)
         node = user
     return _Weights(users[0], node, w_layout, dropout, tail)
+
+
+def _refills_masked(user: fx.Node, node: fx.Node, folded: _Folded) -> bool:
+    """``user`` is ``node.masked_fill(m, 0)`` with the very mask ``m`` that filled the scores
+    with -inf before the softmax: it zeroes weights that are 0 already, and rows with every
+    key masked, where eager's softmax gives NaN and SDPA and flex_attention give 0 (torch
+    2.5+); ``measure.verify`` checks the site's output either way."""
+    if _base(user) != "masked_fill" or user.args[:1] != (node,) or _number(_arg(user, 2, "value")) != 0.0:
+        return False
+    cond = _arg(user, 1, "mask")
+    return any(t.kind == "fill" and t.node is cond and not t.keep_where_true and _number(t.fill) is not None
+               and _number(t.fill) <= LARGE_NEGATIVE for t in folded.terms)
 
 
 def _drops_sink(user: fx.Node, node: fx.Node, width: int) -> bool:
@@ -769,7 +809,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
         raise Refused(f"the value product at {where(vprod)} does not sum the weights over the axis the softmax at "
                       f"{where(softmax)} normalises: not attention")
     value_letters = [c for c in v_idx if c not in w_idx]
-    if len(value_letters) != 1 or any(c not in v_idx for c in w_idx if role[c] in batch) or \
+    if len(value_letters) != 1 or any(c not in v_idx and c in axes.k_idx for c in w_idx if role[c] in batch) or \
             any(c not in cv.out_idx for c in w_idx if role[c] not in (key,)) or value_letters[0] not in cv.out_idx:
         raise Refused(f"the value product at {where(vprod)} ({cv.form}) is not weights [.., i, j] times "
                       "values [.., j, e]: not attention")
@@ -777,8 +817,8 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     inv = {r: c for c, r in role.items()}
     # SDPA's layout: batch letters (in the scores' order), then the sequence and feature letters
     q_perm = [axes.q_idx.index(c) for c in batch + query + axes.inner]
-    k_perm = [axes.k_idx.index(c) for c in batch + [key] + axes.inner]
-    v_perm = [v_idx.index(inv[c]) for c in batch + [key]] + [v_idx.index(vlet)]
+    k_perm = [axes.k_idx.index(c) if c in axes.k_idx else None for c in batch + [key] + axes.inner]
+    v_perm = [v_idx.index(inv[c]) if inv[c] in v_idx else None for c in batch + [key]] + [v_idx.index(vlet)]
     sdpa_out = [inv[c] for c in batch + query] + [vlet]  # in the value product's letters
     out_perm = [sdpa_out.index(c) for c in cv.out_idx]
     dtypes = {str(getattr(_value(n), "dtype", None)) for n in (axes.q_node, axes.k_node, v_node)}
@@ -823,7 +863,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     removable = [vprod] + weights.tail[::-1] + back.chain
     return _Plan(site, axes.q_node, axes.k_node, v_node, q_perm, k_perm, v_perm, out_perm, float(alpha), terms,
                  "".join(batch + query + [key]), len(batch), vprod, removable, getattr(_value(vprod), "dtype", None),
-                 back.dtype_readers, folded.mods, folded.sink)
+                 back.dtype_readers, folded.mods, folded.sink, folded.qscales)
 
 
 def _permuted(layout: str, node: fx.Node) -> str:
@@ -879,6 +919,16 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
     if base in _NONLINEAR:
         raise Refused(f"an elementwise non-linear function of the scores, {op_name(node)} at {where(node)}, between "
                       "the score product and the softmax: SDPA cannot express it (FlexAttention's score_mod can)")
+    if base in ("sub", "add") and len(carriers) == 2 and args[0] is carriers[0] and not kw:
+        shift = _row_shift(node, args[0], args[1], steps, softmax, reach)
+        if shift is not None:  # x - x.amax(-1, keepdim=True): the softmax does not change
+            steps.append(("shift", node, shift))
+            return args[0]
+    if base == "add" and len(carriers) == 2 and not kw:  # Q·Kᵀ + a term computed from another product
+        for s, other in ((carriers[0], carriers[1]), (carriers[1], carriers[0])):
+            if _leads_to_product(s, softmax, reach):  # relative logits of Q, shifted: an added term
+                steps.append(("add", node, (other, 1.0)))
+                return s
     if len(carriers) != 1:
         if len(carriers) > 1:
             raise Refused(f"{op_name(node)} at {where(node)} combines two products before the softmax: not one Q·Kᵀ")
@@ -888,6 +938,10 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
     if base in ("mul", "truediv", "div") and not kw.get("rounding_mode"):
         other = others[0] if others else None
         c = _number(other)
+        if c is None and isinstance(other, fx.Node) and (base == "mul" or args[0] is s) and \
+                _per_query(s, other, steps, softmax):  # s / tau[h], s / |q_i|: Q's rows scaled
+            steps.append(("qscale", node, (other, 1.0 if base == "mul" else -1.0)))
+            return s
         if base != "mul" and args[0] is not s:
             raise Refused(f"the scores divide {other} at {where(node)}: an elementwise non-linear function of the "
                           "scores, which SDPA cannot express")
@@ -930,6 +984,58 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
                       "heads (talking heads), which SDPA cannot express")
     raise Refused(f"{op_name(node)} at {where(node)} between the score product and the softmax is not a scale, an "
                   "added term or a mask: SDPA cannot express it")
+
+
+def _per_query(s: fx.Node, other: fx.Node, steps: list, softmax: fx.Node) -> bool:
+    """``other`` is constant along the key axis (size 1 there; only reshapes of the batch
+    axes between it and the softmax): scaling the scores by it scales the rows of Q."""
+    sv, ov, dim = _value(s), _value(other), _arg(softmax, 1, "dim")
+    if not (isinstance(sv, torch.Tensor) and isinstance(ov, torch.Tensor) and isinstance(dim, int)) or \
+            ov.dim() > sv.dim() or not ov.dtype.is_floating_point:
+        return False
+    d = dim % _rank(softmax.args[0]) - _rank(softmax.args[0])  # from the right: a reshape of the batch axes keeps it
+    if any(kind in ("perm", "sink") or kind == "view" and d < -2 for kind, _, _ in steps):
+        return False
+    return sv.shape[d] > 1 and (ov.dim() < -d or ov.shape[d] == 1)
+
+
+def _leads_to_product(node: Any, softmax: fx.Node, reach: dict) -> bool:
+    """Whether ``_step_back`` walks from ``node`` to a contraction (scales, terms, masks)."""
+    try:
+        while isinstance(node, fx.Node) and not _is_contraction(node) and node.op != "placeholder":
+            node = _step_back(node, [], softmax, reach)
+    except Refused:
+        return False
+    return isinstance(node, fx.Node) and _is_contraction(node)
+
+
+def _row_shift(node: fx.Node, s: fx.Node, other: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> set | None:
+    """The nodes computing ``other`` from the scores ``s`` when ``node`` = s ± other shifts
+    each row by a constant along the softmax axis (``other`` has size 1 there: a row max
+    subtracted for stability, in the model or in its softmax helper). softmax(x - c) =
+    softmax(x) for such c, so the shift is dropped, provided only scalings, added terms and
+    -inf fills lie between it and the softmax (no reshape, no function of the scores);
+    else None."""
+    for kind, _, data in steps:
+        if kind not in ("scale", "add", "shift") and not (
+                kind == "fill" and _number(data[1]) is not None and _number(data[1]) <= LARGE_NEGATIVE):
+            return None
+    sv, ov, rank = _value(s), _value(other), _rank(softmax.args[0])
+    dim = _arg(softmax, 1, "dim")
+    if not (isinstance(sv, torch.Tensor) and isinstance(ov, torch.Tensor) and isinstance(dim, int)) or \
+            sv.dim() != rank or ov.dim() > rank:
+        return None
+    d = dim % rank - rank  # from the right, as broadcasting aligns
+    if sv.shape[d] < 2 or (ov.dim() >= -d and ov.shape[d] != 1):
+        return None
+    nodes, todo = set(), [other]
+    while todo:
+        n = todo.pop()
+        if n is s or n in nodes or not isinstance(n, fx.Node) or not reach.get(n):
+            continue
+        nodes.add(n)
+        todo.extend(a for a in _data_inputs(n) if isinstance(a, fx.Node))
+    return nodes
 
 
 def _unary(node: fx.Node, scores: fx.Node) -> Callable:
@@ -1057,6 +1163,7 @@ class _IndexProgram:
         self.leaves: list[fx.Node] = []  # graph tensors read, in slots 0..len-1
         self.aranges: list[tuple] = []  # (slot, start, step, dtype, length)
         self.axes: list[int] = []  # per arange leaf: the score axis it runs along
+        self.cached: tuple | None = None  # (key, leaves held, table): see table()
 
     def run(self, leaves: list, positions: list) -> torch.Tensor:
         """The term with the graph leaves' values ``leaves`` and each arange leaf replaced
@@ -1076,7 +1183,19 @@ class _IndexProgram:
                              device=device) for (_, st, sp, dt, n), axis in zip(self.aranges, axes)]
 
     def table(self, leaves: list, t: "_Term", mask_layout: str, device: Any) -> torch.Tensor:
-        """[B|1, H|1, S_q + S_k - 1]: entry j - i + S_q - 1 is T[.., i, j]."""
+        """[B|1, H|1, S_q + S_k - 1]: entry j - i + S_q - 1 is T[.., i, j]. Kept while the
+        leaves are the same tensors at the same version (a buffer, a parameter between
+        optimizer steps): the cache holds them, so a new tensor can never take an old one's
+        id; rebuilt on any in-place change, and every call where a gradient must flow."""
+        key = [(id(x), x._version) for x in leaves] + [str(device)]
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in leaves)
+        if not grad and self.cached is not None and self.cached[0] == key:
+            return self.cached[2]
+        table = self._table(leaves, t, mask_layout, device)
+        self.cached = None if grad else (key, list(leaves), table)
+        return table
+
+    def _table(self, leaves: list, t: "_Term", mask_layout: str, device: Any) -> torch.Tensor:
         column = _aligned(self.run(leaves, self.positions(3, device)), t, mask_layout)  # T[.., :, 0]
         row = _aligned(self.run(leaves, self.positions(2, device)), t, mask_layout)  # T[.., 0, :]
         column, row = column[..., :, 0], row[..., 0, :]
@@ -1227,20 +1346,37 @@ def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
     def fold(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:  # a mask part, broadcast over Q's batch first
         return to4(x.expand(*torch.broadcast_shapes(x.shape[:nb], batch), *x.shape[nb:]) if nb > 2 else x, batch)
 
-    def qkv(q, k, v):
-        q, k, v = q.permute(q_perm), k.permute(k_perm), v.permute(v_perm)
+    def qkv(q, k, v, it=None):  # it: the site's parts, Q's row factors first
+        q, k, v = _arranged(q, q_perm), _arranged(k, k_perm), _arranged(v, v_perm)
         batch = torch.broadcast_shapes(q.shape[:nb], k.shape[:nb], v.shape[:nb])
         q, k, v = (t.expand(*batch, *t.shape[nb:]) for t in (q, k, v))
         shape = q.shape
         q, k, v = (to4(t, batch) for t in (q, k, v))
+        if it is not None:
+            q = scaled(q, it, batch)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return q, k, v, batch, shape
+
+    def scaled(q, it, batch):  # Q's rows times (or over) each key-constant factor, in Q's dtype
+        for t in plan.qscales:
+            f = fold(_aligned(next(it), t, plan.mask_layout), batch)
+            q = (q * f if t.coef > 0 else q / f).to(q.dtype)
+        return q
 
     def finish(out, shape):
         out = out.reshape(*shape[:nb], *out.shape[-2:]).permute(out_perm)  # [batch..., S_q, D_v], then as the code had it
         return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
 
     return qkv, fold, finish
+
+
+def _arranged(t: torch.Tensor, perm: list) -> torch.Tensor:
+    """``t.permute`` by ``perm``, with a size-1 axis where ``perm`` says None."""
+    t = t.permute([p for p in perm if p is not None])
+    for i, p in enumerate(perm):
+        if p is None:
+            t = t.unsqueeze(i)
+    return t
 
 
 def _site_call(plan: _Plan, number: int) -> Callable:
@@ -1253,9 +1389,9 @@ def _site_call(plan: _Plan, number: int) -> Callable:
     qkv, fold, finish = _operands(plan)
 
     def site(q, k, v, *parts):
-        q, k, v, batch, shape = qkv(q, k, v)
-        mask = None
         it = iter(parts)
+        q, k, v, batch, shape = qkv(q, k, v, it)
+        mask = None
         for t in terms:
             x = next(it)
             if t.kind == "fill":
@@ -1343,8 +1479,8 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
         return block_masks[key]
 
     def site(q, k, v, *parts):
-        q, k, v, batch, shape = qkv(q, k, v)
         it, steps = iter(parts), []
+        q, k, v, batch, shape = qkv(q, k, v, it)
         for m in mods:
             if m[0] in ("scale", "fn"):
                 steps.append((m[0], m[1], None, False))
@@ -1404,11 +1540,12 @@ def _static_table(t: _Term, mask_layout: str, sq: int, sk: int, device: Any) -> 
 
 
 def _parts(plan: _Plan, target: str) -> list:
-    """The graph nodes the site function takes after q, k, v: each term's tensor, and a
-    fill's value where it is a tensor; for flex_attention in the order of ``plan.mods``."""
+    """The graph nodes the site function takes after q, k, v: the factors of Q's rows, then
+    each term's tensor, and a fill's value where it is a tensor; for flex_attention in the
+    order of ``plan.mods``."""
     terms = plan.terms + (plan.sink[0] if plan.sink else []) if target == "sdpa" else \
         [m[1] for m in plan.mods if m[0] in ("add", "fill", "mul")]
-    out: list = []
+    out: list = [t.node for t in plan.qscales]
     for t in terms:
         out.extend(t.lazy.leaves if target != "sdpa" and t.lazy is not None else [t.node])
         if t.kind == "fill" and isinstance(t.fill, fx.Node):

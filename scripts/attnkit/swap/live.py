@@ -348,7 +348,7 @@ class Swapper:
         """Try the graph path (``swap.graph``) for ``live``, which the source matcher refused
         or whose rewrite raised (``why``): capture the forward of the innermost module that
         ran it, and of the modules around it while the softmax's input comes from outside
-        the captured graph. True when the graph path takes the site (``live.path`` 'graph',
+        the captured graph or its weights leave it (a caller may drop them). True when the graph path takes the site (``live.path`` 'graph',
         no source patch); otherwise ``live.reason`` says why, the graph's reason first."""
         if not self.graph_path:
             return False
@@ -365,7 +365,7 @@ class Swapper:
                 live.reason = f"{live.reason}; the graph path failed: {capture.errors[0]}"
                 return False
             found = capture.sites.get(softmax_at)
-            if found is None or found.swappable or not found.external_input:
+            if found is None or found.swappable or not (found.external_input or found.returned):
                 if found is not None and found.swappable:
                     live._module = module  # type: ignore[attr-defined]
                     live.module_name = self.names.get(module, "?")

@@ -1,9 +1,5 @@
-"""Hand-written attention in Python source: every site of a file, read by named passes.
-
-A *site* is the chain ``scores = Q Kᵀ`` -> optional scale / mask / upcast -> ``softmax``
-over the last dimension -> optional dropout / cast -> ``P V``, in one block of statements
-of one function. ``analyze_source`` reads every function of a file (no import) with four
-passes, each one module:
+"""Every attention site of a file (a *site*: the package docstring), read without import by
+four passes, each one module:
 
 1. ``chain.ChainMatcher``: match the chain around each softmax;
 2. ``masks.MaskReader``: the scale and the mask, as SDPA takes them;
@@ -11,8 +7,7 @@ passes, each one module:
 4. ``codegen.CallWriter``: the replacement call and the line edits.
 
 ``fastpath.FastPathReader`` reports the calls that already take a fast path and the
-``nn.MultiheadAttention`` calls that materialise their weights. What cannot be proved is
-reported with its reason and left as it is.
+``nn.MultiheadAttention`` calls that materialise their weights.
 """
 
 from __future__ import annotations
@@ -150,10 +145,9 @@ def functional_alias(tree: ast.Module) -> str:
 
 
 def imported_names(tree: ast.Module) -> dict[str, str]:
-    """Local name -> the full name it stands for, from the file's top-level imports:
-    ``import torch as th`` -> {"th": "torch"}, ``import torch.nn.functional as F`` -> {"F":
-    "torch.nn.functional"}, ``from torch import nn, einsum`` -> {"nn": "torch.nn", "einsum":
-    "torch.einsum"}, ``from einops import rearrange`` -> {"rearrange": "einops.rearrange"}."""
+    """Local name -> full name, from the file's top-level imports: ``import torch as th`` ->
+    {"th": "torch"}, ``from torch import nn, einsum`` -> {"nn": "torch.nn", "einsum":
+    "torch.einsum"}."""
     out: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

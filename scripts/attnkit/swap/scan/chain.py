@@ -1,21 +1,17 @@
 """Pass 1, matching: the chain Q Kᵀ -> scale / mask / bias -> softmax -> dropout / cast -> P V.
 
-Matching follows the data, not one spelling of it. From each softmax, ``ChainMatcher``
-walks *back* through the expression and through the names that carry the scores, across
-blocks: an assignment, an in-place update (``masked_fill_``, ``mul_``, ``/=``, ``+=``), an
-``if`` that updates them in one branch, a helper function they pass through
-(``maybe_add_mask(attn, mask)``), a view to another shape and back, until it reaches the
-score product (``@``, ``matmul`` in any spelling, ``bmm``, ``baddbmm``, ``einsum``). It
-walks *forward* from the softmax through dropout, casts and transposes of the weights to
-the value product, wherever it is: in the same expression, a later statement, after the
-``if``/``else`` whose branches each take their own softmax (Swin).
+Matching follows the data, not one spelling. From each softmax ``ChainMatcher`` walks
+*back* through the names that carry the scores, across blocks (assignments, in-place
+updates, an ``if`` updating them in one branch, a helper such as ``maybe_add_mask(attn,
+mask)``, a view and back) to the score product (``@``, ``matmul``, ``bmm``, ``baddbmm``,
+``einsum``), and *forward* through dropout, casts and transposes to the value product,
+wherever it is (a later statement, after an ``if``/``else`` whose branches each take a
+softmax: Swin).
 
-Every operation between the product and the softmax is classified (``Op.kind``): a scalar
-factor (``mul``/``div``), an additive term (``add``/``sub``), a boolean mask
-(``masked_fill``, ``where``, GPT-2's ``w * b - 1e10 * (1 - b)``), a cast, a change of shape,
-a call of a helper. Anything else is refused with what it is and its line: talking heads
-(the scores mixed across heads), a non-linear function of the scores, the weights blended
-with something else after the softmax.
+Each op between product and softmax is classified (``Op.kind``): scalar factor, additive
+term, boolean mask (``masked_fill``, ``where``, GPT-2's ``w * b - 1e10 * (1 - b)``), cast,
+shape change, helper call. Anything else is refused with its line: talking heads, a
+non-linear function of the scores, the weights blended after the softmax.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .site import Site, refuse
 from .syntax import (CANON_DROPOUT, CANON_EINSUM, CANON_SOFTMAX, CASTS, META_ATTRS, SHAPE_METHODS, UPCASTS, Function,
-                     const, dotted, kwarg)
+                     assigned_name, const, dotted, kwarg)
 
 
 @dataclass
@@ -45,17 +41,17 @@ class Chain:
 
     site: Site
     block: list  # the value product's block
-    stmts: list[int]  # statements of ``block`` that only serve the chain, and the value product's (last)
+    stmts: list[int]  # statements of ``block`` only serving the chain; the value product's last
     product: dict  # form, q, kt, node, stmt; eq (einsum); bias/alpha/beta (baddbmm)
     value: dict  # vform, v, node, stmt, eq, p_first, p_perm, dropout, prob, prob_name
     ops: list[Op]  # in the order they are applied
     softmaxes: list[ast.Call] = field(default_factory=list)
     names: set = field(default_factory=set)  # names that hold the scores or the weights
-    weight_names: set = field(default_factory=set)  # names that hold the weights (after the softmax)
+    weight_names: set = field(default_factory=set)  # those holding the weights (after the softmax)
     all_stmts: list = field(default_factory=list)  # (block, index) of every statement of the chain
     elide: list = field(default_factory=list)  # softmax / dropout call nodes the replay form removes
     inplace: list = field(default_factory=list)  # (block, index, name) of in-place updates of the scores
-    same_block: bool = True  # every chain statement in ``block`` (or an `if` there): the simple rewrite applies
+    same_block: bool = True  # every chain statement in ``block`` (or an `if` there): the simple rewrite
     extra_reads: list = field(default_factory=list)  # metadata reads of the scores outside the chain
     returned: list = field(default_factory=list)  # (Name node, Return) of weights or scores returned
     returned_stmts: list = field(default_factory=list)  # (block, index) of `x = x.detach()` on the way out
@@ -79,7 +75,7 @@ class ChainMatcher:
         self.expr_parent: dict[int, ast.AST] = {}
         self._index(f.fn.body, None)
 
-    # ------------------------------------------------------------------ structure
+    # --- structure
     def _index(self, block: list, owner, outer=None, index=0, branch="body") -> None:
         if outer is not None:
             self.parent[id(block)] = (outer, index, owner, branch)
@@ -110,11 +106,10 @@ class ChainMatcher:
         text = " ".join(self.f.seg(node).split())
         return text if len(text) <= n else text[: n - 3] + "..."
 
-    # ------------------------------------------------------------------ recognisers
+    # --- recognisers
     def is_softmax(self, call: ast.AST):
-        """(input, dim node, upcast) when ``call`` is a softmax in any spelling: F.softmax,
-        torch.softmax, x.softmax, an nn.Softmax attribute or one built inline, a
-        ``partial(F.softmax, ...)`` stored on self, a bare ``softmax`` imported from torch."""
+        """(input, dim node, upcast) when ``call`` is a softmax in any spelling (F.softmax,
+        x.softmax, an nn.Softmax attribute or inline, a ``partial(F.softmax, ...)`` on self)."""
         if not isinstance(call, ast.Call):
             return None
         name = self.f.canon(call.func)
@@ -267,8 +262,7 @@ class ChainMatcher:
         while True:
             for j in range(i - 1, -1, -1):
                 st = block[j]
-                if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) \
-                        and st.targets[0].id == name:
+                if assigned_name(st) == name:
                     return st.value, (block, j)
                 if isinstance(st, ast.Assign) and any(isinstance(t, ast.Tuple) and any(
                         isinstance(e, ast.Name) and e.id == name for e in t.elts) for t in st.targets):
@@ -276,16 +270,14 @@ class ChainMatcher:
                 if isinstance(st, ast.If) and name in self.f.stored(st):
                     for branch in (st.body, st.orelse):
                         for k in range(len(branch) - 1, -1, -1):
-                            s = branch[k]
-                            if isinstance(s, ast.Assign) and len(s.targets) == 1 and \
-                                    isinstance(s.targets[0], ast.Name) and s.targets[0].id == name:
-                                return s.value, (branch, k)
+                            if assigned_name(branch[k]) == name:
+                                return branch[k].value, (branch, k)
             up = self.parent.get(id(block))
             if up is None:
                 return None
             block, i = up[0], up[1]
 
-    # ------------------------------------------------------------------ backward: the scores
+    # --- backward: the scores
     def back(self, expr: ast.AST, loc: tuple[list, int], ops: list[Op], chain: "ChainState",
              stop: list | None = None, target: str | None = None) -> dict | str:
         """Walk from ``expr`` (evaluated at statement ``loc``) back to the score product,
@@ -423,8 +415,7 @@ class ChainMatcher:
         while True:
             for j in range(i - 1, -1, -1):
                 st = block[j]
-                if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) \
-                        and st.targets[0].id == name:
+                if assigned_name(st) == name:
                     return st.value, (block, j)
                 inplace = self.inplace_op(st, name)
                 if inplace is not None:
@@ -522,7 +513,7 @@ class ChainMatcher:
             chain.cond = outer_cond
             ops.extend(branch_ops)
 
-    # ------------------------------------------------------------------ forward: the weights
+    # --- forward: the weights
     def strip_post(self, node: ast.AST) -> tuple[ast.AST, list, list]:
         """``node`` without the casts, dropout and reshapes applied to the weights: (the core,
         the permutations in the order they are applied, the dropouts as (description, node))."""
@@ -598,8 +589,7 @@ class ChainMatcher:
             raise Refused(f"the attention weights are used in `{self.code(par)}` (line {self.line(par)}): "
                           + ("they are blended with something else, which SDPA cannot express"
                              if isinstance(par, ast.BinOp) else "not as the weights of a value product"))
-        if not (isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name)
-                and st.value is cur):
+        if not (assigned_name(st) and st.value is cur):
             raise Refused(f"the softmax result at line {softmax.lineno} is not assigned to a name "
                           f"(`{self.code(st)}`)")
         name = st.targets[0].id
@@ -621,7 +611,7 @@ class ChainMatcher:
                                       "value product")
                     i += 1
                     continue
-                if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name):
+                if assigned_name(st):
                     core, perms, drops = self.strip_post(st.value)
                     if isinstance(core, ast.Name) and core.id == name:
                         chain.p_perm.extend(perms)
@@ -706,7 +696,7 @@ class ChainMatcher:
                 return node
         return None
 
-    # ------------------------------------------------------------------ the whole chain
+    # --- the whole chain
     def build(self, block, index, st, softmax_call, soft) -> "Chain | Site | None":
         """The chain around one softmax: None when it is not attention (no product behind it), a
         refused ``Site`` when it is attention that cannot be read, else a ``Chain``."""
@@ -793,13 +783,12 @@ class ChainMatcher:
                 names.add(n.id)
         return names
 
-    # ------------------------------------------------------------------ other reads of the chain's names
+    # --- other reads of the chain's names
     def escaping(self, chain: Chain) -> None:
-        """Reads of the scores and weights outside the chain. The weights (or scores) may be
-        returned, directly or through ``x = x.detach()``; the swap returns None in their place
-        (``chain.returned``). The scores may be read for their shape, dtype or device, or handed
-        to a helper (``chain.extra_reads``: the replay form keeps them). Raises ``Refused`` for
-        any other read."""
+        """Reads of the scores and weights outside the chain: returned (directly or via ``x =
+        x.detach()``; the swap returns None, ``chain.returned``), or the scores' shape, dtype or
+        device, or a helper's (``chain.extra_reads``, kept by the replay form). Raises
+        ``Refused`` for any other read."""
         vb, vi = chain.value["stmt"]
         chain_nodes = {id(n) for b, i in chain.all_stmts if b[i] is not vb[vi] for n in ast.walk(b[i])}
         # in the value product's statement only the product itself is the chain's (`return p @ v, p`)
@@ -856,8 +845,7 @@ class ChainMatcher:
                 chain.returned.append((node, st))
                 return True
             return False
-        if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) and \
-                st.targets[0].id == node.id and st.lineno > chain.site.end_line:
+        if assigned_name(st) == node.id and st.lineno > chain.site.end_line:
             core = st.value
             while isinstance(core, ast.Call) and isinstance(core.func, ast.Attribute) and \
                     core.func.attr in CASTS | {"detach", "clone", "cpu"}:

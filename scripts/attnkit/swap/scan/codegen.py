@@ -1,12 +1,10 @@
 """Pass 4, code generation: the replacement call and the line edits that install it.
 
-``write`` builds the ``F.scaled_dot_product_attention`` call (3-D ``bmm`` sites get a
-leading batch dimension, since SDPA's fused kernels take 4-D inputs), its FlashAttention
-variants ([B, S, H, D]: ``flash_attn_func`` for FA2, ``flash_attn.cute.flash_attn_func``
-for FA4, which falls back to the SDPA call where FA4 is missing or the tensors are not on
-a GPU) where the site takes no mask but a causal one, and the edits of each: the chain's
-statements removed, its value product replaced, returned weights replaced by None. How
-each library is called (name, import, tuple result, fallback) is read from its backend
+``write`` builds the ``F.scaled_dot_product_attention`` call (3-D ``bmm`` sites get a batch
+dimension: the fused kernels take 4-D), its FlashAttention variants ([B, S, H, D]; FA4
+falls back to SDPA without FA4 or a GPU) where the site takes no mask but a causal one,
+and each one's edits: the chain's statements removed, the value product replaced,
+returned weights replaced by None. How each library is called comes from its backend
 record.
 """
 
@@ -131,7 +129,7 @@ class CallWriter:
             return [self.f.lines[st.lineno - 1][: self.f.char(self.f.lines[st.lineno - 1], st.col_offset)] + "pass"]
         return []
 
-    # ------------------------------------------------------------------ expression rewriting
+    # --- expression rewriting
     def _abs(self, line: int, col: int) -> int:
         if self._starts is None:
             self._starts, pos = [], 0
@@ -167,7 +165,7 @@ class CallWriter:
         prefix = first[: self.f.char(first, st.col_offset)]
         return (prefix + self.render(st, repl)).split("\n")
 
-    # ------------------------------------------------------------------ the replay form
+    # --- the replay form
     def replay_zeros(self, chain: Chain, lay: dict, binds: dict) -> tuple[str, str, str]:
         """(q, k for SDPA, the zero that replaces the score product): the product's operands
         are bound once (``name := ...``) when they are expressions, so nothing is computed twice."""
@@ -211,10 +209,9 @@ class CallWriter:
         return q_sdpa, k_sdpa, zeros
 
     def materialise(self, chain: Chain) -> bool:
-        """A real zero tensor (not an expanded one, which costs no memory) when the scores are
-        reshaped, or pass through a helper that is more than "add this, if any": the layout of
-        what is added to an expanded zero follows the other operand, and a later .view() of it
-        can fail (SAM's add_decomposed_rel_pos)."""
+        """A real zero (not an expanded, memory-free one) when the scores are reshaped or pass a
+        helper beyond "add this, if any": a sum with an expanded zero takes the other operand's
+        layout, and a later .view() can fail (SAM's add_decomposed_rel_pos)."""
         for op in chain.ops:
             if op.kind == "shape":
                 return True
@@ -246,10 +243,9 @@ class CallWriter:
 
     def replay_edits(self, chain: Chain, call: str, zeros: str, lay: dict, q_src: str, three_d: bool,
                      binds: dict) -> list[tuple[int, int, list[str]]]:
-        """Keep the chain's statements, on a zero instead of the product: the product becomes
-        ``zeros``, in-place updates of the scores become plain ones (an expanded zero cannot be
-        written), the softmax and dropout calls give their input back, and the value product
-        becomes the SDPA call, its attn_mask what those statements built."""
+        """Keep the chain's statements on a zero instead of the product: in-place updates of the
+        scores become plain ones (an expanded zero cannot be written), softmax and dropout give
+        their input back, the value product becomes the SDPA call with what they built as mask."""
         value = chain.value
         guard = self.fresh("eager_attention") if chain.guards else ""
         self._guard = guard
@@ -258,8 +254,8 @@ class CallWriter:
             return f"({self.render(original, {})} if {guard} else {new})" if guard else new
 
         repl: dict[int, str] = {id(chain.product["node"]): either(chain.product["node"], zeros)}
-        # scalar factors before the first mask only scale a zero (SDPA's scale carries them): drop them,
-        # since multiplying an expanded zero would allocate it in full
+        # scalar factors before the first mask only scale a zero (SDPA's scale has them): dropped,
+        # as multiplying an expanded zero would allocate it
         dropped = set()
         plain = {id(chain.product["node"]): zeros}  # the new code alone, inside an `either`
         for op in chain.ops:
@@ -370,13 +366,10 @@ class CallWriter:
 
     def library_variant(self, record, q: str, k: str, v: str, three_d: bool, mask_kw, causal: bool, dropout,
                         site: Site, out_perm, *, sdpa_call: str, q_test: str) -> str:
-        """The same site as a FlashAttention call (``record``: its backend record; layout
-        [B, S, H, D]); '' when the site takes a mask other than causal, or dropout the library
-        does not have (a library that falls back to SDPA takes the fallback whenever the
-        dropout probability is not 0, so training keeps its dropout). For S_q == S_k the causal masks of SDPA (top-left) and flash-attn
-        (bottom-right) agree; a causal site here always has S_q == S_k (a square tril/triu
-        mask). A record that ``falls_back_to_sdpa`` gives ``(library call if it imported and
-        q is on a GPU else sdpa_call)``."""
+        """The site as ``record``'s FlashAttention call ([B, S, H, D]); '' for a mask other than
+        causal or dropout the library lacks (one that ``falls_back_to_sdpa`` takes SDPA on
+        dropout, without its import, or off a GPU). Causal sites are square (tril/triu): SDPA's
+        top-left and flash-attn's bottom-right agree."""
         if mask_kw:
             return ""
         site_drop = self.dropout_kw(dropout, Site("", "", 0, 0, "")) if dropout else ""
@@ -444,11 +437,9 @@ def _names(st: ast.AST, ctx: type) -> set[str]:
 
 
 def dead_between(block: list[ast.stmt], removed: list[int], last: int) -> set[int]:
-    """The statements between a chain's first and last that read a name the swap removes
-    (``wdtype = weight.dtype`` between the scores and their softmax) and whose own names
-    nothing that stays reads: they go with the chain. Raises ``Refused`` for one whose
-    names are still read, naming both lines: removing the chain would leave it reading a
-    name that no longer exists."""
+    """Statements inside the chain that read a name the swap removes (``wdtype =
+    weight.dtype``) and whose names nothing kept reads: they go with it. Raises ``Refused``,
+    naming both lines, for one whose names are still read."""
     lost = set().union(*(_names(block[i], ast.Store) for i in removed)) if removed else set()
     gone: set[int] = set()
     for i in range(min(removed, default=last), last):

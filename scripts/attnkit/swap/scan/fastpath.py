@@ -1,10 +1,9 @@
 """Calls that already take a fast path, and ``nn.MultiheadAttention`` calls.
 
-``F.scaled_dot_product_attention`` and ``flash_attn_func`` calls are reported with what
-keeps them off the flash kernel (an explicit mask, fp32 inputs); an
-``nn.MultiheadAttention`` call that leaves ``need_weights`` at its default of True
-materialises the weights, and becomes swappable (``need_weights=False``) when no caller
-reads them.
+``F.scaled_dot_product_attention`` and ``flash_attn_func`` calls come with what keeps them
+off the flash kernel (an explicit mask, fp32 inputs); an ``nn.MultiheadAttention`` call
+leaving ``need_weights=True`` materialises the weights, and is swappable
+(``need_weights=False``) when no caller reads them.
 """
 
 from __future__ import annotations

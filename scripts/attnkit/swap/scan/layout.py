@@ -1,16 +1,13 @@
 """Pass 3, layout: Q, K, V (and a replayed mask) as SDPA takes them, [batch..., S, D].
 
 Both products are read as einsum equations, whatever their spelling: ``q @ k.transpose(-2,
--1)`` is '..QD,..KD->..QK' once the transpose is folded into K's letters; ``torch.bmm(q, k)``
-with K stored [B, D, S] is 'AQD,ADK->AQK'; ``torch.bmm(v, w.permute(0, 2, 1))`` names the
-weights' letters through the permutation. The score equation gives batch, query, key and
-head_dim letters; the value equation is renamed into them through the weights' layout. Each
-operand is then permuted to SDPA's order (``.transpose(-2, -1)`` when only the last two
-swap), the output permuted back, and a key/value without a batch letter of the query
-(multi-query, 'b j d' against 'b h i d') gets that dimension back with ``unsqueeze`` and
-``enable_gqa=True``. Key/value repeated over the head dimension (``repeat_interleave(n,
-dim=1)``, ``repeat_kv``) become ``enable_gqa=True`` on the unrepeated tensors, when those
-are still under their own names where SDPA is called.
+-1)`` is '..QD,..KD->..QK'; ``torch.bmm(q, k)`` with K stored [B, D, S] is 'AQD,ADK->AQK';
+``torch.bmm(v, w.permute(0, 2, 1))`` names the weights' letters through the permutation.
+The score equation names batch, query, key and head_dim letters, the value equation is
+renamed into them; each operand is permuted to SDPA's order and the output back. A
+key/value missing a batch letter of the query (multi-query) gets it back by ``unsqueeze``
+with ``enable_gqa=True``; one repeated over heads (``repeat_interleave``, ``repeat_kv``)
+becomes ``enable_gqa=True`` on the unrepeated tensor (``gqa``).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ class LayoutReader:
     def __init__(self, f: Function):
         self.f = f
 
-    # ------------------------------------------------------------------ operands as letters
+    # --- operands as letters
     def fold(self, node: ast.AST, letters: str) -> tuple[ast.AST, str]:
         """Strip transposes / permutes written on an operand, moving them into its letters:
         (the operand without them, its own letters)."""
@@ -98,7 +95,7 @@ class LayoutReader:
             return f"{self.f.paren(src)}.transpose(-2, -1){tail}"
         return f"{self.f.paren(src)}.permute({', '.join(map(str, order))}){tail}"
 
-    # ------------------------------------------------------------------ the layout
+    # --- the layout
     def layout(self, chain: Chain, q_text=None, k_text=None) -> dict:
         """q, k, v (and the mask's permutation) in SDPA's layout. Raises ``Refused``."""
         site, product, value = chain.site, chain.product, chain.value
@@ -189,8 +186,7 @@ class LayoutReader:
 
     def stride_one(self, src: str, node: ast.AST, line: int) -> str:
         """``src`` made contiguous when the tensor it names was permuted with its last axis moved
-        (``q = q.permute(0, 2, 1)``, ``rearrange(q, 'b c h w -> b (h w) c')``): the fused kernels
-        need stride 1 in the last dimension."""
+        (``q = q.permute(0, 2, 1)``, ``rearrange(q, 'b c h w -> b (h w) c')``), as in ``perm``."""
         if src.endswith(".contiguous()") or not isinstance(node, ast.Name):
             return src
         best = None
@@ -233,11 +229,10 @@ class LayoutReader:
             letters = letters[:pos] + c + letters[pos:]
         return src, letters, True
 
-    # ------------------------------------------------------------------ GQA by repetition
+    # --- GQA by repetition
     def gqa(self, k_src: str, v_src: str, chain: Chain, site: Site) -> tuple[str, str, bool]:
-        """Key/value repeated over the head dimension (repeat_interleave(n, dim=1), repeat_kv):
-        SDPA takes the unrepeated ones with enable_gqa=True, when the unrepeated tensors are
-        still under the same names where SDPA is called."""
+        """Key/value repeated over heads (repeat_interleave(n, dim=1), repeat_kv): SDPA takes the
+        unrepeated ones with enable_gqa=True, if still under their names at the SDPA call."""
         block, before = chain.product["loc"]
         value_line = chain.site.end_line
 

@@ -1,19 +1,16 @@
 """Pass 2, scale and mask: what the ops between Q Kᵀ and the softmax mean for SDPA.
 
-Every scalar factor becomes part of ``scale`` (1.0 when there is none: the raw product is
-not SDPA's default 1/sqrt(d)); a factor applied under an ``if`` becomes ``(c if T else
-1.0)``. Then one of two forms:
+Every scalar factor goes into ``scale`` (1.0 when none: the raw product is not SDPA's
+default 1/sqrt(d)); one under an ``if`` becomes ``(c if T else 1.0)``. Then one of two forms:
 
-* **direct**: the chain lies in one block and adds at most one mask, as written or under
-  ``if T:``. ``masked_fill(M, -inf)`` keeps ``~M``, an added mask stays additive, a causal
+* **direct**: the chain lies in one block and adds at most one mask, possibly under ``if
+  T:``. ``masked_fill(M, -inf)`` keeps ``~M``, an added mask stays additive, a causal
   ``tril``/``triu`` mask becomes ``is_causal`` (a sliced registered buffer is checked on the
-  live model), a conditional mask becomes ``(A if T else None)``.
-* **replay**: anything more (several masks, a bias added through a view to 5-D and back, a
-  helper function, a scale after the mask, masks in the branches of an ``if``, the scores
-  read for their shape). The chain's own statements stay as written and run on a zero
-  tensor of the scores' shape and dtype instead of the product (``expand``ed, so it costs no
-  memory until a term is added): what they leave is exactly the additive mask, which SDPA
-  takes as ``attn_mask``; nothing added leaves a broadcast zero, passed as ``None``.
+  live model), a conditional mask ``(A if T else None)``.
+* **replay**: anything more (several masks, a bias through a 5-D view, a helper, masks in
+  ``if`` branches, ...). The chain's statements run as written on an ``expand``ed zero of
+  the scores' shape and dtype instead of the product: what they leave is exactly the
+  additive mask, SDPA's ``attn_mask`` (``None`` when nothing was added).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ import re
 
 from .chain import Chain, Refused
 from .site import refuse
-from .syntax import Function, const, dotted, is_minus_inf
+from .syntax import Function, assigned_name, const, dotted, is_minus_inf
 
 MASK_KINDS = ("add", "sub", "masked_fill", "where", "mulmask", "call")
 
@@ -114,7 +111,7 @@ class MaskReader:
             return "baddbmm with beta other than 0 or 1"
         return ""
 
-    # ------------------------------------------------------------------ direct form
+    # --- direct form
     def direct(self, chain: Chain, masks: list) -> tuple[str | None, bool]:
         site, product = chain.site, chain.product
         mask_kw, causal = None, False
@@ -172,7 +169,7 @@ class MaskReader:
         *temps, last = st.body
         subs = {}
         for t in temps:
-            if not (isinstance(t, ast.Assign) and len(t.targets) == 1 and isinstance(t.targets[0], ast.Name)):
+            if not assigned_name(t):
                 return None
             subs[t.targets[0].id] = ast.parse(f"({ast.unparse(self.inline(t.value, subs))})", mode="eval").body
         if op.kind == "add":
@@ -245,7 +242,7 @@ class MaskReader:
                     return "buffer"
         return ""
 
-    # ------------------------------------------------------------------ replay form
+    # --- replay form
     def replay(self, chain: Chain, masks: list) -> tuple[str | None, bool]:
         site = chain.site
         kinds = []

@@ -15,8 +15,7 @@ FLASH_FUNCS = {"flash_attn_func", "flash_attn.flash_attn_func", "flash_attn_varl
 UPCASTS = {"float", "double"}
 CASTS = {"type_as", "to", "half", "bfloat16", "float", "type", "double"}
 
-# Canonical names (``Function.canon``): whatever alias a file uses for torch (``th``),
-# torch.nn.functional (``F``) or a name imported from them (``from torch import einsum``).
+# Canonical names (``Function.canon``), whatever alias a file uses.
 CANON_SOFTMAX = {"torch.softmax", "torch.nn.functional.softmax", "torch.special.softmax"}
 CANON_DROPOUT = {"torch.nn.functional.dropout", "torch.dropout"}
 CANON_EINSUM = {"torch.einsum", "torch.functional.einsum"}
@@ -38,6 +37,13 @@ def dotted(node: ast.AST) -> str:
         parts.append(node.id)
         return ".".join(reversed(parts))
     return ""
+
+
+def assigned_name(st: ast.AST) -> str | None:
+    """The name a plain ``name = value`` statement assigns; None for any other statement."""
+    if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name):
+        return st.targets[0].id
+    return None
 
 
 def kwarg(call: ast.Call, name: str, pos: int | None = None) -> ast.AST | None:
@@ -190,8 +196,7 @@ class Function:
         name is last set some other way: tuple unpacking, +=, inside a branch)."""
         for i in range(before - 1, -1, -1):
             st = block[i]
-            if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) \
-                    and st.targets[0].id == name:
+            if assigned_name(st) == name:
                 return i, st.value
             if name in self.stored(st):
                 return None
