@@ -81,6 +81,45 @@ def test_train_with_a_backend_that_has_no_backward_on_this_device():
                           "flex_attention has no backward pass on cpu")
 
 
+SHORT_MASK = """
+import math, torch
+from torch import nn
+
+
+class Short(nn.Module):
+    # hand-written causal attention whose mask buffer holds 64 positions: longer inputs raise
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+        self.register_buffer("causal", torch.ones(64, 64).tril().bool())
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+        s = s.masked_fill(~self.causal[:S, :S], float("-inf"))
+        return self.out((s.softmax(-1) @ v).transpose(1, 2).reshape(B, S, 32))
+
+
+def build():
+    return nn.Sequential(Short(), Short())
+
+
+def example_inputs(batch_size, seq_len):
+    return (torch.randn(batch_size, seq_len, 32),)
+"""
+
+
+def test_a_model_that_cannot_take_the_asked_length(tmp_path):
+    """The swap is proven at a small shape; the model's own forward raising at --seq-len is
+    one line that names the length, not an unexpected error."""
+    path = tmp_path / "short.py"
+    path.write_text(SHORT_MASK)
+    assert_one_line_error(["--model", f"{path}:build", "--device", "cpu", "--seq-len", "128"],
+                          "seq_len 128 raised RuntimeError", "try a smaller --seq-len")
+
+
 def test_unknown_values_and_bad_numbers():
     assert_one_line_error(["--batch-size", "two"], "invalid int value")
     assert_one_line_error(["--batch-size", "0"], "--batch-size must be at least 1")

@@ -35,13 +35,13 @@ from ..env import resolve
 from ..measure import accuracy as acc_mod
 from ..measure import autotune
 from ..measure.flops import forward_flops, site_flops
-from ..measure.timing import Measurement, forward_fn, measure_backend, oom_caught, time_paired, train_fn
+from ..measure.timing import Measurement, forward_fn, is_oom, measure_backend, oom_caught, time_paired, train_fn
 from ..measure.verdicts import comparison_summary, kernel_check, memory_check, speed_check
 from ..measure.verify import module_timings, ran_new_call, verify_sites
 from ..models.features import needed
 from ..report import (CannotRun, Check, Reporter, Sections, StepResult, accuracy_part, autotune_part, check_new_folder,
                       default_run_folder, fmt_kernels, fmt_mb, measured, measured_figure, refuse_to_overwrite,
-                      register_view, rejected_part, write_patch, write_run_folder)
+                      one_line, register_view, rejected_part, write_patch, write_run_folder)
 from ..swap import switch
 from ..swap.patch import patch_of, patch_root, patched_files
 from .session import Session, SessionData, check_shape, open_session
@@ -254,7 +254,14 @@ def _prepare_swaps(prep: Prepared, o: EnableOptions, reporter: Reporter) -> None
             verify_sites(swapper, loaded, loaded.probe(), prep.session.dtype, prep.choice.backend)
         swapper.require_swapped()
     with reporter.stage(f"recording the attention calls at batch {o.batch_size}, seq_len {inputs.seq_len}"):
-        prep.calls = swapper.capture(forward_fn(loaded, inputs))
+        try:
+            prep.calls = swapper.capture(forward_fn(loaded, inputs))
+        except Exception as exc:  # the model's own forward at this shape (a mask buffer shorter than S)
+            if is_oom(exc):
+                raise
+            raise CannotRun(f"a forward pass of {loaded.spec} at batch {o.batch_size}, seq_len {inputs.seq_len} raised "
+                            f"{type(exc).__name__}: {one_line(exc, 200)}", "the model may not take this length: "
+                            "try a smaller --seq-len") from None
     prep.flops = forward_flops(loaded.model, inputs.batch_size, inputs.seq_len, None, o.train, site_flops(prep.calls))
     prep.patch = patch_of(swapper)
 
