@@ -21,8 +21,8 @@ SWAP = sorted(n for n, (_, want) in G.STYLES.items() if want == "swap")
 REFUSED = sorted(n for n, (_, want) in G.STYLES.items() if want != "swap")
 #: read by the source matcher, whose rewrite the per-site trial rejects: ArithmeticMask's raises
 #: NameError 'm'; RelativeLogits' runs SDPA's math kernel (v narrower than q, k); CosineTau's
-#: passes a tensor as SDPA's scale (TypeError). The graph path takes all three (test below).
-SOURCE_READS = {"ArithmeticMask", "RelativeLogits", "CosineTau"}
+#: and CosineProjected's pass a tensor as SDPA's scale (TypeError). The graph path takes all four (test below).
+SOURCE_READS = {"ArithmeticMask", "RelativeLogits", "CosineTau", "CosineProjected"}
 
 
 @pytest.mark.parametrize("style", SWAP)
@@ -118,6 +118,25 @@ def test_the_soft_cap_is_never_dropped_in_the_graph():
     assert "torch.tanh" in why and "line " in why and "flex_attention" in why
     assert not capture.rewritten and site.targets == ["flex_attention"]
 
+
+
+class _ShiftThenCap(torch.nn.Module):
+    """The row max subtracted, then a soft-cap: tanh(x - m) is not tanh(x) shifted by a
+    constant, so the shift is part of the scores and cannot be dropped (_row_shift)."""
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        s = 5.0 * torch.tanh((s - s.amax(-1, keepdim=True)) / 5.0)
+        return s.softmax(-1) @ v
+
+
+def test_a_row_shift_with_a_function_of_the_scores_after_it_is_refused_for_every_target():
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    capture = graph.Capture(_ShiftThenCap().eval(), target="flex_attention")
+    capture.run((q, k, v), {})
+    (site,) = capture.sites.values()
+    assert site.targets == [] and "line " in site.reason, (site.targets, site.reason)
+    assert not capture.rewritten
 
 def _flex_capture(style, seq_len):
     torch.manual_seed(0)

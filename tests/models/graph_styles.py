@@ -502,6 +502,20 @@ class CosineTau(Heads):
                                                          attn_mask=~key_padding(mask), scale=1.0))
 
 
+
+class CosineProjected(CosineTau):
+    """CosineTau with Q, K and V projected by a matmul with a weight tensor (x @ W): the
+    query's norm comes out of a contraction too, as the scores do."""
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.w_qkv = nn.Parameter(torch.randn(d, 3 * d) * d ** -0.5)
+
+    def split(self, x):
+        B, S, _ = x.shape
+        q, k, v = (x @ self.w_qkv).view(B, S, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
 STYLES = {
     "HelperSoftmax": (HelperSoftmax, "swap"),
     "InlineSoftmaxModule": (InlineSoftmaxModule, "swap"),
@@ -517,6 +531,7 @@ STYLES = {
     "ReturnsWeights": (ReturnsWeights, "swap"),
     "RefilledMask": (RefilledMask, "swap"),
     "CosineTau": (CosineTau, "swap"),
+    "CosineProjected": (CosineProjected, "swap"),
     "Sinks": (Sinks, "swap"),
     "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
     "TalkingHeadsInline": (TalkingHeadsInline, "talking heads"),

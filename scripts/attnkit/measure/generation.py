@@ -1,12 +1,13 @@
 """Generation the way users run it: ``model.generate`` with a KV cache, greedy, timed in two parts.
 
-Prefill and decode (ms). Two greedy ``generate`` calls on the same prompt [B, P], each
-timed by ``torch.utils.benchmark`` (``timing.time_it``: median of blocked runs, CUDA
-synchronised, its first calibration call doubling as the warm-up)::
+Prefill and decode (ms). Two greedy ``generate`` calls on the same prompt [B, P], timed
+in turn over ``timing.PAIRED_ROUNDS`` rounds by ``torch.utils.benchmark`` (``timing.paired``:
+each warmed up first, then one block of each per round, CUDA synchronised), so a machine
+slowing down for a while slows both calls of a round alike::
 
     prefill_ms          = generate(max_new_tokens=1)   # one forward over the prompt, one token picked
     generate_ms         = generate(max_new_tokens=N)   # the same, then N - 1 decode steps
-    decode_ms_per_token = (generate_ms - prefill_ms) / (N - 1)
+    decode_ms_per_token = median over rounds of (generate_ms - prefill_ms) / (N - 1)
     decode_tokens_per_s = B * 1000 / decode_ms_per_token   # every row of the batch gets a token per step
 
 Both calls go through the same ``generate`` code (logits processors, stopping criteria,
@@ -50,8 +51,10 @@ few decode steps fit, under a memory limit (see its docstring for how it is enfo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -64,8 +67,8 @@ from ..env import dtype_name
 from ..report import CannotRun, NoMemoryBound, said
 from ..swap import switch
 from .accuracy import compare, exact_cast
-from .timing import (Measurement, cap_cuda_memory, fits_in_memory, free_memory, is_oom, oom_message, profile_once,
-                     search_longest, synchronize, time_it)
+from .timing import (Measurement, cap_cuda_memory, fits_in_memory, free_memory, is_oom, oom_message, paired,
+                     profile_once, quartiles, search_longest, synchronize, time_it)
 
 CACHES = ("dynamic", "static")
 
@@ -101,7 +104,6 @@ class GenerationRun:
     compiled: bool = False
     decode_floor_ms: float | None = None  # the memory floor of one decode step (decode_floor_ms)
     floor_percent: float | None = None  # 100 x decode_floor_ms / decode_ms_per_token
-    timing_attempts: int = 0  # 2: the first timing was not resolved (see measure_generation)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,6 +251,12 @@ def measure_generation(loaded: Any, backend: str, *, batch_size: int, prompt_len
     return g
 
 
+def _median_iqr(samples: list[float]) -> tuple[float, float | None]:
+    """(median, IQR or None with fewer than 4 samples) of ``paired``'s round medians (ms)."""
+    q1, median, q3 = quartiles(samples)
+    return median, (q3 - q1) if len(samples) >= 4 else None
+
+
 def _time_generation(loaded: Any, g: GenerationRun, min_run_time: float) -> GenerationRun:
     """``measure_generation``'s body, on a model already switched to ``g.backend``."""
     device, backend, batch_size, prompt_len = loaded.device, g.backend, g.batch_size, g.prompt_len
@@ -261,15 +269,13 @@ def _time_generation(loaded: Any, g: GenerationRun, min_run_time: float) -> Gene
     full = generate_fn(loaded, ids, mask, new_tokens, cache, compile=compile, max_cache_len=cache_len)
     first = generate_fn(loaded, ids, mask, 1, cache, compile=compile, max_cache_len=cache_len)
     try:
-        # the full call first: its calibration run is the warm-up (lazy inits, a compile). A
-        # prefill median above the generate median is noise (another process took the CPU):
-        # timed once more, twice as long, before it is reported as unresolved.
-        for attempt in (1, 2):
-            g.generate_ms, g.generate_iqr_ms, _ = time_it(full, min_run_time * attempt, f"{backend} generate")
-            g.prefill_ms, g.prefill_iqr_ms, _ = time_it(first, min_run_time * attempt, f"{backend} prefill")
-            g.timing_attempts = attempt
-            if g.generate_ms > g.prefill_ms:
-                break
+        # interleaved rounds: a stretch of load (another process taking the CPU) lands on both
+        # calls of a round, and the median of the per-round differences leaves it out
+        rounds = paired({"generate": (contextlib.nullcontext, full), "prefill": (contextlib.nullcontext, first)},
+                        min_run_time)
+        g.generate_ms, g.generate_iqr_ms = _median_iqr(rounds["generate"])
+        g.prefill_ms, g.prefill_iqr_ms = _median_iqr(rounds["prefill"])
+        decode = statistics.median(a - b for a, b in zip(rounds["generate"], rounds["prefill"]))
         kept: dict[str, Any] = {}
         m = Measurement(backend)
         profile_once(generate_fn(loaded, ids, mask, new_tokens, cache, compile=compile, max_cache_len=cache_len,
@@ -284,12 +290,12 @@ def _time_generation(loaded: Any, g: GenerationRun, min_run_time: float) -> Gene
         g.error = oom_message(exc) if is_oom(exc) else f"{said(exc, 300)}"
         free_memory(device)
         return g
-    decode = g.generate_ms - g.prefill_ms
     if new_tokens < 2:
         g.error = "decode not measured: it needs --new-tokens 2 or more"
     elif decode <= 0:
         g.error = (f"decode time not resolved: generate of {new_tokens} tokens ({g.generate_ms:.2f} ms) was not "
-                   f"slower than prefill ({g.prefill_ms:.2f} ms), timed twice; raise --new-tokens or --min-run-time")
+                   f"slower than prefill ({g.prefill_ms:.2f} ms) in the median round; raise --new-tokens or "
+                   f"--min-run-time")
     else:
         g.decode_ms_per_token = decode / (new_tokens - 1)
         g.decode_tokens_per_s = batch_size * 1000.0 / g.decode_ms_per_token

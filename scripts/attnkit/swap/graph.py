@@ -458,7 +458,7 @@ class _Plan:
     dtype_readers: list = field(default_factory=list)
     mods: list = field(default_factory=list)  # _Folded.mods: what a flex_attention score_mod replays
     sink: tuple | None = None  # _Folded.sink: extra key columns (attention sinks), SDPA only
-    qscales: list = field(default_factory=list)  # _Folded.qscales: applied to Q before the call
+    qscales: tuple = ()  # _Folded.qscales: applied to Q before the call
 
 
 def _data_inputs(n: fx.Node) -> list:
@@ -533,7 +533,7 @@ class _Folded(NamedTuple):
     #: attention sinks: extra score columns after the key axis, (a _Term per tensor, width)
     sink: tuple | None = None
     #: tensor factors constant along the key axis (``coef`` 1 multiplies, -1 divides): Q's rows scaled
-    qscales: list = []
+    qscales: tuple = ()
 
 
 class _Axes(NamedTuple):
@@ -567,14 +567,11 @@ def _walk_back(softmax: fx.Node, site: GraphSite, reach: dict) -> _ScoreChain:
     raises ``Refused``."""
     steps: list[tuple] = []  # backward order: (kind, node, data)
     chain: list[fx.Node] = [softmax]
-    node = softmax.args[0]
-    while isinstance(node, fx.Node) and not _is_contraction(node):
-        if node.op == "placeholder":
-            site.external_input = True
-            raise Refused(f"the softmax at {where(softmax)} takes a tensor from outside this graph: "
-                          "no score product here")
-        chain.append(node)
-        node = _step_back(node, steps, softmax, reach)
+    node = _back_to_product(softmax.args[0], steps, softmax, reach, chain)
+    if isinstance(node, fx.Node) and node.op == "placeholder":
+        site.external_input = True
+        raise Refused(f"the softmax at {where(softmax)} takes a tensor from outside this graph: "
+                      "no score product here")
     if not isinstance(node, fx.Node):
         raise Refused(f"the softmax at {where(softmax)} does not take a query-key product: not attention")
     product = node
@@ -656,7 +653,7 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
             if views:
                 raise Refused(f"{op_name(n)} at {where(n)} adds key columns to reshaped scores")
             sink = ([_Term("add", x, layout, text=f"{op_name(n)} at {where(n)}") for x in data[0]], data[1])
-    return _Folded(layout, terms, alpha, mul01, views, mods, sink, qscales)
+    return _Folded(layout, terms, alpha, mul01, views, mods, sink, tuple(qscales))
 
 
 def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node, example_inputs: list | None,
@@ -929,6 +926,11 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
             if _leads_to_product(s, softmax, reach):  # relative logits of Q, shifted: an added term
                 steps.append(("add", node, (other, 1.0)))
                 return s
+    if base in ("mul", "truediv", "div") and len(carriers) == 2 and not kw:  # both come from products
+        for s, other in ((carriers[0], carriers[1]), (carriers[1], carriers[0])):
+            if (base == "mul" or args[0] is s) and _per_query(s, other, steps, softmax):  # s / |q_i|, q = x @ W
+                steps.append(("qscale", node, (other, 1.0 if base == "mul" else -1.0)))
+                return s
     if len(carriers) != 1:
         if len(carriers) > 1:
             raise Refused(f"{op_name(node)} at {where(node)} combines two products before the softmax: not one Q·Kᵀ")
@@ -986,24 +988,40 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
                   "added term or a mask: SDPA cannot express it")
 
 
-def _per_query(s: fx.Node, other: fx.Node, steps: list, softmax: fx.Node) -> bool:
-    """``other`` is constant along the key axis (size 1 there; only reshapes of the batch
-    axes between it and the softmax): scaling the scores by it scales the rows of Q."""
-    sv, ov, dim = _value(s), _value(other), _arg(softmax, 1, "dim")
+def _key_axis(s: fx.Node, other: Any, softmax: fx.Node) -> int | None:
+    """The softmax axis counted from the right (as broadcasting aligns, so a reshape of the
+    batch axes keeps it) when the scores ``s`` span it (size 2 or more) and ``other`` is
+    constant along it (size 1 there, or too few dims to reach it); else None."""
+    sv, ov, dim, rank = _value(s), _value(other), _arg(softmax, 1, "dim"), _rank(softmax.args[0])
     if not (isinstance(sv, torch.Tensor) and isinstance(ov, torch.Tensor) and isinstance(dim, int)) or \
-            ov.dim() > sv.dim() or not ov.dtype.is_floating_point:
-        return False
-    d = dim % _rank(softmax.args[0]) - _rank(softmax.args[0])  # from the right: a reshape of the batch axes keeps it
-    if any(kind in ("perm", "sink") or kind == "view" and d < -2 for kind, _, _ in steps):
-        return False
-    return sv.shape[d] > 1 and (ov.dim() < -d or ov.shape[d] == 1)
+            ov.dim() > sv.dim() or sv.dim() > rank:
+        return None
+    d = dim % rank - rank
+    return d if sv.shape[d] > 1 and (ov.dim() < -d or ov.shape[d] == 1) else None
+
+
+def _per_query(s: fx.Node, other: fx.Node, steps: list, softmax: fx.Node) -> bool:
+    """``other`` is a float tensor constant along the key axis (``_key_axis``; only reshapes
+    of the batch axes between it and the softmax): scaling the scores by it scales the rows of Q."""
+    d = _key_axis(s, other, softmax)
+    return d is not None and _value(other).dtype.is_floating_point and not any(
+        kind in ("perm", "sink") or kind == "view" and d < -2 for kind, _, _ in steps)
+
+
+def _back_to_product(node: Any, steps: list, softmax: fx.Node, reach: dict, chain: list | None = None) -> Any:
+    """``_step_back`` from ``node`` until a contraction, a graph input or a non-node; the
+    ops passed are appended to ``chain``. Raises ``Refused`` as ``_step_back`` does."""
+    while isinstance(node, fx.Node) and not _is_contraction(node) and node.op != "placeholder":
+        if chain is not None:
+            chain.append(node)
+        node = _step_back(node, steps, softmax, reach)
+    return node
 
 
 def _leads_to_product(node: Any, softmax: fx.Node, reach: dict) -> bool:
     """Whether ``_step_back`` walks from ``node`` to a contraction (scales, terms, masks)."""
     try:
-        while isinstance(node, fx.Node) and not _is_contraction(node) and node.op != "placeholder":
-            node = _step_back(node, [], softmax, reach)
+        node = _back_to_product(node, [], softmax, reach)
     except Refused:
         return False
     return isinstance(node, fx.Node) and _is_contraction(node)
@@ -1020,13 +1038,7 @@ def _row_shift(node: fx.Node, s: fx.Node, other: fx.Node, steps: list, softmax: 
         if kind not in ("scale", "add", "shift") and not (
                 kind == "fill" and _number(data[1]) is not None and _number(data[1]) <= LARGE_NEGATIVE):
             return None
-    sv, ov, rank = _value(s), _value(other), _rank(softmax.args[0])
-    dim = _arg(softmax, 1, "dim")
-    if not (isinstance(sv, torch.Tensor) and isinstance(ov, torch.Tensor) and isinstance(dim, int)) or \
-            sv.dim() != rank or ov.dim() > rank:
-        return None
-    d = dim % rank - rank  # from the right, as broadcasting aligns
-    if sv.shape[d] < 2 or (ov.dim() >= -d and ov.shape[d] != 1):
+    if _key_axis(s, other, softmax) is None:
         return None
     nodes, todo = set(), [other]
     while todo:
