@@ -21,8 +21,13 @@ SWAP = sorted(n for n, (_, want) in G.STYLES.items() if want == "swap")
 REFUSED = sorted(n for n, (_, want) in G.STYLES.items() if want != "swap")
 #: read by the source matcher, whose rewrite the per-site trial rejects: ArithmeticMask's raises
 #: NameError 'm'; RelativeLogits' runs SDPA's math kernel (v narrower than q, k); CosineTau's
-#: and CosineProjected's pass a tensor as SDPA's scale (TypeError). The graph path takes all four (test below).
-SOURCE_READS = {"ArithmeticMask", "RelativeLogits", "CosineTau", "CosineProjected"}
+#: and CosineProjected's pass a tensor as SDPA's scale (TypeError); SummedProducts' forms the second product
+#: as an [S_q, S_k] attn_mask, so the graph path is preferred. The graph path takes all five (test below).
+SOURCE_READS = {"ArithmeticMask", "RelativeLogits", "CosineTau", "CosineProjected", "SummedProducts"}
+#: swapped by the source matcher's own rewrite, and proven: the graph path is checked on them alone
+#: (test below). ViewAsMask's fills the scores in place, which the source rewrite replays on a real
+#: zero tensor (on an expanded one, one write reached every element: outputs differed by 0.15).
+SOURCE_TAKES = {"ViewAsMask", "ChannelsFirst"}
 
 
 @pytest.mark.parametrize("style", SWAP)
@@ -43,13 +48,30 @@ def test_the_source_matcher_alone_swaps_none_of_them(style):
     swapper.graph_path = False
     sites = swapper.discover(lambda: model(x, mask))
     taken = [s for s in sites if s in swapper.swappable()]
-    if style in SOURCE_READS:  # read, but its rewrite fails the trial (raises, differs, or runs math; see below)
+    if style in SOURCE_READS | SOURCE_TAKES:  # read (its rewrite may fail the trial: see above)
         assert taken and taken[0].path == "source"
     else:
         assert not taken and all(s.reason for s in sites), [(s.line, s.reason) for s in sites]
 
 
-@pytest.mark.parametrize("style", SWAP)
+@pytest.mark.parametrize("style", sorted(SOURCE_TAKES))
+def test_styles_the_source_rewrite_takes_are_proven_and_the_graph_path_takes_them_too(style, tmp_path):
+    run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_{style.lower()}", "--backend", "sdpa",
+                     "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--no-report", *FAST)
+    assert run.check("accuracy")["passed"], run.check("accuracy")
+    assert all(s["path"] == "source" and s["status"] == "swapped" for s in run.result["data"]["sites"])
+    torch.manual_seed(0)
+    module = G.STYLES[style][0]().eval()
+    x, mask = G.example_inputs(2, 64)
+    capture = graph.Capture(module)
+    capture.run((x, mask), {})
+    (site,) = capture.sites.values()
+    assert site.swappable and capture.rewritten, site.reason
+    with torch.no_grad():
+        torch.testing.assert_close(capture(x, mask), module(x, mask), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", sorted(set(SWAP) - SOURCE_TAKES))
 def test_each_style_is_swapped_by_the_graph_path_and_proven(style, tmp_path):
     run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_{style.lower()}", "--backend", "sdpa",
                      "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--report-dir", str(tmp_path),
@@ -138,6 +160,29 @@ def test_a_row_shift_with_a_function_of_the_scores_after_it_is_refused_for_every
     assert site.targets == [] and "line " in site.reason, (site.targets, site.reason)
     assert not capture.rewritten
 
+
+def test_a_second_product_added_to_the_scores_joins_q_and_k_along_head_dim(tmp_path):
+    """Issue 20, summed contractions as a concatenated D: q·kᵀ + q_r·k_rᵀ (K's part shared by
+    every head) is one call on [q, q_r]·[k, k_r]ᵀ, no [S_q, S_k] term, for SDPA and
+    flex_attention; enable_flash takes the graph path over the source rewrite, which forms
+    the second product as an attn_mask."""
+    x, mask = G.example_inputs(2, 32)
+    for target in graph.TARGETS:
+        torch.manual_seed(0)
+        module = G.SummedProducts().eval()
+        capture = graph.Capture(module, target=target)
+        capture.run((x, mask), {})
+        (site,) = capture.sites.values()
+        assert site.mask == "boolean" and any("joins Q and K along head_dim" in n for n in site.notes), site.notes
+        with torch.no_grad():
+            torch.testing.assert_close(capture(x, mask), module(x, mask), atol=2e-6, rtol=1e-5)
+    run = run_script("enable_flash.py", "--model", f"{STYLES_FILE}:build_summedproducts", "--backend", "sdpa",
+                     "--device", "cpu", "--dtype", "float32", "--seq-len", "128", "--report-dir", str(tmp_path),
+                     *FAST)
+    assert run.check("accuracy")["passed"], run.check("accuracy")
+    sites = run.result["data"]["sites"]
+    assert all(s["path"] == "graph" and "attn_mask" in s["runtime_only"] for s in sites), sites
+
 def _flex_capture(style, seq_len):
     torch.manual_seed(0)
     module = G.FLEX_STYLES[style][0]().eval()
@@ -162,6 +207,18 @@ def test_score_modifiers_are_replayed_by_flex_attention(style):
     if "SoftCap" in style:
         assert any("torch.tanh" in f for f in site.score_mod)
 
+
+
+def test_sinks_with_a_sliding_window_are_one_flex_call():
+    """Issue 21: gpt-oss's sink logits (an extra score column) with a causal sliding window
+    built from positions: zero keys whose scores are the logits, the window a BlockMask over
+    S_k + 1 keys; equal to the module at a length that is not a multiple of flex's blocks."""
+    for S in (64, 200):
+        capture, got, want = _flex_capture("SinksWindow", S)
+        assert capture.rewritten and not capture.errors, capture.errors
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    (site,) = capture.sites.values()
+    assert "flex_attention" in site.targets and any("no [S_q, S_k] tensor" in n for n in site.notes), site.notes
 
 def test_alibi_built_from_positions_forms_no_score_sized_tensor():
     """Issue 21: an ALiBi bias and a causal mask computed in forward from torch.arange are

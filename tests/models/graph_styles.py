@@ -160,7 +160,7 @@ class InPlace(Heads):
 class BiasLoop(Heads):
     """Biases summed in a loop (ALiBi and a learned relative-position table): for b in biases: a += b."""
 
-    def __init__(self, d=D_MODEL, h=HEADS, max_len=512):
+    def __init__(self, d=D_MODEL, h=HEADS, max_len=4096):
         super().__init__(d, h)
         self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)]), persistent=False)
         self.rel = nn.Parameter(0.1 * torch.randn(h, 2 * max_len - 1))
@@ -316,11 +316,13 @@ class Sinks(Heads):
         super().__init__(d, h)
         self.sinks = nn.Parameter(torch.randn(h))
 
+    def masked(self, s, mask):
+        return s.masked_fill(key_padding(mask), float("-inf"))
+
     def forward(self, x, mask):
         q, k, v = self.split(x)
         B, H, S, _ = q.shape
-        s = q @ k.transpose(-1, -2) * self.hd ** -0.5
-        s = s.masked_fill(key_padding(mask), float("-inf"))
+        s = self.masked(q @ k.transpose(-1, -2) * self.hd ** -0.5, mask)
         s = torch.cat([s, self.sinks.reshape(1, H, 1, 1).expand(B, -1, S, -1)], dim=-1)
         w = torch.softmax(s, dim=-1)[..., :-1]
         return self.merge(w @ v)
@@ -332,6 +334,20 @@ class Sinks(Heads):
         m = torch.zeros(B, 1, 1, S).masked_fill(key_padding(mask), float("-inf")).expand(B, H, 1, S)
         m = torch.cat([m, self.sinks.reshape(1, H, 1, 1).expand(B, H, 1, 1)], -1)
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+
+
+class SinksWindow(Sinks):
+    """gpt-oss's layers: Sinks with a causal sliding window built from positions instead of
+    the padding mask; flex_attention takes both (the window as a BlockMask, the sink as a
+    zero key whose score is the logit). Compared with the module itself, not ``sdpa``."""
+
+    W = 16
+    sdpa = None
+
+    def masked(self, s, mask):
+        pos = torch.arange(s.shape[-1], device=s.device)
+        far = (pos[None, :] > pos[:, None]) | (pos[:, None] - pos[None, :] >= self.W)
+        return s.masked_fill(far, float("-inf"))
 
 
 # ----------------------------------------------------------------------------- refused, for the right reason
@@ -413,7 +429,7 @@ class RelativeLogits(Heads):
     """Content logits Q·Kᵀ plus relative logits Q·Rᵀ read at each key-minus-query offset, and
     values half as wide as queries and keys."""
 
-    def __init__(self, d=D_MODEL, h=HEADS, max_len=512):
+    def __init__(self, d=D_MODEL, h=HEADS, max_len=4096):
         super().__init__(d, h)
         self.wv, self.wo = nn.Linear(d, d // 2), nn.Linear(d // 2, d)
         self.rel = nn.Parameter(0.1 * torch.randn(2 * max_len - 1, d // h))
@@ -516,6 +532,83 @@ class CosineProjected(CosineTau):
         q, k, v = (x @ self.w_qkv).view(B, S, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
         return q, k, v
 
+
+class SummedProducts(Heads):
+    """Latent-style scores: a content product plus a positional one, q·kᵀ + q_r·k_rᵀ, the
+    positional key [B, S, R] shared by every head (as decoupled rotary keys are), each
+    product scaled on its own; Q and K are head_dim wide, their positional parts R = 8."""
+
+    R = 8
+
+    def __init__(self, d=D_MODEL, h=HEADS):
+        super().__init__(d, h)
+        self.wqr, self.wkr = nn.Linear(d, h * self.R), nn.Linear(d, self.R)
+
+    def positional(self, x):
+        B, S, _ = x.shape
+        return self.wqr(x).view(B, S, self.h, self.R).transpose(1, 2), self.wkr(x)  # [B, H, S, R], [B, S, R]
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        qr, kr = self.positional(x)
+        scale = (self.hd + self.R) ** -0.5
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale + torch.einsum("bhid,bjd->bhij", qr, kr) * scale
+        s = s.masked_fill(key_padding(mask), float("-inf"))
+        return self.merge(torch.matmul(F.softmax(s, dim=-1), v))
+
+    def sdpa(self, x, mask):
+        q, k, v = self.split(x)
+        qr, kr = self.positional(x)
+        q, k = torch.cat([q, qr], -1), torch.cat([k, kr[:, None].expand(-1, self.h, -1, -1)], -1)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=~key_padding(mask)))
+
+
+class ViewAsMask(Heads):
+    """A 0/1 mask laid out by ``view_as(scores)`` and filled into the scores in place: the
+    scores are read for their shape alone, before the in-place fill."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hd)
+        keep = (mask[:, None, None, :] != 0).expand(-1, self.h, s.shape[-2], -1).reshape(-1, s.shape[-1])
+        keep = keep.view_as(s)
+        s = s.masked_fill_(keep.float() == 0, -1e9)
+        return self.merge(s.softmax(dim=-1) @ v)
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+class NanZeroed(Heads):
+    """The global max subtracted, a -inf padding fill, and the weights' NaNs (rows with every
+    key masked) set to 0 after the softmax."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        s = torch.matmul(q, k.transpose(-1, -2)) * self.hd ** -0.5
+        s = s.masked_fill(key_padding(mask), float("-inf"))
+        w = (s - s.max()).softmax(dim=-1)
+        w = w.masked_fill(torch.isnan(w), 0)
+        return self.merge(torch.matmul(w, v))
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask, attn_mask=~key_padding(mask))
+
+
+class ChannelsFirst(Heads):
+    """Values [B, H, D, S] times the transposed weights, output [B, H, D, S] read with
+    ``.view``: the call's output must be contiguous, as the product's was."""
+
+    def forward(self, x, mask):
+        B, S, _ = x.shape
+        q, k, v = self.split(x)
+        w = (torch.matmul(q, k.transpose(-1, -2)) * self.hd ** -0.5).softmax(dim=-1)
+        o = torch.matmul(v.transpose(-1, -2).contiguous(), w.permute(0, 1, 3, 2))  # [B, H, D, S]
+        return self.wo(o.view(B, self.h * self.hd, S).transpose(1, 2))
+
+    def sdpa(self, x, mask):
+        return super().sdpa(x, mask)
+
 STYLES = {
     "HelperSoftmax": (HelperSoftmax, "swap"),
     "InlineSoftmaxModule": (InlineSoftmaxModule, "swap"),
@@ -532,6 +625,10 @@ STYLES = {
     "RefilledMask": (RefilledMask, "swap"),
     "CosineTau": (CosineTau, "swap"),
     "CosineProjected": (CosineProjected, "swap"),
+    "SummedProducts": (SummedProducts, "swap"),
+    "ViewAsMask": (ViewAsMask, "swap"),
+    "NanZeroed": (NanZeroed, "swap"),
+    "ChannelsFirst": (ChannelsFirst, "swap"),
     "Sinks": (Sinks, "swap"),
     "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
     "TalkingHeadsInline": (TalkingHeadsInline, "talking heads"),
@@ -547,6 +644,8 @@ FLEX_STYLES = {
     "SoftCapHelper": (SoftCapHelper, "torch.tanh"),
     "SoftCapAlibi": (SoftCapAlibi, "torch.tanh"),
     "SoftCapKeyAlibi": (SoftCapKeyAlibi, "torch.tanh"),
+    "Sinks": (Sinks, "swap"),
+    "SinksWindow": (SinksWindow, "swap"),
 }
 
 

@@ -58,6 +58,8 @@ _NONLINEAR = {"tanh", "exp", "sigmoid", "clamp", "clip", "pow", "abs", "relu", "
               "nan_to_num", "square", "gelu", "softplus", "hardtanh", "maximum", "minimum"}
 #: methods that read only a tensor's dtype and device: the scores reaching one are not data flow
 _NEW_METHODS = {"new_ones": torch.ones, "new_zeros": torch.zeros, "new_empty": torch.empty, "new_full": torch.full}
+#: x.type_as(y), x.view_as(y) and the like read only y's dtype or shape: the method that takes it instead
+_LIKE_METHODS = {"type_as": "to", "to": "to", "view_as": "view", "reshape_as": "reshape", "expand_as": "expand"}
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n(.*)')
 
 
@@ -199,8 +201,8 @@ def functionalize(graph: fx.Graph) -> int:
         mutated = node.args[0]
         if mutated not in fresh:
             continue
-        earlier = [u for u in mutated.users if u is not node and order[u] < order[node]]
-        if any(u not in fresh for u in earlier):  # an alias taken before the mutation sees it
+        earlier = [u for u in mutated.users if u is not node and order[u] < order[node] and mutated in _data_inputs(u)]
+        if any(u not in fresh for u in earlier):  # an alias taken before the mutation sees it (m.view_as(x) is none)
             continue
         node.op, node.target = target
         fresh.add(node)
@@ -457,18 +459,34 @@ class _Plan:
     out_dtype: Any = None
     dtype_readers: list = field(default_factory=list)
     mods: list = field(default_factory=list)  # _Folded.mods: what a flex_attention score_mod replays
-    sink: tuple | None = None  # _Folded.sink: extra key columns (attention sinks), SDPA only
+    sink: tuple | None = None  # _Folded.sink: extra key columns (attention sinks)
     qscales: tuple = ()  # _Folded.qscales: applied to Q before the call
+    extra: tuple = ()  # _ExtraQK: products added to the scores, their Q and K joined to the site's along D
+    out_contiguous: bool = True  # the value product's output was contiguous: the call's is made so
 
 
 def _data_inputs(n: fx.Node) -> list:
     """``n``'s inputs whose values it reads: not the tensor of ``x.new_zeros(...)`` nor the
-    second tensor of ``x.type_as(y)`` / ``x.to(y)``, of which only dtype and device are read."""
+    second tensor of ``x.type_as(y)`` / ``x.view_as(y)`` (``_like``), of which only dtype,
+    device or shape are read."""
     if n.op == "call_method" and n.target in _NEW_METHODS:
         return [a for a in n.all_input_nodes if a is not n.args[0]]
-    if n.op == "call_method" and n.target in ("type_as", "to") and len(n.args) == 2 and isinstance(n.args[1], fx.Node):
+    if _like(n) is not None:
         return [a for a in n.all_input_nodes if a is not n.args[1]]
     return n.all_input_nodes
+
+
+def _like(n: fx.Node) -> fx.Node | None:
+    """y of ``x.type_as(y)``, ``x.to(y)``, ``x.view_as(y)`` (``_LIKE_METHODS``), else None."""
+    return n.args[1] if n.op == "call_method" and n.target in _LIKE_METHODS and len(n.args) == 2 and \
+        isinstance(n.args[1], fx.Node) else None
+
+
+def _like_meta(n: fx.Node) -> Any:
+    """What ``_like`` node ``n`` reads of its second tensor, from its own output: the dtype
+    or the shape, the argument of ``_LIKE_METHODS[n.target]`` that replaces it."""
+    out = _value(n)
+    return out.dtype if _LIKE_METHODS[n.target] == "to" else tuple(out.shape)
 
 
 def _ancestors(node: Any, stop: int = 4000) -> set:
@@ -516,7 +534,7 @@ class _ScoreChain(NamedTuple):
     cont: Contraction  # the product as index letters
     chain: list[fx.Node]  # the softmax, the ops back from it, the product last
     steps: list[tuple]  # (kind, node, data) in forward order, product first
-    dtype_readers: list  # (reader, dtype): x.type_as(scores) and the like, which read only the dtype
+    dtype_readers: list  # (reader, dtype or shape): x.type_as(scores), m.view_as(scores), which read no values
 
 
 class _Folded(NamedTuple):
@@ -534,6 +552,8 @@ class _Folded(NamedTuple):
     sink: tuple | None = None
     #: tensor factors constant along the key axis (``coef`` 1 multiplies, -1 divides): Q's rows scaled
     qscales: tuple = ()
+    #: clean products added to the scores, (a _Term, ``_paired_operands``): joined to Q and K along D
+    qk: tuple = ()
 
 
 class _Axes(NamedTuple):
@@ -548,6 +568,18 @@ class _Axes(NamedTuple):
     batch: list[str]  # the letters both operands keep (or Q alone: K broadcast over it), in the scores' order
     query: list[str]  # the one query letter
     inner: list[str]  # the one contracted (feature) letter
+
+
+class _ExtraQK(NamedTuple):
+    """A second product added to the scores (c·q2·k2ᵀ): its Q and K, permuted as the site's
+    Q and K are, join theirs along D, q2 times ``factor`` (c over the site's scale)."""
+
+    q: fx.Node
+    k: fx.Node
+    q_perm: list[int]
+    k_perm: list[int | None]
+    factor: float
+    text: str
 
 
 class _Weights(NamedTuple):
@@ -579,12 +611,12 @@ def _walk_back(softmax: fx.Node, site: GraphSite, reach: dict) -> _ScoreChain:
     cont = contraction(product)
     _refuse_talking_heads(cont)
     inside = set(chain).union(*(data for kind, _, data in steps if kind == "shift"))
-    dtype_readers = []  # x.type_as(scores): only the scores' dtype is read, which the graph knows
+    dtype_readers = []  # x.type_as(scores), m.view_as(scores): only dtype or shape is read, which the graph knows
     for n in chain[1:]:
-        readers = [u for u in n.users if u.op == "call_method" and (
-            u.target in ("type_as", "to") and len(u.args) == 2 and u.args[1] is n and u.args[0] is not n
-            or u.target in _NEW_METHODS and u.args[0] is n)]
-        dtype_readers += [(u, _value(n).dtype) for u in readers if isinstance(_value(n), torch.Tensor)]
+        readers = [u for u in n.users if _like(u) is n and u.args[0] is not n or
+                   u.op == "call_method" and u.target in _NEW_METHODS and u.args[0] is n]
+        dtype_readers += [(u, _value(n).dtype if u.target in _NEW_METHODS else _like_meta(u)) for u in readers
+                          if isinstance(_value(n), torch.Tensor) and isinstance(_value(u), torch.Tensor)]
         outside = [u for u in n.users if u not in inside and u not in readers]
         if outside:
             raise Refused(f"the scores at {where(n)} are also used by {op_name(outside[0])} at {where(outside[0])}: "
@@ -593,7 +625,7 @@ def _walk_back(softmax: fx.Node, site: GraphSite, reach: dict) -> _ScoreChain:
     return _ScoreChain(product, cont, chain, steps, dtype_readers)
 
 
-def _fold_steps(scores: _ScoreChain) -> _Folded:
+def _fold_steps(scores: _ScoreChain, dim: int, apart: frozenset = frozenset()) -> _Folded:
     """The layout of the scores at each of ``scores.steps``, and the mask terms with the
     scalings after them, folded up to the softmax; raises ``Refused`` for a reshape with a
     sequence axis among the batch axes."""
@@ -607,13 +639,14 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
         mods.append(("add", terms[-1], cont.beta))
     mul01: list[tuple[fx.Node, str, int]] = []
     qscales: list[_Term] = []
+    qk: list[tuple] = []
     views: list[tuple] = []
     sink = None
     seq = {c for c in cont.out_idx if not (c in cont.a_idx and c in cont.b_idx)}  # the query and key letters
     for kind, n, data in scores.steps:
         if kind == "scale":
             alpha *= data
-            for t in terms:
+            for t in terms + [x[0] for x in qk]:
                 t.coef *= data
             mods.append(("scale", data))
         elif kind == "fn":
@@ -646,6 +679,15 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
                               "them: not a scaling of Q")
             qscales.append(_Term("qscale", data[0], layout, data[1], text=f"{op_name(n)} at {where(n)}",
                                  views=list(views)))
+        elif kind == "qk":
+            other, end, factor = data
+            if n not in apart and layout == cont.out_idx and not views and not qscales and \
+                    all(m[0] in ("scale", "add") for m in mods) and _value(end).shape == _value(product).shape:
+                qk.append((_Term("qk", end, layout, factor, text=f"{op_name(end)} at {where(end)}"), n))
+            else:  # any other place or shape: the second product is an added term, formed as a tensor
+                terms.append(_Term("add", other, layout, 1.0, text=f"{op_name(n)} at {where(n)}",
+                                   views=list(views)))
+                mods.append(("add", terms[-1], 1.0))
         elif kind == "mul01":
             mul01.append((data, layout, len(terms)))
             mods.append(("mul", _Term("mul", data, layout, views=list(views))))
@@ -653,7 +695,11 @@ def _fold_steps(scores: _ScoreChain) -> _Folded:
             if views:
                 raise Refused(f"{op_name(n)} at {where(n)} adds key columns to reshaped scores")
             sink = ([_Term("add", x, layout, text=f"{op_name(n)} at {where(n)}") for x in data[0]], data[1])
-    return _Folded(layout, terms, alpha, mul01, views, mods, sink, tuple(qscales))
+    key = layout[dim] if dim < len(layout) else ""
+    pairs = [(t, _paired_operands(cont, contraction(t.node), key)) for t, _ in qk]
+    if any(pair is None for _, pair in pairs) or qk and alpha == 0:  # not laid out as Q·Kᵀ: added terms instead
+        return _fold_steps(scores, dim, apart | {n for _, n in qk})
+    return _Folded(layout, terms, alpha, mul01, views, mods, sink, tuple(qscales), tuple(pairs))
 
 
 def _score_axes(scores: _ScoreChain, folded: _Folded, dim: int, softmax: fx.Node, example_inputs: list | None,
@@ -700,6 +746,8 @@ def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _We
     node = softmax
     while True:
         users = list(node.users)
+        nan_fill = _zeroes_nan(users, node)
+        users = [nan_fill] if nan_fill is not None else users
         if any(u.op == "output" for u in users):
             raise Returned(f"the attention weights of the softmax at {where(softmax)} are returned "
                            "(weights used anywhere but ·V)")
@@ -718,8 +766,8 @@ def _walk_forward(softmax: fx.Node, scores: _ScoreChain, folded: _Folded) -> _We
                 dropout = float(p)
         elif user.op == "call_method" and user.target in ("transpose", "permute") and user.args[0] is node:
             w_layout = _permuted(w_layout, user)
-        elif _refills_masked(user, node, folded):
-            pass  # softmax(masked_fill(s, m, -inf)).masked_fill(m, 0): zeros where SDPA gives 0 already
+        elif _refills_masked(user, node, folded) or user is nan_fill:
+            pass  # softmax(masked_fill(s, m, -inf)).masked_fill(m, 0), or NaN -> 0: zeros where SDPA gives 0 already
         elif folded.sink and _drops_sink(user, node, folded.sink[1]):
             pass  # W[..., :-n]: the sink columns go, the keys' weights stay
         elif user.op == "call_method" and user.target in ("view", "reshape") and views and \
@@ -744,6 +792,31 @@ def _refills_masked(user: fx.Node, node: fx.Node, folded: _Folded) -> bool:
     cond = _arg(user, 1, "mask")
     return any(t.kind == "fill" and t.node is cond and not t.keep_where_true and _number(t.fill) is not None
                and _number(t.fill) <= LARGE_NEGATIVE for t in folded.terms)
+
+
+def _zeroes_nan(users: list, node: fx.Node) -> fx.Node | None:
+    """The one op among ``users`` that sets the weights' NaNs to 0 (``w.masked_fill(w.isnan(),
+    0)``, ``torch.where(torch.isnan(w), 0, w)``, ``torch.nan_to_num(w)``), the isnan its only
+    other user; else None. The NaNs are rows with every key masked, where SDPA and
+    flex_attention give 0 as it is (``_refills_masked``)."""
+    def isnan(n: Any) -> bool:
+        return isinstance(n, fx.Node) and _base(n) == "isnan" and n.args[:1] == (node,) and len(n.users) == 1
+
+    checks = [n for n in users if not isnan(n)]
+    if len(checks) != 1 or len(users) > 2:
+        return None
+    fill = checks[0]
+    tests = [n for n in users if n is not fill]
+    if _base(fill) == "nan_to_num":
+        ok = fill.args[:1] == (node,) and _number(_arg(fill, 1, "nan", 0.0)) == 0.0 and not tests
+    elif _base(fill) == "masked_fill":
+        ok = fill.args[:1] == (node,) and bool(tests) and _arg(fill, 1, "mask") is tests[0] and \
+            _number(_arg(fill, 2, "value")) == 0.0
+    elif _base(fill) == "where" and len(fill.args) == 3:
+        ok = bool(tests) and fill.args[0] is tests[0] and _number(fill.args[1]) == 0.0 and fill.args[2] is node
+    else:
+        ok = False
+    return fill if ok else None
 
 
 def _drops_sink(user: fx.Node, node: fx.Node, width: int) -> bool:
@@ -772,7 +845,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     dim = dim % rank
     back = _walk_back(softmax, site, reach)
     cont, product = back.cont, back.product
-    folded = _fold_steps(back)
+    folded = _fold_steps(back, dim)
     layout, terms, alpha = folded.layout, folded.terms, folded.alpha
     axes = _score_axes(back, folded, dim, softmax, example_inputs, gm)
     key, batch, query = axes.key, axes.batch, axes.query
@@ -815,6 +888,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     # SDPA's layout: batch letters (in the scores' order), then the sequence and feature letters
     q_perm = [axes.q_idx.index(c) for c in batch + query + axes.inner]
     k_perm = [axes.k_idx.index(c) if c in axes.k_idx else None for c in batch + [key] + axes.inner]
+    extra = tuple(_extra_qk(t, pair, axes, alpha) for t, pair in folded.qk)
     v_perm = [v_idx.index(inv[c]) if inv[c] in v_idx else None for c in batch + [key]] + [v_idx.index(vlet)]
     sdpa_out = [inv[c] for c in batch + query] + [vlet]  # in the value product's letters
     out_perm = [sdpa_out.index(c) for c in cv.out_idx]
@@ -844,11 +918,13 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
         site.refused_for["sdpa"] = (f"an elementwise non-linear function of the scores, {fns[0].text}, between the "
                                     "score product and the softmax: SDPA cannot express it (flex_attention's "
                                     "score_mod can: --backend flex_attention)")
+    for x in extra:
+        site.notes.append(f"the product {x.text} added to the scores joins Q and K along head_dim "
+                          f"(x {x.factor:g} on its Q side): one call, no [S_q, S_k] term")
     if folded.sink:
         site.mask = "additive"
         site.notes.append(f"attention sinks: {folded.sink[1]} score column(s) joined after the keys "
                           f"({folded.sink[0][0].text}) become as many zero keys and values, their logits a mask column")
-        site.refused_for["flex_attention"] = "attention sinks (extra score columns) are rewritten for SDPA only"
     site.targets = [t for t in TARGETS if t not in site.refused_for]
     if example_inputs is not None:
         for m in folded.mods:
@@ -860,7 +936,18 @@ def _match(gm: fx.GraphModule, softmax: fx.Node, site: GraphSite, example_inputs
     removable = [vprod] + weights.tail[::-1] + back.chain
     return _Plan(site, axes.q_node, axes.k_node, v_node, q_perm, k_perm, v_perm, out_perm, float(alpha), terms,
                  "".join(batch + query + [key]), len(batch), vprod, removable, getattr(_value(vprod), "dtype", None),
-                 back.dtype_readers, folded.mods, folded.sink, folded.qscales)
+                 back.dtype_readers, folded.mods, folded.sink, folded.qscales, extra,
+                 not isinstance(_value(vprod), torch.Tensor) or _value(vprod).is_contiguous())
+
+
+def _extra_qk(t: _Term, pair: tuple, axes: _Axes, alpha: float) -> _ExtraQK:
+    """The ``_ExtraQK`` of a clean product added to the scores (``_Folded.qk``, with its
+    ``_paired_operands``), permuted as the site's Q and K."""
+    q, q_idx, k, k_idx, to = pair
+    inner = [c for c in q_idx if c in k_idx and c not in to.values()]
+    q_letters, k_letters = [to[c] for c in axes.batch + axes.query], [to[c] for c in axes.batch + [axes.key]]
+    return _ExtraQK(q, k, [q_idx.index(c) for c in q_letters + inner],
+                    [k_idx.index(c) if c in k_idx else None for c in k_letters + inner], t.coef / alpha, t.text)
 
 
 def _permuted(layout: str, node: fx.Node) -> str:
@@ -924,7 +1011,8 @@ def _step_back(node: fx.Node, steps: list, softmax: fx.Node, reach: dict) -> Any
     if base == "add" and len(carriers) == 2 and not kw:  # Q·Kᵀ + a term computed from another product
         for s, other in ((carriers[0], carriers[1]), (carriers[1], carriers[0])):
             if _leads_to_product(s, softmax, reach):  # relative logits of Q, shifted: an added term
-                steps.append(("add", node, (other, 1.0)))
+                clean = _scaled_product(other, softmax, reach)  # q1·k1ᵀ + c·q2·k2ᵀ: [q1, c·q2]·[k1, k2]ᵀ
+                steps.append(("qk", node, (other, *clean)) if clean else ("add", node, (other, 1.0)))
                 return s
     if base in ("mul", "truediv", "div") and len(carriers) == 2 and not kw:  # both come from products
         for s, other in ((carriers[0], carriers[1]), (carriers[1], carriers[0])):
@@ -1018,6 +1106,44 @@ def _back_to_product(node: Any, steps: list, softmax: fx.Node, reach: dict, chai
     return node
 
 
+def _scaled_product(node: Any, softmax: fx.Node, reach: dict) -> tuple[fx.Node, float] | None:
+    """``node`` as c x (a contraction with no added input) through constant scalings and
+    casts alone: (the contraction, c); else None."""
+    steps: list = []
+    try:
+        end = _back_to_product(node, steps, softmax, reach)
+    except Refused:
+        return None
+    if not (isinstance(end, fx.Node) and _is_contraction(end)) or any(kind != "scale" for kind, _, _ in steps):
+        return None
+    try:
+        c = contraction(end)
+    except Refused:
+        return None
+    return (end, c.alpha * math.prod(data for _, _, data in steps)) if c.bias is None else None
+
+
+def _paired_operands(main: Contraction, other: Contraction, key: str) -> tuple | None:
+    """``other`` laid out as ``main`` = Q·Kᵀ with key letter ``key``, by output position:
+    one operand holds the key letter (its K) and no query letter, the other (its Q) holds
+    every letter but the key (K may lack a batch letter: broadcast), one contracted letter.
+    Returns (its Q, Q's letters, its K, K's letters, main's output letters -> other's), or None."""
+    if len(main.out_idx) != len(other.out_idx) or key not in main.out_idx:
+        return None
+    to = dict(zip(main.out_idx, other.out_idx))
+    k_main = main.a_idx if key in main.a_idx else main.b_idx
+    q_main = main.b_idx if k_main is main.a_idx else main.a_idx
+    k, k_idx, q, q_idx = (other.a, other.a_idx, other.b, other.b_idx) if to[key] in other.a_idx else \
+        (other.b, other.b_idx, other.a, other.a_idx)
+    inner = [c for c in q_idx if c in k_idx and c not in other.out_idx]
+    stray = [c for c in q_idx + k_idx if c not in other.out_idx and c not in inner]
+    query = [c for c in main.out_idx if c in q_main and c not in k_main]
+    if len(inner) != 1 or stray or to[key] not in k_idx or to[key] in q_idx or \
+            any(to[c] not in q_idx for c in main.out_idx if c != key) or any(to[c] in k_idx for c in query):
+        return None
+    return q, q_idx, k, k_idx, to
+
+
 def _leads_to_product(node: Any, softmax: fx.Node, reach: dict) -> bool:
     """Whether ``_step_back`` walks from ``node`` to a contraction (scales, terms, masks)."""
     try:
@@ -1035,7 +1161,7 @@ def _row_shift(node: fx.Node, s: fx.Node, other: fx.Node, steps: list, softmax: 
     -inf fills lie between it and the softmax (no reshape, no function of the scores);
     else None."""
     for kind, _, data in steps:
-        if kind not in ("scale", "add", "shift") and not (
+        if kind not in ("scale", "add", "qk", "shift") and not (
                 kind == "fill" and _number(data[1]) is not None and _number(data[1]) <= LARGE_NEGATIVE):
             return None
     if _key_axis(s, other, softmax) is None:
@@ -1267,14 +1393,14 @@ def _index_program(gm: fx.GraphModule, t: _Term, mask_layout: str, example_input
         if whole.shape[-2] == 1 or whole.shape[-1] == 1:
             return None  # [.., 1, S_k] or [.., S_q, 1] is small already, and its table would not span S_q + S_k - 1
         device = whole.device  # the leaves' (a CPU position against a CUDA slope would raise: no table)
-        for i in range(len(prog.aranges)):  # which axis does arange leaf i run along?
-            pos = prog.positions(None, device)
-            pos[i] = pos[i][:1]
-            shrunk = _aligned(prog.run(leaves, pos), t, mask_layout)
-            gone = [d for d in range(4) if shrunk.shape[d] == 1 and whole.shape[d] == prog.aranges[i][4] > 1]
-            if gone not in ([2], [3]):
+        for i in range(len(prog.aranges)):  # which axis does arange leaf i run along? Every other
+            pos = prog.positions(None, device)  # leaf shrunk to one element: the axis it alone spans
+            pos = [x if j == i else x[:1] for j, x in enumerate(pos)]
+            alone = _aligned(prog.run(leaves, pos), t, mask_layout)
+            spans = [d for d in (2, 3) if alone.shape[d] == whole.shape[d] == prog.aranges[i][4] > 1]
+            if len(spans) != 1:
                 return None
-            prog.axes.append(gone[0])
+            prog.axes.append(spans[0])
         sq, sk = whole.shape[-2:]
         table = prog.table(leaves, t, mask_layout, device)
         if not torch.equal(table[..., _diagonal_index(sq, sk, device)], whole.expand(*table.shape[:-1], sq, sk)):
@@ -1308,8 +1434,8 @@ def _evaluate(gm: fx.GraphModule, wanted: list, example_inputs: list) -> dict | 
                     ref = _value(n)
                     if n.op != "call_method" or not isinstance(ref, torch.Tensor):
                         return None
-                    if n.target in ("type_as", "to"):
-                        env[n] = env[n.args[0]].to(ref.dtype)
+                    if n.target in _LIKE_METHODS:
+                        env[n] = getattr(env[n.args[0]], _LIKE_METHODS[n.target])(_like_meta(n))
                     else:  # x.new_zeros(shape, ...): torch.zeros(shape, ...) with x's dtype and device
                         env[n] = _NEW_METHODS[n.target](*fx.node.map_arg(n.args[1:], lambda a: env[a]),
                                                        **{"dtype": ref.dtype, **fx.node.map_arg(n.kwargs, lambda a: env[a])})
@@ -1342,8 +1468,9 @@ def _aligned(x: torch.Tensor, t: _Term, mask_layout: str) -> torch.Tensor:
 
 
 def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
-    """(qkv, fold, finish) for one site: ``qkv(q, k, v)`` -> (q, k, v as [B, H, S, D], the
-    broadcast batch shape, q's permuted shape); ``fold(t, batch)`` folds a [batch..., S, S]
+    """(qkv, fold, finish) for one site: ``qkv(q, k, v, parts, pad)`` -> (q, k, v as
+    [B, H, S, D], the broadcast batch shape, q's permuted shape, v's own D; ``pad``: Q, K and
+    V zero-padded to one D); ``fold(t, batch)`` folds a [batch..., S, S]
     mask part to 4 dims as ``qkv`` folds Q; ``finish(out, shape)`` puts the [B, H, S_q, D_v]
     output back in the value product's layout and dtype."""
     nb, q_perm, k_perm, v_perm, out_perm, out_dtype = (plan.batch, plan.q_perm, plan.k_perm, plan.v_perm,
@@ -1358,8 +1485,16 @@ def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
     def fold(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:  # a mask part, broadcast over Q's batch first
         return to4(x.expand(*torch.broadcast_shapes(x.shape[:nb], batch), *x.shape[nb:]) if nb > 2 else x, batch)
 
-    def qkv(q, k, v, it=None):  # it: the site's parts, Q's row factors first
+    def qkv(q, k, v, it=None, pad=False):  # it: the site's parts, the extra products' Q and K first, then Q's row factors
         q, k, v = _arranged(q, q_perm), _arranged(k, k_perm), _arranged(v, v_perm)
+        dv = v.shape[-1]
+        if it is not None and plan.extra:  # q1·k1ᵀ + c·q2·k2ᵀ = [q1, c·q2]·[k1, k2]ᵀ: one product over the joined D
+            parts = [(_arranged(next(it), x.q_perm) * x.factor, _arranged(next(it), x.k_perm)) for x in plan.extra]
+            q, k = _joined([q] + [a for a, _ in parts]), _joined([k] + [b for _, b in parts])
+        if pad and q.shape[-1] != dv:  # fused kernels take one head_dim: the narrower side padded with zeros
+            width = max(q.shape[-1], dv)
+            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        # padded and joined before the broadcast: K and V shared by every head stay one tensor (stride 0)
         batch = torch.broadcast_shapes(q.shape[:nb], k.shape[:nb], v.shape[:nb])
         q, k, v = (t.expand(*batch, *t.shape[nb:]) for t in (q, k, v))
         shape = q.shape
@@ -1367,7 +1502,7 @@ def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
         if it is not None:
             q = scaled(q, it, batch)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return q, k, v, batch, shape
+        return q, k, v, batch, shape, dv
 
     def scaled(q, it, batch):  # Q's rows times (or over) each key-constant factor, in Q's dtype
         for t in plan.qscales:
@@ -1377,9 +1512,17 @@ def _operands(plan: _Plan) -> tuple[Callable, Callable, Callable]:
 
     def finish(out, shape):
         out = out.reshape(*shape[:nb], *out.shape[-2:]).permute(out_perm)  # [batch..., S_q, D_v], then as the code had it
+        out = out.contiguous() if plan.out_contiguous else out  # as the value product gave it: a later .view works
         return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
 
     return qkv, fold, finish
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` [..., S, D_i], broadcast to one shape but for D, joined along D in the
+    first one's dtype."""
+    lead = torch.broadcast_shapes(*(t.shape[:-1] for t in parts))
+    return torch.cat([t.expand(*lead, t.shape[-1]).to(parts[0].dtype) for t in parts], -1)
 
 
 def _arranged(t: torch.Tensor, perm: list) -> torch.Tensor:
@@ -1402,7 +1545,7 @@ def _site_call(plan: _Plan, number: int) -> Callable:
 
     def site(q, k, v, *parts):
         it = iter(parts)
-        q, k, v, batch, shape = qkv(q, k, v, it)
+        q, k, v, batch, shape, dv = qkv(q, k, v, it, pad=True)
         mask = None
         for t in terms:
             x = next(it)
@@ -1440,10 +1583,6 @@ def _site_call(plan: _Plan, number: int) -> Callable:
                                    torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
             lead = torch.broadcast_shapes(mask.shape[:-1], *[c.shape[:-1] for c in cols])
             mask = torch.cat([mask.expand(*lead, -1)] + [c.expand(*lead, -1) for c in cols], -1)
-        dv = v.shape[-1]
-        if q.shape[-1] != dv:  # fused kernels take one head_dim: pad the narrower side with zeros
-            width = max(q.shape[-1], dv)
-            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
         return finish(out[..., :dv], shape)
 
@@ -1463,10 +1602,13 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
     and elementwise functions such as a tanh soft-cap. Each term tensor is read at the
     score's (b, h, q_idx, kv_idx) where it varies, a term of positions alone from its table
     of diagonals (``_IndexProgram``); ``scale`` is 1 (the steps hold it). A mask of
-    positions alone (causal, a window) also becomes a ``BlockMask``, built once per shape."""
+    positions alone (causal, a window) also becomes a ``BlockMask``, built once per shape.
+    Attention sinks (``_Plan.sink``): n zero keys and values after the S_k keys, whose
+    scores are the sink logits, set after the steps (the columns join right before the
+    softmax); the steps read key index min(kv_idx, S_k - 1)."""
     from ..backends.calls import CALL_RANGE, compiled_flex
 
-    mods, mask_layout = plan.mods, plan.mask_layout
+    mods, mask_layout, sink = plan.mods, plan.mask_layout, plan.sink
     qkv, fold, finish = _operands(plan)
     # masks from positions alone (causal, a window): the same for every call at one shape, so
     # a BlockMask built once per shape lets flex skip the blocks they mask out entirely
@@ -1474,8 +1616,8 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
               and _number(m[1].fill) is not None and _number(m[1].fill) <= LARGE_NEGATIVE]
     block_masks: dict = {}
 
-    def block_mask(steps: list, sq: int, sk: int, device: Any) -> Any:
-        key = (sq, sk, str(device))
+    def block_mask(steps: list, sq: int, sk: int, n: int, device: Any) -> Any:  # n: sink keys after sk
+        key = (sq, sk, n, str(device))
         if key not in block_masks:
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -1485,14 +1627,16 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
                     masked |= (~a if keep else a).reshape(-1)
 
             def mask_mod(b, h, qi, ki):
-                return ~masked[ki - qi + sq - 1]
+                keep = ~masked[torch.clamp(ki, max=sk - 1) - qi + sq - 1]
+                return keep | (ki >= sk) if n else keep
 
-            block_masks[key] = create_block_mask(mask_mod, None, None, sq, sk, device=device)
+            block_masks[key] = create_block_mask(mask_mod, None, None, sq, sk + n, device=device)
         return block_masks[key]
 
     def site(q, k, v, *parts):
         it, steps = iter(parts), []
-        q, k, v, batch, shape = qkv(q, k, v, it)
+        q, k, v, batch, shape, _ = qkv(q, k, v, it)
+        sk, n = k.shape[-2], 0
         for m in mods:
             if m[0] in ("scale", "fn"):
                 steps.append((m[0], m[1], None, False))
@@ -1510,7 +1654,16 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
             value = m[2] if m[0] == "add" else next(it) if isinstance(t.fill, fx.Node) else t.fill
             steps.append((m[0], x, value, t.keep_where_true))
 
+        if sink:  # the sink logits [B|1, H|1, S_q|1, n]; as many zero keys and values
+            cols = [fold(_aligned(next(it), t, mask_layout), batch) for t in sink[0]]
+            lead = torch.broadcast_shapes(*(c.shape[:-1] for c in cols))
+            sinks = torch.cat([c.expand(*lead, -1) for c in cols], -1).to(q.dtype)
+            n = sink[1]
+            k = torch.cat([k, k.new_zeros(*k.shape[:-2], n, k.shape[-1])], -2)
+            v = torch.cat([v, v.new_zeros(*v.shape[:-2], n, v.shape[-1])], -2)
+
         def score_mod(score, b, h, qi, ki):
+            kj = torch.clamp(ki, max=sk - 1) if n else ki  # a sink key reads the last key's terms, then is replaced
             for kind, a, c, keep in steps:
                 if kind == "mask":
                     continue
@@ -1522,18 +1675,20 @@ def _flex_site_call(plan: _Plan, number: int) -> Callable:
                     continue
                 if isinstance(a, tuple):
                     table, offset, _ = a
-                    x = table[b if table.shape[0] > 1 else 0, h if table.shape[1] > 1 else 0, ki - qi + offset]
+                    x = table[b if table.shape[0] > 1 else 0, h if table.shape[1] > 1 else 0, kj - qi + offset]
                 else:
-                    x = _at(a, b, h, qi, ki)
+                    x = _at(a, b, h, qi, kj)
                 if kind == "add":
                     score = score + c * x
                 elif kind == "mul":
                     score = score * x
                 else:
                     score = torch.where(~x if keep else x, c, score)
+            if n:
+                score = torch.where(ki >= sk, _at(sinks, b, h, qi, torch.clamp(ki - sk, min=0)), score)
             return score
 
-        blocks = block_mask(steps, q.shape[-2], k.shape[-2], q.device) if static else None
+        blocks = block_mask(steps, q.shape[-2], sk, n, q.device) if static else None
         with torch.profiler.record_function(CALL_RANGE + "flex_attention"):
             out = compiled_flex()(q, k, v, score_mod=score_mod, block_mask=blocks, scale=1.0)
         return finish(out, shape)
@@ -1554,15 +1709,16 @@ def _static_table(t: _Term, mask_layout: str, sq: int, sk: int, device: Any) -> 
 def _parts(plan: _Plan, target: str) -> list:
     """The graph nodes the site function takes after q, k, v: the factors of Q's rows, then
     each term's tensor, and a fill's value where it is a tensor; for flex_attention in the
-    order of ``plan.mods``."""
+    order of ``plan.mods``, then the sink logits."""
     terms = plan.terms + (plan.sink[0] if plan.sink else []) if target == "sdpa" else \
         [m[1] for m in plan.mods if m[0] in ("add", "fill", "mul")]
-    out: list = [t.node for t in plan.qscales]
+    sinks = plan.sink[0] if plan.sink and target != "sdpa" else []
+    out: list = [n for x in plan.extra for n in (x.q, x.k)] + [t.node for t in plan.qscales]
     for t in terms:
         out.extend(t.lazy.leaves if target != "sdpa" and t.lazy is not None else [t.node])
         if t.kind == "fill" and isinstance(t.fill, fx.Node):
             out.append(t.fill)
-    return out
+    return out + [t.node for t in sinks]
 
 
 def rewrite(gm: fx.GraphModule, plan: _Plan, number: int, target: str = "sdpa") -> None:
@@ -1574,14 +1730,14 @@ def rewrite(gm: fx.GraphModule, plan: _Plan, number: int, target: str = "sdpa") 
         new = graph.call_function(call(plan, number), (plan.q, plan.k, plan.v, *_parts(plan, target)))
     new.meta = dict(plan.out_node.meta)
     plan.out_node.replace_all_uses_with(new)
-    for reader, dtype in plan.dtype_readers:
+    for reader, dtype in plan.dtype_readers:  # dtype: the dtype or the shape that reader reads
         if reader.target in _NEW_METHODS:  # scores.new_ones(S, S, dtype=...) -> torch.ones(S, S, dtype=..., device=...)
             source = _value(reader.args[0])
             kwargs = {"dtype": dtype, "device": source.device, **reader.kwargs}
             reader.op, reader.target = "call_function", _NEW_METHODS[reader.target]
             reader.args, reader.kwargs = tuple(reader.args[1:]), kwargs
-        else:
-            reader.target, reader.args = "to", (reader.args[0], dtype)
+        else:  # x.type_as(scores) -> x.to(dtype), m.view_as(scores) -> m.view(shape)
+            reader.target, reader.args = _LIKE_METHODS[reader.target], (reader.args[0], dtype)
     todo, erased = list(plan.removable), set()
     for node in todo:
         if not node.users and node not in erased:

@@ -342,37 +342,24 @@ class Swapper:
             self.fall_back(live, f"the source matcher refused it: {live.reason}")
         elif live.site is not None and live.owner:
             live.path = "source"
+            if live.site.materialised:
+                self._prefer_graph(live)
         live.static = bool(live.reason)
 
     def fall_back(self, live: LiveSite, why: str) -> bool:
-        """Try the graph path (``swap.graph``) for ``live``, which the source matcher refused
-        or whose rewrite raised (``why``): capture the forward of the innermost module that
-        ran it, and of the modules around it while the softmax's input comes from outside
-        the captured graph or its weights leave it (a caller may drop them). True when the graph path takes the site (``live.path`` 'graph',
-        no source patch); otherwise ``live.reason`` says why, the graph's reason first."""
+        """Try the graph path (``swap.graph``, ``_graph_site``) for ``live``, which the source
+        matcher refused or whose rewrite raised (``why``). True when the graph path takes the
+        site (``live.path`` 'graph', no source patch); otherwise ``live.reason`` says why, the
+        graph's reason first."""
         if not self.graph_path:
             return False
-        key = next(k for k, v in self.sites.items() if v is live)
-        softmax_at = live._softmax_at  # type: ignore[attr-defined]
-        inner = live._module  # type: ignore[attr-defined]
-        modules = [inner] + [m for m in self.stack_of(key) if m is not inner]
-        found: GraphSite | None = None
-        for module in modules[:4]:
-            if module not in self.inputs:
-                continue
-            capture = self._capture(module, None)
-            if capture.errors:
-                live.reason = f"{live.reason}; the graph path failed: {capture.errors[0]}"
-                return False
-            found = capture.sites.get(softmax_at)
-            if found is None or found.swappable or not (found.external_input or found.returned):
-                if found is not None and found.swappable:
-                    live._module = module  # type: ignore[attr-defined]
-                    live.module_name = self.names.get(module, "?")
-                    live.module_type = type(module).__name__
-                break
+        found, error = self._graph_site(live)
+        if error:
+            live.reason = f"{live.reason}; the graph path failed: {error}"
+            return False
         if found is None:
-            live.reason = f"{live.reason} (the graph path found no softmax at {softmax_at[0]}:{softmax_at[1]})"
+            at = live._softmax_at  # type: ignore[attr-defined]
+            live.reason = f"{live.reason} (the graph path found no softmax at {at[0]}:{at[1]})"
             return False
         if not found.swappable:
             live.reason = f"{found.reason} ({why})"
@@ -385,6 +372,43 @@ class Swapper:
         live.runtime_only = f"run-time only, no source patch: {why}"
         live.capture_s = round(self.captures[(id(live._module), None, "sdpa")].seconds, 3)  # type: ignore[attr-defined]
         return True
+
+    def _graph_site(self, live: LiveSite) -> tuple[GraphSite | None, str]:
+        """(the graph path's site for ``live``'s softmax or None, the capture's error or ''):
+        the innermost module that ran it is captured, then the modules around it while the
+        softmax's input comes from outside the graph or its weights are returned. Where the
+        site is swappable, ``live`` moves to the module that holds it."""
+        key = next(k for k, v in self.sites.items() if v is live)
+        softmax_at = live._softmax_at  # type: ignore[attr-defined]
+        inner = live._module  # type: ignore[attr-defined]
+        found: GraphSite | None = None
+        for module in ([inner] + [m for m in self.stack_of(key) if m is not inner])[:4]:
+            if module not in self.inputs:
+                continue
+            capture = self._capture(module, None)
+            if capture.errors:
+                return None, capture.errors[0]
+            found = capture.sites.get(softmax_at)
+            if found is None or found.swappable or not (found.external_input or found.returned):
+                if found is not None and found.swappable:
+                    live._module = module  # type: ignore[attr-defined]
+                    live.module_name = self.names.get(module, "?")
+                    live.module_type = type(module).__name__
+                break
+        return found, ""
+
+    def _prefer_graph(self, live: LiveSite) -> None:
+        """The source rewrite of ``live`` forms a query-dependent term as an [S_q, S_k]
+        attn_mask (``Site.materialised``): where the graph path's site forms none (a second
+        product joined to Q and K along head_dim), it is taken instead."""
+        module = live._module  # type: ignore[attr-defined]
+        found, error = self._graph_site(live) if self.graph_path else (None, "off")
+        if not error and found is not None and found.swappable and found.mask in ("none", "boolean"):
+            self.fall_back(live, f"the source rewrite forms {live.site.materialised} as an [S_q, S_k] attn_mask; "
+                                 "the graph path forms no such tensor")
+        else:
+            live._module = module  # type: ignore[attr-defined]
+            live.module_name, live.module_type = self.names.get(module, "?"), type(module).__name__
 
     def _capture(self, module: nn.Module, select: frozenset | None, target: str = "sdpa") -> Capture:
         """The graph path's compiled forward of ``module`` that rewrites the sites in

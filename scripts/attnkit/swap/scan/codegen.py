@@ -14,7 +14,7 @@ import ast
 import re
 
 from ...backends import BACKENDS
-from .chain import Chain, Refused
+from .chain import Chain, Op, Refused
 from .site import Site
 from .syntax import Function, const, dotted, strip_comment, wrap
 
@@ -211,9 +211,11 @@ class CallWriter:
     def materialise(self, chain: Chain) -> bool:
         """A real zero (not an expanded, memory-free one) when the scores are reshaped or pass a
         helper beyond "add this, if any": a sum with an expanded zero takes the other operand's
-        layout, and a later .view() can fail (SAM's add_decomposed_rel_pos)."""
+        layout, and a later .view() can fail (SAM's add_decomposed_rel_pos); or when an op
+        writes the scores in place (``masked_fill_``, ``+=``): on an expanded zero every element
+        is one memory location, and one write would reach them all."""
         for op in chain.ops:
-            if op.kind == "shape":
+            if op.kind == "shape" or _in_place(op):
                 return True
             if op.kind == "call" and not self.adds_only(op.args[0]):
                 return True
@@ -458,3 +460,10 @@ def dead_between(block: list[ast.stmt], removed: list[int], last: int) -> set[in
         lost |= sets
     return gone
 
+
+def _in_place(op: Op) -> bool:
+    """Whether ``op`` (a chain ``Op``) writes the scores in place: ``x op= y`` or a call of a
+    ``name_`` method such as ``masked_fill_``."""
+    nodes = [n for part in (op.node, op.stmt) if part is not None for n in ast.walk(part)]
+    return any(isinstance(n, ast.AugAssign) or isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+               and n.func.attr.endswith("_") and not n.func.attr.startswith("_") for n in nodes)

@@ -261,6 +261,7 @@ class MaskReader:
                           + (f" ({'; '.join(kinds)})" if kinds else "")
                           + "; a zero left untouched is passed as None")
         if chain.query_bias:
+            site.materialised = chain.query_bias[:80]
             site.notes.append(f"the bias depends on the query ({chain.query_bias[:80]}): it is still materialised, "
                               "[..., S_q, S_k], as SDPA's additive attn_mask")
         return "REPLAY", False

@@ -28,6 +28,7 @@ class Site:
     notes: list[str] = field(default_factory=list)
     call: str = ""  # the SDPA call that replaces the chain
     flash_call: str = ""  # the flash_attn_func call, where the site can take one (no mask or causal)
+    materialised: str = ""  # a query-dependent term the rewrite still forms as an [S_q, S_k] attn_mask
     fa4_call: str = ""  # the FlashAttention-4 call (flash_attn.cute), falling back to SDPA without it
     variant_edits: dict[str, list] = field(default_factory=dict)  # backend -> edits, as ``edits`` for SDPA
     edits: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (first, last line, new lines)
