@@ -353,7 +353,7 @@ class Swapper:
         graph's reason first."""
         if not self.graph_path:
             return False
-        found, error = self._graph_site(live)
+        found, module, error = self._graph_site(live)
         if error:
             live.reason = f"{live.reason}; the graph path failed: {error}"
             return False
@@ -366,49 +366,50 @@ class Swapper:
             if not found.reason.endswith("not attention"):  # attention, refused for a construct SDPA cannot take
                 live.kind = "manual"
             return False
+        self._take_graph(live, found, module, why)
+        return True
+
+    def _take_graph(self, live: LiveSite, found: GraphSite, module: nn.Module, why: str) -> None:
+        """``live`` swapped by the graph path: ``found``, captured on ``module``'s forward."""
+        live._module = module  # type: ignore[attr-defined]
+        live.module_name, live.module_type = self.names.get(module, "?"), type(module).__name__
         live.graph, live.path, live.site, live.reason = found, "graph", None, ""
         live.kind, live.owner, live.method, live.global_name = "manual", "graph", "forward", ""
         live.line = found.lines[0] if found.lines else live.line
         live.runtime_only = f"run-time only, no source patch: {why}"
-        live.capture_s = round(self.captures[(id(live._module), None, "sdpa")].seconds, 3)  # type: ignore[attr-defined]
-        return True
+        live.capture_s = round(self.captures[(id(module), None, "sdpa")].seconds, 3)
 
-    def _graph_site(self, live: LiveSite) -> tuple[GraphSite | None, str]:
-        """(the graph path's site for ``live``'s softmax or None, the capture's error or ''):
-        the innermost module that ran it is captured, then the modules around it while the
-        softmax's input comes from outside the graph or its weights are returned. Where the
-        site is swappable, ``live`` moves to the module that holds it."""
+    def _graph_site(self, live: LiveSite) -> tuple[GraphSite | None, nn.Module, str]:
+        """(the graph path's site for ``live``'s softmax or None, the module whose capture
+        holds it, the capture's error or ''): the innermost module that ran it is captured,
+        then the modules around it while the softmax's input comes from outside the graph or
+        its weights are returned."""
         key = next(k for k, v in self.sites.items() if v is live)
         softmax_at = live._softmax_at  # type: ignore[attr-defined]
         inner = live._module  # type: ignore[attr-defined]
         found: GraphSite | None = None
+        held = inner
         for module in ([inner] + [m for m in self.stack_of(key) if m is not inner])[:4]:
             if module not in self.inputs:
                 continue
             capture = self._capture(module, None)
             if capture.errors:
-                return None, capture.errors[0]
-            found = capture.sites.get(softmax_at)
+                return None, inner, capture.errors[0]
+            found, held = capture.sites.get(softmax_at), module
             if found is None or found.swappable or not (found.external_input or found.returned):
-                if found is not None and found.swappable:
-                    live._module = module  # type: ignore[attr-defined]
-                    live.module_name = self.names.get(module, "?")
-                    live.module_type = type(module).__name__
                 break
-        return found, ""
+        return found, held, ""
 
     def _prefer_graph(self, live: LiveSite) -> None:
         """The source rewrite of ``live`` forms a query-dependent term as an [S_q, S_k]
         attn_mask (``Site.materialised``): where the graph path's site forms none (a second
         product joined to Q and K along head_dim), it is taken instead."""
-        module = live._module  # type: ignore[attr-defined]
-        found, error = self._graph_site(live) if self.graph_path else (None, "off")
+        if not self.graph_path:
+            return
+        found, module, error = self._graph_site(live)
         if not error and found is not None and found.swappable and found.mask in ("none", "boolean"):
-            self.fall_back(live, f"the source rewrite forms {live.site.materialised} as an [S_q, S_k] attn_mask; "
-                                 "the graph path forms no such tensor")
-        else:
-            live._module = module  # type: ignore[attr-defined]
-            live.module_name, live.module_type = self.names.get(module, "?"), type(module).__name__
+            self._take_graph(live, found, module, f"the source rewrite forms {live.site.materialised} as an "
+                                                  "[S_q, S_k] attn_mask; the graph path forms no such tensor")
 
     def _capture(self, module: nn.Module, select: frozenset | None, target: str = "sdpa") -> Capture:
         """The graph path's compiled forward of ``module`` that rewrites the sites in
